@@ -1,0 +1,897 @@
+"""Load preforkd's YAML config (plus command-line overrides) into frozen dataclasses.
+
+Invariants:
+- A ``Config`` is immutable and fully validated: every value has its declared type and is
+  within its range or choices, every relative path is already absolute (resolved against
+  the config file's directory, or the working directory for overrides), and every bind
+  address parses. A reload builds a new ``Config``; nothing is ever patched in place.
+- The dataclass field metadata is the single source of truth for types, ranges, choices and
+  docs; ``docs/settings.md`` is generated from it (``python -m prefork.config``).
+- Loading reads the one config file and nothing else: no app import, no DNS, no chdir.
+- Every failure is a ``ConfigError`` naming the source (file or "command line"), the line
+  and the dotted key path (``workers.count``, ``bind[1].mode``).
+"""
+
+import dataclasses
+import difflib
+import keyword
+import os
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from prefork.addresses import Address, parse_address, resolve_relative
+
+_T = TypeVar("_T")
+
+# libyaml is much faster; the pure-Python loader gives the same node tree.
+_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(
+    yaml, "CSafeLoader", yaml.SafeLoader
+)
+
+OVERRIDE_SOURCE = "command line"
+
+
+class ConfigError(Exception):
+    """An invalid config: ``str()`` is ``"file:line: key.path: message"``, empty parts left out."""
+
+    def __init__(
+        self, message: str, *, source: str = "", line: int | None = None, key: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.source = source
+        self.line = line
+        self.key = key
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        return ": ".join(part for part in (where, self.key, self.message) if part)
+
+
+# --- field metadata --------------------------------------------------------------------
+
+
+def _meta(
+    doc: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    choices: tuple[str, ...] = (),
+    path: bool = False,
+    octal: bool = False,
+    nonempty: bool = False,
+    single: bool = False,
+    check: Callable[[Any, str], Any] | None = None,
+    internal: bool = False,
+) -> dict[str, Any]:
+    """Metadata for one setting.
+
+    ``lo``/``hi``: inclusive range (``lo_open``: lower bound exclusive). ``choices``: allowed
+    strings, matched case-insensitively, stored lower-case. ``path``: relative values are
+    resolved against the config file's directory ("-" is left alone). ``octal``: an int that
+    may also be written as an octal string. ``nonempty``/``single``: a list that must not be
+    empty / may be given as one bare item. ``check``: ``(value, base_dir) -> value``
+    raising ``ValueError``. ``internal``: not settable from YAML, not documented.
+    """
+    return {
+        "doc": doc,
+        "min": lo,
+        "max": hi,
+        "min_exclusive": lo_open,
+        "choices": choices,
+        "path": path,
+        "octal": octal,
+        "nonempty": nonempty,
+        "single": single,
+        "check": check,
+        "internal": internal,
+    }
+
+
+def _check_app_ref(value: str, base_dir: str) -> str:
+    module, sep, attr = value.partition(":")
+    parts = [*module.split("."), *attr.split(".")]
+    if not sep or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
+        raise ValueError(f"must be 'module:callable', got {value!r}")
+    return value
+
+
+def _check_printable(value: str, base_dir: str) -> str:
+    if not (value.isascii() and value.isprintable()):
+        raise ValueError(f"must be printable ASCII (no control characters), got {value!r}")
+    return value
+
+
+def _check_name(value: str, base_dir: str) -> str:
+    if not value.isprintable():
+        raise ValueError(f"must not contain control characters, got {value!r}")
+    return value
+
+
+def _check_address(value: str, base_dir: str) -> str:
+    return str(resolve_relative(parse_address(value), base_dir))
+
+
+# --- schema ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BindConfig:
+    """One listening socket (an item of ``bind``): a bare address string or this mapping."""
+
+    address: str = field(
+        metadata=_meta(
+            "Where to listen: HOST:PORT, [V6]:PORT, *:PORT, PORT (= 127.0.0.1:PORT) or unix:PATH.",
+            check=_check_address,
+        )
+    )
+    mode: int | None = field(
+        default=None,
+        metadata=_meta(
+            "File mode of a unix socket, in octal (0660 or '0660'); null leaves it to the "
+            "umask. Not allowed on TCP addresses.",
+            lo=0,
+            hi=0o777,
+            octal=True,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """Worker processes: how many, when they are recycled, and when they are killed."""
+
+    count: int = field(default=2, metadata=_meta("Worker processes.", lo=1, hi=1024))
+    max_requests: int = field(
+        default=0,
+        metadata=_meta(
+            "A worker retires after serving this many requests (0 = never).", lo=0, hi=10**9
+        ),
+    )
+    max_requests_jitter: int = field(
+        default=0,
+        metadata=_meta(
+            "Extra requests, spread evenly over the worker numbers so workers do not retire "
+            "together.",
+            lo=0,
+            hi=10**9,
+        ),
+    )
+    timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "A worker busy in one request longer than this (seconds) is killed and replaced.",
+            lo=0,
+            hi=86400,
+            lo_open=True,
+        ),
+    )
+    timeout_grace: float = field(
+        default=2.0,
+        metadata=_meta(
+            "Seconds between asking a hung worker to dump its stack and SIGKILL.", lo=0, hi=600
+        ),
+    )
+    graceful_timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "On TERM (or retirement), seconds workers get to finish before SIGKILL.",
+            lo=0,
+            hi=86400,
+        ),
+    )
+    boot_timeout: float = field(
+        default=60.0,
+        metadata=_meta(
+            "A worker that has not loaded the app within this many seconds is killed.",
+            lo=0,
+            hi=86400,
+            lo_open=True,
+        ),
+    )
+    max_connections: int = field(
+        default=1000,
+        metadata=_meta(
+            "Connections one worker holds at once (idle keep-alive connections included); "
+            "above it, responses close the connection.",
+            lo=1,
+            hi=100000,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """HTTP/1.1 limits and timeouts (``protocol: http`` only)."""
+
+    keepalive_timeout: float = field(
+        default=5.0,
+        metadata=_meta(
+            "Idle seconds a keep-alive connection is kept; 0 disables keep-alive.", lo=0, hi=3600
+        ),
+    )
+    header_timeout: float = field(
+        default=10.0,
+        metadata=_meta(
+            "The whole request head must arrive within this many seconds.",
+            lo=0,
+            hi=3600,
+            lo_open=True,
+        ),
+    )
+    body_timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "Longest wait (seconds) for the next piece of a request body.",
+            lo=0,
+            hi=3600,
+            lo_open=True,
+        ),
+    )
+    send_timeout: float = field(
+        default=30.0,
+        metadata=_meta(
+            "Longest wait (seconds) for the client to accept response bytes.",
+            lo=0,
+            hi=3600,
+            lo_open=True,
+        ),
+    )
+    max_request_line: int = field(
+        default=8190,
+        metadata=_meta("A longer request line is answered with 414.", lo=64, hi=1048576),
+    )
+    max_header_fields: int = field(
+        default=100,
+        metadata=_meta("More header fields are answered with 431.", lo=1, hi=10000),
+    )
+    max_field_size: int = field(
+        default=8190,
+        metadata=_meta(
+            "A longer header field (name + value) is answered with 431.", lo=64, hi=1048576
+        ),
+    )
+    max_header_size: int = field(
+        default=65536,
+        metadata=_meta(
+            "A bigger request head (bytes, in total) is answered with 431.", lo=256, hi=16777216
+        ),
+    )
+    max_body_size: int = field(
+        default=0,
+        metadata=_meta(
+            "A bigger request body (bytes) is answered with 413 (0 = unlimited).", lo=0, hi=2**62
+        ),
+    )
+    server_header: str = field(
+        default="preforkd",
+        metadata=_meta('Value of the Server response header ("" = none).', check=_check_printable),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Where the error and access logs go, and how much they say."""
+
+    level: str = field(
+        default="info",
+        metadata=_meta(
+            "Error log level.", choices=("debug", "info", "warning", "error", "critical")
+        ),
+    )
+    error_log: str = field(default="-", metadata=_meta('Error log file; "-" = stderr.', path=True))
+    access_log: str | None = field(
+        default=None,
+        metadata=_meta('Access log file; null = off, "-" = stdout.', path=True),
+    )
+    access_log_format: str = field(
+        default="combined",
+        metadata=_meta(
+            "Access log line format: Apache combined, or one JSON object per line.",
+            choices=("combined", "json"),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. Build it with ``load()`` or ``from_mapping()``."""
+
+    app: str = field(
+        metadata=_meta(
+            "The WSGI app (protocol http) or TCP handler (protocol tcp) as 'module:callable'; "
+            "checked for syntax only, imported by the workers.",
+            check=_check_app_ref,
+        )
+    )
+    protocol: str = field(
+        default="http",
+        metadata=_meta(
+            "http: HTTP/1.1 to a WSGI app; tcp: raw stream handler called as "
+            "handler(sock, addr) once per connection.",
+            choices=("http", "tcp"),
+        ),
+    )
+    bind: tuple[BindConfig, ...] = field(
+        default=(BindConfig("127.0.0.1:8000"),),
+        metadata=_meta(
+            "Sockets to listen on: a list of addresses or {address, mode} mappings (one bare "
+            "address is a one-item list). Duplicates are an error.",
+            nonempty=True,
+            single=True,
+        ),
+    )
+    backlog: int = field(
+        default=2048, metadata=_meta("listen() backlog of every socket.", lo=1, hi=65535)
+    )
+    proc_name: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Name shown in process titles; null = the app reference.", check=_check_name
+        ),
+    )
+    preload_app: bool = field(
+        default=False,
+        metadata=_meta(
+            "Import the app in the master before forking (copy-on-write memory; HUP then "
+            "cannot reload code)."
+        ),
+    )
+    pythonpath: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("Directories prepended to sys.path before the app is imported.", path=True),
+    )
+    chdir: str | None = field(
+        default=None,
+        metadata=_meta("Directory to change into before loading the app; null = stay.", path=True),
+    )
+    workers: WorkersConfig = field(
+        default_factory=WorkersConfig, metadata=_meta("Worker processes (section).")
+    )
+    http: HttpConfig = field(
+        default_factory=HttpConfig, metadata=_meta("HTTP limits and timeouts (section).")
+    )
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_meta("Logs (section)."))
+    source: str = field(
+        default="",
+        metadata=_meta(
+            "Absolute path of the config file this was loaded from; '' when none.",
+            internal=True,
+        ),
+    )
+
+
+def bind_address(b: BindConfig) -> Address:
+    """The parsed address of one bind entry (already absolute for unix sockets)."""
+    return parse_address(b.address)
+
+
+# --- public entry points -----------------------------------------------------------------
+
+
+def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Read ``path`` (None: no file), apply ``overrides`` on top, validate, return a Config.
+
+    ``overrides`` maps dotted keys (``"workers.count"``) to values typed as in YAML; a
+    mapping value for a section (``{"workers": {"count": 4}}``) sets its keys one by one,
+    and a list value replaces the file's list. Relative override paths are resolved against
+    the current working directory.
+    """
+    cwd = os.getcwd()
+    tree = _Raw({}, _Origin(OVERRIDE_SOURCE, cwd)) if path is None else _read_yaml(path)
+    if overrides:
+        tree = _apply_overrides(tree, overrides, _Origin(OVERRIDE_SOURCE, cwd))
+    config = _build(Config, tree, "")
+    return dataclasses.replace(config, source=os.path.abspath(path) if path is not None else "")
+
+
+def from_mapping(
+    data: Mapping[str, object], source: str = "<mapping>", base_dir: str | None = None
+) -> Config:
+    """Validate an already-parsed mapping (as YAML would give it) into a Config.
+
+    ``source`` only labels error messages (``Config.source`` stays ""); relative paths are
+    resolved against ``base_dir`` (default: the current working directory).
+    """
+    origin = _Origin(source, os.path.abspath(base_dir) if base_dir is not None else os.getcwd())
+    tree = _from_python(data, origin, "")
+    if not isinstance(tree.value, dict):
+        raise ConfigError(
+            f"the top level must be a mapping of settings, got {_show(tree)}", source=source
+        )
+    return _build(Config, tree, "")
+
+
+# --- raw values with provenance --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    source: str  # what error messages name: a file path, "command line", ...
+    base_dir: str  # absolute directory that relative paths from this source are joined to
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    """A value before validation: a scalar, ``list[_Raw]`` or ``dict[str, _Raw]``."""
+
+    value: object
+    origin: _Origin
+    line: int | None = None  # 1-based line of the value
+    key_line: int | None = None  # 1-based line of the key that names it
+
+    def fail(self, key: str, message: str, *, at_key: bool = False) -> ConfigError:
+        line = self.key_line if at_key and self.key_line is not None else self.line
+        return ConfigError(message, source=self.origin.source, line=line, key=key)
+
+
+def _read_yaml(path: str) -> _Raw:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: [Errno {e.errno}] {e.strerror}", source=path) from e
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"not valid UTF-8: {e.reason}", source=path, line=line) from e
+    origin = _Origin(path, os.path.dirname(os.path.abspath(path)))
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, origin) from e
+    if node is None or node.tag == "tag:yaml.org,2002:null":  # empty, comments only, "---"
+        return _Raw({}, origin)
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(
+            f"the top level must be a mapping of settings (key: value), got {_node_kind(node)}",
+            source=path,
+            line=node.start_mark.line + 1,
+        )
+    tree = _from_node(node, origin, yaml.constructor.SafeConstructor(), "", set())
+    return dataclasses.replace(tree, line=None)  # a missing top-level key has no line
+
+
+def _yaml_error(e: yaml.YAMLError, origin: _Origin) -> ConfigError:
+    if isinstance(e, yaml.MarkedYAMLError):
+        detail = ": ".join(p for p in (e.context, e.problem) if p)
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        return ConfigError(f"invalid YAML: {detail}", source=origin.source, line=line)
+    return ConfigError(f"invalid YAML: {e}", source=origin.source)
+
+
+_DEFAULT_TAGS: dict[type[yaml.Node], str] = {
+    yaml.MappingNode: "tag:yaml.org,2002:map",
+    yaml.SequenceNode: "tag:yaml.org,2002:seq",
+}
+
+
+def _from_node(
+    node: yaml.Node,
+    origin: _Origin,
+    constructor: yaml.constructor.SafeConstructor,
+    path: str,
+    active: set[int],
+    key_line: int | None = None,
+) -> _Raw:
+    """Turn a composed YAML node into ``_Raw`` values that remember their lines."""
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.ScalarNode):
+        try:
+            value = constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, origin) from e
+        return _Raw(value, origin, line, key_line)
+    if node.tag != _DEFAULT_TAGS.get(type(node)):
+        raise ConfigError(f"unsupported YAML tag {node.tag!r}", source=origin.source, line=line)
+    if id(node) in active:  # "&a [*a]" composes to a cycle
+        raise ConfigError("recursive YAML alias", source=origin.source, line=line, key=path)
+    active.add(id(node))
+    try:
+        if isinstance(node, yaml.SequenceNode):
+            items = [
+                _from_node(item, origin, constructor, f"{path}[{i}]", active)
+                for i, item in enumerate(node.value)
+            ]
+            return _Raw(items, origin, line, key_line)
+        entries: dict[str, _Raw] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise ConfigError(
+                    "YAML merge keys ('<<') are not supported",
+                    source=origin.source,
+                    line=key_node.start_mark.line + 1,
+                    key=path,
+                )
+            key_raw = _from_node(key_node, origin, constructor, path, active)
+            key = key_raw.value
+            if not isinstance(key, str):
+                raise key_raw.fail(path, f"keys must be strings, got {_show(key_raw)}")
+            if key in entries:
+                first = entries[key].key_line
+                raise key_raw.fail(
+                    _join(path, key), f"duplicate key {key!r} (first at line {first})"
+                )
+            entries[key] = _from_node(
+                value_node, origin, constructor, _join(path, key), active, key_raw.line
+            )
+        return _Raw(entries, origin, line, key_line)
+    finally:
+        active.discard(id(node))
+
+
+def _node_kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"the scalar {node.value!r}"
+
+
+def _from_python(value: object, origin: _Origin, path: str) -> _Raw:
+    if isinstance(value, Mapping):
+        entries: dict[str, _Raw] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ConfigError(
+                    f"keys must be strings, got {key!r}", source=origin.source, key=path
+                )
+            entries[key] = _from_python(item, origin, _join(path, key))
+        return _Raw(entries, origin)
+    if isinstance(value, list | tuple):
+        return _Raw([_from_python(v, origin, f"{path}[{i}]") for i, v in enumerate(value)], origin)
+    return _Raw(value, origin)
+
+
+def _apply_overrides(tree: _Raw, overrides: Mapping[str, object], origin: _Origin) -> _Raw:
+    entries = dict(_entries(tree))
+    for key, value in _flatten(overrides, ""):
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError("not a valid setting name", source=origin.source, key=key)
+        _set_path(entries, parts, _from_python(value, origin, key), origin)
+    return dataclasses.replace(tree, value=entries)
+
+
+def _flatten(overrides: Mapping[str, object], prefix: str) -> Iterator[tuple[str, object]]:
+    for key, value in overrides.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"keys must be strings, got {key!r}", source=OVERRIDE_SOURCE)
+        dotted = _join(prefix, key)
+        if isinstance(value, Mapping) and _is_section(dotted):
+            yield from _flatten(value, dotted)
+        else:
+            yield dotted, value
+
+
+def _is_section(dotted: str) -> bool:
+    hints = typing.get_type_hints(Config)
+    return dotted in hints and dataclasses.is_dataclass(hints[dotted])
+
+
+def _entries(raw: _Raw) -> dict[str, _Raw]:
+    return raw.value if isinstance(raw.value, dict) else {}
+
+
+def _set_path(entries: dict[str, _Raw], parts: list[str], value: _Raw, origin: _Origin) -> None:
+    head, rest = parts[0], parts[1:]
+    if not rest:
+        entries[head] = value
+        return
+    child = entries.get(head)
+    if child is None or not isinstance(child.value, dict):
+        child = _Raw({}, origin)  # absent, null ("workers:") or invalid in the file
+    inner = dict(_entries(child))
+    _set_path(inner, rest, value, origin)
+    entries[head] = dataclasses.replace(child, value=inner)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(raw: _Raw) -> str:
+    """How a rejected value appears in a message: as the user wrote it, roughly."""
+    return repr(_plain(raw.value))
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _plain(v.value) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v.value) for v in value]
+    return value
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _settable(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _build(cls: type[_T], raw: _Raw, path: str) -> _T:
+    if raw.value is None:  # "workers:" with everything under it commented out
+        entries: dict[str, _Raw] = {}
+    elif isinstance(raw.value, dict):
+        entries = raw.value
+    elif cls is BindConfig:
+        raise raw.fail(path, f"must be an address string or {{address, mode}}, got {_show(raw)}")
+    else:
+        subject = "must be" if path else "the top level must be"
+        raise raw.fail(path, f"{subject} a mapping of settings, got {_show(raw)}")
+    fields = _settable(cls)
+    for key, item in entries.items():
+        if key not in fields:
+            message = f"unknown key {key!r}"
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+            raise item.fail(_join(path, key), message, at_key=True)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name in entries:
+            kwargs[name] = _convert(hints[name], f.metadata, entries[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise raw.fail(_join(path, name), "required setting is missing")
+    obj = cls(**kwargs)
+    _cross_check(obj, entries, path)
+    return obj
+
+
+def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
+    """Rules that involve more than one field."""
+    if isinstance(obj, BindConfig) and obj.mode is not None and not obj.address.startswith("unix:"):
+        raise entries["mode"].fail(_join(path, "mode"), "mode applies only to unix sockets")
+    if isinstance(obj, Config) and "bind" in entries:
+        seen: dict[str, int] = {}
+        items = entries["bind"].value
+        for i, b in enumerate(obj.bind):
+            if b.address.startswith("unix:") or not b.address.endswith(":0"):
+                if b.address in seen:
+                    raw = items[i] if isinstance(items, list) else entries["bind"]
+                    raise raw.fail(
+                        f"bind[{i}]",
+                        f"duplicate address {b.address!r} (same as bind[{seen[b.address]}])",
+                    )
+                seen[b.address] = i
+
+
+def _convert(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:
+    if hint is BindConfig and isinstance(raw.value, str):  # the short form: just the address
+        address = dataclasses.fields(BindConfig)[0]
+        return BindConfig(address=_convert(str, address.metadata, raw, path))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, raw, path)  # type: ignore[arg-type]
+    if typing.get_origin(hint) is tuple:
+        return _convert_tuple(typing.get_args(hint)[0], meta, raw, path)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        if raw.value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    value = _convert_scalar(hint, meta, raw, path)
+    if meta["choices"]:
+        value = value.lower()
+        if value not in meta["choices"]:
+            raise raw.fail(path, f"must be one of {', '.join(meta['choices'])}, got {_show(raw)}")
+    if meta["min"] is not None and not _in_range(value, meta):
+        hint_text = " (write modes in octal, e.g. 0660)" if meta["octal"] else ""
+        raise raw.fail(path, f"must be {_range_text(meta)}, got {_show(raw)}{hint_text}")
+    if meta["path"]:
+        value = _resolve_path(value, raw, path)
+    if meta["check"] is not None:
+        try:
+            value = meta["check"](value, raw.origin.base_dir)
+        except ValueError as e:
+            raise raw.fail(path, str(e)) from None
+    return value
+
+
+def _convert_tuple(
+    item_hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str
+) -> tuple[Any, ...]:
+    items = raw.value
+    if meta["single"] and isinstance(items, str | dict):
+        return (_convert(item_hint, meta, raw, path),)
+    if not isinstance(items, list):
+        raise raw.fail(path, f"must be a list of {_plural(item_hint, meta)}, got {_show(raw)}")
+    if meta["nonempty"] and not items:
+        raise raw.fail(path, "must not be empty")
+    return tuple(_convert(item_hint, meta, item, f"{path}[{i}]") for i, item in enumerate(items))
+
+
+def _convert_scalar(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:
+    value = raw.value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise raw.fail(path, f"must be true or false, got {_show(raw)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if meta["octal"] and isinstance(value, str):
+            text = value.strip().lower().removeprefix("0o")
+            if text and all(c in "01234567" for c in text):
+                return int(text, 8)
+        what = "an octal file mode" if meta["octal"] else "an integer"
+        raise raw.fail(path, f"must be {what} {_range_text(meta)}, got {_show(raw)}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise raw.fail(path, f"must be a number {_range_text(meta)}, got {_show(raw)}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if meta["path"] and isinstance(value, os.PathLike):
+            return os.fsdecode(value)
+        raise raw.fail(path, f"must be a string, got {_show(raw)}")
+    raise TypeError(f"config field {path} has unsupported type {hint!r}")  # a schema bug
+
+
+def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
+    lo, hi = meta["min"], meta["max"]
+    low_ok = value > lo if meta["min_exclusive"] else value >= lo
+    return bool(low_ok and value <= hi)  # NaN fails both comparisons
+
+
+def _range_text(meta: Mapping[str, Any]) -> str:
+    lo, hi = meta["min"], meta["max"]
+    if lo is None:
+        return ""
+    fmt = (lambda v: oct(v) if v else "0") if meta["octal"] else str
+    if meta["min_exclusive"]:
+        return f"more than {fmt(lo)} and at most {fmt(hi)}"
+    return f"from {fmt(lo)} to {fmt(hi)}"
+
+
+def _resolve_path(value: str, raw: _Raw, path: str) -> str:
+    if not value:
+        raise raw.fail(path, "must not be empty")
+    if "\0" in value:
+        raise raw.fail(path, "must not contain a NUL byte")
+    if value == "-" or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(raw.origin.base_dir, value))
+
+
+# --- documentation -----------------------------------------------------------------------
+
+
+def _plural(hint: Any, meta: Mapping[str, Any]) -> str:
+    if hint is BindConfig:
+        return "addresses"
+    return "paths" if meta["path"] else "strings"
+
+
+def _type_text(hint: Any, meta: Mapping[str, Any]) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"list of {_plural(typing.get_args(hint)[0], meta)}"
+    nullable = typing.get_origin(hint) in (types.UnionType, typing.Union)
+    if nullable:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if meta["choices"]:
+        text = "one of " + ", ".join(meta["choices"])
+    elif meta["octal"]:
+        text = f"octal file mode {_range_text(meta)}"
+    elif hint is int:
+        text = f"integer {_range_text(meta)}"
+    elif hint is float:
+        text = f"number {_range_text(meta)}"
+    elif hint is bool:
+        text = "true or false"
+    else:
+        text = "path" if meta["path"] else "string"
+    return f"{text.strip()}, or null" if nullable else text.strip()
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.default is dataclasses.MISSING:
+        return "required"
+    return _yaml_text(f.default)
+
+
+def _yaml_text(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    if isinstance(value, BindConfig):
+        return _yaml_text(value.address)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    return repr(value)
+
+
+def _sections() -> list[tuple[str, str, type, str]]:
+    """(title, intro, dataclass, row key prefix) in document order."""
+    return [
+        ("Top level", "Keys at the top of the file.", Config, ""),
+        (
+            "`bind` items",
+            "Each item of `bind` is an address string, or a mapping with these keys.",
+            BindConfig,
+            "bind[].",
+        ),
+        (
+            "`workers`",
+            "Worker processes: how many, when they are recycled and killed.",
+            WorkersConfig,
+            "workers.",
+        ),
+        ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http` only).", HttpConfig, "http."),
+        ("`logging`", "The error and access logs.", LoggingConfig, "logging."),
+    ]
+
+
+def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
+    hints = typing.get_type_hints(cls)
+    return [
+        (
+            prefix + f.name,
+            _type_text(hints[f.name], f.metadata),
+            _default_text(f),
+            f.metadata["doc"],
+        )
+        for f in _settable(cls).values()
+        if not dataclasses.is_dataclass(hints[f.name])
+    ]
+
+
+def field_docs() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type text, default text, doc) for every setting, in document order."""
+    return [row for _, _, cls, prefix in _sections() for row in _rows(cls, prefix)]
+
+
+def settings_markdown() -> str:
+    """The text of docs/settings.md."""
+    out = [
+        "# Settings",
+        "",
+        "<!-- Generated from prefork/config.py by `make docs`; do not edit by hand. -->",
+        "",
+        "preforkd reads one YAML file (`preforkd -c FILE`). Every key below is optional "
+        "except `app`; unknown keys are errors. Relative paths in the file are resolved "
+        "against the file's directory, relative paths given on the command line against the "
+        "working directory. Times are in seconds.",
+        "",
+    ]
+    for title, intro, cls, prefix in _sections():
+        out += [f"## {title}", "", intro, ""]
+        out += ["| Key | Type | Default | Description |", "|---|---|---|---|"]
+        for name, type_text, default, doc in _rows(cls, prefix):
+            shown = default if default == "required" else f"`{default}`"
+            cells = (f"`{name}`", type_text, shown, doc)
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    out += [
+        "## Addresses",
+        "",
+        "| Written | Means |",
+        "|---|---|",
+        "| `HOST:PORT` | TCP on an IPv4 address or host name (not resolved until bind) |",
+        "| `[V6]:PORT` | TCP on an IPv6 address, e.g. `[::1]:8000`, `[::]:8000` |",
+        "| `*:PORT`, `:PORT` | TCP on all IPv4 addresses (`0.0.0.0`) |",
+        "| `PORT` | TCP on `127.0.0.1` only |",
+        "| `unix:PATH` | a unix socket; a relative PATH is resolved like other paths |",
+        "",
+        "PORT 0 lets the kernel pick a free port.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

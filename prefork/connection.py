@@ -1,0 +1,141 @@
+"""One client connection in a worker: deadline-bounded reads and writes on its socket.
+
+Invariants: the socket stays in blocking mode as far as Python knows, and every call passes
+MSG_DONTWAIT, so the hot path is exactly one recv or send syscall and no fcntl per connection;
+only when a call would block do we poll, and never past the deadline given.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+
+from prefork.http import Limits, RequestParser
+
+_DONTWAIT = socket.MSG_DONTWAIT
+_POLLIN = select.POLLIN | select.POLLPRI
+_POLLOUT = select.POLLOUT
+_ERRORS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class ClientTimeout(OSError):
+    """The client did not send or accept bytes before the deadline."""
+
+
+class ClientDisconnected(OSError):
+    """The client closed the connection (or reset it) in the middle of a message."""
+
+
+class Connection:
+    """A client socket, its parser state, and when it may next be closed for idleness.
+
+    `deadline` is the monotonic time after which an idle (parked) connection is closed;
+    `head_deadline` bounds the arrival of a request head that has started.
+    """
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "peer",
+        "listener",
+        "parser",
+        "deadline",
+        "head_deadline",
+        "served",
+        "closed",
+    )
+
+    def __init__(self, sock: socket.socket, peer: object, listener: object, limits: Limits) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.listener = listener
+        self.parser = RequestParser(limits)
+        self.deadline = 0.0
+        self.head_deadline = 0.0
+        self.served = 0
+        self.closed = False
+
+    # reading ---------------------------------------------------------------------------
+
+    def recv_now(self, size: int = 65536) -> bytes | None:
+        """What the kernel already holds (b"" at end of stream), or None if nothing yet."""
+        try:
+            return self.sock.recv(size, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionError:
+            return b""
+
+    def recv(self, timeout: float, size: int = 65536) -> bytes:
+        """Wait up to `timeout` seconds for bytes; b"" at end of stream."""
+        data = self.recv_now(size)
+        if data is not None:
+            return data
+        deadline = time.monotonic() + timeout
+        while True:
+            self._wait(_POLLIN, deadline)
+            data = self.recv_now(size)
+            if data is not None:
+                return data
+
+    # writing ---------------------------------------------------------------------------
+
+    def send(self, data: bytes | memoryview, timeout: float) -> None:
+        """Send all of `data`, waiting at most `timeout` seconds for the client to take it."""
+        try:
+            sent = self.sock.send(data, _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except ConnectionError as exc:
+            raise ClientDisconnected(str(exc)) from None
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        deadline = time.monotonic() + timeout
+        while view:
+            self._wait(_POLLOUT, deadline)
+            try:
+                sent = self.sock.send(view, _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except ConnectionError as exc:
+                raise ClientDisconnected(str(exc)) from None
+            view = view[sent:]
+
+    def wait_writable(self, timeout: float) -> None:
+        self._wait(_POLLOUT, time.monotonic() + timeout)
+
+    def _wait(self, events: int, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ClientTimeout("client too slow")
+        poller = select.poll()
+        poller.register(self.fd, events)
+        ready = poller.poll(remaining * 1000.0)
+        if not ready:
+            raise ClientTimeout("client too slow")
+        if ready[0][1] & _ERRORS and not ready[0][1] & events:
+            raise ClientDisconnected("connection reset")
+
+    # closing ---------------------------------------------------------------------------
+
+    def close(self, linger: float = 0.0) -> None:
+        """Close the socket. With `linger`, first half-close and discard what the client still
+        sends for up to that long, so an unread request body does not turn our last response
+        into a reset (RFC 9112 section 9.6)."""
+        if self.closed:
+            return
+        self.closed = True
+        if linger > 0:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+                deadline = time.monotonic() + linger
+                while True:
+                    self._wait(_POLLIN, deadline)
+                    if not self.recv_now():
+                        break
+            except OSError:
+                pass
+        self.sock.close()

@@ -1,0 +1,261 @@
+"""Sans-IO HTTP/1.1 request parser on top of llhttp (httptools): bytes in, requests out.
+
+Invariants: no socket, select or os; every rejection is a ProtocolError with the status to
+answer; after an error the parser is dead (the connection must close). Pipelined requests are
+queued in order; each request owns its body chunks, so a consumer reads one body at a time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+from prefork.http.errors import ProtocolError
+
+# RFC 9112 section 6.1: a transfer-coding list must end in chunked for a request to be framed.
+_CHUNKED = b"chunked"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on a request; the numbers and their statuses follow common practice
+    (gunicorn's limit_request_line 4094/8190, nginx's 8 KiB header buffers)."""
+
+    max_request_line: int = 8190  # longer target -> 414
+    max_header_fields: int = 100  # more fields -> 431
+    max_field_size: int = 8190  # one name + value longer -> 431
+    max_header_size: int = 65536  # whole head longer -> 431
+    max_body_size: int = 0  # 0 = unlimited; longer body -> 413
+
+
+class Request:
+    """One parsed request head plus its body as it arrives.
+
+    `body` holds chunks not yet consumed; `complete` turns True when the message ended.
+    Header names are kept as sent; `content_length` and `chunked` describe the framing.
+    """
+
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "query",
+        "version",
+        "headers",
+        "keep_alive",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "upgrade",
+        "body",
+        "body_size",
+        "complete",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        version: str,
+        headers: list[tuple[bytes, bytes]],
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.path, self.query = split_target(target)
+        self.content_length: int | None = None
+        self.chunked = False
+        self.expect_continue = False
+        self.upgrade = False
+        self.body: deque[bytes] = deque()
+        self.body_size = 0
+        self.complete = False
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header `name` (lower-case bytes), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Split a request-target into raw (path, query); absolute-form keeps only the path."""
+    if target[:1] != b"/":
+        if target == b"*":
+            return target, b""
+        url = httptools.parse_url(target)  # absolute-form (RFC 9112 3.2.2)
+        return url.path or b"/", url.query or b""
+    path, sep, query = target.partition(b"?")
+    if b"#" in query or b"#" in path:
+        path, _, query = target.split(b"#", 1)[0].partition(b"?")
+    return path, query
+
+
+class RequestParser:
+    """Feed bytes with `feed()`; take complete heads from `requests` (FIFO).
+
+    A request appears in `requests` as soon as its head is complete, so its body can be
+    streamed to the application while later bytes arrive. `upgraded` means the client
+    switched protocols (or sent CONNECT): nothing after that request is HTTP.
+    """
+
+    __slots__ = (
+        "limits",
+        "requests",
+        "upgraded",
+        "_parser",
+        "_url",
+        "_headers",
+        "_current",
+        "_started",
+        "_in_head",
+        "_head_bytes",
+    )
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.requests: deque[Request] = deque()
+        self.upgraded = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._current: Request | None = None
+        self._started = False
+        self._in_head = False
+        self._head_bytes = 0
+
+    @property
+    def idle(self) -> bool:
+        """True between messages: no partial head or body has been fed."""
+        return not self._started
+
+    def feed(self, data: bytes) -> None:
+        """Parse `data`; raises ProtocolError when the request must be rejected."""
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProtocolError):
+                raise cause from None
+            raise
+        except httptools.HttpParserUpgrade:
+            self.upgraded = True
+            return
+        except httptools.HttpParserInvalidMethodError:
+            raise ProtocolError(400, "invalid method") from None
+        except httptools.HttpParserInvalidURLError:
+            raise ProtocolError(400, "invalid request target") from None
+        except httptools.HttpParserError as exc:
+            raise ProtocolError(400, str(exc) or "malformed request") from None
+        if self._in_head:
+            # llhttp buffers a partial field itself, so count what was fed while the head is
+            # incomplete. The feed where the head began counts whole: an overestimate of at
+            # most one read, which the connection keeps below the limit.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_size:
+                raise ProtocolError(431, "request header too large")
+
+    # llhttp callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._started = True
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.limits.max_request_line:
+            raise ProtocolError(414, "request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        if len(headers) >= self.limits.max_header_fields:
+            raise ProtocolError(431, "too many header fields")
+        if len(name) + len(value) > self.limits.max_field_size:
+            raise ProtocolError(431, "header field too large")
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        request = Request(
+            parser.get_method().decode("ascii"),
+            self._url,
+            parser.get_http_version(),
+            self._headers,
+            parser.should_keep_alive(),
+        )
+        self._check_framing(request)
+        request.upgrade = parser.should_upgrade()
+        self._current = request
+        self.requests.append(request)
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+
+    def on_body(self, body: bytes) -> None:
+        request = self._current
+        assert request is not None
+        request.body_size += len(body)
+        limit = self.limits.max_body_size
+        if limit and request.body_size > limit:
+            raise ProtocolError(413, "request body too large")
+        request.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self._current
+        if request is not None:
+            request.complete = True
+        self._current = None
+        self._started = False
+
+    # framing rules (RFC 9112 sections 6-7, RFC 9110 section 8.6) ------------------------
+
+    def _check_framing(self, request: Request) -> None:
+        content_length: int | None = None
+        transfer_codings: list[bytes] = []
+        hosts = 0
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                # llhttp already rejects non-digits, but not a repeat with the same value.
+                value = value.strip()
+                if not value.isdigit():
+                    raise ProtocolError(400, "invalid Content-Length")
+                length = int(value)
+                if content_length is not None and content_length != length:
+                    raise ProtocolError(400, "conflicting Content-Length values")
+                content_length = length
+            elif lname == b"transfer-encoding":
+                transfer_codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
+            elif lname == b"host":
+                hosts += 1
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    request.expect_continue = request.version == "1.1"
+                else:
+                    raise ProtocolError(417, "unsupported expectation")
+        if transfer_codings:
+            if content_length is not None:
+                raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
+            if request.version != "1.1":
+                raise ProtocolError(400, "Transfer-Encoding in HTTP/1.0")
+            if transfer_codings[-1] != _CHUNKED:
+                raise ProtocolError(501, "unsupported transfer coding")
+            if transfer_codings.count(_CHUNKED) > 1 or len(transfer_codings) > 1:
+                raise ProtocolError(501, "unsupported transfer coding")
+            request.chunked = True
+        if request.version == "1.1" and hosts != 1:
+            raise ProtocolError(400, "missing Host" if hosts == 0 else "several Host fields")
+        limit = self.limits.max_body_size
+        if content_length is not None and limit and content_length > limit:
+            raise ProtocolError(413, "request body too large")
+        request.content_length = content_length

@@ -1,0 +1,227 @@
+"""Serve the requests that have arrived on one HTTP connection (worker side).
+
+Invariants: a rejected request gets its 4xx/5xx and the connection is closed, so nothing
+after it is read as a request; an application error never escapes into the worker loop; the
+scoreboard slot says BUSY exactly while a request is being answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+from prefork import __version__
+from prefork.connection import ClientDisconnected, ClientTimeout, Connection
+from prefork.http import ProtocolError, Request
+from prefork.http.response import DateCache, error_response
+from prefork.logs import Logs
+from prefork.scoreboard import Slot
+from prefork.sockets import Listener
+from prefork.wsgi import FileWrapper, Input, Response, WSGIApp, environ_key, run_app
+
+log = logging.getLogger("prefork")
+
+# Unread body bytes we read and discard to keep a connection alive; more and we close.
+DRAIN_LIMIT = 1 << 16
+# How long an error response waits for the client to stop sending before the close.
+ERROR_LINGER = 1.0
+
+
+def base_environ(listener: Listener) -> dict[str, Any]:
+    """The environ keys that are the same for every request on `listener`."""
+    address = listener.address
+    if address.kind == "unix":
+        server_name, server_port = "localhost", "0"
+    else:
+        server_name, server_port = address.host, str(address.port)
+    return {
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "http",
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+        "SERVER_SOFTWARE": f"preforkd/{__version__}",
+        "SCRIPT_NAME": "",
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port,
+        "REMOTE_ADDR": "",
+    }
+
+
+def remote_of(peer: object) -> tuple[str, str]:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), str(peer[1])
+    return "", ""  # a unix socket peer has no address
+
+
+class HttpProtocol:
+    """The HTTP side of a worker: everything about a request except waiting for one."""
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        slot: Slot,
+        logs: Logs,
+        worker_number: int,
+        *,
+        body_timeout: float,
+        send_timeout: float,
+        server_header: str,
+    ) -> None:
+        self.app = app
+        self.slot = slot
+        self.logs = logs
+        self.worker_number = worker_number
+        self.body_timeout = body_timeout
+        self.send_timeout = send_timeout
+        self.server_line = (
+            f"Server: {server_header}\r\n".encode("latin-1") if server_header else b""
+        )
+        self.dates = DateCache()
+        self._bases: dict[int, dict[str, Any]] = {}
+
+    def environ(self, conn: Connection, request: Request) -> dict[str, Any]:
+        listener: Listener = conn.listener  # type: ignore[assignment]
+        base = self._bases.get(listener.fd)
+        if base is None:
+            base = self._bases[listener.fd] = base_environ(listener)
+        env = base.copy()
+        env["REMOTE_ADDR"], env["REMOTE_PORT"] = remote_of(conn.peer)
+        env["REQUEST_METHOD"] = request.method
+        path = request.path
+        if b"%" in path:
+            from urllib.parse import unquote_to_bytes
+
+            path = unquote_to_bytes(path)
+        env["PATH_INFO"] = path.decode("latin-1")
+        env["QUERY_STRING"] = request.query.decode("latin-1")
+        env["RAW_URI"] = request.target.decode("latin-1")
+        env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
+        for name, value in request.headers:
+            key = environ_key(name)
+            if key is None:
+                continue
+            text = value.decode("latin-1")
+            if key in env:
+                # RFC 9110 5.3: repeated fields combine with commas; cookies with "; "
+                env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
+            else:
+                env[key] = text
+        if listener.address.kind == "unix" and "HTTP_HOST" in env:
+            host, _, port = env["HTTP_HOST"].rpartition(":")
+            if host and port.isdigit():
+                env["SERVER_NAME"], env["SERVER_PORT"] = host, port
+            else:
+                env["SERVER_NAME"], env["SERVER_PORT"] = env["HTTP_HOST"], "80"
+        env["wsgi.input"] = Input(conn, request, self.body_timeout)
+        return env
+
+    def serve(self, conn: Connection, keep_alive: bool) -> bool:
+        """Answer every complete request head the parser holds; False if the connection must
+        close. `keep_alive` says whether the worker wants to keep connections at all."""
+        parser = conn.parser
+        while parser.requests:
+            request = parser.requests.popleft()
+            conn.served += 1
+            if not self.respond(conn, request, keep_alive and not parser.upgraded):
+                return False
+        return not parser.upgraded
+
+    def respond(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
+        start = time.monotonic()
+        env = self.environ(conn, request)
+        response = Response(
+            conn,
+            request,
+            keep_alive and request.keep_alive,
+            self.send_timeout,
+            self.server_line,
+            self.dates.line(),
+        )
+        self.slot.busy(request.method.encode("latin-1"), request.target[:192])
+        try:
+            run_app(self.app, env, response)
+        except (ClientDisconnected, ClientTimeout) as exc:
+            log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
+            response.keep_alive = False
+            self.slot.done()
+            return False
+        except ProtocolError as exc:
+            # the request body broke the framing (or went over a limit) while being read
+            response.keep_alive = False
+            if not response.head_sent:
+                response.status_code = exc.status
+                self._send_error(conn, exc.status)
+        except Exception:
+            log.exception(
+                "error handling %s %s", request.method, request.target.decode("latin-1")
+            )
+            response.keep_alive = False
+            if not response.head_sent:
+                response.status_code = 500
+                self._send_error(conn, 500)
+        self.slot.done()
+        if self.logs.access_enabled:
+            self._access(env, request, response, time.monotonic() - start)
+        if (
+            response.keep_alive
+            and not request.complete
+            and (env["wsgi.input"].continue_pending or not self._drain(conn, request))
+        ):
+            response.keep_alive = False
+        return response.keep_alive
+
+    def _drain(self, conn: Connection, request: Request) -> bool:
+        """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes."""
+        seen = 0
+        try:
+            while not request.complete:
+                request.body.clear()
+                data = conn.recv(self.body_timeout)
+                if not data:
+                    return False
+                seen += len(data)
+                if seen > DRAIN_LIMIT:
+                    return False
+                conn.parser.feed(data)
+        except (OSError, ProtocolError):
+            return False
+        request.body.clear()
+        return True
+
+    def _send_error(self, conn: Connection, status: int) -> None:
+        try:
+            conn.send(error_response(status, self.server_line, self.dates.line()), 1.0)
+        except OSError:
+            pass
+
+    def reject(self, conn: Connection, error: ProtocolError) -> None:
+        """Answer a request that could not be parsed, then close the connection."""
+        log.debug("rejecting request from %s: %s", conn.peer, error)
+        self._send_error(conn, error.status)
+        if self.logs.access_enabled:
+            remote, _ = remote_of(conn.peer)
+            self.logs.access(
+                remote, "-", "-", "1.1", error.status, 0, "", "", 0.0, self.worker_number
+            )
+        conn.close(linger=ERROR_LINGER)
+
+    def _access(
+        self, env: dict[str, Any], request: Request, response: Response, duration: float
+    ) -> None:
+        self.logs.access(
+            env["REMOTE_ADDR"],
+            request.method,
+            env["RAW_URI"],
+            request.version,
+            response.status_code,
+            response.bytes_sent,
+            env.get("HTTP_REFERER", ""),
+            env.get("HTTP_USER_AGENT", ""),
+            duration,
+            self.worker_number,
+        )

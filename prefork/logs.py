@@ -1,0 +1,135 @@
+"""The error log and the access log, for the master and (inherited across fork) its workers.
+
+Invariants: the error log is always file descriptor 2, so tracebacks printed by C code,
+faulthandler stack dumps and the application's own stderr land in the same place as our
+records; reopening (USR1) re-points fd 2 and the access log file without losing a line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import IO
+
+ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+
+log = logging.getLogger("prefork")
+
+
+class Logs:
+    """Owns the log destinations. `access_enabled` is checked before any access work."""
+
+    def __init__(
+        self,
+        level: str = "info",
+        error_log: str = "-",
+        access_log: str | None = None,
+        access_format: str = "combined",
+    ) -> None:
+        self.level = level
+        self.error_path = None if error_log == "-" else error_log
+        self.access_path = None if access_log in (None, "-") else access_log
+        self.access_enabled = access_log is not None
+        self.access_json = access_format == "json"
+        self._access_file: IO[str] | None = None
+        self._second = -1
+        self._stamp = ""
+        self.open()
+
+    def open(self) -> None:
+        if self.error_path is not None:
+            fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.dup2(fd, 2)
+            os.close(fd)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
+        for old in list(log.handlers):
+            log.removeHandler(old)
+        log.addHandler(handler)
+        log.setLevel(self.level.upper())
+        log.propagate = False
+        if self.access_enabled:
+            if self.access_path is None:
+                self._access_file = sys.stdout
+            else:
+                self._access_file = open(  # noqa: SIM115 - lives as long as the process
+                    self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
+                )
+
+    def reopen(self) -> None:
+        """USR1: point fd 2 and the access log at freshly opened files (after rotation)."""
+        if self.error_path is not None:
+            sys.stderr.flush()
+            fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            os.dup2(fd, 2)
+            os.close(fd)
+        if self.access_path is not None and self._access_file is not None:
+            old = self._access_file
+            self._access_file = open(  # noqa: SIM115
+                self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
+            )
+            old.close()
+
+    def _timestamp(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+        return self._stamp
+
+    def access(
+        self,
+        remote: str,
+        method: str,
+        target: str,
+        version: str,
+        status: int,
+        size: int,
+        referer: str,
+        user_agent: str,
+        duration: float,
+        worker: int,
+    ) -> None:
+        """One access-log line: Apache combined plus the duration in microseconds, or JSON."""
+        out = self._access_file
+        if out is None:
+            return
+        micros = int(duration * 1_000_000)
+        if self.access_json:
+            line = json.dumps(
+                {
+                    "time": self._timestamp(),
+                    "remote": remote,
+                    "method": method,
+                    "target": target,
+                    "protocol": f"HTTP/{version}",
+                    "status": status,
+                    "bytes": size,
+                    "referer": referer,
+                    "user_agent": user_agent,
+                    "duration_us": micros,
+                    "worker": worker,
+                    "pid": os.getpid(),
+                },
+                ensure_ascii=True,
+            )
+        else:
+            request_line = f"{method} {target} HTTP/{version}".replace('"', '\\"')
+            line = (
+                f'{remote or "-"} - - [{self._timestamp()}] "{request_line}" {status} '
+                f'{size or "-"} "{_quote(referer)}" "{_quote(user_agent)}" {micros}'
+            )
+        try:
+            out.write(line + "\n")
+        except (OSError, ValueError):
+            pass
+
+
+def _quote(value: str) -> str:
+    if not value:
+        return "-"
+    return value.replace("\\", "\\\\").replace('"', '\\"')

@@ -1,0 +1,515 @@
+"""The master: keeps the pool at its target size and acts on signals. It never serves.
+
+One loop (`tick`): sleep until a signal, a worker message or the nearest deadline -> reap
+every exited child -> act on the signals in arrival order -> read worker messages -> enforce
+deadlines -> spawn or retire workers toward the target. Signal handlers only write a byte to
+a socket (prefork.signals); every OS call goes through `Kernel` so `tick` is unit-tested.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import setproctitle
+
+from prefork.config import Config
+from prefork.scoreboard import Activity, Scoreboard
+from prefork.sockets import Listener
+from prefork.system import Kernel, describe_status
+from prefork.worker import (
+    EXIT_APP_LOAD_ERROR,
+    MSG_READY,
+    MSG_REOPEN,
+    MSG_STOP,
+    WorkerSpec,
+    worker_main,
+)
+
+log = logging.getLogger("prefork")
+
+EXIT_RUNTIME_ERROR = 1
+EXIT_APP_FAILED = 3  # the application could not be loaded at startup
+
+FAST_STOP_GRACE = 1.0  # INT/QUIT: how long workers get to exit before SIGKILL
+BACKOFF_FIRST = 0.5  # a worker that died while booting waits this, doubling per failure
+BACKOFF_MAX = 30.0
+MAX_SLEEP = 1.0  # the scoreboard is read at least this often
+
+
+class WorkerState(enum.Enum):
+    """The master's view of a worker's life; the only moves are those in TRANSITIONS."""
+
+    BOOTING = "booting"  # forked, app not loaded yet
+    READY = "ready"  # told us it serves
+    STOPPING = "stopping"  # asked to finish and exit; SIGKILL at the deadline
+    ABORTING = "aborting"  # hung: SIGABRT sent for a stack dump; SIGKILL at the deadline
+    KILLED = "killed"  # SIGKILL sent; waiting to reap
+
+
+TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.BOOTING: frozenset(
+        {WorkerState.READY, WorkerState.STOPPING, WorkerState.ABORTING, WorkerState.KILLED}
+    ),
+    WorkerState.READY: frozenset({WorkerState.STOPPING, WorkerState.ABORTING, WorkerState.KILLED}),
+    WorkerState.STOPPING: frozenset({WorkerState.ABORTING, WorkerState.KILLED}),
+    WorkerState.ABORTING: frozenset({WorkerState.KILLED}),
+    WorkerState.KILLED: frozenset(),
+}
+LIVE = (WorkerState.BOOTING, WorkerState.READY)
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(eq=False, slots=True)
+class WorkerHandle:
+    number: int
+    pid: int
+    slot: int
+    generation: int
+    channel: socket.socket | None
+    started: float
+    state: WorkerState = WorkerState.BOOTING
+    deadline: float = math.inf
+    reason: str = ""
+
+    def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"worker {self.number}: {self.state.name} -> {state.name}")
+        self.state = state
+        self.deadline = deadline
+        if reason:
+            self.reason = reason
+
+    def describe(self) -> str:
+        return f"worker {self.number} (pid {self.pid})"
+
+
+@dataclass(slots=True)
+class Generation:
+    """A configuration and the listeners its workers serve."""
+
+    number: int
+    config: Config
+    listeners: list[Listener]
+    app: Any = None  # preloaded application
+
+
+class SignalSource(Protocol):
+    def fileno(self) -> int: ...
+
+    def drain(self) -> list[int]: ...
+
+
+class Stop(enum.Enum):
+    NONE = 0
+    GRACEFUL = 1
+    FAST = 2
+
+
+@dataclass
+class Master:
+    kernel: Kernel
+    signals: SignalSource
+    scoreboard: Scoreboard
+    current: Generation
+    logs: Any
+    reloader: Callable[[Generation], Generation] | None = None
+    close_in_child: list[int] = field(default_factory=list)
+    workers: dict[int, WorkerHandle] = field(default_factory=dict)  # by pid
+    pending: Generation | None = None  # a reload whose first worker has not booted yet
+    target: int = 0
+    stop: Stop = Stop.NONE
+    exit_code: int = 0
+    ever_ready: bool = False
+    backoff_until: dict[int, float] = field(default_factory=dict)
+    failures: dict[int, int] = field(default_factory=dict)
+    free_slots: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.target = self.current.config.workers.count
+        self.free_slots = list(range(self.scoreboard.capacity - 1, -1, -1))
+        self.handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.graceful_stop,
+            signal.SIGINT: self.fast_stop,
+            signal.SIGQUIT: self.fast_stop,
+            signal.SIGHUP: self.reload,
+            signal.SIGTTIN: self.more_workers,
+            signal.SIGTTOU: self.fewer_workers,
+            signal.SIGUSR1: self.reopen_logs,
+            signal.SIGCHLD: lambda: None,  # it woke us; reaping is every tick's first step
+            0: lambda: None,  # an explicit wake-up
+        }
+
+    # the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        name = self.current.config.proc_name or self.current.config.app
+        setproctitle.setproctitle(f"preforkd: master [{name}]")
+        while self.tick():
+            pass
+        return self.exit_code
+
+    def tick(self) -> bool:
+        """One pass of the loop; False once the master should exit."""
+        ready_fds = self.sleep()
+        self.reap()
+        for signum in self.signals.drain():
+            self.handlers.get(signum, lambda: None)()
+        self.read_channels(ready_fds)
+        self.enforce_deadlines()
+        self.maintain()
+        return not (self.stop is not Stop.NONE and not self.workers)
+
+    def sleep(self) -> list[int]:
+        now = self.kernel.monotonic()
+        wake_at = now + min(MAX_SLEEP, self.current.config.workers.timeout / 4)
+        for handle in self.workers.values():
+            wake_at = min(wake_at, handle.deadline)
+        if self.stop is Stop.NONE:
+            for when in self.backoff_until.values():
+                if when > now:
+                    wake_at = min(wake_at, when)
+        fds = [self.signals.fileno()]
+        fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
+        return self.kernel.wait(fds, wake_at - now)
+
+    # children --------------------------------------------------------------------------
+
+    def spawn(self, number: int, generation: Generation) -> WorkerHandle:
+        slot = self.free_slots.pop()
+        parent_end, child_end = socket.socketpair()
+        parent_end.setblocking(False)
+        spec = WorkerSpec(
+            number=number,
+            generation=generation.number,
+            config=generation.config,
+            listeners=generation.listeners,
+            channel=child_end,
+            slot=self.scoreboard.slot(slot),
+            logs=self.logs,
+            app=generation.app,
+            close_fds=[
+                *self.close_in_child,
+                parent_end.fileno(),
+                *(h.channel.fileno() for h in self.workers.values() if h.channel is not None),
+                *(
+                    listener.fd
+                    for listener in self.all_listeners()
+                    if listener not in generation.listeners
+                ),
+            ],
+        )
+        pid = self.kernel.spawn(lambda: worker_main(spec), child_end)
+        handle = WorkerHandle(
+            number, pid, slot, generation.number, parent_end, self.kernel.monotonic()
+        )
+        handle.deadline = handle.started + generation.config.workers.boot_timeout
+        self.workers[pid] = handle
+        log.debug("spawned %s, generation %d", handle.describe(), generation.number)
+        return handle
+
+    def reap(self) -> None:
+        while (child := self.kernel.reap()) is not None:
+            pid, status = child
+            handle = self.workers.pop(pid, None)
+            if handle is not None:
+                self.exited(handle, status)
+
+    def exited(self, handle: WorkerHandle, status: int) -> None:
+        if handle.channel is not None:
+            handle.channel.close()
+            handle.channel = None
+        self.scoreboard.clear(handle.slot)
+        self.free_slots.append(handle.slot)
+        how = describe_status(status)
+        if handle.state is WorkerState.BOOTING:
+            self.boot_failed(handle, status, how)
+        elif handle.state is WorkerState.READY:
+            if status == 0:
+                log.info("%s exited: %s", handle.describe(), handle.reason or "retired")
+            else:
+                log.warning("%s died unexpectedly: %s", handle.describe(), how)
+        else:
+            log.info("%s exited (%s): %s", handle.describe(), handle.reason, how)
+
+    def boot_failed(self, handle: WorkerHandle, status: int, how: str) -> None:
+        app_error = status >> 8 == EXIT_APP_LOAD_ERROR and status & 0x7F == 0
+        if self.pending is not None and handle.generation == self.pending.number:
+            log.error(
+                "reload failed: the new generation's first worker could not boot (%s); "
+                "still serving generation %d",
+                how,
+                self.current.number,
+            )
+            self.abandon_pending()
+            return
+        if not self.ever_ready and app_error and self.stop is Stop.NONE:
+            log.error("the application could not be loaded (traceback above); stopping")
+            self.exit_code = EXIT_APP_FAILED
+            self.fast_stop()
+            return
+        failures = self.failures.get(handle.number, 0) + 1
+        self.failures[handle.number] = failures
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        self.backoff_until[handle.number] = self.kernel.monotonic() + delay
+        log.error(
+            "%s failed to boot (%s); retrying in %.1fs", handle.describe(), how, delay
+        )
+
+    def read_channels(self, ready_fds: list[int]) -> None:
+        if len(ready_fds) <= 1 and (not ready_fds or ready_fds[0] == self.signals.fileno()):
+            return
+        ready = set(ready_fds)
+        for handle in list(self.workers.values()):
+            channel = handle.channel
+            if channel is None or channel.fileno() not in ready:
+                continue
+            try:
+                data = channel.recv(64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                channel.close()  # the worker is exiting; reap() will hear of it
+                handle.channel = None
+            elif MSG_READY in data and handle.state is WorkerState.BOOTING:
+                self.became_ready(handle)
+
+    def became_ready(self, handle: WorkerHandle) -> None:
+        handle.to(WorkerState.READY)
+        self.failures.pop(handle.number, None)
+        self.backoff_until.pop(handle.number, None)
+        log.info("%s booted", handle.describe())
+        if self.pending is not None and handle.generation == self.pending.number:
+            self.promote()
+        if handle.generation == self.current.number:
+            self.retire_one_outdated(prefer=handle.number)
+        if not self.ever_ready and self.ready_count() >= self.target:
+            self.ever_ready = True
+            log.info("ready: %d workers", self.ready_count())
+
+    def ready_count(self) -> int:
+        return sum(
+            1
+            for h in self.workers.values()
+            if h.state is WorkerState.READY and h.generation == self.current.number
+        )
+
+    # deadlines and the pool ------------------------------------------------------------
+
+    def enforce_deadlines(self) -> None:
+        now = self.kernel.monotonic()
+        timeout = self.current.config.workers.timeout
+        for handle in list(self.workers.values()):
+            if now >= handle.deadline:
+                self.deadline_passed(handle, now)
+            elif handle.state in (WorkerState.READY, WorkerState.STOPPING):
+                view = self.scoreboard.read(handle.slot)
+                if view.activity is Activity.BUSY and view.started and now - view.started > timeout:
+                    self.hung(handle, view.method, view.target, now - view.started, now)
+
+    def deadline_passed(self, handle: WorkerHandle, now: float) -> None:
+        if handle.state is WorkerState.BOOTING:
+            log.error("%s did not boot within %.0fs; killing it", handle.describe(),
+                      self.current.config.workers.boot_timeout)
+        elif handle.state is WorkerState.STOPPING:
+            log.warning("%s still busy at the end of its graceful timeout; killing it",
+                        handle.describe())
+        elif handle.state is WorkerState.KILLED:
+            handle.deadline = math.inf
+            return
+        self.kernel.kill(handle.pid, signal.SIGKILL)
+        handle.to(WorkerState.KILLED, reason=handle.reason or "killed")
+
+    def hung(self, handle: WorkerHandle, method: str, target: str, elapsed: float,
+             now: float) -> None:
+        grace = self.current.config.workers.timeout_grace
+        log.error(
+            "%s timed out after %.1fs serving %s %s; dumping its stack and killing it",
+            handle.describe(), elapsed, method, target,
+        )
+        if grace > 0:
+            self.kernel.kill(handle.pid, signal.SIGABRT)  # faulthandler prints every stack
+            handle.to(WorkerState.ABORTING, now + grace, reason="timeout")
+        else:
+            self.kernel.kill(handle.pid, signal.SIGKILL)
+            handle.to(WorkerState.KILLED, reason="timeout")
+
+    def maintain(self) -> None:
+        """Spawn toward the target; during a reload replace outdated workers one at a time."""
+        if self.stop is not Stop.NONE:
+            return
+        now = self.kernel.monotonic()
+        pending = self.pending
+        if pending is not None:
+            if not any(h.generation == pending.number for h in self.workers.values()):
+                self.spawn(1, pending)
+            return
+        current = self.current.number
+        live = {
+            h.number: h
+            for h in self.workers.values()
+            if h.generation == current and h.state in LIVE
+        }
+        for number, handle in live.items():
+            if number > self.target:
+                self.ask_to_stop(handle, "fewer workers requested")
+        outdated = self.outdated()
+        booting = sum(1 for h in live.values() if h.state is WorkerState.BOOTING)
+        for number in range(1, self.target + 1):
+            if number in live or now < self.backoff_until.get(number, 0.0):
+                continue
+            if outdated and booting >= 1:
+                break  # rolling: the next one boots when this one is ready
+            self.spawn(number, self.current)
+            booting += 1
+        if outdated and booting == 0 and all(n in live for n in range(1, self.target + 1)):
+            for handle in outdated:
+                self.ask_to_stop(handle, "replaced by a reload")
+
+    def outdated(self) -> list[WorkerHandle]:
+        return [
+            h
+            for h in self.workers.values()
+            if h.generation != self.current.number
+            and (self.pending is None or h.generation != self.pending.number)
+            and h.state in LIVE
+        ]
+
+    def retire_one_outdated(self, prefer: int) -> None:
+        outdated = sorted(self.outdated(), key=lambda h: (h.number != prefer, h.number))
+        if outdated:
+            self.ask_to_stop(outdated[0], "replaced by a reload")
+
+    def ask_to_stop(self, handle: WorkerHandle, reason: str, timeout: float | None = None) -> None:
+        if timeout is None:
+            timeout = self.current.config.workers.graceful_timeout
+        if handle.state not in LIVE:
+            return
+        sent = False
+        if handle.channel is not None:
+            try:
+                handle.channel.send(MSG_STOP)
+                sent = True
+            except OSError:
+                pass
+        if not sent:
+            self.kernel.kill(handle.pid, signal.SIGTERM)
+        handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)
+
+    # signals ---------------------------------------------------------------------------
+
+    def graceful_stop(self) -> None:
+        if self.stop is not Stop.NONE:
+            return
+        self.stop = Stop.GRACEFUL
+        timeout = self.current.config.workers.graceful_timeout
+        log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
+        self.close_listeners(self.all_listeners())
+        for handle in list(self.workers.values()):
+            self.ask_to_stop(handle, "stopping", timeout)
+        self.pending = None
+
+    def fast_stop(self) -> None:
+        if self.stop is Stop.FAST:
+            return
+        self.stop = Stop.FAST
+        log.info("stopping now")
+        self.close_listeners(self.all_listeners())
+        deadline = self.kernel.monotonic() + FAST_STOP_GRACE
+        for handle in self.workers.values():
+            if handle.state is WorkerState.KILLED:
+                continue
+            self.kernel.kill(handle.pid, signal.SIGQUIT)
+            if handle.state in LIVE:
+                handle.to(WorkerState.STOPPING, deadline, "stopping")
+            else:
+                handle.deadline = min(handle.deadline, deadline)
+        self.pending = None
+
+    def more_workers(self) -> None:
+        if self.stop is Stop.NONE:
+            if self.target >= self.scoreboard.capacity // 2:
+                log.warning("TTIN: already at the maximum of %d workers", self.target)
+                return
+            self.target += 1
+            log.info("TTIN: %d workers", self.target)
+
+    def fewer_workers(self) -> None:
+        if self.stop is Stop.NONE and self.target > 1:
+            self.target -= 1
+            log.info("TTOU: %d workers", self.target)
+
+    def reopen_logs(self) -> None:
+        self.logs.reopen()
+        for handle in self.workers.values():
+            if handle.channel is not None:
+                try:
+                    handle.channel.send(MSG_REOPEN)
+                except OSError:
+                    pass
+        log.info("USR1: log files reopened")
+
+    def reload(self) -> None:
+        if self.stop is not Stop.NONE or self.reloader is None:
+            return
+        log.info("HUP: reloading")
+        try:
+            new = self.reloader(self.current)
+        except Exception as exc:
+            log.error("reload failed: %s; still serving generation %d", exc, self.current.number)
+            return
+        if self.pending is not None:
+            self.abandon_pending()
+        if new.config.workers.count != self.current.config.workers.count:
+            self.target = new.config.workers.count
+        self.pending = new
+
+    def promote(self) -> None:
+        """The pending generation booted a worker: it becomes current."""
+        assert self.pending is not None
+        old = self.current
+        self.current = self.pending
+        self.pending = None
+        self.close_listeners([lst for lst in old.listeners if lst not in self.current.listeners],
+                             when_unused=True)
+        log.info("reload: generation %d is serving; replacing the workers of generation %d",
+                 self.current.number, old.number)
+
+    def abandon_pending(self) -> None:
+        pending = self.pending
+        self.pending = None
+        if pending is None:
+            return
+        for handle in list(self.workers.values()):
+            if handle.generation == pending.number and handle.state in LIVE:
+                self.ask_to_stop(handle, "reload abandoned")
+        self.close_listeners(
+            [lst for lst in pending.listeners if lst not in self.current.listeners],
+            when_unused=True,
+        )
+
+    # listeners -------------------------------------------------------------------------
+
+    def all_listeners(self) -> list[Listener]:
+        seen: list[Listener] = list(self.current.listeners)
+        if self.pending is not None:
+            seen.extend(lst for lst in self.pending.listeners if lst not in seen)
+        return seen
+
+    def close_listeners(self, listeners: list[Listener], when_unused: bool = False) -> None:
+        """The master's copies. Workers hold their own, so a worker draining its queue keeps
+        serving after this; a unix socket's path disappears at once, stopping new arrivals."""
+        for listener in listeners:
+            if listener.sock.fileno() >= 0:
+                listener.close()

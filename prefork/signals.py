@@ -1,0 +1,75 @@
+"""Signals as bytes on a socket: handlers only record and wake, the loop acts.
+
+CPython's C-level handler writes the signal number to the wakeup fd once per delivery, before
+any Python code runs, so reading that socket yields every signal in arrival order (standard
+signals that arrive while one of the same kind is still pending are merged by the kernel, as
+always). The Python-level handlers installed here do nothing at all: no logging, no waitpid,
+no allocation.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterable
+from types import FrameType
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    """Nothing to do: the wakeup fd already holds the signal number."""
+
+
+class SignalQueue:
+    """Owns the wakeup socketpair; `fileno()` goes into the loop's poll set."""
+
+    def __init__(self, catch: Iterable[signal.Signals], ignore: Iterable[signal.Signals] = ()):
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        for sock in (self._reader, self._writer):
+            # a generous buffer: signals are one byte each and must never be dropped
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for sig in catch:
+            signal.signal(sig, _record)
+            signal.siginterrupt(sig, False)
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def fds(self) -> tuple[int, int]:
+        return self._reader.fileno(), self._writer.fileno()
+
+    def drain(self) -> list[int]:
+        """Every signal number recorded since the last call, oldest first."""
+        received: list[int] = []
+        while True:
+            try:
+                data = self._reader.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return received
+            if not data:
+                return received
+            received.extend(data)
+
+    def wake(self) -> None:
+        """Make the loop's next poll return at once (used by code outside handlers)."""
+        try:
+            self._writer.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        """Detach from the signal machinery (a forked child calls this first)."""
+        signal.set_wakeup_fd(-1)
+        self._reader.close()
+        self._writer.close()
+
+
+def reset_inherited(signals: Iterable[signal.Signals]) -> None:
+    """Back to the defaults for `signals` (a forked child does not keep its parent's plan)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,176 @@
+"""Listening sockets: bind TCP (v4/v6) and unix addresses, or adopt systemd's (LISTEN_FDS).
+
+Invariants: master only; every listener is non-blocking (workers poll and accept); a unix
+socket path is removed at exit only if it is still the socket this process created; sockets
+from systemd are never unlinked or re-bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+
+from prefork.addresses import Address
+
+SD_LISTEN_FDS_START = 3
+
+
+class BindError(Exception):
+    """An address could not be bound; the message names it and says why."""
+
+
+@dataclass(slots=True)
+class Listener:
+    sock: socket.socket
+    address: Address  # as bound (port 0 replaced by the real port)
+    unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a socket file we created
+    inherited: bool = False  # handed over by systemd
+
+    @property
+    def fd(self) -> int:
+        return self.sock.fileno()
+
+    def url(self, protocol: str) -> str:
+        if self.address.kind == "unix":
+            return f"unix:{self.address.path}"
+        return f"{'http' if protocol == 'http' else 'tcp'}://{self.address}"
+
+    def close(self) -> None:
+        """Close; remove the socket file if it is still ours."""
+        if self.unix_inode is not None and not self.inherited:
+            try:
+                st = os.stat(self.address.path)
+                if (st.st_dev, st.st_ino) == self.unix_inode:
+                    os.unlink(self.address.path)
+            except OSError:
+                pass
+            self.unix_inode = None
+        self.sock.close()
+
+
+def _address_of(sock: socket.socket) -> Address:
+    if sock.family == socket.AF_UNIX:
+        name = sock.getsockname()
+        path = name.decode() if isinstance(name, bytes) else name
+        return Address(kind="unix", path=path)
+    host, port = sock.getsockname()[:2]
+    return Address(kind="tcp", host=host, port=port)
+
+
+def _bind_tcp(address: Address, backlog: int) -> Listener:
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {address}: {exc.strerror}") from None
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::]:80 next to 0.0.0.0:80 must not collide, as in nginx's default
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Linux copies TCP_NODELAY to accepted sockets: no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind {address}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return Listener(sock, _address_of(sock))
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"cannot bind unix:{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: left behind by a process that died
+        return
+    except OSError as exc:
+        raise BindError(f"cannot bind unix:{path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise BindError(f"cannot bind unix:{path}: another process is listening on it")
+
+
+def _bind_unix(address: Address, mode: int | None, backlog: int) -> Listener:
+    path = address.path
+    _remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        if mode is not None:
+            os.chmod(path, mode)
+        st = os.stat(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot bind unix:{path}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return Listener(sock, address, unix_inode=(st.st_dev, st.st_ino))
+
+
+def bind(address: Address, mode: int | None, backlog: int) -> Listener:
+    if address.kind == "unix":
+        return _bind_unix(address, mode, backlog)
+    return _bind_tcp(address, backlog)
+
+
+def bind_all(specs: Iterable[tuple[Address, int | None]], backlog: int) -> list[Listener]:
+    """Bind every address or none: on the first failure the ones already bound are closed."""
+    listeners: list[Listener] = []
+    try:
+        for address, mode in specs:
+            listeners.append(bind(address, mode, backlog))
+    except BindError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def systemd_listeners(environ: MutableMapping[str, str]) -> list[Listener]:
+    """Sockets passed by systemd socket activation (sd_listen_fds(3)); [] when none.
+
+    The LISTEN_* variables are removed so that nothing forked later mistakes them for its own.
+    """
+    pid = environ.pop("LISTEN_PID", None)
+    count = environ.pop("LISTEN_FDS", None)
+    environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None:
+        return []
+    try:
+        if int(pid) != os.getpid():
+            return []
+        n = int(count)
+    except ValueError:
+        return []
+    listeners = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOTSOCK:
+                raise BindError(f"systemd passed fd {fd}, which is not a socket") from None
+            raise
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listeners.append(Listener(sock, _address_of(sock), inherited=True))
+    return listeners

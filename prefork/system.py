@@ -1,0 +1,101 @@
+"""The master's operating-system calls behind one small interface, so tests can replace it.
+
+Invariants: `spawn` blocks every signal around fork(), so the child never runs a handler it
+inherited; the child unblocks once its own handlers are in place. A child always leaves
+through os._exit, whatever its function returns or raises.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Kernel(Protocol):
+    def monotonic(self) -> float: ...
+
+    def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int: ...
+
+    def kill(self, pid: int, sig: int) -> bool: ...
+
+    def reap(self) -> tuple[int, int] | None: ...
+
+    def wait(self, fds: list[int], timeout: float) -> list[int]: ...
+
+
+class System:
+    """The real thing."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int:
+        """fork(); the child runs `child()` and exits with its result. The parent's copy of
+        `child_end` (the worker's side of its channel) is closed."""
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                code = child()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        child_end.close()
+        return pid
+
+    def kill(self, pid: int, sig: int) -> bool:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def reap(self) -> tuple[int, int] | None:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if pid == 0:
+            return None
+        return pid, status
+
+    def wait(self, fds: list[int], timeout: float) -> list[int]:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        try:
+            return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000.0)]
+        except InterruptedError:
+            return []
+
+
+def describe_status(status: int) -> str:
+    """'exit code 4' or 'killed by SIGKILL' for a waitpid status."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return f"killed by {name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"

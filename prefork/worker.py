@@ -1,0 +1,391 @@
+"""A worker process: wait for a connection with something to say, answer it, repeat.
+
+Invariants: one request at a time; the worker waits in one epoll over the shared listeners
+(EPOLLEXCLUSIVE, so one worker wakes per new connection), its parked keep-alive connections,
+the channel from the master and its signal socket, so an idle keep-alive client never holds
+a worker. Messages from the master are read only between requests; end-of-file on the channel
+means the master is gone and the worker stops. The process leaves through os._exit (done by
+the master's spawn).
+"""
+
+from __future__ import annotations
+
+import errno
+import faulthandler
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import setproctitle
+
+from prefork.config import Config
+from prefork.connection import Connection
+from prefork.http import Limits, ProtocolError
+from prefork.httpserve import HttpProtocol
+from prefork.loader import load_app, prepare
+from prefork.logs import Logs
+from prefork.scoreboard import Activity, Slot
+from prefork.signals import SignalQueue
+from prefork.sockets import Listener
+
+log = logging.getLogger("prefork")
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # failed before it could serve (not the app's fault)
+EXIT_APP_LOAD_ERROR = 4  # the application could not be imported
+
+# master -> worker messages (one byte each) and worker -> master
+MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
+MSG_REOPEN = b"O"  # reopen log files
+MSG_READY = b"R"  # worker -> master: app loaded, serving
+
+_EPOLLIN = select.EPOLLIN
+_LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
+SWEEP_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class WorkerSpec:
+    """Everything a worker is given by the master at fork time."""
+
+    number: int
+    generation: int
+    config: Config
+    listeners: list[Listener]
+    channel: socket.socket
+    slot: Slot
+    logs: Logs
+    app: Any = None  # preloaded application, or None to import it after fork
+    close_fds: list[int] = field(default_factory=list)
+
+
+def max_requests_for(config: Config, number: int) -> int:
+    """max_requests plus this worker's share of the jitter, spread evenly by worker number so
+    that workers do not all retire at the same moment."""
+    w = config.workers
+    if not w.max_requests:
+        return 0
+    if w.count <= 1 or not w.max_requests_jitter:
+        return w.max_requests
+    share = ((number - 1) % w.count) * w.max_requests_jitter // (w.count - 1)
+    return w.max_requests + share
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(EXIT_OK)
+
+
+def worker_main(spec: WorkerSpec) -> int:
+    """The child's side of fork(): set up, load the app, report ready, serve."""
+    for fd in spec.close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    signals = SignalQueue(
+        catch=(signal.SIGTERM, signal.SIGUSR1),
+        ignore=(signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH),
+    )
+    signal.signal(signal.SIGINT, _exit_now)
+    signal.signal(signal.SIGQUIT, _exit_now)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
+    config = spec.config
+    name = config.proc_name or config.app
+    setproctitle.setproctitle(f"preforkd: worker [{spec.number}] {name}")
+    spec.slot.claim(os.getpid(), spec.generation, spec.number)
+    app = spec.app
+    if app is None:
+        try:
+            prepare(config.pythonpath, config.chdir)
+            app = load_app(config.app)
+        except Exception:
+            log.exception("worker %d: cannot load the application %r", spec.number, config.app)
+            return EXIT_APP_LOAD_ERROR
+    worker = Worker(spec, app, signals)
+    try:
+        spec.channel.sendall(MSG_READY)
+    except OSError:
+        return EXIT_OK  # the master is already gone
+    return worker.run()
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, app: Any, signals: SignalQueue) -> None:
+        config = spec.config
+        self.spec = spec
+        self.app = app
+        self.signals = signals
+        self.slot = spec.slot
+        self.epoll = select.epoll()
+        self.conns: dict[int, Connection] = {}
+        self.listeners = {listener.fd: listener for listener in spec.listeners}
+        self.channel_fd = spec.channel.fileno()
+        self.signal_fd = signals.fileno()
+        self.accepting = False
+        self.stopping = False  # graceful stop: answer what is held and queued, then exit
+        self.retiring = False  # max_requests reached: answer what is held, then exit
+        self.max_requests = max_requests_for(config, spec.number)
+        self.max_connections = config.workers.max_connections
+        http = config.http
+        self.keepalive_timeout = http.keepalive_timeout
+        self.header_timeout = http.header_timeout
+        self.limits = Limits(
+            http.max_request_line,
+            http.max_header_fields,
+            http.max_field_size,
+            http.max_header_size,
+            http.max_body_size,
+        )
+        # one read never exceeds the head limit, so the parser's head accounting is exact
+        # up to one read (see RequestParser.feed)
+        self.read_size = min(65536, http.max_header_size)
+        self.next_sweep = 0.0
+        self.protocol: HttpProtocol | None = None
+        if config.protocol == "http":
+            self.protocol = HttpProtocol(
+                app,
+                self.slot,
+                spec.logs,
+                spec.number,
+                body_timeout=http.body_timeout,
+                send_timeout=http.send_timeout,
+                server_header=http.server_header,
+            )
+
+    # the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.slot.set(Activity.IDLE)
+        self.epoll.register(self.channel_fd, _EPOLLIN)
+        self.epoll.register(self.signal_fd, _EPOLLIN)
+        self.start_accepting()
+        poll = self.epoll.poll
+        conns = self.conns
+        listeners = self.listeners
+        while True:
+            timeout = SWEEP_INTERVAL if conns or self.stopping or self.retiring else -1.0
+            try:
+                events = poll(timeout)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                conn = conns.get(fd)
+                if conn is not None:
+                    self.on_readable(conn)
+                elif fd in listeners:
+                    self.accept(listeners[fd])
+                elif fd == self.channel_fd:
+                    self.on_channel()
+                elif fd == self.signal_fd:
+                    self.on_signals()
+            if conns:
+                self.sweep()
+            if (self.stopping or self.retiring) and self.finished():
+                return EXIT_OK
+
+    def start_accepting(self) -> None:
+        if not self.accepting and not self.retiring:
+            for fd in self.listeners:
+                self.epoll.register(fd, _LISTEN_EVENTS)
+            self.accepting = True
+
+    def stop_accepting(self) -> None:
+        if self.accepting:
+            for fd in self.listeners:
+                self.epoll.unregister(fd)
+            self.accepting = False
+
+    # connections -----------------------------------------------------------------------
+
+    def accept(self, listener: Listener) -> bool:
+        try:
+            sock, peer = listener.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return False  # another worker took it
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("worker %d: accept: %s", self.spec.number, exc.strerror)
+                time.sleep(0.1)  # leave the connection to a worker that has room
+                return False
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                return True
+            raise
+        if self.protocol is None:
+            self.serve_stream(sock, peer)
+            return True
+        conn = Connection(sock, peer, listener, self.limits)
+        conn.deadline = time.monotonic() + self.header_timeout
+        if not self.on_readable(conn) and not conn.closed:
+            self.park(conn)
+        return True
+
+    def on_readable(self, conn: Connection) -> bool:
+        """Read what arrived and answer every complete request; False if nothing was there."""
+        data = conn.recv_now(self.read_size)
+        if data is None:
+            return False
+        if not data:
+            self.drop(conn)
+            return True
+        parser = conn.parser
+        was_idle = parser.idle
+        try:
+            parser.feed(data)
+        except ProtocolError as exc:
+            self.conns.pop(conn.fd, None)
+            assert self.protocol is not None
+            self.protocol.reject(conn, exc)
+            return True
+        if parser.requests:
+            self.serve(conn)
+        elif was_idle and not parser.idle:
+            conn.head_deadline = time.monotonic() + self.header_timeout
+            self.park(conn)
+        return True
+
+    def serve(self, conn: Connection) -> None:
+        protocol = self.protocol
+        assert protocol is not None
+        keep_alive = (
+            self.keepalive_timeout > 0
+            and not self.stopping
+            and not self.retiring
+            and len(self.conns) < self.max_connections
+        )
+        keep = protocol.serve(conn, keep_alive)
+        if self.max_requests and self.slot.requests >= self.max_requests and not self.retiring:
+            self.retire()
+            keep = keep and not conn.parser.idle
+        if not keep:
+            self.drop(conn)
+            return
+        now = time.monotonic()
+        if conn.parser.idle:
+            conn.deadline = now + self.keepalive_timeout
+        else:
+            conn.head_deadline = now + self.header_timeout
+        self.park(conn)
+
+    def park(self, conn: Connection) -> None:
+        """Wait for this connection's next bytes in the worker's epoll, not in a recv."""
+        if conn.fd not in self.conns:
+            self.conns[conn.fd] = conn
+            self.epoll.register(conn.fd, _EPOLLIN)
+            if len(self.conns) >= self.max_connections:
+                self.stop_accepting()
+
+    def drop(self, conn: Connection) -> None:
+        if (
+            self.conns.pop(conn.fd, None) is not None
+            and not self.accepting
+            and len(self.conns) < self.max_connections
+            and not (self.stopping or self.retiring)
+        ):
+            self.start_accepting()
+        conn.close()  # closing the fd also removes it from the epoll set
+
+    def sweep(self) -> None:
+        """Close parked connections past their deadline: idle ones silently, a request head
+        that stopped arriving with 408."""
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + SWEEP_INTERVAL
+        for conn in list(self.conns.values()):
+            if conn.parser.idle:
+                if now >= conn.deadline:
+                    self.drop(conn)
+            elif now >= conn.head_deadline:
+                self.conns.pop(conn.fd, None)
+                assert self.protocol is not None
+                self.protocol.reject(conn, ProtocolError(408, "request head timed out"))
+
+    def serve_stream(self, sock: socket.socket, peer: Any) -> None:
+        """protocol: tcp — hand the connection to the handler, then close it."""
+        sock.setblocking(True)
+        self.slot.busy(b"TCP", _peer_text(peer).encode("latin-1", "replace")[:192])
+        try:
+            self.app(sock, peer)
+        except Exception:
+            log.exception("stream handler failed for %s", _peer_text(peer))
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            self.slot.done()
+        if self.max_requests and self.slot.requests >= self.max_requests:
+            self.retire()
+
+    # stopping --------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        log.info(
+            "worker %d (pid %d): retiring after %d requests",
+            self.spec.number,
+            os.getpid(),
+            self.slot.requests,
+        )
+        self.retiring = True
+        self.stop_accepting()
+
+    def begin_stop(self) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.slot.set(Activity.DRAINING)
+
+    def finished(self) -> bool:
+        """While stopping: close idle keep-alive connections; done once nothing is held and,
+        for a graceful stop, nothing is left in the listeners' accept queues."""
+        for conn in list(self.conns.values()):
+            if conn.parser.idle and conn.served:
+                self.drop(conn)  # between requests; a fresh one still gets its first answer
+        if self.conns:
+            return False
+        if self.stopping and not self.retiring:
+            return not self.drain_backlog()
+        return True
+
+    def drain_backlog(self) -> bool:
+        """Accept whatever is queued on every listener; True if anything was."""
+        took = False
+        for listener in list(self.listeners.values()):
+            while self.accept(listener):
+                took = True
+        return took
+
+    def on_channel(self) -> None:
+        try:
+            data = os.read(self.channel_fd, 64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # the master died: nobody will replace us or watch our deadlines
+            self.epoll.unregister(self.channel_fd)
+            self.begin_stop()
+            return
+        if MSG_STOP in data:
+            self.begin_stop()
+        if MSG_REOPEN in data:
+            self.spec.logs.reopen()
+
+    def on_signals(self) -> None:
+        for signum in self.signals.drain():
+            if signum == signal.SIGTERM:
+                self.begin_stop()
+            elif signum == signal.SIGUSR1:
+                self.spec.logs.reopen()
+
+
+def _peer_text(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) or "unix"

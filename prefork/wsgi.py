@@ -1,0 +1,407 @@
+"""PEP 3333 for one request on one connection: environ, start_response, wsgi.input, and the
+response framing.
+
+Invariants: headers are sent at most once and only with (or before) the first body byte; the
+application's iterable is always closed; a response is either complete and correctly framed or
+the connection is marked to close; exc_info is re-raised only after headers were sent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import IO, Any
+
+from prefork.connection import ClientDisconnected, Connection
+from prefork.http import ProtocolError, Request
+from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], None]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_NO_BODY_STATUS = (b"1", b"204", b"304")
+_STATUS_RE = re.compile(r"[1-5][0-9][0-9] [^\r\n\0]*\Z")
+_BAD_VALUE = re.compile(r"[\r\n\0]")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# Header name -> environ key, cached: the same few dozen names arrive on every request.
+_ENVIRON_KEYS: dict[bytes, str | None] = {}
+
+
+def environ_key(name: bytes) -> str | None:
+    """CGI key for a request header; None for names with '_' (dropped: with '-' and '_' both
+    mapping to the same key, a client could spoof a header a proxy set, e.g. X-Forwarded-For).
+    """
+    key = _ENVIRON_KEYS.get(name)
+    if key is None and name not in _ENVIRON_KEYS:
+        if b"_" in name:
+            key = None
+        else:
+            upper = name.decode("latin-1").upper().replace("-", "_")
+            key = upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
+        if len(_ENVIRON_KEYS) < 1024:
+            _ENVIRON_KEYS[name] = key
+    return key
+
+
+def decode_path(raw: bytes) -> str:
+    """PATH_INFO per PEP 3333: percent-decoded bytes, as latin-1."""
+    if b"%" not in raw:
+        return raw.decode("latin-1")
+    from urllib.parse import unquote_to_bytes
+
+    return unquote_to_bytes(raw).decode("latin-1")
+
+
+class FileWrapper:
+    """wsgi.file_wrapper: iterable over a file; the worker sends it with os.sendfile."""
+
+    def __init__(self, filelike: IO[bytes], blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> Iterator[bytes]:
+        read = self.filelike.read
+        while True:
+            data = read(self.blksize)
+            if not data:
+                return
+            yield data
+
+    def fileno(self) -> int | None:
+        try:
+            return self.filelike.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+
+
+class Input:
+    """wsgi.input: streams the request body from the connection; never reads past it.
+
+    Reads wait at most `timeout` for each piece; a client that goes away before the body is
+    complete raises ClientDisconnected, so a truncated body never looks complete.
+    """
+
+    def __init__(self, conn: Connection, request: Request, timeout: float) -> None:
+        self._conn = conn
+        self._request = request
+        self._timeout = timeout
+        self._buf = bytearray()
+        self._continue_pending = request.expect_continue
+
+    def _fill(self) -> bool:
+        """Move the next body chunk into the buffer; False at the end of the body."""
+        request = self._request
+        while not request.body:
+            if request.complete:
+                return False
+            if self._continue_pending:
+                self._continue_pending = False
+                self._conn.send(CONTINUE_100, self._timeout)
+            data = self._conn.recv(self._timeout)
+            if not data:
+                raise ClientDisconnected("client closed the connection before the body ended")
+            self._conn.parser.feed(data)
+        self._buf += request.body.popleft()
+        return True
+
+    @property
+    def continue_pending(self) -> bool:
+        """The client still waits for 100 Continue: its body was never asked for."""
+        return self._continue_pending
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            while self._fill():
+                pass
+            data = bytes(self._buf)
+            self._buf.clear()
+            return data
+        while len(self._buf) < size and self._fill():
+            pass
+        data = bytes(self._buf[:size])
+        del self._buf[:size]
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        limit = -1 if size is None else size
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end >= 0:
+                end += 1
+                break
+            if 0 <= limit <= len(self._buf):
+                end = limit
+                break
+            start = len(self._buf)
+            if not self._fill():
+                end = len(self._buf)
+                break
+        if 0 <= limit < end:
+            end = limit
+        data = bytes(self._buf[:end])
+        del self._buf[:end]
+        return data
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        lines: list[bytes] = []
+        total = 0
+        while True:
+            line = self.readline()
+            if not line:
+                return lines
+            lines.append(line)
+            total += len(line)
+            if 0 < hint <= total:
+                return lines
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+
+class Response:
+    """The state of one response: what start_response recorded and what has been sent."""
+
+    __slots__ = (
+        "conn",
+        "request",
+        "send_timeout",
+        "server_line",
+        "date_line",
+        "status",
+        "status_code",
+        "headers",
+        "content_length",
+        "keep_alive",
+        "head_sent",
+        "chunked",
+        "bytes_sent",
+        "no_body",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        request: Request,
+        keep_alive: bool,
+        send_timeout: float,
+        server_line: bytes,
+        date_line: bytes,
+    ) -> None:
+        self.conn = conn
+        self.request = request
+        self.keep_alive = keep_alive
+        self.send_timeout = send_timeout
+        self.server_line = server_line
+        self.date_line = date_line
+        self.status = b""
+        self.status_code = 0
+        self.headers = b""
+        self.content_length: int | None = None
+        self.head_sent = False
+        self.chunked = False
+        self.bytes_sent = 0
+        self.no_body = request.method == "HEAD"
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: ExcInfo | None = None,
+    ) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None  # break the traceback cycle (PEP 3333)
+        elif self.status:
+            raise AssertionError("start_response() called twice without exc_info")
+        if type(status) is not str or not _STATUS_RE.match(status):
+            raise ValueError(f"invalid WSGI status {status!r}")
+        lines: list[str] = []
+        content_length = None
+        for name, value in headers:
+            if type(name) is not str or type(value) is not str:
+                raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
+            if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+                raise ValueError(f"invalid response header {name!r}: {value!r}")
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == "connection" and "close" in value.lower():
+                    self.keep_alive = False
+                continue  # framing and connection management belong to the server
+            if lname == "content-length":
+                if not value.isdigit():
+                    raise ValueError(f"invalid Content-Length {value!r}")
+                content_length = int(value)
+            lines.append(f"{name}: {value}\r\n")
+        self.status = status.encode("latin-1")
+        self.status_code = int(status[:3])
+        self.headers = "".join(lines).encode("latin-1")
+        self.content_length = content_length
+        if self.status.startswith(_NO_BODY_STATUS):
+            self.no_body = True
+        return self.write
+
+    def head(self, known_length: int | None) -> bytes:
+        """The status line and headers; decides the framing. `known_length` is the total body
+        size when the server knows it (a list body) and the application gave none."""
+        framing = b""
+        length = self.content_length
+        if length is None and not self.status.startswith(_NO_BODY_STATUS):
+            if known_length is not None:
+                length = known_length
+                framing = b"Content-Length: %d\r\n" % known_length
+            elif self.request.version == "1.1" and not self.no_body:
+                self.chunked = True
+                framing = b"Transfer-Encoding: chunked\r\n"
+            elif not self.no_body:
+                self.keep_alive = False  # close-delimited body
+        if self.content_length is None and length is not None:
+            self.content_length = length
+        if self.keep_alive:
+            if self.request.version == "1.0":
+                framing += b"Connection: keep-alive\r\n"
+        else:
+            framing += b"Connection: close\r\n"
+        return (
+            b"HTTP/1.1 "
+            + self.status
+            + CRLF
+            + self.headers
+            + self.server_line
+            + self.date_line
+            + framing
+            + CRLF
+        )
+
+    def write(self, data: bytes) -> None:
+        """Send body bytes (the legacy write() callable and the iterable both end here)."""
+        if not self.status:
+            raise AssertionError("write() before start_response()")
+        if type(data) is not bytes:
+            data = bytes(data)  # bytearray/memoryview are tolerated; str raises TypeError
+        out = b"" if self.head_sent else self.head(None)
+        self.head_sent = True
+        if data and not self.no_body:
+            length = self.content_length
+            if length is not None and self.bytes_sent + len(data) > length:
+                data = data[: length - self.bytes_sent]  # never send past the declared length
+                self.keep_alive = False
+            self.bytes_sent += len(data)
+            out += chunk(data) if self.chunked else data
+        if out:
+            self.conn.send(out, self.send_timeout)
+
+    def send_whole(self, body: bytes) -> None:
+        """The whole response in one send: head plus a body the server holds entirely."""
+        out = self.head(len(body))
+        self.head_sent = True
+        if not self.no_body:
+            length = self.content_length
+            if length is not None and len(body) > length:
+                body = body[:length]
+                self.keep_alive = False
+            self.bytes_sent = len(body)
+            out += body
+        self.conn.send(out, self.send_timeout)
+
+    def sendfile(self, wrapper: FileWrapper, fd: int) -> bool:
+        """Send a file body with os.sendfile; False when the file cannot be used that way."""
+        try:
+            offset = os.lseek(fd, 0, os.SEEK_CUR)
+            size = os.fstat(fd).st_size - offset
+        except OSError:
+            return False
+        length = self.content_length
+        count = size if length is None else min(size, length - self.bytes_sent)
+        if not self.head_sent:
+            self.conn.send(self.head(count if length is None else None), self.send_timeout)
+            self.head_sent = True
+        if self.no_body:
+            return True
+        sock_fd = self.conn.fd
+        while count > 0:
+            try:
+                sent = os.sendfile(sock_fd, fd, offset, min(count, 1 << 30))
+            except BlockingIOError:
+                sent = -1
+            except (BrokenPipeError, ConnectionError) as exc:
+                raise ClientDisconnected(str(exc)) from None
+            if sent == 0:
+                break  # the file shrank
+            if sent < 0:
+                self.conn.wait_writable(self.send_timeout)
+                continue
+            offset += sent
+            count -= sent
+            self.bytes_sent += sent
+        return True
+
+    def finish(self) -> None:
+        """End the body: the last chunk, or note that a declared length was not reached."""
+        if not self.head_sent:
+            self.send_whole(b"")
+            return
+        if self.chunked:
+            self.conn.send(LAST_CHUNK, self.send_timeout)
+        elif (
+            self.content_length is not None
+            and not self.no_body
+            and self.bytes_sent < self.content_length
+        ):
+            self.keep_alive = False  # the client will see a short body; the framing is lost
+
+
+def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
+    """Call the application and send its response; the iterable is always closed."""
+    result = app(environ, response.start_response)
+    try:
+        if type(result) is list or type(result) is tuple:
+            if not response.status:
+                raise AssertionError("application returned without calling start_response()")
+            if len(result) == 1 and not response.head_sent:
+                response.send_whole(result[0])
+            elif not response.head_sent and response.content_length is None:
+                response.send_whole(b"".join(result))
+            else:
+                for data in result:
+                    response.write(data)
+        elif type(result) is FileWrapper and (fd := result.fileno()) is not None:
+            if not response.status:
+                raise AssertionError("application returned without calling start_response()")
+            if not response.sendfile(result, fd):
+                for data in result:
+                    response.write(data)
+        else:
+            for data in result:
+                if data or response.head_sent:
+                    response.write(data)
+                elif not response.status:
+                    raise AssertionError("application yielded before calling start_response()")
+            if not response.status:
+                raise AssertionError("application returned without calling start_response()")
+        response.finish()
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+
+
+def error_status(exc: BaseException) -> int:
+    """The status for an exception that escaped the application before headers were sent."""
+    if isinstance(exc, ProtocolError):
+        return exc.status
+    return 500
+

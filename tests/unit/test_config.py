@@ -1,0 +1,801 @@
+"""prefork.config: YAML loading, validation, error locations, paths, overrides, generated docs."""
+
+import dataclasses
+import math
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from prefork import config as config_module
+from prefork.addresses import Address
+from prefork.config import (
+    BindConfig,
+    Config,
+    ConfigError,
+    HttpConfig,
+    LoggingConfig,
+    WorkersConfig,
+    bind_address,
+    field_docs,
+    from_mapping,
+    load,
+    settings_markdown,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+Writer = Callable[..., str]
+
+
+@pytest.fixture(params=["c", "python"])
+def loader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run a test with libyaml's loader and with the pure-Python one: both must agree."""
+    if request.param == "c":
+        if not hasattr(yaml, "CSafeLoader"):
+            pytest.skip("PyYAML built without libyaml")
+        monkeypatch.setattr(config_module, "_LOADER", yaml.CSafeLoader)
+    else:
+        monkeypatch.setattr(config_module, "_LOADER", yaml.SafeLoader)
+    yield request.param
+
+
+@pytest.fixture
+def write(tmp_path: Path) -> Writer:
+    """Write a dedented YAML file under tmp_path/etc and return its path (as a string)."""
+
+    def _write(text: str, name: str = "etc/preforkd.yaml") -> str:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"))
+        return str(path)
+
+    return _write
+
+
+def error_of(path: str | None, overrides: dict[str, object] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(path, overrides)
+    return info.value
+
+
+def check_error(err: ConfigError, source: str, line: int | None, key: str, *parts: str) -> None:
+    assert (err.source, err.line, err.key) == (source, line, key), str(err)
+    for part in parts:
+        assert part in err.message, str(err)
+
+
+# --- defaults and basics --------------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    cfg = load(None, {"app": "myapp:application"})
+    assert cfg == Config(app="myapp:application")
+    assert cfg.protocol == "http"
+    assert cfg.bind == (BindConfig("127.0.0.1:8000"),)
+    assert cfg.backlog == 2048
+    assert cfg.proc_name is None
+    assert cfg.preload_app is False
+    assert cfg.pythonpath == ()
+    assert cfg.chdir is None
+    assert cfg.source == ""
+    assert cfg.workers == WorkersConfig()
+    assert (cfg.workers.count, cfg.workers.timeout, cfg.workers.max_connections) == (2, 30.0, 1000)
+    assert cfg.http == HttpConfig()
+    assert (cfg.http.keepalive_timeout, cfg.http.max_body_size) == (5.0, 0)
+    assert cfg.http.server_header == "preforkd"
+    assert cfg.logging == LoggingConfig()
+    assert (cfg.logging.level, cfg.logging.error_log, cfg.logging.access_log) == ("info", "-", None)
+
+
+def test_full_file(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: pkg.web:make.app
+        protocol: tcp
+        bind:
+          - "*:8000"
+          - "[::1]:0"
+          - address: unix:/run/preforkd.sock
+            mode: 0660
+        backlog: 128
+        proc_name: web
+        preload_app: true
+        workers:
+          count: 8
+          max_requests: 1000
+          max_requests_jitter: 50
+          timeout: 5
+          timeout_grace: 0.5
+        http:
+          keepalive_timeout: 0
+          max_body_size: 1048576
+          server_header: ""
+        logging:
+          level: WARNING
+          access_log: "-"
+          access_log_format: json
+        """
+    )
+    cfg = load(path)
+    assert cfg.app == "pkg.web:make.app"
+    assert cfg.protocol == "tcp"
+    assert cfg.bind == (
+        BindConfig("0.0.0.0:8000"),
+        BindConfig("[::1]:0"),
+        BindConfig("unix:/run/preforkd.sock", 0o660),
+    )
+    assert [bind_address(b) for b in cfg.bind] == [
+        Address("tcp", "0.0.0.0", 8000),
+        Address("tcp", "::1", 0),
+        Address("unix", path="/run/preforkd.sock"),
+    ]
+    assert (cfg.backlog, cfg.proc_name, cfg.preload_app) == (128, "web", True)
+    assert cfg.workers == WorkersConfig(
+        count=8, max_requests=1000, max_requests_jitter=50, timeout=5.0, timeout_grace=0.5
+    )
+    assert isinstance(cfg.workers.timeout, float)
+    assert cfg.http.keepalive_timeout == 0.0
+    assert cfg.http.max_body_size == 1048576
+    assert cfg.http.server_header == ""
+    assert cfg.logging == LoggingConfig(level="warning", access_log="-", access_log_format="json")
+    assert cfg.source == os.path.abspath(path)
+
+
+def test_config_is_frozen() -> None:
+    cfg = load(None, {"app": "m:app"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.app = "other:app"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers.count = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_empty_file_gives_defaults(write: Writer, text: str) -> None:
+    path = write(text)
+    assert load(path, {"app": "m:app"}) == Config(app="m:app", source=os.path.abspath(path))
+
+
+def test_empty_file_without_app(write: Writer) -> None:
+    path = write("")
+    check_error(error_of(path), path, None, "app", "required setting is missing")
+
+
+def test_no_file_without_app() -> None:
+    err = error_of(None)
+    assert str(err) == "command line: app: required setting is missing"
+
+
+def test_null_section_means_defaults(write: Writer) -> None:
+    path = write(
+        """
+        app: m:app
+        workers:
+        #  count: 4
+        """
+    )
+    assert load(path).workers == WorkersConfig()
+
+
+# --- where errors point ---------------------------------------------------------------------
+
+
+def test_error_str_format() -> None:
+    err = ConfigError("must be x", source="etc/x.yaml", line=12, key="workers.count")
+    assert str(err) == "etc/x.yaml:12: workers.count: must be x"
+    assert (err.message, err.source, err.line, err.key) == (
+        "must be x",
+        "etc/x.yaml",
+        12,
+        "workers.count",
+    )
+    assert str(ConfigError("cannot read", source="etc/x.yaml")) == "etc/x.yaml: cannot read"
+    assert str(ConfigError("bad", source="command line", key="a.b")) == "command line: a.b: bad"
+    assert str(ConfigError("bad", line=3)) == "line 3: bad"
+    assert str(ConfigError("bad")) == "bad"
+
+
+def test_missing_file() -> None:
+    err = error_of("/nonexistent/preforkd.yaml")
+    assert str(err) == (
+        "/nonexistent/preforkd.yaml: cannot read: [Errno 2] No such file or directory"
+    )
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"app: m:app\nproc_name: caf\xe9\n")
+    check_error(error_of(str(path)), str(path), 2, "", "not valid UTF-8")
+
+
+def test_yaml_syntax_error(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind: [127.0.0.1:80
+        workers:
+          count: 2
+        """
+    )
+    err = error_of(path)
+    assert err.source == path
+    assert err.line is not None and err.line >= 3
+    assert err.message.startswith("invalid YAML: ")
+
+
+def test_yaml_syntax_error_line(write: Writer, loader: str) -> None:
+    path = write("app: m:app\nworkers: a: b\n")
+    check_error(error_of(path), path, 2, "", "invalid YAML")
+
+
+def test_tab_indentation(write: Writer, loader: str) -> None:
+    path = write("app: m:app\nworkers:\n\tcount: 2\n")
+    check_error(error_of(path), path, 3, "", "invalid YAML")
+
+
+def test_two_documents(write: Writer, loader: str) -> None:
+    path = write("app: m:app\n---\napp: n:app\n")
+    check_error(error_of(path), path, 2, "", "invalid YAML", "single document")
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [("- app: m:app\n", "a list"), ("just a string\n", "the scalar 'just a string'")],
+)
+def test_top_level_not_a_mapping(write: Writer, loader: str, text: str, got: str) -> None:
+    path = write(text)
+    check_error(error_of(path), path, 1, "", "top level must be a mapping", got)
+
+
+def test_section_not_a_mapping(write: Writer, loader: str) -> None:
+    path = write("app: m:app\nworkers: 4\n")
+    check_error(error_of(path), path, 2, "workers", "must be a mapping of settings, got 4")
+
+
+def test_unknown_top_level_key(write: Writer, loader: str) -> None:
+    path = write("app: m:app\n\nworker:\n  count: 2\n")
+    err = error_of(path)
+    check_error(err, path, 3, "worker", "unknown key 'worker' (did you mean 'workers'?)")
+    assert str(err) == f"{path}:3: worker: unknown key 'worker' (did you mean 'workers'?)"
+
+
+def test_unknown_nested_key_did_you_mean(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        workers:
+          count: 2
+          max_request: 100
+        """
+    )
+    err = error_of(path)
+    check_error(
+        err,
+        path,
+        4,
+        "workers.max_request",
+        "unknown key 'max_request' (did you mean 'max_requests'?)",
+    )
+
+
+def test_unknown_key_without_suggestion(write: Writer) -> None:
+    path = write("app: m:app\nhttp:\n  zzzzzz: 1\n")
+    err = error_of(path)
+    check_error(err, path, 3, "http.zzzzzz", "unknown key 'zzzzzz'")
+    assert "did you mean" not in err.message
+
+
+def test_internal_field_not_settable(write: Writer) -> None:
+    path = write("app: m:app\nsource: /etc/other.yaml\n")
+    check_error(error_of(path), path, 2, "source", "unknown key 'source'")
+
+
+def test_unknown_key_in_bind_item(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind:
+          - 127.0.0.1:80
+          - address: unix:/run/x.sock
+            mod: 0600
+        """
+    )
+    check_error(error_of(path), path, 5, "bind[1].mod", "unknown key 'mod' (did you mean 'mode'?)")
+
+
+def test_duplicate_top_level_key(write: Writer, loader: str) -> None:
+    path = write("app: m:app\nbacklog: 10\napp: n:app\n")
+    check_error(error_of(path), path, 3, "app", "duplicate key 'app' (first at line 1)")
+
+
+def test_duplicate_nested_key(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        workers:
+          count: 2
+          timeout: 3
+          count: 3
+        """
+    )
+    check_error(error_of(path), path, 5, "workers.count", "duplicate key 'count' (first at line 3)")
+
+
+def test_duplicate_section(write: Writer) -> None:
+    path = write("app: m:app\nhttp: {}\nworkers: {}\nhttp: {}\n")
+    check_error(error_of(path), path, 4, "http", "duplicate key 'http' (first at line 2)")
+
+
+def test_non_string_key(write: Writer) -> None:
+    path = write("app: m:app\nworkers:\n  1: 2\n")
+    check_error(error_of(path), path, 3, "workers", "keys must be strings, got 1")
+
+
+def test_merge_key_rejected(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        base: &base {count: 2}
+        workers:
+          <<: *base
+        """
+    )
+    check_error(error_of(path), path, 4, "workers", "merge keys")
+
+
+def test_alias_is_fine(write: Writer) -> None:
+    path = write(
+        """
+        app: &app m:app
+        proc_name: *app
+        """
+    )
+    assert load(path).proc_name == "m:app"
+
+
+def test_recursive_alias(write: Writer, loader: str) -> None:
+    path = write("app: m:app\npythonpath: &p [*p]\n")
+    check_error(error_of(path), path, 2, "pythonpath[0]", "recursive")
+
+
+def test_python_tag_rejected(write: Writer, loader: str) -> None:
+    path = write("app: m:app\nproc_name: !!python/name:os.system x\n")
+    check_error(error_of(path), path, 2, "", "invalid YAML", "constructor")
+
+
+def test_custom_tag_on_collection_rejected(write: Writer) -> None:
+    path = write("app: m:app\nworkers: !thing {count: 2}\n")
+    check_error(error_of(path), path, 2, "", "unsupported YAML tag '!thing'")
+
+
+# --- types --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "message"),
+    [
+        ("workers:\n  count: two", "workers.count", "must be an integer from 1 to 1024, got 'two'"),
+        ("workers:\n  count: true", "workers.count", "must be an integer from 1 to 1024, got True"),
+        ("workers:\n  count: 2.5", "workers.count", "must be an integer from 1 to 1024, got 2.5"),
+        ("workers:\n  count: '2'", "workers.count", "must be an integer from 1 to 1024, got '2'"),
+        ("workers:\n  count: null", "workers.count", "must be an integer"),
+        ("workers:\n  count: 0", "workers.count", "must be from 1 to 1024, got 0"),
+        ("workers:\n  count: 1025", "workers.count", "must be from 1 to 1024, got 1025"),
+        ("workers:\n  timeout: 0", "workers.timeout", "more than 0 and at most 86400, got 0"),
+        ("workers:\n  timeout: -1.5", "workers.timeout", "got -1.5"),
+        ("workers:\n  timeout: .inf", "workers.timeout", "got inf"),
+        ("workers:\n  timeout: .nan", "workers.timeout", "got nan"),
+        ("workers:\n  timeout: yes", "workers.timeout", "must be a number"),
+        ("workers:\n  timeout: 30s", "workers.timeout", "must be a number more than 0"),
+        (
+            "http:\n  max_body_size: -1",
+            "http.max_body_size",
+            "must be from 0 to 4611686018427387904",
+        ),
+        ("http:\n  server_header: 12", "http.server_header", "must be a string, got 12"),
+        ('http:\n  server_header: "a\\r\\nX: y"', "http.server_header", "control characters"),
+        ("preload_app: 'yes'", "preload_app", "must be true or false, got 'yes'"),
+        ("preload_app: 1", "preload_app", "must be true or false, got 1"),
+        ("preload_app: null", "preload_app", "must be true or false, got None"),
+        ("backlog: 0", "backlog", "must be from 1 to 65535, got 0"),
+        ("proc_name: [a]", "proc_name", "must be a string, got ['a']"),
+        ("protocol: udp", "protocol", "must be one of http, tcp, got 'udp'"),
+        ("logging:\n  level: verbose", "logging.level", "must be one of debug, info, warning"),
+        ("logging:\n  access_log_format: xml", "logging.access_log_format", "combined, json"),
+        ("pythonpath: lib", "pythonpath", "must be a list of paths, got 'lib'"),
+        ("pythonpath: [lib, 3]", "pythonpath[1]", "must be a string, got 3"),
+        ("chdir: ''", "chdir", "must not be empty"),
+        ("logging:\n  error_log: ''", "logging.error_log", "must not be empty"),
+    ],
+)
+def test_value_errors(write: Writer, line: str, key: str, message: str) -> None:
+    path = write(f"app: m:app\n{line}\n")
+    err = error_of(path)
+    check_error(err, path, 2 + line.count("\n"), key, message)
+
+
+@pytest.mark.parametrize(
+    "app", ["foo", "foo:", ":app", "foo:bar:baz", "a-b:app", "1a:app", "m:class", "m.:app", "m:a."]
+)
+def test_app_syntax_errors(write: Writer, app: str) -> None:
+    path = write(f"backlog: 10\napp: '{app}'\n")
+    check_error(error_of(path), path, 2, "app", f"must be 'module:callable', got {app!r}")
+
+
+@pytest.mark.parametrize("app", ["m:app", "pkg.mod:obj.attr", "_x:_y", "wsgi:application"])
+def test_app_syntax_ok(app: str) -> None:
+    assert load(None, {"app": app}).app == app
+
+
+def test_integral_float_accepted_for_int() -> None:
+    assert load(None, {"app": "m:a", "workers.count": 4.0}).workers.count == 4
+
+
+def test_int_accepted_for_float() -> None:
+    cfg = load(None, {"app": "m:a", "http.keepalive_timeout": 2})
+    assert cfg.http.keepalive_timeout == 2.0
+    assert isinstance(cfg.http.keepalive_timeout, float)
+
+
+def test_float_fields_reject_bool() -> None:
+    err = error_of(None, {"app": "m:a", "workers.timeout": True})
+    check_error(err, "command line", None, "workers.timeout", "must be a number", "got True")
+
+
+def test_choices_are_case_insensitive() -> None:
+    cfg = load(None, {"app": "m:a", "logging.level": "DEBUG", "protocol": "TCP"})
+    assert (cfg.logging.level, cfg.protocol) == ("debug", "tcp")
+
+
+def test_nullable_fields(write: Writer) -> None:
+    path = write("app: m:app\nproc_name: null\nchdir: ~\nlogging:\n  access_log:\n")
+    cfg = load(path)
+    assert (cfg.proc_name, cfg.chdir, cfg.logging.access_log) == (None, None, None)
+
+
+def test_nan_never_in_range() -> None:
+    err = error_of(None, {"app": "m:a", "http.body_timeout": math.nan})
+    assert err.key == "http.body_timeout"
+
+
+# --- bind ---------------------------------------------------------------------------------
+
+
+def test_bind_single_string(write: Writer) -> None:
+    path = write("app: m:app\nbind: '[::]:8080'\n")
+    assert load(path).bind == (BindConfig("[::]:8080"),)
+
+
+def test_bind_bare_port_is_loopback(write: Writer) -> None:
+    path = write("app: m:app\nbind: ['9000']\n")
+    assert load(path).bind == (BindConfig("127.0.0.1:9000"),)
+
+
+def test_bind_port_as_yaml_int_is_an_error(write: Writer) -> None:
+    path = write("app: m:app\nbind: [9000]\n")
+    check_error(error_of(path), path, 2, "bind[0]", "must be an address string", "got 9000")
+
+
+@pytest.mark.parametrize("mode", ["0660", "'0660'", "'660'", "'0o660'", "0o660", "432", "'0O660'"])
+def test_bind_octal_modes(write: Writer, loader: str, mode: str) -> None:
+    path = write(f"app: m:app\nbind:\n  - address: unix:/run/x.sock\n    mode: {mode}\n")
+    assert load(path).bind == (BindConfig("unix:/run/x.sock", 0o660),)
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("660", "must be from 0 to 0o777, got 660 (write modes in octal, e.g. 0660)"),
+        ("'0999'", "must be an octal file mode from 0 to 0o777, got '0999'"),
+        ("rw", "must be an octal file mode"),
+        ("-1", "must be from 0 to 0o777"),
+        ("true", "must be an octal file mode"),
+        ("6.5", "must be an octal file mode"),
+        ("''", "must be an octal file mode"),
+    ],
+)
+def test_bind_bad_modes(write: Writer, mode: str, message: str) -> None:
+    path = write(f"app: m:app\nbind:\n  - address: unix:/run/x.sock\n    mode: {mode}\n")
+    check_error(error_of(path), path, 4, "bind[0].mode", message)
+
+
+def test_bind_mode_null_is_default(write: Writer) -> None:
+    path = write("app: m:app\nbind:\n  - {address: unix:/run/x.sock, mode: null}\n")
+    assert load(path).bind == (BindConfig("unix:/run/x.sock"),)
+
+
+def test_bind_mode_on_tcp(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind:
+          - unix:/run/a.sock
+          - address: 127.0.0.1:80
+            mode: 0600
+        """
+    )
+    check_error(error_of(path), path, 5, "bind[1].mode", "only to unix sockets")
+
+
+def test_bind_invalid_address(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind:
+          - 127.0.0.1:80
+          - ::1:80
+        """
+    )
+    check_error(error_of(path), path, 4, "bind[1]", "use [::1]:80")
+
+
+def test_bind_invalid_address_in_mapping(write: Writer) -> None:
+    path = write("app: m:app\nbind:\n  - address: 'localhost:http'\n")
+    check_error(error_of(path), path, 3, "bind[0].address", "port must be a number")
+
+
+def test_bind_mapping_without_address(write: Writer) -> None:
+    path = write("app: m:app\nbind:\n  - 127.0.0.1:80\n  - mode: 0600\n")
+    check_error(error_of(path), path, 4, "bind[1].address", "required setting is missing")
+
+
+def test_bind_empty(write: Writer) -> None:
+    path = write("app: m:app\nbind: []\n")
+    check_error(error_of(path), path, 2, "bind", "must not be empty")
+
+
+def test_bind_null(write: Writer) -> None:
+    path = write("app: m:app\nbind:\n")
+    check_error(error_of(path), path, 2, "bind", "must be a list of addresses")
+
+
+def test_bind_duplicates(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind:
+          - "*:80"
+          - unix:/run/x.sock
+          - 0.0.0.0:80
+        """
+    )
+    check_error(
+        error_of(path), path, 5, "bind[2]", "duplicate address '0.0.0.0:80' (same as bind[0])"
+    )
+
+
+def test_bind_duplicate_unix_after_resolution(write: Writer, tmp_path: Path) -> None:
+    sock = tmp_path / "etc" / "x.sock"
+    path = write(f"app: m:app\nbind:\n  - unix:x.sock\n  - unix:{sock}\n")
+    check_error(error_of(path), path, 4, "bind[1]", "duplicate address")
+
+
+def test_bind_port_zero_may_repeat(write: Writer) -> None:
+    path = write("app: m:app\nbind: ['127.0.0.1:0', '127.0.0.1:0']\n")
+    assert len(load(path).bind) == 2
+
+
+# --- paths --------------------------------------------------------------------------------
+
+
+def test_paths_relative_to_config_file(write: Writer, tmp_path: Path) -> None:
+    path = write(
+        """
+        app: m:app
+        pythonpath: [".", "../lib", /opt/abs]
+        chdir: ..
+        bind: unix:run/app.sock
+        logging:
+          error_log: ../log/error.log
+          access_log: "-"
+        """
+    )
+    etc = tmp_path / "etc"
+    cfg = load(path)
+    assert cfg.pythonpath == (str(etc), str(tmp_path / "lib"), "/opt/abs")
+    assert cfg.chdir == str(tmp_path)
+    assert cfg.bind == (BindConfig(f"unix:{etc / 'run' / 'app.sock'}"),)
+    assert cfg.logging.error_log == str(tmp_path / "log" / "error.log")
+    assert cfg.logging.access_log == "-"
+
+
+def test_relative_config_path_still_gives_absolute_paths(
+    write: Writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write("app: m:app\npythonpath: [src]\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load("etc/preforkd.yaml")
+    assert cfg.pythonpath == (str(tmp_path / "etc" / "src"),)
+    assert cfg.source == str(tmp_path / "etc" / "preforkd.yaml")
+
+
+def test_override_paths_relative_to_cwd(
+    write: Writer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write("app: m:app\npythonpath: [src]\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cfg = load(
+        path,
+        {
+            "chdir": "app",
+            "bind": ["unix:s.sock", "127.0.0.1:0"],
+            "logging.access_log": "logs/access.log",
+            "logging.error_log": "-",
+        },
+    )
+    assert cfg.pythonpath == (str(tmp_path / "etc" / "src"),)  # from the file: file's dir
+    assert cfg.chdir == str(work / "app")
+    assert cfg.bind == (BindConfig(f"unix:{work / 's.sock'}"), BindConfig("127.0.0.1:0"))
+    assert cfg.logging.access_log == str(work / "logs" / "access.log")
+    assert cfg.logging.error_log == "-"
+
+
+def test_override_path_object(tmp_path: Path) -> None:
+    assert load(None, {"app": "m:a", "chdir": tmp_path}).chdir == str(tmp_path)
+
+
+# --- overrides ----------------------------------------------------------------------------
+
+
+def test_overrides_win_over_file(write: Writer) -> None:
+    path = write(
+        """
+        app: m:app
+        bind: ["127.0.0.1:1", "127.0.0.1:2"]
+        workers:
+          count: 3
+          timeout: 9
+        logging:
+          level: info
+        """
+    )
+    cfg = load(
+        path,
+        {
+            "workers.count": 5,
+            "bind": ["127.0.0.1:3"],
+            "logging.level": "debug",
+            "preload_app": True,
+            "app": "other:app",
+        },
+    )
+    assert cfg.workers.count == 5
+    assert cfg.workers.timeout == 9.0  # untouched keys of the section stay
+    assert cfg.bind == (BindConfig("127.0.0.1:3"),)  # a list replaces, not appends
+    assert cfg.logging.level == "debug"
+    assert cfg.preload_app is True
+    assert cfg.app == "other:app"
+
+
+def test_override_section_mapping_merges(write: Writer) -> None:
+    path = write("app: m:app\nworkers:\n  count: 3\n  timeout: 9\n")
+    cfg = load(path, {"workers": {"count": 7}})
+    assert (cfg.workers.count, cfg.workers.timeout) == (7, 9.0)
+
+
+def test_override_into_null_section(write: Writer) -> None:
+    path = write("app: m:app\nworkers:\n")
+    assert load(path, {"workers.count": 7}).workers.count == 7
+
+
+def test_override_errors_name_command_line(write: Writer) -> None:
+    path = write("app: m:app\n")
+    err = error_of(path, {"workers.count": "two"})
+    assert str(err) == ("command line: workers.count: must be an integer from 1 to 1024, got 'two'")
+    err = error_of(path, {"workers.max_request": 1})
+    check_error(err, "command line", None, "workers.max_request", "did you mean 'max_requests'?")
+    err = error_of(path, {"bind": ["127.0.0.1:80", "nope"]})
+    check_error(err, "command line", None, "bind[1]", "missing port")
+    err = error_of(path, {"workers..count": 1})
+    check_error(err, "command line", None, "workers..count", "not a valid setting name")
+    err = error_of(path, {"source": "x.yaml"})
+    check_error(err, "command line", None, "source", "unknown key 'source'")
+
+
+def test_override_fixes_file_error(write: Writer) -> None:
+    path = write("app: m:app\nworkers:\n  count: 0\n")
+    assert error_of(path).line == 3
+    assert load(path, {"workers.count": 2}).workers.count == 2
+
+
+def test_file_errors_still_reported_with_overrides(write: Writer) -> None:
+    path = write("app: m:app\nworkers:\n  count: 0\n")
+    check_error(error_of(path, {"workers.timeout": 3}), path, 3, "workers.count", "from 1 to")
+
+
+# --- from_mapping -------------------------------------------------------------------------
+
+
+def test_from_mapping(tmp_path: Path) -> None:
+    cfg = from_mapping(
+        {"app": "m:app", "workers": {"count": 3}, "pythonpath": ["lib"], "bind": "unix:s"},
+        base_dir=str(tmp_path),
+    )
+    assert cfg.workers.count == 3
+    assert cfg.pythonpath == (str(tmp_path / "lib"),)
+    assert cfg.bind == (BindConfig(f"unix:{tmp_path / 's'}"),)
+    assert cfg.source == ""
+
+
+def test_from_mapping_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mapping({"app": "m:app", "http": {"max_body_size": -1}}, source="test")
+    assert str(info.value).startswith("test: http.max_body_size: must be from 0 to")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        from_mapping(["app"], source="test")  # type: ignore[arg-type]
+
+
+# --- schema and docs ----------------------------------------------------------------------
+
+
+def _all_fields() -> Iterator[tuple[type, dataclasses.Field[Any]]]:
+    for cls in (Config, BindConfig, WorkersConfig, HttpConfig, LoggingConfig):
+        for f in dataclasses.fields(cls):
+            yield cls, f
+
+
+def test_every_field_is_documented() -> None:
+    for cls, f in _all_fields():
+        doc = f.metadata.get("doc")
+        assert isinstance(doc, str) and doc and "\n" not in doc, (cls.__name__, f.name)
+
+
+def test_only_app_and_bind_address_are_required() -> None:
+    required = [
+        f"{cls.__name__}.{f.name}"
+        for cls, f in _all_fields()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    assert required == ["Config.app", "BindConfig.address"]
+
+
+def test_defaults_are_within_their_own_ranges() -> None:
+    for cls, f in _all_fields():
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and f.default is not None and f.default is not dataclasses.MISSING:
+            assert lo <= f.default <= hi, (cls.__name__, f.name)
+        if f.metadata.get("choices"):
+            assert f.default in f.metadata["choices"], (cls.__name__, f.name)
+
+
+def test_field_docs() -> None:
+    rows = {key: (type_text, default, doc) for key, type_text, default, doc in field_docs()}
+    assert "source" not in rows
+    assert rows["app"][1] == "required"
+    assert rows["workers.count"] == ("integer from 1 to 1024", "2", "Worker processes.")
+    assert rows["workers.timeout"][0] == "number more than 0 and at most 86400"
+    assert rows["bind"][1] == '["127.0.0.1:8000"]'
+    assert rows["bind[].mode"][0] == "octal file mode from 0 to 0o777, or null"
+    assert rows["logging.level"][0] == "one of debug, info, warning, error, critical"
+    assert rows["logging.access_log"][:2] == ("path, or null", "null")
+    assert rows["preload_app"][:2] == ("true or false", "false")
+    documented = {key.rsplit(".", 1)[-1] for key in rows}
+    for _, f in _all_fields():
+        if f.name not in ("source", "workers", "http", "logging"):
+            assert f.name in documented
+
+
+def test_settings_markdown_is_deterministic() -> None:
+    text = settings_markdown()
+    assert text == settings_markdown()
+    assert text.startswith("# Settings\n")
+    assert "make docs" in text
+    assert text.endswith("\n")
+    for key, *_ in field_docs():
+        assert f"| `{key}` |" in text
+
+
+def test_docs_settings_md_is_current() -> None:
+    committed = (REPO / "docs" / "settings.md").read_text()
+    assert committed == settings_markdown(), "docs/settings.md is stale: run make docs"
+
+
+def test_uses_libyaml_when_available() -> None:
+    if hasattr(yaml, "CSafeLoader"):
+        assert config_module._LOADER.__name__ == "CSafeLoader"
