@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prefork import __version__
+from prefork.addresses import Address
 from prefork.config import Config, ConfigError, bind_address, load
 from prefork.loader import AppLoadError, load_app, prepare
 from prefork.logs import Logs
@@ -27,8 +29,16 @@ log = logging.getLogger("prefork")
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_CONFIG = "/etc/preforkd.yaml"
-MASTER_SIGNALS = ("SIGHUP", "SIGTERM", "SIGINT", "SIGQUIT", "SIGTTIN", "SIGTTOU", "SIGUSR1",
-                  "SIGCHLD")
+MASTER_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGCHLD,
+)
 # Slots for every worker of two generations at the largest allowed pool (reload overlap).
 SCOREBOARD_SLOTS = 2 * 1024 + 16
 
@@ -109,7 +119,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config, lambda: load(path, overrides))
 
 
-def bind_specs(config: Config) -> list[tuple[object, int | None]]:
+def reloader(reread: Callable[[], Config]) -> Callable[[Generation], Generation]:
+    """HUP: read and validate the configuration again, keep the sockets whose addresses did
+    not change, bind the new ones. Raises (and the master keeps serving) on any error."""
+
+    def reload(current: Generation) -> Generation:
+        config = reread()
+        if any(listener.inherited for listener in current.listeners):
+            listeners = current.listeners  # systemd owns the addresses
+        else:
+            listeners = bind_all(bind_specs(config), config.backlog, reuse=current.listeners)
+            for listener in listeners:
+                if listener not in current.listeners:
+                    log.info("listening at %s", listener.url(config.protocol))
+        app = None
+        if config.preload_app:
+            app = current.app
+            if app is None:
+                prepare(config.pythonpath, config.chdir)
+                app = load_app(config.app)
+            else:
+                log.warning("preload_app: the application code is not reloaded by HUP")
+        return Generation(0, config, listeners, app)
+
+    return reload
+
+
+def bind_specs(config: Config) -> list[tuple[Address, int | None]]:
     return [(bind_address(b), b.mode) for b in config.bind]
 
 
@@ -118,10 +154,10 @@ def open_listeners(config: Config) -> list[Listener]:
     if listeners:
         log.info("using %d socket(s) passed by systemd", len(listeners))
         return listeners
-    return bind_all([(bind_address(b), b.mode) for b in config.bind], config.backlog)
+    return bind_all(bind_specs(config), config.backlog)
 
 
-def serve(config: Config, reread: object) -> int:
+def serve(config: Config, reread: Callable[[], Config]) -> int:
     logs = Logs(
         config.logging.level,
         config.logging.error_log,
@@ -145,13 +181,14 @@ def serve(config: Config, reread: object) -> int:
     for listener in listeners:
         log.info("listening at %s", listener.url(config.protocol))
     scoreboard = Scoreboard(SCOREBOARD_SLOTS)
-    signals = SignalQueue(catch=[getattr(__import__("signal"), s) for s in MASTER_SIGNALS])
+    signals = SignalQueue(catch=MASTER_SIGNALS)
     master = Master(
         kernel=System(),
         signals=signals,
         scoreboard=scoreboard,
         current=Generation(1, config, listeners, app),
         logs=logs,
+        reloader=reloader(reread),
         close_in_child=list(signals.fds()),
     )
     try:
@@ -184,7 +221,7 @@ def check(config: Config) -> int:
         return EXIT_APP_FAILED
     print(f"application OK: {config.app}")
     try:
-        listeners = bind_all([(bind_address(b), b.mode) for b in config.bind], config.backlog)
+        listeners = bind_all(bind_specs(config), config.backlog)
     except BindError as exc:
         print(f"preforkd: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR

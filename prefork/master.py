@@ -133,6 +133,7 @@ class Master:
     backoff_until: dict[int, float] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
     free_slots: list[int] = field(default_factory=list)
+    generations: int = 1  # the highest generation number given out
 
     def __post_init__(self) -> None:
         self.target = self.current.config.workers.count
@@ -471,6 +472,8 @@ class Master:
             return
         if self.pending is not None:
             self.abandon_pending()
+        self.generations += 1
+        new.number = self.generations
         if new.config.workers.count != self.current.config.workers.count:
             self.target = new.config.workers.count
         self.pending = new

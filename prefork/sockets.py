@@ -30,6 +30,7 @@ class Listener:
     address: Address  # as bound (port 0 replaced by the real port)
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a socket file we created
     inherited: bool = False  # handed over by systemd
+    configured: tuple[Address, int | None] | None = None  # (address, mode) as configured
 
     @property
     def fd(self) -> int:
@@ -126,18 +127,37 @@ def _bind_unix(address: Address, mode: int | None, backlog: int) -> Listener:
 
 def bind(address: Address, mode: int | None, backlog: int) -> Listener:
     if address.kind == "unix":
-        return _bind_unix(address, mode, backlog)
-    return _bind_tcp(address, backlog)
+        listener = _bind_unix(address, mode, backlog)
+    else:
+        listener = _bind_tcp(address, backlog)
+    listener.configured = (address, mode)
+    return listener
 
 
-def bind_all(specs: Iterable[tuple[Address, int | None]], backlog: int) -> list[Listener]:
-    """Bind every address or none: on the first failure the ones already bound are closed."""
+def bind_all(
+    specs: Iterable[tuple[Address, int | None]],
+    backlog: int,
+    reuse: Iterable[Listener] = (),
+) -> list[Listener]:
+    """Bind every address or none: on the first failure the ones this call bound are closed.
+
+    A listener in `reuse` whose configured address and mode match is taken as it is (a reload
+    keeps the sockets whose addresses did not change, and with them their accept queues).
+    """
+    available = {lst.configured: lst for lst in reuse if lst.configured is not None}
     listeners: list[Listener] = []
+    fresh: list[Listener] = []
     try:
         for address, mode in specs:
-            listeners.append(bind(address, mode, backlog))
+            existing = available.pop((address, mode), None)
+            if existing is not None:
+                listeners.append(existing)
+                continue
+            listener = bind(address, mode, backlog)
+            fresh.append(listener)
+            listeners.append(listener)
     except BindError:
-        for listener in listeners:
+        for listener in fresh:
             listener.close()
         raise
     return listeners
