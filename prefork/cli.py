@@ -1,7 +1,8 @@
-"""The `preforkd` command: run the server, or check a configuration.
+"""The `preforkd` command: run the server, check a configuration, or reload a running one.
 
-Exit status: 0 success, 1 runtime failure (e.g. an address cannot be bound), 2 configuration
-error (nothing was bound or forked), 3 the application could not be loaded at startup.
+Exit status: 0 success, 1 runtime failure (an address cannot be bound, a live instance holds
+the pidfile, a reload failed), 2 configuration error (nothing was bound or forked), 3 the
+application could not be loaded at startup.
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import IO
 
 from prefork import __version__
-from prefork.addresses import Address
 from prefork.config import Config, ConfigError, bind_address, load
+from prefork.daemon import detach, under_systemd
 from prefork.loader import AppLoadError, load_app, prepare
 from prefork.logs import Logs
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
+from prefork.notify import Announcer, SdNotify, read_status
+from prefork.pidfile import PidFile, PidFileError, is_preforkd, read_pid
+from prefork.privileges import resolve_gid, resolve_user
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
-from prefork.sockets import BindError, Listener, bind_all, systemd_listeners
+from prefork.sockets import BindError, BindSpec, Listener, bind_all, systemd_listeners
 from prefork.system import System
 
 log = logging.getLogger("prefork")
@@ -48,8 +54,14 @@ def parser() -> argparse.ArgumentParser:
         prog="preforkd",
         description="A preforking application server for WSGI apps and TCP stream handlers.",
     )
-    p.add_argument("command", nargs="?", choices=("run", "check"), default="run",
-                   help="run the server (default), or check the configuration and exit")
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=("run", "check", "reload"),
+        default="run",
+        help="run the server (default); check the configuration and exit; or reload the "
+        "running server (HUP to the pid in the pidfile) and report the outcome",
+    )
     p.add_argument("-c", "--config", metavar="FILE",
                    help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)")
     p.add_argument("-b", "--bind", action="append", metavar="ADDR",
@@ -70,6 +82,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
     p.add_argument("--error-log", metavar="PATH", help='"-" for stderr')
     p.add_argument("--access-log", metavar="PATH", help='"-" for stdout')
+    p.add_argument("-D", "--daemon", action="store_true", default=None,
+                   help="detach into the background")
+    p.add_argument("--foreground", action="store_true",
+                   help="stay in the foreground even if the configuration says daemon: true")
+    p.add_argument("-p", "--pidfile", metavar="PATH", help="write the master's pid here")
+    p.add_argument("-u", "--user", metavar="USER", help="run the workers as this user")
+    p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
+    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                   help="reload: how long to wait for the outcome (default 300)")
     p.add_argument("--version", action="version", version=f"preforkd {__version__}")
     return p
 
@@ -88,6 +109,10 @@ OVERRIDES = {
     "log_level": "logging.level",
     "error_log": "logging.error_log",
     "access_log": "logging.access_log",
+    "daemon": "daemon",
+    "pidfile": "pidfile",
+    "user": "user",
+    "group": "group",
 }
 
 
@@ -100,8 +125,9 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
 
 
 def config_path(args: argparse.Namespace) -> str | None:
+    """Absolute, so that a reload after detaching (working directory "/") finds it."""
     if args.config:
-        return str(args.config)
+        return os.path.abspath(str(args.config))
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
@@ -116,21 +142,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return check(config)
-    return serve(config, lambda: load(path, overrides))
+    if args.command == "reload":
+        return reload_running(config, args.wait)
+    return Startup(config, lambda: load(path, overrides), args.foreground).run()
 
 
-def reloader(reread: Callable[[], Config]) -> Callable[[Generation], Generation]:
+# --- sockets ---------------------------------------------------------------------------------
+
+
+def bind_specs(config: Config) -> list[BindSpec]:
+    return [
+        BindSpec(
+            bind_address(b),
+            b.mode,
+            None if b.owner is None else resolve_user(b.owner).pw_uid,
+            None if b.group is None else resolve_gid(b.group),
+        )
+        for b in config.bind
+    ]
+
+
+def open_listeners(config: Config) -> list[Listener]:
+    listeners = systemd_listeners(os.environ)
+    if listeners:
+        log.info("using %d socket(s) passed by systemd", len(listeners))
+        return listeners
+    return bind_all(bind_specs(config), config.backlog)
+
+
+def reloader(
+    reread: Callable[[], Config],
+) -> Callable[[Generation, list[Listener]], Generation]:
     """HUP: read and validate the configuration again, keep the sockets whose addresses did
-    not change, bind the new ones. Raises (and the master keeps serving) on any error."""
+    not change (`held`: every socket the master has open), bind the new ones. Raises (and
+    the master keeps serving) on any error."""
 
-    def reload(current: Generation) -> Generation:
+    def reload(current: Generation, held: list[Listener]) -> Generation:
         config = reread()
         if any(listener.inherited for listener in current.listeners):
             listeners = current.listeners  # systemd owns the addresses
         else:
-            listeners = bind_all(bind_specs(config), config.backlog, reuse=current.listeners)
+            listeners = bind_all(bind_specs(config), config.backlog, reuse=held)
             for listener in listeners:
-                if listener not in current.listeners:
+                if listener not in held:
                     log.info("listening at %s", listener.url(config.protocol))
         app = None
         if config.preload_app:
@@ -145,60 +199,136 @@ def reloader(reread: Callable[[], Config]) -> Callable[[Generation], Generation]
     return reload
 
 
-def bind_specs(config: Config) -> list[tuple[Address, int | None]]:
-    return [(bind_address(b), b.mode) for b in config.bind]
+# --- running ---------------------------------------------------------------------------------
 
 
-def open_listeners(config: Config) -> list[Listener]:
-    listeners = systemd_listeners(os.environ)
-    if listeners:
-        log.info("using %d socket(s) passed by systemd", len(listeners))
-        return listeners
-    return bind_all(bind_specs(config), config.backlog)
+class Startup:
+    """Everything between a valid configuration and the master's loop, in order: pidfile
+    check, logs, preload, bind, detach, pidfile, master. A failure before the server is
+    ready reaches the terminal (and a daemon's launcher) with its reason."""
 
+    def __init__(
+        self, config: Config, reread: Callable[[], Config], foreground: bool
+    ) -> None:
+        self.config = config
+        self.reread = reread
+        self.detach = config.daemon and not foreground and not under_systemd(os.environ)
+        # The terminal, kept before logging may re-point fd 2 at a file.
+        self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
+        self.pidfile = PidFile(config.pidfile) if config.pidfile else None
+        self.logs: Logs | None = None
 
-def serve(config: Config, reread: Callable[[], Config]) -> int:
-    logs = Logs(
-        config.logging.level,
-        config.logging.error_log,
-        config.logging.access_log,
-        config.logging.access_log_format,
-    )
-    log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
-    app = None
-    if config.preload_app:
+    def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
+        if self.logs is not None:
+            log.error("%s", message)
+        if self.logs is None or self.logs.syslog or self.logs.error_path:
+            print(f"preforkd: {message}", file=self.console)
+        return code
+
+    def run(self) -> int:
+        config = self.config
+        if self.pidfile is not None:
+            try:
+                self.pidfile.check()
+            except PidFileError as exc:
+                return self.fail(str(exc))
+        if config.umask is not None:
+            os.umask(config.umask)
         try:
-            prepare(config.pythonpath, config.chdir)
-            app = load_app(config.app)
-        except AppLoadError:
-            log.error("cannot load the application %r:\n%s", config.app, traceback.format_exc())
-            return EXIT_APP_FAILED
-    try:
-        listeners = open_listeners(config)
-    except BindError as exc:
-        log.error("%s", exc)
-        return EXIT_RUNTIME_ERROR
-    for listener in listeners:
-        log.info("listening at %s", listener.url(config.protocol))
-    scoreboard = Scoreboard(SCOREBOARD_SLOTS)
-    signals = SignalQueue(catch=MASTER_SIGNALS)
-    master = Master(
-        kernel=System(),
-        signals=signals,
-        scoreboard=scoreboard,
-        current=Generation(1, config, listeners, app),
-        logs=logs,
-        reloader=reloader(reread),
-        close_in_child=list(signals.fds()),
-    )
-    try:
-        code = master.run()
-    finally:
-        for listener in master.all_listeners():
-            if listener.sock.fileno() >= 0:
-                listener.close()
-    log.info("stopped")
-    return code
+            self.logs = self.open_logs()
+        except OSError as exc:
+            return self.fail(f"cannot open the logs: {exc}")
+        log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
+        app = None
+        if config.preload_app:
+            try:
+                prepare(config.pythonpath, config.chdir)
+                app = load_app(config.app)
+            except AppLoadError as exc:
+                log.error("cannot load the application:\n%s", traceback.format_exc())
+                return self.fail(str(exc), EXIT_APP_FAILED)
+        try:
+            listeners = open_listeners(config)
+        except BindError as exc:
+            return self.fail(str(exc))
+        for listener in listeners:
+            log.info("listening at %s", listener.url(config.protocol))
+        sd, watchdog = SdNotify.from_environ(os.environ)
+        ready_fd = None
+        if self.detach:
+            preserve = [lst.fd for lst in listeners] + self.logs.fds()
+            if sd is not None:
+                preserve += sd.fds()
+            ready_fd = detach(
+                preserve,
+                os.umask(os.umask(0)),
+                self.error_stream(),
+                config.workers.boot_timeout + 15,
+                self.console,
+            )
+            log.info("detached: master pid %d", os.getpid())
+        announce = Announcer(
+            sd,
+            watchdog,
+            ready_fd,
+            f"{config.pidfile}.status" if config.pidfile else None,
+        )
+        try:
+            if self.pidfile is not None:
+                self.pidfile.write(os.getpid())
+            return self.serve(listeners, app, announce)
+        except PidFileError as exc:
+            announce.failed(str(exc))
+            return self.fail(str(exc))
+        finally:
+            if self.pidfile is not None:
+                self.pidfile.remove()
+            announce.close()
+
+    def open_logs(self) -> Logs:
+        cfg = self.config.logging
+        use_syslog = cfg.syslog.enabled or (self.detach and cfg.error_log == "-")
+        return Logs(
+            cfg.level,
+            cfg.error_log,
+            cfg.access_log,
+            cfg.access_log_format,
+            (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if use_syslog else None,
+        )
+
+    def error_stream(self) -> IO[str] | None:
+        """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""
+        assert self.logs is not None
+        if self.logs.syslog is None and self.logs.error_path is not None:
+            return open(self.logs.error_path, "a", encoding="utf-8")  # noqa: SIM115
+        return None
+
+    def serve(self, listeners: list[Listener], app: object, announce: Announcer) -> int:
+        signals = SignalQueue(catch=MASTER_SIGNALS)
+        close_in_child = [*signals.fds(), *announce.fds()]
+        master = Master(
+            kernel=System(),
+            signals=signals,
+            scoreboard=Scoreboard(SCOREBOARD_SLOTS),
+            current=Generation(1, self.config, listeners, app),
+            logs=self.logs,
+            reloader=reloader(self.reread),
+            announce=announce,
+            close_in_child=close_in_child,
+        )
+        try:
+            code = master.run()
+        finally:
+            for listener in master.all_listeners():
+                if listener.sock.fileno() >= 0:
+                    listener.close()
+        if not master.ever_ready:
+            announce.failed(master.failure or f"the server stopped before it was ready ({code})")
+        log.info("stopped")
+        return code
+
+
+# --- other commands ----------------------------------------------------------------------------
 
 
 def check(config: Config) -> int:
@@ -229,3 +359,39 @@ def check(config: Config) -> int:
         print(f"can bind {listener.url(config.protocol)}")
         listener.close()
     return 0
+
+
+def reload_running(config: Config, wait: float) -> int:
+    """`preforkd reload`: HUP the master named by the pidfile and wait for the outcome it
+    writes to PIDFILE.status. Exit 0 when the new generation serves, 1 with the reason if
+    the reload failed (the old generation keeps serving)."""
+    if not config.pidfile:
+        print("preforkd: reload needs `pidfile` in the configuration (or --pidfile) to find "
+              "the running server", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    pid = read_pid(config.pidfile)
+    if pid is None or not is_preforkd(pid):
+        print(f"preforkd: not running (no live pid in {config.pidfile})", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    status_path = f"{config.pidfile}.status"
+    before = read_status(status_path) or {}
+    serial = before.get("serial", 0)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = read_status(status_path)
+        if (
+            status is not None
+            and isinstance(status.get("serial"), int)
+            and status["serial"] > serial  # type: ignore[operator]
+            and status.get("state") == "done"
+        ):
+            ok = status.get("ok") is True
+            print(f"preforkd: {status.get('message', '')}", file=sys.stdout if ok else sys.stderr)
+            return 0 if ok else EXIT_RUNTIME_ERROR
+        if not is_preforkd(pid):
+            print(f"preforkd: the server (pid {pid}) exited during the reload", file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
+        time.sleep(0.05)
+    print(f"preforkd: no reload result within {wait:.0f}s", file=sys.stderr)
+    return EXIT_RUNTIME_ERROR

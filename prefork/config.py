@@ -14,8 +14,10 @@ Invariants:
 
 import dataclasses
 import difflib
+import grp
 import keyword
 import os
+import pwd
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -116,6 +118,45 @@ def _check_name(value: str, base_dir: str) -> str:
     return value
 
 
+def _check_user(value: str, base_dir: str) -> str:
+    try:
+        if value.isdigit():
+            pwd.getpwuid(int(value))
+        else:
+            pwd.getpwnam(value)
+    except KeyError:
+        raise ValueError(f"no such user {value!r}") from None
+    return value
+
+
+def _check_group(value: str, base_dir: str) -> str:
+    try:
+        if value.isdigit():
+            grp.getgrgid(int(value))
+        else:
+            grp.getgrnam(value)
+    except KeyError:
+        raise ValueError(f"no such group {value!r}") from None
+    return value
+
+
+def _check_syslog_address(value: str, base_dir: str) -> str:
+    if value.startswith("unix:"):
+        value = value[5:]
+    if value.startswith("/"):
+        return value
+    for scheme in ("udp://", "tcp://"):
+        if value.startswith(scheme):
+            address = parse_address(value[len(scheme) :])
+            if address.kind != "tcp":
+                break
+            return value
+    raise ValueError(
+        f"must be a socket path (/dev/log, unix:/path), udp://HOST:PORT or tcp://HOST:PORT, "
+        f"got {value!r}"
+    )
+
+
 def _check_address(value: str, base_dir: str) -> str:
     return str(resolve_relative(parse_address(value), base_dir))
 
@@ -141,6 +182,22 @@ class BindConfig:
             lo=0,
             hi=0o777,
             octal=True,
+        ),
+    )
+    owner: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Owner of a unix socket file (user name or id); null = the master's user. "
+            "Not allowed on TCP addresses.",
+            check=_check_user,
+        ),
+    )
+    group: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Group of a unix socket file (name or id); null = the master's group. "
+            "Not allowed on TCP addresses.",
+            check=_check_group,
         ),
     )
 
@@ -277,6 +334,57 @@ class HttpConfig:
     )
 
 
+SYSLOG_FACILITIES = (
+    "auth",
+    "authpriv",
+    "cron",
+    "daemon",
+    "ftp",
+    "kern",
+    "lpr",
+    "mail",
+    "news",
+    "syslog",
+    "user",
+    "uucp",
+    "local0",
+    "local1",
+    "local2",
+    "local3",
+    "local4",
+    "local5",
+    "local6",
+    "local7",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SyslogConfig:
+    """Sending the logs to a syslog daemon."""
+
+    enabled: bool = field(
+        default=False,
+        metadata=_meta(
+            "Send the error log (and the access log, when on) to syslog instead of the files. "
+            'A detached daemon whose error_log is "-" uses syslog even when this is false.'
+        ),
+    )
+    address: str = field(
+        default="/dev/log",
+        metadata=_meta(
+            "The syslog socket: a path (/dev/log, unix:/path), udp://HOST:PORT or tcp://HOST:PORT.",
+            check=_check_syslog_address,
+        ),
+    )
+    facility: str = field(
+        default="user", metadata=_meta("Syslog facility.", choices=SYSLOG_FACILITIES)
+    )
+    ident: str = field(
+        default="preforkd",
+        metadata=_meta("Program name (tag) on every message.", check=_check_name),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Where the error and access logs go, and how much they say."""
@@ -298,6 +406,9 @@ class LoggingConfig:
             "Access log line format: Apache combined, or one JSON object per line.",
             choices=("combined", "json"),
         ),
+    )
+    syslog: SyslogConfig = field(
+        default_factory=SyslogConfig, metadata=_meta("Syslog destination (section).")
     )
 
 
@@ -352,6 +463,47 @@ class Config:
     chdir: str | None = field(
         default=None,
         metadata=_meta("Directory to change into before loading the app; null = stay.", path=True),
+    )
+    daemon: bool = field(
+        default=False,
+        metadata=_meta(
+            "Detach into the background (double fork, setsid, stdio to /dev/null). The "
+            "command that started it exits 0 once the server is ready, or non-zero with the "
+            "error. Ignored under systemd (NOTIFY_SOCKET or INVOCATION_ID set)."
+        ),
+    )
+    pidfile: str | None = field(
+        default=None,
+        metadata=_meta(
+            "File holding the master's pid, written atomically once it runs and removed at "
+            "exit; a live pid in it makes a second instance refuse to start.",
+            path=True,
+        ),
+    )
+    user: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Run the workers as this user (name or id), with its supplementary groups; the "
+            "master keeps its privileges so it can bind and reload. null = no change.",
+            check=_check_user,
+        ),
+    )
+    group: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Run the workers with this group (name or id); null = the user's primary group.",
+            check=_check_group,
+        ),
+    )
+    umask: int | None = field(
+        default=None,
+        metadata=_meta(
+            "File mode creation mask of the master and workers, in octal (e.g. 0027); "
+            "null = inherited.",
+            lo=0,
+            hi=0o777,
+            octal=True,
+        ),
     )
     workers: WorkersConfig = field(
         default_factory=WorkersConfig, metadata=_meta("Worker processes (section).")
@@ -650,8 +802,10 @@ def _build(cls: type[_T], raw: _Raw, path: str) -> _T:
 
 def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
-    if isinstance(obj, BindConfig) and obj.mode is not None and not obj.address.startswith("unix:"):
-        raise entries["mode"].fail(_join(path, "mode"), "mode applies only to unix sockets")
+    if isinstance(obj, BindConfig) and not obj.address.startswith("unix:"):
+        for key in ("mode", "owner", "group"):
+            if getattr(obj, key) is not None:
+                raise entries[key].fail(_join(path, key), f"{key} applies only to unix sockets")
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value
@@ -833,6 +987,12 @@ def _sections() -> list[tuple[str, str, type, str]]:
         ),
         ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http` only).", HttpConfig, "http."),
         ("`logging`", "The error and access logs.", LoggingConfig, "logging."),
+        (
+            "`logging.syslog`",
+            "Sending the logs to a syslog daemon.",
+            SyslogConfig,
+            "logging.syslog.",
+        ),
     ]
 
 

@@ -9,15 +9,38 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
+import socket
 import sys
 import time
-from typing import IO
+from typing import IO, Any
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 
 log = logging.getLogger("prefork")
+access_log = logging.getLogger("prefork.access")
+
+
+def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
+    """A SysLogHandler for `/path`, `unix:/path`, `udp://host:port` or `tcp://host:port`;
+    messages are tagged `ident[pid]:` as syslog daemons expect."""
+    target: Any
+    socktype: socket.SocketKind | None = None
+    if address.startswith(("udp://", "tcp://")):
+        host, _, port = address[6:].rpartition(":")
+        target = (host.strip("[]"), int(port))
+        socktype = socket.SOCK_DGRAM if address.startswith("udp") else socket.SOCK_STREAM
+    else:
+        target = address.removeprefix("unix:")
+    handler = logging.handlers.SysLogHandler(
+        target,
+        logging.handlers.SysLogHandler.facility_names[facility],
+        socktype,
+    )
+    handler.setFormatter(logging.Formatter(f"{ident}[%(process)d]: [%(levelname)s] %(message)s"))
+    return handler
 
 
 class Logs:
@@ -29,8 +52,12 @@ class Logs:
         error_log: str = "-",
         access_log: str | None = None,
         access_format: str = "combined",
+        syslog: tuple[str, str, str] | None = None,
     ) -> None:
+        """`syslog`: (address, facility, ident) to send both logs there instead."""
         self.level = level
+        self.syslog = syslog
+        self._syslog_handlers: list[logging.Handler] = []
         self.error_path = None if error_log == "-" else error_log
         self.access_path = None if access_log in (None, "-") else access_log
         self.access_enabled = access_log is not None
@@ -41,27 +68,52 @@ class Logs:
         self.open()
 
     def open(self) -> None:
+        for logger in (log, access_log):
+            for old in list(logger.handlers):
+                logger.removeHandler(old)
+                old.close()
+            logger.propagate = False
+        log.setLevel(self.level.upper())
+        access_log.setLevel(logging.INFO)
+        if self.syslog is not None:
+            handler = syslog_handler(*self.syslog)
+            log.addHandler(handler)
+            self._syslog_handlers = [handler]
+            if self.access_enabled:
+                access_handler = syslog_handler(*self.syslog)
+                access_log.addHandler(access_handler)
+                self._syslog_handlers.append(access_handler)
+            return
         if self.error_path is not None:
             fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             os.dup2(fd, 2)
             os.close(fd)
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
-        for old in list(log.handlers):
-            log.removeHandler(old)
         log.addHandler(handler)
-        log.setLevel(self.level.upper())
-        log.propagate = False
         if self.access_enabled:
-            if self.access_path is None:
+            if self.access_path is None:  # "-"
                 self._access_file = sys.stdout
             else:
                 self._access_file = open(  # noqa: SIM115 - lives as long as the process
                     self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
                 )
 
+    def fds(self) -> list[int]:
+        """Descriptors that must survive daemonizing (syslog sockets, the access log file)."""
+        fds = []
+        for handler in self._syslog_handlers:
+            sock = getattr(handler, "socket", None)
+            if sock is not None:
+                fds.append(sock.fileno())
+        if self._access_file is not None and self._access_file is not sys.stdout:
+            fds.append(self._access_file.fileno())
+        return fds
+
     def reopen(self) -> None:
         """USR1: point fd 2 and the access log at freshly opened files (after rotation)."""
+        if self.syslog is not None:
+            return
         if self.error_path is not None:
             sys.stderr.flush()
             fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -96,7 +148,7 @@ class Logs:
     ) -> None:
         """One access-log line: Apache combined plus the duration in microseconds, or JSON."""
         out = self._access_file
-        if out is None:
+        if out is None and not self.syslog:
             return
         micros = int(duration * 1_000_000)
         if self.access_json:
@@ -123,6 +175,9 @@ class Logs:
                 f'{remote or "-"} - - [{self._timestamp()}] "{request_line}" {status} '
                 f'{size or "-"} "{_quote(referer)}" "{_quote(user_agent)}" {micros}'
             )
+        if out is None:
+            access_log.info("%s", line)
+            return
         try:
             out.write(line + "\n")
         except (OSError, ValueError):

@@ -20,11 +20,13 @@ from typing import Any, Protocol
 import setproctitle
 
 from prefork.config import Config
+from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Scoreboard
 from prefork.sockets import Listener
 from prefork.system import Kernel, describe_status
 from prefork.worker import (
     EXIT_APP_LOAD_ERROR,
+    MSG_BOOT_ERROR,
     MSG_READY,
     MSG_REOPEN,
     MSG_STOP,
@@ -80,6 +82,8 @@ class WorkerHandle:
     state: WorkerState = WorkerState.BOOTING
     deadline: float = math.inf
     reason: str = ""
+    boot_error: str = ""  # what the worker said when it could not load the app
+    booted: bool = False  # it reported ready at least once
 
     def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
         if state not in TRANSITIONS[self.state]:
@@ -122,7 +126,8 @@ class Master:
     scoreboard: Scoreboard
     current: Generation
     logs: Any
-    reloader: Callable[[Generation], Generation] | None = None
+    reloader: Callable[[Generation, list[Listener]], Generation] | None = None
+    announce: Announcer = field(default_factory=Announcer)
     close_in_child: list[int] = field(default_factory=list)
     workers: dict[int, WorkerHandle] = field(default_factory=dict)  # by pid
     pending: Generation | None = None  # a reload whose first worker has not booted yet
@@ -134,6 +139,9 @@ class Master:
     failures: dict[int, int] = field(default_factory=dict)
     free_slots: list[int] = field(default_factory=list)
     generations: int = 1  # the highest generation number given out
+    reloading: bool = False  # a HUP is in progress (until the last old worker is replaced)
+    failure: str = ""  # why the server stops on its own (reported to a daemon's launcher)
+    next_watchdog: float = 0.0
 
     def __post_init__(self) -> None:
         self.target = self.current.config.workers.count
@@ -168,7 +176,16 @@ class Master:
         self.read_channels(ready_fds)
         self.enforce_deadlines()
         self.maintain()
+        self.keep_watchdog_fed()
         return not (self.stop is not Stop.NONE and not self.workers)
+
+    def keep_watchdog_fed(self) -> None:
+        interval = self.announce.watchdog_interval
+        if interval:
+            now = self.kernel.monotonic()
+            if now >= self.next_watchdog:
+                self.announce.watchdog()
+                self.next_watchdog = now + interval
 
     def sleep(self) -> list[int]:
         now = self.kernel.monotonic()
@@ -179,6 +196,8 @@ class Master:
             for when in self.backoff_until.values():
                 if when > now:
                     wake_at = min(wake_at, when)
+        if self.announce.watchdog_interval:
+            wake_at = min(wake_at, max(self.next_watchdog, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
         return self.kernel.wait(fds, wake_at - now)
@@ -227,12 +246,16 @@ class Master:
 
     def exited(self, handle: WorkerHandle, status: int) -> None:
         if handle.channel is not None:
+            self.read_channel(handle)  # what it said just before exiting (a boot error)
+        if handle.channel is not None:
             handle.channel.close()
             handle.channel = None
         self.scoreboard.clear(handle.slot)
         self.free_slots.append(handle.slot)
         how = describe_status(status)
-        if handle.state is WorkerState.BOOTING:
+        if not handle.booted and (
+            handle.state is WorkerState.BOOTING or handle.reason == "boot timeout"
+        ):
             self.boot_failed(handle, status, how)
         elif handle.state is WorkerState.READY:
             if status == 0:
@@ -244,17 +267,19 @@ class Master:
 
     def boot_failed(self, handle: WorkerHandle, status: int, how: str) -> None:
         app_error = status >> 8 == EXIT_APP_LOAD_ERROR and status & 0x7F == 0
+        error = handle.boot_error.strip().splitlines()[-1:] or [how]
         if self.pending is not None and handle.generation == self.pending.number:
-            log.error(
-                "reload failed: the new generation's first worker could not boot (%s); "
-                "still serving generation %d",
-                how,
-                self.current.number,
+            message = (
+                f"reload failed: the new generation's first worker could not boot "
+                f"({error[0]}); still serving generation {self.current.number}"
             )
+            log.error("%s", message)
             self.abandon_pending()
+            self.reload_finished(False, message)
             return
         if not self.ever_ready and app_error and self.stop is Stop.NONE:
             log.error("the application could not be loaded (traceback above); stopping")
+            self.failure = f"the application could not be loaded: {error[0]}"
             self.exit_code = EXIT_APP_FAILED
             self.fast_stop()
             return
@@ -271,23 +296,29 @@ class Master:
             return
         ready = set(ready_fds)
         for handle in list(self.workers.values()):
-            channel = handle.channel
-            if channel is None or channel.fileno() not in ready:
-                continue
-            try:
-                data = channel.recv(64)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                data = b""
-            if not data:
-                channel.close()  # the worker is exiting; reap() will hear of it
-                handle.channel = None
-            elif MSG_READY in data and handle.state is WorkerState.BOOTING:
-                self.became_ready(handle)
+            if handle.channel is not None and handle.channel.fileno() in ready:
+                self.read_channel(handle)
+
+    def read_channel(self, handle: WorkerHandle) -> None:
+        channel = handle.channel
+        assert channel is not None
+        try:
+            data = channel.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            channel.close()  # the worker is exiting; reap() will hear of it
+            handle.channel = None
+        elif data.startswith(MSG_BOOT_ERROR):
+            handle.boot_error = data[1:].decode("utf-8", "replace")
+        elif MSG_READY in data and handle.state is WorkerState.BOOTING:
+            self.became_ready(handle)
 
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
+        handle.booted = True
         self.failures.pop(handle.number, None)
         self.backoff_until.pop(handle.number, None)
         log.info("%s booted", handle.describe())
@@ -295,9 +326,14 @@ class Master:
             self.promote()
         if handle.generation == self.current.number:
             self.retire_one_outdated(prefer=handle.number)
-        if not self.ever_ready and self.ready_count() >= self.target:
+        self.check_ready()
+
+    def check_ready(self) -> None:
+        """The first time the whole pool serves: tell the log, systemd and a launcher."""
+        if not self.ever_ready and self.stop is Stop.NONE and self.ready_count() >= self.target:
             self.ever_ready = True
             log.info("ready: %d workers", self.ready_count())
+            self.announce.ready(f"{self.ready_count()} workers ready")
 
     def ready_count(self) -> int:
         return sum(
@@ -322,7 +358,8 @@ class Master:
     def deadline_passed(self, handle: WorkerHandle, now: float) -> None:
         if handle.state is WorkerState.BOOTING:
             log.error("%s did not boot within %.0fs; killing it", handle.describe(),
-                      self.current.config.workers.boot_timeout)
+                      now - handle.started)
+            handle.reason = "boot timeout"
         elif handle.state is WorkerState.STOPPING:
             log.warning("%s still busy at the end of its graceful timeout; killing it",
                         handle.describe())
@@ -352,10 +389,12 @@ class Master:
             return
         now = self.kernel.monotonic()
         pending = self.pending
-        if pending is not None:
-            if not any(h.generation == pending.number for h in self.workers.values()):
-                self.spawn(1, pending)
-            return
+        if (
+            pending is not None
+            and self.free_slots
+            and not any(h.generation == pending.number for h in self.workers.values())
+        ):
+            self.spawn(1, pending)  # the canary: nothing old stops until it is ready
         current = self.current.number
         live = {
             h.number: h
@@ -372,11 +411,27 @@ class Master:
                 continue
             if outdated and booting >= 1:
                 break  # rolling: the next one boots when this one is ready
+            if not self.free_slots:
+                break  # every slot is held by a worker still exiting; next tick
             self.spawn(number, self.current)
             booting += 1
         if outdated and booting == 0 and all(n in live for n in range(1, self.target + 1)):
             for handle in outdated:
                 self.ask_to_stop(handle, "replaced by a reload")
+            outdated = []
+        self.check_ready()
+        if self.reloading and pending is None and not outdated and booting == 0:
+            self.reload_finished(
+                True,
+                f"reloaded: generation {self.current.number} serving with "
+                f"{self.ready_count()} workers",
+            )
+
+    def reload_finished(self, ok: bool, message: str) -> None:
+        if ok:
+            log.info("%s", message)
+        self.reloading = False
+        self.announce.reloaded(ok, message)
 
     def outdated(self) -> list[WorkerHandle]:
         return [
@@ -414,6 +469,7 @@ class Master:
         if self.stop is not Stop.NONE:
             return
         self.stop = Stop.GRACEFUL
+        self.announce.stopping()
         timeout = self.current.config.workers.graceful_timeout
         log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
         self.close_listeners(self.all_listeners())
@@ -424,6 +480,8 @@ class Master:
     def fast_stop(self) -> None:
         if self.stop is Stop.FAST:
             return
+        if self.stop is Stop.NONE:
+            self.announce.stopping()
         self.stop = Stop.FAST
         log.info("stopping now")
         self.close_listeners(self.all_listeners())
@@ -465,11 +523,15 @@ class Master:
         if self.stop is not Stop.NONE or self.reloader is None:
             return
         log.info("HUP: reloading")
+        self.announce.reloading()
         try:
-            new = self.reloader(self.current)
+            new = self.reloader(self.current, self.all_listeners())
         except Exception as exc:
-            log.error("reload failed: %s; still serving generation %d", exc, self.current.number)
+            message = f"reload failed: {exc}; still serving generation {self.current.number}"
+            log.error("%s", message)
+            self.reload_finished(False, message)
             return
+        self.reloading = True
         if self.pending is not None:
             self.abandon_pending()
         self.generations += 1

@@ -1,7 +1,7 @@
-"""Signals as bytes on a socket: handlers only record and wake, the loop acts.
+"""Signals as bytes in a pipe: handlers only record and wake, the loop acts.
 
 CPython's C-level handler writes the signal number to the wakeup fd once per delivery, before
-any Python code runs, so reading that socket yields every signal in arrival order (standard
+any Python code runs, so reading that pipe yields every signal in arrival order (standard
 signals that arrive while one of the same kind is still pending are merged by the kernel, as
 always). The Python-level handlers installed here do nothing at all: no logging, no waitpid,
 no allocation.
@@ -9,8 +9,8 @@ no allocation.
 
 from __future__ import annotations
 
+import os
 import signal
-import socket
 from collections.abc import Iterable
 from types import FrameType
 
@@ -20,17 +20,13 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 
 class SignalQueue:
-    """Owns the wakeup socketpair; `fileno()` goes into the loop's poll set."""
+    """Owns the wakeup pipe; `fileno()` goes into the loop's poll set."""
 
     def __init__(self, catch: Iterable[signal.Signals], ignore: Iterable[signal.Signals] = ()):
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-        for sock in (self._reader, self._writer):
-            # a generous buffer: signals are one byte each and must never be dropped
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
-        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        # A pipe, not a socketpair: a unix stream socket charges each 1-byte write hundreds
+        # of bytes of buffer, a pipe holds 64 KiB of signal numbers before one is dropped.
+        self._reader, self._writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._writer, warn_on_full_buffer=True)
         for sig in catch:
             signal.signal(sig, _record)
             signal.siginterrupt(sig, False)
@@ -38,17 +34,17 @@ class SignalQueue:
             signal.signal(sig, signal.SIG_IGN)
 
     def fileno(self) -> int:
-        return self._reader.fileno()
+        return self._reader
 
     def fds(self) -> tuple[int, int]:
-        return self._reader.fileno(), self._writer.fileno()
+        return self._reader, self._writer
 
     def drain(self) -> list[int]:
         """Every signal number recorded since the last call, oldest first."""
         received: list[int] = []
         while True:
             try:
-                data = self._reader.recv(4096)
+                data = os.read(self._reader, 4096)
             except (BlockingIOError, InterruptedError):
                 return received
             if not data:
@@ -58,15 +54,15 @@ class SignalQueue:
     def wake(self) -> None:
         """Make the loop's next poll return at once (used by code outside handlers)."""
         try:
-            self._writer.send(b"\0")
+            os.write(self._writer, b"\0")
         except (BlockingIOError, InterruptedError):
             pass
 
     def close(self) -> None:
         """Detach from the signal machinery (a forked child calls this first)."""
         signal.set_wakeup_fd(-1)
-        self._reader.close()
-        self._writer.close()
+        os.close(self._reader)
+        os.close(self._writer)
 
 
 def reset_inherited(signals: Iterable[signal.Signals]) -> None:

@@ -24,13 +24,23 @@ class BindError(Exception):
     """An address could not be bound; the message names it and says why."""
 
 
+@dataclass(frozen=True, slots=True)
+class BindSpec:
+    """One configured address; mode/owner/group apply to unix sockets only."""
+
+    address: Address
+    mode: int | None = None
+    owner: int | None = None  # uid
+    group: int | None = None  # gid
+
+
 @dataclass(slots=True)
 class Listener:
     sock: socket.socket
     address: Address  # as bound (port 0 replaced by the real port)
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a socket file we created
     inherited: bool = False  # handed over by systemd
-    configured: tuple[Address, int | None] | None = None  # (address, mode) as configured
+    configured: BindSpec | None = None  # what was asked for (None: handed over by systemd)
 
     @property
     def fd(self) -> int:
@@ -108,14 +118,18 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise BindError(f"cannot bind unix:{path}: another process is listening on it")
 
 
-def _bind_unix(address: Address, mode: int | None, backlog: int) -> Listener:
+def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
+    address = spec.address
     path = address.path
     _remove_stale_unix_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        if mode is not None:
-            os.chmod(path, mode)
+        if spec.owner is not None or spec.group is not None:
+            os.chown(path, -1 if spec.owner is None else spec.owner,
+                     -1 if spec.group is None else spec.group)
+        if spec.mode is not None:
+            os.chmod(path, spec.mode)
         st = os.stat(path)
         sock.listen(backlog)
     except OSError as exc:
@@ -125,17 +139,17 @@ def _bind_unix(address: Address, mode: int | None, backlog: int) -> Listener:
     return Listener(sock, address, unix_inode=(st.st_dev, st.st_ino))
 
 
-def bind(address: Address, mode: int | None, backlog: int) -> Listener:
-    if address.kind == "unix":
-        listener = _bind_unix(address, mode, backlog)
+def bind(spec: BindSpec, backlog: int) -> Listener:
+    if spec.address.kind == "unix":
+        listener = _bind_unix(spec, backlog)
     else:
-        listener = _bind_tcp(address, backlog)
-    listener.configured = (address, mode)
+        listener = _bind_tcp(spec.address, backlog)
+    listener.configured = spec
     return listener
 
 
 def bind_all(
-    specs: Iterable[tuple[Address, int | None]],
+    specs: Iterable[BindSpec],
     backlog: int,
     reuse: Iterable[Listener] = (),
 ) -> list[Listener]:
@@ -148,12 +162,12 @@ def bind_all(
     listeners: list[Listener] = []
     fresh: list[Listener] = []
     try:
-        for address, mode in specs:
-            existing = available.pop((address, mode), None)
+        for spec in specs:
+            existing = available.pop(spec, None)
             if existing is not None:
                 listeners.append(existing)
                 continue
-            listener = bind(address, mode, backlog)
+            listener = bind(spec, backlog)
             fresh.append(listener)
             listeners.append(listener)
     except BindError:

@@ -29,6 +29,7 @@ from prefork.http import Limits, ProtocolError
 from prefork.httpserve import HttpProtocol
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
+from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue
 from prefork.sockets import Listener
@@ -43,6 +44,7 @@ EXIT_APP_LOAD_ERROR = 4  # the application could not be imported
 MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
 MSG_REOPEN = b"O"  # reopen log files
 MSG_READY = b"R"  # worker -> master: app loaded, serving
+MSG_BOOT_ERROR = b"E"  # worker -> master: "E" + why the app could not be loaded, then exit
 
 _EPOLLIN = select.EPOLLIN
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
@@ -94,18 +96,30 @@ def worker_main(spec: WorkerSpec) -> int:
     signal.signal(signal.SIGINT, _exit_now)
     signal.signal(signal.SIGQUIT, _exit_now)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    # the master blocked every signal around fork(); our own handlers are in place now
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
     config = spec.config
     name = config.proc_name or config.app
     setproctitle.setproctitle(f"preforkd: worker [{spec.number}] {name}")
     spec.slot.claim(os.getpid(), spec.generation, spec.number)
+    try:
+        drop_privileges(config.user, config.group)
+    except (OSError, KeyError) as exc:
+        log.error("worker %d: cannot switch to user %s: %s", spec.number, config.user, exc)
+        return EXIT_BOOT_ERROR
     app = spec.app
     if app is None:
         try:
             prepare(config.pythonpath, config.chdir)
             app = load_app(config.app)
-        except Exception:
+        except Exception as exc:
             log.exception("worker %d: cannot load the application %r", spec.number, config.app)
+            try:
+                spec.channel.sendall(MSG_BOOT_ERROR + str(exc).encode("utf-8", "replace"))
+            except OSError:
+                pass
             return EXIT_APP_LOAD_ERROR
     worker = Worker(spec, app, signals)
     try:

@@ -1,0 +1,152 @@
+"""Telling the outside world how the server is doing: systemd's notify socket, the daemon
+launcher's ready pipe, and the reload-status file `preforkd reload` waits on.
+
+Invariants: master only; every message is best effort (a supervisor that went away never
+stops the server); NOTIFY_SOCKET and WATCHDOG_* are removed from the environment so workers
+never speak for the master.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import MutableMapping
+
+log = logging.getLogger("prefork")
+
+
+class SdNotify:
+    """sd_notify(3): newline-separated KEY=VALUE datagrams to $NOTIFY_SOCKET."""
+
+    def __init__(self, address: str) -> None:
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> tuple[SdNotify | None, float]:
+        """The notifier (None outside systemd) and the watchdog interval in seconds (0 = off)."""
+        address = environ.pop("NOTIFY_SOCKET", "")
+        usec = environ.pop("WATCHDOG_USEC", "")
+        watchdog_pid = environ.pop("WATCHDOG_PID", "")
+        interval = 0.0
+        if usec.isdigit() and (not watchdog_pid or watchdog_pid == str(os.getpid())):
+            interval = int(usec) / 1e6 / 2  # half the timeout, as sd_watchdog_enabled advises
+        if not address or address[0] not in "/@":
+            return None, 0.0
+        return cls(address), interval
+
+    def send(self, **fields: str | int) -> None:
+        message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+        try:
+            self.sock.sendto(message, self.address)
+        except OSError as exc:
+            log.debug("sd_notify failed: %s", exc)
+
+    def fds(self) -> list[int]:
+        return [self.sock.fileno()]
+
+
+def monotonic_usec() -> int:
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+
+
+class Announcer:
+    """What the master reports at each turn of its life, to whoever listens."""
+
+    def __init__(
+        self,
+        sd: SdNotify | None = None,
+        watchdog_interval: float = 0.0,
+        ready_fd: int | None = None,
+        status_path: str | None = None,
+    ) -> None:
+        self.sd = sd
+        self.watchdog_interval = watchdog_interval
+        self.ready_fd = ready_fd
+        self.status_path = status_path
+        self.reloads = 0
+
+    def fds(self) -> list[int]:
+        """What a worker must not inherit: the master's notify socket and the ready pipe."""
+        fds = [] if self.sd is None else self.sd.fds()
+        if self.ready_fd is not None:
+            fds.append(self.ready_fd)
+        return fds
+
+    def ready(self, status: str) -> None:
+        if self.sd is not None:
+            self.sd.send(READY=1, STATUS=status, MAINPID=os.getpid())
+        self._tell_launcher(b"READY %d\n" % os.getpid())
+
+    def failed(self, reason: str) -> None:
+        """Startup did not reach ready: the launcher exits non-zero with `reason`."""
+        self._tell_launcher(b"ERROR " + reason.encode("utf-8", "replace") + b"\n")
+
+    def status(self, status: str) -> None:
+        if self.sd is not None:
+            self.sd.send(STATUS=status)
+
+    def reloading(self) -> None:
+        self.reloads += 1
+        if self.sd is not None:
+            self.sd.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="reloading")
+        self._write_status({"serial": self.reloads, "state": "reloading"})
+
+    def reloaded(self, ok: bool, message: str) -> None:
+        """The end of a reload, successful or not; systemd expects READY=1 either way."""
+        if self.sd is not None:
+            self.sd.send(READY=1, STATUS=message)
+        self._write_status(
+            {"serial": self.reloads, "state": "done", "ok": ok, "message": message}
+        )
+
+    def stopping(self) -> None:
+        if self.sd is not None:
+            self.sd.send(STOPPING=1, STATUS="stopping")
+
+    def watchdog(self) -> None:
+        if self.sd is not None:
+            self.sd.send(WATCHDOG=1)
+
+    def close(self) -> None:
+        if self.status_path is not None:
+            try:
+                os.unlink(self.status_path)
+            except OSError:
+                pass
+
+    def _tell_launcher(self, message: bytes) -> None:
+        fd = self.ready_fd
+        if fd is None:
+            return
+        self.ready_fd = None
+        try:
+            os.write(fd, message)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _write_status(self, data: dict[str, object]) -> None:
+        path = self.status_path
+        if path is None:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write the reload status file %s: %s", path, exc)
+
+
+def read_status(path: str) -> dict[str, object] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -1,0 +1,75 @@
+"""The pidfile: refuse to start next to a live instance, replace a stale file, write
+atomically, remove only our own.
+
+Invariant: the file on disk always holds a complete pid (written to a temporary file in the
+same directory, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class PidFileError(Exception):
+    """Another live instance owns the pidfile, or it cannot be written."""
+
+
+def read_pid(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def is_preforkd(pid: int) -> bool:
+    """Whether `pid` is alive and looks like a preforkd master (not a recycled pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True  # alive and unreadable: assume the worst
+    return b"prefork" in cmdline
+
+
+class PidFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written: int | None = None
+
+    def check(self) -> None:
+        """Raise PidFileError if a live instance holds the file; remove a stale one."""
+        pid = read_pid(self.path)
+        if pid is None:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+            return
+        if pid != os.getpid() and is_preforkd(pid):
+            raise PidFileError(f"already running as pid {pid} (pidfile {self.path})")
+        os.unlink(self.path)  # stale: its process is gone
+
+    def write(self, pid: int) -> None:
+        self.check()
+        tmp = f"{self.path}.{pid}.tmp"
+        try:
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{pid}\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+        self.written = pid
+
+    def remove(self) -> None:
+        if self.written is not None and read_pid(self.path) == self.written:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.written = None

@@ -1,0 +1,1541 @@
+"""prefork.master: one `tick()` at a time against a fake kernel (no fork, no sleep, no signals).
+
+The fakes live here rather than in a shared module: pytest's pythonpath holds only the repo
+root and tests/integration, so tests/unit is not importable as a package.
+
+Conventions: a worker "boots" when the test sends b"R" on the worker's end of its channel;
+a worker "exits" when the test queues a waitpid status for `reap()` (exit code N is N << 8,
+killed by signal S is S). The fake clock starts at the real time.monotonic() so that
+scoreboard slots stamped by `Slot.busy()` line up with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import select
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from prefork.config import Config, from_mapping
+from prefork.master import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    EXIT_APP_FAILED,
+    FAST_STOP_GRACE,
+    MAX_SLEEP,
+    TRANSITIONS,
+    Generation,
+    InvalidTransition,
+    Master,
+    WorkerHandle,
+    WorkerState,
+)
+from prefork.notify import Announcer
+from prefork.scoreboard import Scoreboard
+from prefork.sockets import Listener
+from prefork.worker import (
+    EXIT_APP_LOAD_ERROR,
+    EXIT_BOOT_ERROR,
+    MSG_BOOT_ERROR,
+    MSG_READY,
+    MSG_REOPEN,
+    MSG_STOP,
+)
+
+KILLED_BY_SIGKILL = signal.SIGKILL  # waitpid status of a child killed by SIGKILL
+
+
+def exit_status(code: int) -> int:
+    """The waitpid status of a child that called _exit(code)."""
+    return code << 8
+
+
+# --- fakes ---------------------------------------------------------------------------------
+
+
+class FakeKernel:
+    """The master's OS calls, recorded; the clock moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+        self._pids = itertools.count(1000)
+        self.spawned: list[int] = []
+        self.children: dict[int, socket.socket] = {}  # pid -> the worker's end of its channel
+        self.kills: list[tuple[int, int]] = []
+        self.exits: deque[tuple[int, int]] = deque()
+        self.waits: list[float] = []
+
+    # Kernel
+    def monotonic(self) -> float:
+        return self.now
+
+    def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int:
+        pid = next(self._pids)
+        child_end.setblocking(False)
+        self.children[pid] = child_end  # kept open: the "worker" talks through it
+        self.spawned.append(pid)
+        return pid
+
+    def kill(self, pid: int, sig: int) -> bool:
+        self.kills.append((pid, sig))
+        return True
+
+    def reap(self) -> tuple[int, int] | None:
+        return self.exits.popleft() if self.exits else None
+
+    def wait(self, fds: list[int], timeout: float) -> list[int]:
+        self.waits.append(timeout)
+        readable, _, _ = select.select(fds, [], [], 0)
+        return readable
+
+    # test controls
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def received(self, pid: int) -> bytes:
+        """Everything the master has sent to this worker since the last call."""
+        data = b""
+        while True:
+            try:
+                chunk = self.children[pid].recv(4096)
+            except BlockingIOError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def kills_of(self, sig: int) -> list[int]:
+        return [pid for pid, s in self.kills if s == sig]
+
+    def close(self) -> None:
+        for sock in self.children.values():
+            sock.close()
+
+
+class FakeSignals:
+    """A SignalSource whose pending signals the test sets."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self.pending: list[int] = []
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> list[int]:
+        got, self.pending = self.pending, []
+        return got
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class RecordingAnnouncer(Announcer):
+    """An Announcer that talks to no one and remembers what it was told."""
+
+    def __init__(self, watchdog_interval: float = 0.0) -> None:
+        super().__init__(watchdog_interval=watchdog_interval)
+        self.calls: list[tuple[Any, ...]] = []
+
+    def ready(self, status: str) -> None:
+        self.calls.append(("ready", status))
+
+    def reloading(self) -> None:
+        self.calls.append(("reloading",))
+
+    def reloaded(self, ok: bool, message: str) -> None:
+        self.calls.append(("reloaded", ok, message))
+
+    def stopping(self) -> None:
+        self.calls.append(("stopping",))
+
+    def watchdog(self) -> None:
+        self.calls.append(("watchdog",))
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [c for c in self.calls if c[0] == name]
+
+
+class FakeLogs:
+    def __init__(self) -> None:
+        self.reopened = 0
+
+    def reopen(self) -> None:
+        self.reopened += 1
+
+
+def make_config(count: int = 3, **workers: Any) -> Config:
+    return from_mapping({"app": "m:app", "workers": {"count": count, **workers}})
+
+
+class Rig:
+    """A Master wired to the fakes, plus the moves a test makes."""
+
+    def __init__(
+        self,
+        config: Config,
+        reloader: Callable[[Generation, list[Listener]], Generation] | None = None,
+        capacity: int = 16,
+        watchdog_interval: float = 0.0,
+    ) -> None:
+        self.kernel = FakeKernel()
+        self.signals = FakeSignals()
+        self.logs = FakeLogs()
+        self.scoreboard = Scoreboard(capacity)
+        self.announce = RecordingAnnouncer(watchdog_interval)
+        self.master = Master(
+            kernel=self.kernel,
+            signals=self.signals,
+            scoreboard=self.scoreboard,
+            current=Generation(1, config, []),
+            logs=self.logs,
+            reloader=reloader,
+            announce=self.announce,
+        )
+
+    def tick(self) -> bool:
+        return self.master.tick()
+
+    def signal(self, *signums: int) -> bool:
+        self.signals.pending.extend(signums)
+        return self.tick()
+
+    def handles(self, generation: int | None = None) -> list[WorkerHandle]:
+        return sorted(
+            (
+                h
+                for h in self.master.workers.values()
+                if generation is None or h.generation == generation
+            ),
+            key=lambda h: (h.generation, h.number, h.pid),
+        )
+
+    def live(self, generation: int | None = None) -> list[WorkerHandle]:
+        return [
+            h
+            for h in self.handles(generation)
+            if h.state in (WorkerState.BOOTING, WorkerState.READY)
+        ]
+
+    def worker(self, number: int, generation: int = 1) -> WorkerHandle:
+        (handle,) = [h for h in self.live(generation) if h.number == number]
+        return handle
+
+    def boot(self, *pids: int) -> None:
+        """These workers report ready; the next tick hears it."""
+        for pid in pids:
+            self.kernel.children[pid].send(MSG_READY)
+        self.tick()
+
+    def boot_all(self) -> None:
+        self.boot(*(h.pid for h in self.handles() if h.state is WorkerState.BOOTING))
+
+    def exit(self, pid: int, status: int) -> bool:
+        self.kernel.exits.append((pid, status))
+        return self.tick()
+
+    def start(self) -> list[WorkerHandle]:
+        """Spawn the pool and boot every worker."""
+        self.tick()
+        self.boot_all()
+        assert all(h.state is WorkerState.READY for h in self.handles())
+        return self.handles()
+
+    def busy(self, handle: WorkerHandle, method: bytes = b"GET", target: bytes = b"/slow") -> float:
+        """The worker starts a request now (real clock, as the worker would); returns the
+        stamped start time, with the fake clock moved up to it."""
+        self.scoreboard.slot(handle.slot).busy(method, target)
+        started = self.scoreboard.read(handle.slot).started
+        self.kernel.now = max(self.kernel.now, started)
+        return started
+
+    def close(self) -> None:
+        for handle in self.master.workers.values():
+            if handle.channel is not None:
+                handle.channel.close()
+        self.kernel.close()
+        self.signals.close()
+        self.scoreboard.close()
+
+
+@pytest.fixture(autouse=True)
+def _prefork_log_propagates(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    # prefork.logs.Logs sets propagate=False; caplog needs records to reach the root logger
+    monkeypatch.setattr(logging.getLogger("prefork"), "propagate", True)
+    caplog.set_level(logging.DEBUG, logger="prefork")
+
+
+@pytest.fixture
+def make_rig() -> Iterator[Callable[..., Rig]]:
+    rigs: list[Rig] = []
+
+    def make(
+        count: int = 3,
+        reloader: Callable[[Generation, list[Listener]], Generation] | None = None,
+        capacity: int = 16,
+        watchdog_interval: float = 0.0,
+        **workers: Any,
+    ) -> Rig:
+        rig = Rig(make_config(count, **workers), reloader, capacity, watchdog_interval)
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        rig.close()
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int | None = None) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "prefork" and (level is None or r.levelno == level)
+    ]
+
+
+def matching(caplog: pytest.LogCaptureFixture, text: str, level: int | None = None) -> list[str]:
+    return [m for m in messages(caplog, level) if text in m]
+
+
+# --- startup -------------------------------------------------------------------------------
+
+
+def test_first_tick_spawns_the_configured_workers(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=3)
+    start = rig.kernel.now
+
+    assert rig.tick() is True
+
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+    handles = rig.handles()
+    assert [h.number for h in handles] == [1, 2, 3]
+    assert {h.generation for h in handles} == {1}
+    assert all(h.state is WorkerState.BOOTING for h in handles)
+    assert all(h.deadline == start + 60.0 for h in handles)  # boot_timeout default
+    assert len({h.slot for h in handles}) == 3
+    assert rig.kernel.kills == []
+
+
+def test_workers_are_ready_only_once_they_say_so(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3)
+    rig.tick()
+    rig.tick()
+    assert all(h.state is WorkerState.BOOTING for h in rig.handles())
+
+    rig.boot(1000)
+    assert [h.state for h in rig.handles()] == [
+        WorkerState.READY,
+        WorkerState.BOOTING,
+        WorkerState.BOOTING,
+    ]
+    assert rig.worker(1).deadline == math.inf
+    assert matching(caplog, "ready:") == []
+
+    rig.boot(1001, 1002)
+    assert all(h.state is WorkerState.READY for h in rig.handles())
+    assert matching(caplog, "ready: 3 workers", logging.INFO) == ["ready: 3 workers"]
+
+    for _ in range(3):
+        rig.tick()
+    assert len(matching(caplog, "ready:")) == 1
+    assert rig.kernel.spawned == [1000, 1001, 1002]  # nothing respawned
+    assert rig.master.ever_ready
+
+
+def test_ready_is_reported_when_ttou_completes_the_pool_during_startup(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3)
+    rig.tick()
+    rig.boot(1000, 1001)
+
+    rig.signal(signal.SIGTTOU)  # worker 3, still booting, is asked to stop
+
+    assert rig.master.ever_ready
+    assert matching(caplog, "ready: 2 workers")
+
+
+def test_a_worker_that_booted_and_exited_within_one_tick_is_not_a_boot_failure(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, max_requests=1)
+    rig.start()
+    rig.exit(1001, exit_status(0))  # retired after its one request
+    replacement = rig.worker(2)
+
+    rig.kernel.children[replacement.pid].send(MSG_READY)
+    rig.kernel.exits.append((replacement.pid, exit_status(0)))  # served one request and left
+    rig.tick()
+
+    assert matching(caplog, "failed to boot") == []
+    assert rig.worker(2).pid == 1003  # replaced at once, no backoff
+
+
+def test_a_repeated_ready_message_changes_nothing(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1)
+    rig.start()
+    rig.boot(1000)
+    assert rig.worker(1).state is WorkerState.READY
+    assert rig.kernel.spawned == [1000]
+
+
+# --- transitions ---------------------------------------------------------------------------
+
+ALL_MOVES = [(a, b) for a in WorkerState for b in WorkerState]
+
+
+def _handle(state: WorkerState) -> WorkerHandle:
+    handle = WorkerHandle(number=1, pid=1000, slot=0, generation=1, channel=None, started=0.0)
+    handle.state = state
+    return handle
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [m for m in ALL_MOVES if m[1] in TRANSITIONS[m[0]]],
+    ids=lambda s: s.name,
+)
+def test_allowed_transition(start: WorkerState, end: WorkerState) -> None:
+    handle = _handle(start)
+    handle.to(end, deadline=12.5, reason="because")
+    assert handle.state is end
+    assert handle.deadline == 12.5
+    assert handle.reason == "because"
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [m for m in ALL_MOVES if m[1] not in TRANSITIONS[m[0]]],
+    ids=lambda s: s.name,
+)
+def test_rejected_transition(start: WorkerState, end: WorkerState) -> None:
+    handle = _handle(start)
+    handle.deadline = 7.0
+    with pytest.raises(InvalidTransition, match=f"{start.name} -> {end.name}"):
+        handle.to(end, deadline=99.0, reason="nope")
+    assert handle.state is start
+    assert handle.deadline == 7.0
+    assert handle.reason == ""
+
+
+def test_transition_table_examples() -> None:
+    for start, end in [
+        (WorkerState.KILLED, WorkerState.READY),
+        (WorkerState.STOPPING, WorkerState.READY),
+        (WorkerState.READY, WorkerState.BOOTING),
+        (WorkerState.ABORTING, WorkerState.STOPPING),
+    ]:
+        with pytest.raises(InvalidTransition):
+            _handle(start).to(end)
+    assert set(TRANSITIONS) == set(WorkerState)
+    assert TRANSITIONS[WorkerState.KILLED] == frozenset()
+
+
+def test_a_transition_without_reason_keeps_the_previous_one() -> None:
+    handle = _handle(WorkerState.READY)
+    handle.to(WorkerState.STOPPING, 5.0, "stopping")
+    handle.to(WorkerState.KILLED)
+    assert handle.reason == "stopping"
+    assert handle.deadline == math.inf
+
+
+# --- workers that exit ---------------------------------------------------------------------
+
+
+def test_a_ready_worker_that_exits_is_respawned_with_its_number(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3)
+    rig.start()
+    old = rig.worker(2)
+
+    rig.exit(old.pid, exit_status(0))
+
+    new = rig.worker(2)
+    assert new.pid == 1003 and new.state is WorkerState.BOOTING
+    assert new.slot == old.slot  # the freed slot is reused
+    assert old.channel is None  # the master closed its end
+    assert rig.kernel.spawned == [1000, 1001, 1002, 1003]
+    assert matching(caplog, "worker 2 (pid 1001) exited: retired", logging.INFO)
+    assert messages(caplog, logging.WARNING) == []
+
+
+@pytest.mark.parametrize(
+    ("status", "how"),
+    [(KILLED_BY_SIGKILL, "killed by SIGKILL"), (exit_status(1), "exit code 1")],
+)
+def test_a_ready_worker_that_dies_is_respawned_with_a_warning(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture, status: int, how: str
+) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+
+    rig.exit(1000, status)
+
+    assert rig.worker(1).pid == 1002
+    assert rig.worker(2).pid == 1001
+    assert matching(caplog, "worker 1 (pid 1000) died unexpectedly", logging.WARNING) == [
+        f"worker 1 (pid 1000) died unexpectedly: {how}"
+    ]
+
+
+def test_end_of_file_on_a_channel_closes_it_and_waits_for_the_exit(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.kernel.children[1000].close()  # the worker is on its way out
+
+    rig.tick()
+
+    handle = rig.worker(1)
+    assert handle.channel is None
+    assert handle.state is WorkerState.READY  # not reaped yet: still ours
+    assert rig.kernel.spawned == [1000, 1001]
+
+    rig.exit(1000, exit_status(0))
+    assert rig.worker(1).pid == 1002
+
+
+# --- boot failures and backoff -------------------------------------------------------------
+
+
+def _fail_boot(rig: Rig, number: int) -> WorkerHandle:
+    handle = rig.worker(number)
+    assert handle.state is WorkerState.BOOTING
+    rig.exit(handle.pid, exit_status(EXIT_BOOT_ERROR))
+    return handle
+
+
+def test_a_boot_failure_backs_off_doubling_up_to_the_cap(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.exit(rig.worker(2).pid, exit_status(0))  # retired; its replacement boots
+
+    delays = []
+    for _ in range(9):
+        failed = _fail_boot(rig, 2)
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** len(delays))
+        delays.append(delay)
+        assert [h.number for h in rig.live()] == [1]
+        assert matching(caplog, f"failed to boot (exit code 3); retrying in {delay:.1f}s")
+
+        failed_at = rig.kernel.now
+        rig.kernel.now = failed_at + delay - 0.01
+        rig.tick()
+        assert [h.number for h in rig.live()] == [1], f"respawned before {delay}s"
+
+        rig.kernel.now = failed_at + delay
+        rig.tick()
+        assert rig.worker(2).pid != failed.pid
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert rig.kernel.kills == []
+    assert not rig.master.stop.value
+
+
+def test_a_successful_boot_resets_the_backoff(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.exit(rig.worker(2).pid, exit_status(0))
+    for delay in (0.5, 1.0, 2.0):
+        _fail_boot(rig, 2)
+        rig.kernel.advance(delay)
+        rig.tick()
+
+    rig.boot(rig.worker(2).pid)
+    assert rig.worker(2).state is WorkerState.READY
+    rig.exit(rig.worker(2).pid, exit_status(0))
+    failed = _fail_boot(rig, 2)
+
+    rig.kernel.advance(BACKOFF_FIRST)
+    rig.tick()
+    assert rig.worker(2).pid != failed.pid
+
+
+def test_sleep_wakes_up_when_a_backoff_ends(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.exit(rig.worker(2).pid, exit_status(0))
+    _fail_boot(rig, 2)
+    rig.kernel.advance(0.2)
+
+    rig.tick()
+
+    assert rig.kernel.waits[-1] == pytest.approx(BACKOFF_FIRST - 0.2)
+
+
+# --- the application cannot be loaded ------------------------------------------------------
+
+
+def test_an_app_load_error_at_startup_stops_the_master(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3)
+    rig.tick()
+    rig.boot(1000)  # one is up, but the pool never was
+    now = rig.kernel.now
+
+    assert rig.exit(1001, exit_status(EXIT_APP_LOAD_ERROR)) is True
+
+    assert rig.master.exit_code == EXIT_APP_FAILED == 3
+    assert sorted(rig.kernel.kills) == [(1000, signal.SIGQUIT), (1002, signal.SIGQUIT)]
+    assert [(h.number, h.state, h.deadline) for h in rig.handles()] == [
+        (1, WorkerState.STOPPING, now + FAST_STOP_GRACE),
+        (3, WorkerState.STOPPING, now + FAST_STOP_GRACE),
+    ]
+    assert matching(caplog, "could not be loaded", logging.ERROR)
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+
+    assert rig.exit(1000, exit_status(0)) is True
+    assert rig.exit(1002, exit_status(EXIT_APP_LOAD_ERROR)) is False
+    assert rig.master.exit_code == 3
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+
+
+def test_an_app_load_error_after_startup_only_backs_off(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.exit(1001, exit_status(0))
+
+    rig.exit(rig.worker(2).pid, exit_status(EXIT_APP_LOAD_ERROR))
+
+    assert rig.master.exit_code == 0
+    assert not rig.master.stop.value
+    assert rig.kernel.kills == []
+    assert [h.number for h in rig.live()] == [1]
+    rig.kernel.advance(BACKOFF_FIRST)
+    rig.tick()
+    assert [h.number for h in rig.live()] == [1, 2]
+
+
+def test_a_boot_error_at_startup_is_retried_not_fatal(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.tick()
+
+    rig.exit(1001, exit_status(EXIT_BOOT_ERROR))
+
+    assert rig.master.exit_code == 0
+    assert not rig.master.stop.value
+    assert rig.kernel.kills == []
+    rig.kernel.advance(BACKOFF_FIRST)
+    rig.tick()
+    assert [h.number for h in rig.live()] == [1, 2]
+
+
+# --- TERM: graceful stop -------------------------------------------------------------------
+
+
+def test_term_asks_every_worker_to_finish(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3, graceful_timeout=10)
+    rig.start()
+    now = rig.kernel.now
+
+    assert rig.signal(signal.SIGTERM) is True
+
+    for pid in (1000, 1001, 1002):
+        assert rig.kernel.received(pid) == MSG_STOP
+    assert [(h.state, h.deadline) for h in rig.handles()] == [(WorkerState.STOPPING, now + 10)] * 3
+    assert rig.kernel.kills == []
+    assert matching(caplog, "TERM", logging.INFO)
+
+    assert rig.exit(1000, exit_status(0)) is True
+    assert rig.exit(1001, exit_status(0)) is True
+    assert rig.tick() is True
+    assert rig.exit(1002, exit_status(0)) is False
+    assert rig.kernel.spawned == [1000, 1001, 1002]  # nothing respawned
+    assert rig.master.exit_code == 0
+
+
+def test_term_kills_what_is_left_at_the_deadline(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3, graceful_timeout=10)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    deadline = rig.master.workers[1001].deadline
+    rig.exit(1000, exit_status(0))
+
+    rig.kernel.now = deadline - 0.01
+    rig.tick()
+    assert rig.kernel.kills == []
+
+    rig.kernel.now = deadline
+    rig.tick()
+    assert sorted(rig.kernel.kills) == [(1001, signal.SIGKILL), (1002, signal.SIGKILL)]
+    assert [h.state for h in rig.handles()] == [WorkerState.KILLED] * 2
+    assert len(matching(caplog, "killing it", logging.WARNING)) == 2
+
+    rig.kernel.advance(100)
+    rig.tick()
+    assert len(rig.kernel.kills) == 2  # SIGKILL once
+    assert rig.exit(1001, KILLED_BY_SIGKILL) is True
+    assert rig.exit(1002, KILLED_BY_SIGKILL) is False
+    assert rig.master.exit_code == 0
+
+
+def test_term_while_booting_stops_the_booting_worker_too(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.tick()
+    rig.boot(1000)
+
+    rig.signal(signal.SIGTERM)
+    assert rig.kernel.received(1001) == MSG_STOP
+    rig.boot(1001)  # too late: it was told to stop
+
+    assert [h.state for h in rig.handles()] == [WorkerState.STOPPING] * 2
+    assert not rig.master.ever_ready
+
+
+def test_term_falls_back_to_sigterm_without_a_channel(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.kernel.children[1001].close()
+    rig.tick()
+
+    rig.signal(signal.SIGTERM)
+
+    assert rig.kernel.kills == [(1001, signal.SIGTERM)]
+    assert rig.kernel.received(1000) == MSG_STOP
+    assert [h.state for h in rig.handles()] == [WorkerState.STOPPING] * 2
+
+
+def test_a_second_term_changes_nothing(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, graceful_timeout=10)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    deadlines = [h.deadline for h in rig.handles()]
+    rig.kernel.received(1000)
+
+    rig.kernel.advance(1)
+    rig.signal(signal.SIGTERM)
+
+    assert [h.deadline for h in rig.handles()] == deadlines
+    assert rig.kernel.received(1000) == b""
+
+
+# --- INT / QUIT: fast stop -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT], ids=lambda s: s.name)
+def test_fast_stop_quits_then_kills(make_rig: Callable[..., Rig], signum: int) -> None:
+    rig = make_rig(count=3)
+    rig.start()
+    now = rig.kernel.now
+
+    assert rig.signal(signum) is True
+
+    assert sorted(rig.kernel.kills) == [(pid, signal.SIGQUIT) for pid in (1000, 1001, 1002)]
+    assert [(h.state, h.deadline) for h in rig.handles()] == [
+        (WorkerState.STOPPING, now + FAST_STOP_GRACE)
+    ] * 3
+    assert all(rig.kernel.received(pid) == b"" for pid in (1000, 1001, 1002))
+
+    rig.exit(1000, exit_status(0))
+    rig.kernel.now = now + FAST_STOP_GRACE - 0.01
+    rig.tick()
+    assert rig.kernel.kills_of(signal.SIGKILL) == []
+
+    rig.kernel.now = now + FAST_STOP_GRACE
+    rig.tick()
+    assert sorted(rig.kernel.kills_of(signal.SIGKILL)) == [1001, 1002]
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+
+    assert rig.exit(1001, KILLED_BY_SIGKILL) is True
+    assert rig.exit(1002, KILLED_BY_SIGKILL) is False
+    assert rig.master.exit_code == 0
+
+
+def test_quit_after_term_shortens_the_deadline(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, graceful_timeout=30)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    rig.kernel.advance(5)
+    now = rig.kernel.now
+
+    rig.signal(signal.SIGQUIT)
+
+    assert sorted(rig.kernel.kills) == [(1000, signal.SIGQUIT), (1001, signal.SIGQUIT)]
+    assert [h.deadline for h in rig.handles()] == [now + FAST_STOP_GRACE] * 2
+    rig.kernel.advance(FAST_STOP_GRACE)
+    rig.tick()
+    assert sorted(rig.kernel.kills_of(signal.SIGKILL)) == [1000, 1001]
+
+
+def test_a_stopped_master_ignores_ttin_ttou_and_hup(make_rig: Callable[..., Rig]) -> None:
+    calls: list[Generation] = []
+
+    def reloader(current: Generation, held: list[Listener]) -> Generation:
+        calls.append(current)
+        return Generation(2, current.config, [])
+
+    rig = make_rig(count=2, reloader=reloader)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+
+    rig.signal(signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP)
+    rig.exit(1000, exit_status(0))
+
+    assert rig.master.target == 2
+    assert calls == []
+    assert rig.kernel.spawned == [1000, 1001]
+
+
+# --- TTIN / TTOU ---------------------------------------------------------------------------
+
+
+def test_ttin_adds_a_worker(make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture) -> None:
+    rig = make_rig(count=3)
+    rig.start()
+
+    rig.signal(signal.SIGTTIN)
+
+    assert rig.master.target == 4
+    assert rig.worker(4).pid == 1003
+    assert rig.worker(4).state is WorkerState.BOOTING
+    assert matching(caplog, "TTIN: 4 workers")
+
+
+def test_ttin_stops_at_half_the_scoreboard(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3, capacity=8)
+    rig.start()
+
+    rig.signal(signal.SIGTTIN, signal.SIGTTIN)
+
+    assert rig.master.target == 4
+    assert [h.number for h in rig.live()] == [1, 2, 3, 4]
+    assert matching(caplog, "already at the maximum of 4 workers", logging.WARNING)
+
+
+def test_ttou_retires_the_highest_numbered_worker(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3, graceful_timeout=10)
+    rig.start()
+    now = rig.kernel.now
+
+    rig.signal(signal.SIGTTOU)
+
+    assert rig.master.target == 2
+    assert rig.kernel.received(1002) == MSG_STOP
+    assert rig.kernel.received(1000) == rig.kernel.received(1001) == b""
+    third = rig.master.workers[1002]
+    assert (third.state, third.deadline) == (WorkerState.STOPPING, now + 10)
+    assert matching(caplog, "TTOU: 2 workers")
+
+    rig.exit(1002, exit_status(0))
+    rig.tick()
+    assert [h.number for h in rig.live()] == [1, 2]
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+
+
+def test_ttou_never_goes_below_one_worker(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1)
+    rig.start()
+
+    rig.signal(signal.SIGTTOU)
+
+    assert rig.master.target == 1
+    assert rig.kernel.received(1000) == b""
+    assert rig.worker(1).state is WorkerState.READY
+
+
+@pytest.mark.parametrize(
+    ("signums", "target", "numbers"),
+    [
+        ([signal.SIGTTIN] * 3, 6, [1, 2, 3, 4, 5, 6]),
+        ([signal.SIGTTIN, signal.SIGTTOU, signal.SIGTTIN], 4, [1, 2, 3, 4]),
+        ([signal.SIGTTOU, signal.SIGTTOU, signal.SIGTTIN], 2, [1, 2]),
+        ([signal.SIGTTIN, signal.SIGTERM, signal.SIGTTIN], 4, []),
+        ([signal.SIGCHLD, 0, signal.SIGWINCH, signal.SIGTTIN], 4, [1, 2, 3, 4]),
+    ],
+    ids=["ttin-x3", "in-out-in", "out-out-in", "in-term-in", "ignored-then-ttin"],
+)
+def test_signals_act_in_arrival_order_and_none_is_lost(
+    make_rig: Callable[..., Rig], signums: list[int], target: int, numbers: list[int]
+) -> None:
+    rig = make_rig(count=3)
+    rig.start()
+
+    rig.signal(*signums)
+
+    assert rig.master.target == target
+    assert [h.number for h in rig.live()] == numbers
+
+
+# --- hung workers --------------------------------------------------------------------------
+
+
+def test_a_hung_worker_is_aborted_then_killed_then_replaced(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, timeout=30, timeout_grace=2)
+    rig.start()
+    started = rig.busy(rig.worker(2))
+
+    rig.kernel.now = started + 29.99
+    rig.tick()
+    assert rig.kernel.kills == []
+
+    rig.kernel.now = started + 30.5
+    rig.tick()
+    hung = rig.master.workers[1001]
+    assert rig.kernel.kills == [(1001, signal.SIGABRT)]
+    assert hung.state is WorkerState.ABORTING
+    assert hung.deadline == rig.kernel.now + 2
+    (line,) = matching(caplog, "timed out", logging.ERROR)
+    assert "worker 2 (pid 1001) timed out after 30.5s serving GET /slow" in line
+
+    rig.kernel.now = hung.deadline - 0.01
+    rig.tick()
+    assert rig.kernel.kills == [(1001, signal.SIGABRT)]
+
+    rig.kernel.now = hung.deadline
+    rig.tick()
+    assert rig.kernel.kills == [(1001, signal.SIGABRT), (1001, signal.SIGKILL)]
+    assert hung.state is WorkerState.KILLED
+
+    rig.exit(1001, KILLED_BY_SIGKILL)
+    assert rig.worker(2).pid == 1002
+    assert rig.worker(2).state is WorkerState.BOOTING
+    assert rig.scoreboard.read(hung.slot).method == ""  # cleared for the next worker
+    assert messages(caplog, logging.WARNING) == []
+    assert matching(caplog, "worker 2 (pid 1001) exited (timeout): killed by SIGKILL")
+
+
+def test_a_hung_worker_is_replaced_while_it_is_being_killed(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Capacity first: the replacement boots while the hung one dumps its stack and dies."""
+    rig = make_rig(count=2, timeout=30, timeout_grace=2)
+    rig.start()
+    started = rig.busy(rig.worker(2))
+    rig.kernel.now = started + 30.5
+    rig.tick()
+    assert rig.master.workers[1001].state is WorkerState.ABORTING
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+    assert rig.master.workers[1002].number == 2
+    assert rig.master.workers[1002].state is WorkerState.BOOTING
+
+    rig.exit(1001, signal.SIGABRT)
+    assert rig.kernel.spawned == [1000, 1001, 1002], "replaced twice"
+
+
+def test_a_hung_worker_without_grace_is_killed_at_once(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, timeout=10, timeout_grace=0)
+    rig.start()
+    started = rig.busy(rig.worker(1), b"POST", b"/upload")
+
+    rig.kernel.now = started + 10.5
+    rig.tick()
+
+    assert rig.kernel.kills == [(1000, signal.SIGKILL)]
+    assert rig.master.workers[1000].state is WorkerState.KILLED
+    rig.exit(1000, KILLED_BY_SIGKILL)
+    assert rig.worker(1).pid == 1002
+
+
+def test_an_idle_worker_never_times_out(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1, timeout=10)
+    rig.start()
+    rig.busy(rig.worker(1))
+    rig.scoreboard.slot(rig.worker(1).slot).done()
+
+    rig.kernel.advance(1000)
+    rig.tick()
+
+    assert rig.kernel.kills == []
+
+
+def test_a_stopping_worker_that_hangs_is_aborted(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1, timeout=10, timeout_grace=2, graceful_timeout=60)
+    rig.start()
+    started = rig.busy(rig.worker(1))
+    rig.signal(signal.SIGTERM)
+
+    rig.kernel.now = started + 11
+    rig.tick()
+
+    assert rig.kernel.kills == [(1000, signal.SIGABRT)]
+    assert rig.master.workers[1000].state is WorkerState.ABORTING
+
+
+# --- boot timeout --------------------------------------------------------------------------
+
+
+def test_a_worker_that_does_not_boot_in_time_is_killed(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, boot_timeout=20)
+    rig.tick()
+    rig.boot(1000)
+    deadline = rig.master.workers[1001].deadline
+    assert deadline == rig.master.workers[1001].started + 20
+
+    rig.kernel.now = deadline - 0.01
+    rig.tick()
+    assert rig.kernel.kills == []
+
+    rig.kernel.now = deadline
+    rig.tick()
+    assert rig.kernel.kills == [(1001, signal.SIGKILL)]
+    assert rig.master.workers[1001].state is WorkerState.KILLED
+    assert rig.master.workers[1000].state is WorkerState.READY
+    assert matching(caplog, "worker 2 (pid 1001) did not boot within 20s", logging.ERROR)
+
+
+# --- USR1 ----------------------------------------------------------------------------------
+
+
+def test_usr1_reopens_the_logs_everywhere(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3)
+    rig.start()
+
+    rig.signal(signal.SIGUSR1)
+
+    assert rig.logs.reopened == 1
+    assert [rig.kernel.received(pid) for pid in (1000, 1001, 1002)] == [MSG_REOPEN] * 3
+    assert all(h.state is WorkerState.READY for h in rig.handles())
+    assert matching(caplog, "USR1")
+
+
+# --- reload (HUP) --------------------------------------------------------------------------
+
+
+def reload_to(config: Config, numbers: Iterator[int] | None = None):
+    """A reloader that builds generation 2, 3, ... with `config`; records its calls."""
+    numbers = numbers if numbers is not None else itertools.count(2)
+    calls: list[Generation] = []
+
+    def reloader(current: Generation, held: list[Listener]) -> Generation:
+        calls.append(current)
+        return Generation(next(numbers), config, [])
+
+    reloader.calls = calls  # type: ignore[attr-defined]
+    return reloader
+
+
+def test_reload_boots_a_canary_before_touching_the_old_workers(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    new_config = make_config(3, timeout=20)
+    rig = make_rig(count=3, reloader=reload_to(new_config))
+    old = rig.start()
+
+    rig.signal(signal.SIGHUP)
+
+    canary = rig.worker(1, generation=2)
+    assert canary.state is WorkerState.BOOTING and canary.pid == 1003
+    assert rig.master.current.number == 1
+    for _ in range(3):
+        rig.kernel.advance(1)
+        rig.tick()
+    assert rig.kernel.spawned == [1000, 1001, 1002, 1003]  # one canary, no more
+    assert all(h.state is WorkerState.READY for h in old)
+    assert [rig.kernel.received(h.pid) for h in old] == [b""] * 3
+    assert rig.kernel.kills == []
+
+    rig.boot(canary.pid)
+
+    assert rig.master.current.number == 2
+    assert rig.master.current.config is new_config
+    assert rig.master.pending is None
+    assert rig.kernel.received(1000) == MSG_STOP  # old worker 1 makes way for new worker 1
+    assert rig.kernel.received(1001) == rig.kernel.received(1002) == b""
+    assert old[0].state is WorkerState.STOPPING
+    assert matching(caplog, "generation 2 is serving")
+
+
+def test_reload_replaces_the_old_workers_one_at_a_time(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=3, reloader=reload_to(make_config(3)))
+    old = rig.start()
+    rig.signal(signal.SIGHUP)
+
+    rounds = 0
+    while rig.live(generation=1):
+        booting = [h for h in rig.live(generation=2) if h.state is WorkerState.BOOTING]
+        assert len(booting) <= 1, "more than one new worker booting during a roll"
+        assert booting, "the roll stalled"
+        # an old worker is retired only once its replacement serves
+        assert len(rig.live(1)) + len([h for h in rig.live(2) if h.state is WorkerState.READY]) >= 3
+        rig.boot(booting[0].pid)
+        rounds += 1
+        assert rounds <= 3
+
+    assert [(h.number, h.state) for h in rig.live(generation=2)] == [
+        (1, WorkerState.READY),
+        (2, WorkerState.READY),
+        (3, WorkerState.READY),
+    ]
+    assert [rig.kernel.received(h.pid) for h in old] == [MSG_STOP] * 3
+    assert all(h.state is WorkerState.STOPPING for h in old)
+
+    for h in old:
+        rig.exit(h.pid, exit_status(0))
+    assert rig.handles() == rig.live(generation=2)
+    assert len(rig.kernel.spawned) == 6  # 3 old, 3 new, nothing else
+    assert rig.kernel.kills == []
+
+
+def test_reload_to_fewer_workers_retires_the_extra_old_ones(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=3, reloader=reload_to(make_config(2)))
+    old = rig.start()
+    rig.signal(signal.SIGHUP)
+    assert rig.master.target == 2
+
+    for _ in range(2):
+        (booting,) = [h for h in rig.live(2) if h.state is WorkerState.BOOTING]
+        rig.boot(booting.pid)
+
+    assert [h.number for h in rig.live(2)] == [1, 2]
+    assert rig.live(1) == []
+    assert all(h.state is WorkerState.STOPPING for h in old)
+    assert len(rig.kernel.spawned) == 5
+
+
+def test_a_reloader_that_raises_changes_nothing(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    def reloader(current: Generation, held: list[Listener]) -> Generation:
+        raise ValueError("bad yaml")
+
+    rig = make_rig(count=2, reloader=reloader)
+    old = rig.start()
+
+    rig.signal(signal.SIGHUP)
+    rig.tick()
+
+    assert matching(caplog, "reload failed: bad yaml", logging.ERROR)
+    assert rig.master.pending is None and rig.master.current.number == 1
+    assert rig.kernel.spawned == [1000, 1001]
+    assert rig.kernel.kills == []
+    assert [rig.kernel.received(h.pid) for h in old] == [b""] * 2
+    assert all(h.state is WorkerState.READY for h in old)
+
+
+def test_hup_without_a_reloader_is_ignored(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    assert rig.kernel.spawned == [1000, 1001]
+    assert rig.master.pending is None
+
+
+def test_a_canary_that_cannot_boot_fails_the_reload(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    old = rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
+    for _ in range(3):
+        rig.kernel.advance(1)
+        rig.tick()
+
+    assert matching(caplog, "reload failed", logging.ERROR)
+    assert matching(caplog, "still serving generation 1")
+    assert rig.master.current.number == 1 and rig.master.pending is None
+    assert rig.master.exit_code == 0 and not rig.master.stop.value
+    assert rig.handles() == old
+    assert all(h.state is WorkerState.READY for h in old)
+    assert [rig.kernel.received(h.pid) for h in old] == [b""] * 2
+    assert rig.kernel.kills == []
+    assert rig.kernel.spawned == [1000, 1001, 1002]  # no second canary
+
+
+def test_term_during_a_reload_stops_the_canary_too(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.signal(signal.SIGTERM)
+
+    assert rig.master.pending is None
+    assert [rig.kernel.received(pid) for pid in (1000, 1001, canary.pid)] == [MSG_STOP] * 3
+    assert all(h.state is WorkerState.STOPPING for h in rig.handles())
+    rig.boot(canary.pid)  # too late
+    assert rig.master.current.number == 1
+    assert rig.exit(1000, exit_status(0)) is True
+    assert rig.exit(canary.pid, exit_status(0)) is True
+    assert rig.exit(1001, exit_status(0)) is False
+    assert rig.kernel.spawned == [1000, 1001, canary.pid]
+
+
+def test_a_second_hup_during_the_canary_replaces_it(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    first = rig.worker(1, generation=2)
+
+    rig.signal(signal.SIGHUP)
+
+    assert rig.kernel.received(first.pid) == MSG_STOP
+    assert first.state is WorkerState.STOPPING
+    assert rig.worker(1, generation=3).state is WorkerState.BOOTING
+    assert rig.master.current.number == 1
+    assert rig.live(1) and all(h.state is WorkerState.READY for h in rig.live(1))
+
+
+def test_ttin_survives_a_reload_that_keeps_the_worker_count(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=3, reloader=reload_to(make_config(3)))
+    rig.start()
+    rig.signal(signal.SIGTTIN)
+    rig.boot(rig.worker(4).pid)
+
+    rig.signal(signal.SIGHUP)
+    assert rig.master.target == 4
+    while rig.live(1):
+        (booting,) = [h for h in rig.live(2) if h.state is WorkerState.BOOTING]
+        rig.boot(booting.pid)
+
+    assert [h.number for h in rig.live(2)] == [1, 2, 3, 4]
+
+
+def test_a_reload_that_changes_the_worker_count_sets_the_target(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=3, reloader=reload_to(make_config(5)))
+    rig.start()
+    rig.signal(signal.SIGTTIN)
+
+    rig.signal(signal.SIGHUP)
+
+    assert rig.master.target == 5
+
+
+def test_every_reload_rolls_even_when_the_reloader_reuses_a_generation_number(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """prefork.cli.reloader returns Generation(0, ...) every time; the master is what has to
+    tell generations apart, so the second HUP must roll the pool just like the first."""
+    rig = make_rig(count=2, reloader=reload_to(make_config(2), itertools.repeat(0)))
+    rig.start()
+
+    for round_ in range(2):
+        before = {h.pid for h in rig.live()}
+        rig.signal(signal.SIGHUP)
+        for _ in range(2):
+            booting = [
+                h for h in rig.live() if h.state is WorkerState.BOOTING and h.pid not in before
+            ]
+            assert len(booting) == 1, f"reload {round_ + 1}: no new worker boots"
+            rig.boot(booting[0].pid)
+        assert {h.pid for h in rig.live()}.isdisjoint(before), f"reload {round_ + 1}"
+        for h in list(rig.handles()):
+            if h.state is WorkerState.STOPPING:
+                rig.exit(h.pid, exit_status(0))
+
+
+def test_a_worker_that_dies_during_a_reload_is_replaced(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=3, reloader=reload_to(make_config(3)))
+    rig.start()
+    rig.signal(signal.SIGHUP)  # the canary boots (for up to boot_timeout)
+
+    rig.exit(1001, KILLED_BY_SIGKILL)
+
+    assert len(rig.live(1)) + len(rig.live(2)) == 4, "the pool shrank while the canary boots"
+    assert 2 in [h.number for h in rig.live(1)]
+
+
+def test_a_canary_killed_for_its_boot_timeout_fails_the_reload(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2, boot_timeout=5)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.kernel.advance(5)
+    rig.tick()
+    assert rig.kernel.kills == [(canary.pid, signal.SIGKILL)]
+    rig.exit(canary.pid, KILLED_BY_SIGKILL)
+
+    assert rig.master.pending is None
+    assert rig.master.current.number == 1
+    assert rig.live(2) == [], "a new canary was started"
+    assert matching(caplog, "reload failed", logging.ERROR)
+    assert not rig.master.reloading
+    assert rig.announce.named("reloaded")[-1][1] is False
+
+
+def test_the_boot_timeout_log_names_the_workers_own_timeout(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=1, boot_timeout=60, reloader=reload_to(make_config(1, boot_timeout=5)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.kernel.advance(5)
+    rig.tick()
+
+    assert rig.kernel.kills == [(canary.pid, signal.SIGKILL)]
+    assert matching(caplog, f"worker 1 (pid {canary.pid}) did not boot within 5s", logging.ERROR)
+
+
+# --- sleep ---------------------------------------------------------------------------------
+
+
+def test_sleep_is_capped_at_max_sleep(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, timeout=30)
+    rig.tick()
+    assert rig.kernel.waits == [MAX_SLEEP]  # nothing else to wait for yet
+    rig.start()
+    assert rig.kernel.waits[-1] == MAX_SLEEP == 1.0
+
+
+def test_sleep_is_capped_at_a_quarter_of_the_timeout(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, timeout=2)
+    rig.start()
+    rig.tick()
+    assert rig.kernel.waits[-1] == 0.5
+
+
+def test_sleep_ends_at_the_nearest_deadline(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, boot_timeout=0.3)
+    rig.tick()
+    rig.tick()
+    assert rig.kernel.waits[-1] == pytest.approx(0.3)
+    rig.kernel.advance(0.1)
+    rig.tick()
+    assert rig.kernel.waits[-1] == pytest.approx(0.2)
+
+
+def test_sleep_ends_at_a_graceful_deadline(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2, graceful_timeout=0.25)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    rig.tick()
+    assert rig.kernel.waits[-1] == pytest.approx(0.25)
+
+
+def test_sleep_ends_at_an_abort_deadline(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1, timeout=10, timeout_grace=0.4)
+    rig.start()
+    started = rig.busy(rig.worker(1))
+    rig.kernel.now = started + 11
+    rig.tick()
+    rig.tick()
+    assert rig.kernel.waits[-1] == pytest.approx(0.4)
+
+
+def test_sleep_watches_the_signals_and_every_channel(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    seen: list[list[int]] = []
+    wait = rig.kernel.wait
+
+    def spy(fds: list[int], timeout: float) -> list[int]:
+        seen.append(list(fds))
+        return wait(fds, timeout)
+
+    rig.kernel.wait = spy  # type: ignore[method-assign]
+    rig.tick()
+    channels = [h.channel.fileno() for h in rig.handles() if h.channel is not None]
+    assert sorted(seen[0]) == sorted([rig.signals.fileno(), *channels])
+
+
+# --- scoreboard slots ----------------------------------------------------------------------
+
+
+def test_slots_are_never_handed_out_twice_and_come_back(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=4, capacity=8)
+    rig.start()
+    assert sorted(h.slot for h in rig.handles()) == [0, 1, 2, 3]
+    for _ in range(10):
+        rig.exit(rig.worker(3).pid, exit_status(0))
+        rig.boot(rig.worker(3).pid)
+        slots = [h.slot for h in rig.handles()]
+        assert len(set(slots)) == len(slots)
+    assert len(rig.master.free_slots) == 4
+
+
+def test_resizing_faster_than_workers_exit_does_not_crash_the_master(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Workers told to stop keep their slot until they are reaped (up to graceful_timeout);
+    TTOU/TTIN in quick succession must not exhaust the scoreboard and kill the master."""
+    rig = make_rig(count=4, capacity=8, graceful_timeout=30)
+    rig.start()
+
+    for _ in range(3):
+        rig.signal(signal.SIGTTOU, signal.SIGTTOU, signal.SIGTTOU)
+        rig.signal(signal.SIGTTIN, signal.SIGTTIN, signal.SIGTTIN)
+        rig.boot_all()
+
+    slots = [h.slot for h in rig.handles()]
+    assert len(set(slots)) == len(slots) <= 8
+
+
+# --- what the master announces (systemd notify, daemon launcher, reload status) ---------------
+
+IMPORT_ERROR = "No module named 'm'"
+
+
+def test_ready_is_announced_once_the_pool_is_up(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.tick()
+    rig.boot(1000)
+    assert rig.announce.calls == []
+
+    rig.boot(1001)
+    rig.exit(1001, exit_status(0))
+    rig.boot(rig.worker(2).pid)
+
+    assert rig.announce.calls == [("ready", "2 workers ready")]
+
+
+def test_stopping_is_announced_once(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    rig.signal(signal.SIGTERM)
+    rig.signal(signal.SIGQUIT)
+    assert rig.announce.named("stopping") == [("stopping",)]
+
+
+def test_a_reload_is_announced_done_when_the_last_old_worker_is_replaced(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.announce.calls.clear()
+
+    rig.signal(signal.SIGHUP)
+    assert rig.announce.calls == [("reloading",)]
+    rig.boot(rig.worker(1, generation=2).pid)  # the canary: generation 2 serves
+    assert rig.announce.named("reloaded") == []
+    assert rig.master.reloading
+
+    rig.boot(rig.worker(2, generation=2).pid)
+
+    assert rig.announce.named("reloaded") == [
+        ("reloaded", True, "reloaded: generation 2 serving with 2 workers")
+    ]
+    assert not rig.master.reloading
+    rig.tick()
+    assert len(rig.announce.named("reloaded")) == 1
+
+
+def test_a_reloader_error_is_announced(make_rig: Callable[..., Rig]) -> None:
+    def reloader(current: Generation, held: list[Listener]) -> Generation:
+        raise ValueError("bad yaml")
+
+    rig = make_rig(count=1, reloader=reloader)
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    assert rig.announce.calls[-2:] == [
+        ("reloading",),
+        ("reloaded", False, "reload failed: bad yaml; still serving generation 1"),
+    ]
+    assert not rig.master.reloading
+
+
+def test_a_failed_canary_is_announced_with_its_error(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.kernel.children[canary.pid].send(MSG_BOOT_ERROR + IMPORT_ERROR.encode())
+    rig.tick()
+    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
+
+    ((_, ok, message),) = rig.announce.named("reloaded")
+    assert not ok
+    assert IMPORT_ERROR in message and "still serving generation 1" in message
+    assert matching(caplog, IMPORT_ERROR, logging.ERROR)
+    assert not rig.master.reloading
+
+
+def test_a_boot_error_sent_just_before_the_exit_is_not_lost(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+
+    rig.kernel.children[canary.pid].send(MSG_BOOT_ERROR + IMPORT_ERROR.encode())
+    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
+
+    ((_, ok, message),) = rig.announce.named("reloaded")
+    assert IMPORT_ERROR in message
+
+
+def test_an_app_load_error_at_startup_records_why(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    rig.tick()
+    rig.kernel.children[1000].send(MSG_BOOT_ERROR + b"Traceback...\n" + IMPORT_ERROR.encode())
+    rig.tick()
+
+    rig.exit(1000, exit_status(EXIT_APP_LOAD_ERROR))
+
+    assert rig.master.exit_code == EXIT_APP_FAILED
+    assert rig.master.failure == f"the application could not be loaded: {IMPORT_ERROR}"
+    assert rig.announce.named("stopping") == [("stopping",)]
+    assert rig.announce.named("ready") == []
+
+
+def test_the_watchdog_is_fed_on_its_interval(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1, watchdog_interval=5.0)
+    rig.tick()
+    assert rig.announce.named("watchdog") == [("watchdog",)]
+    fed_at = rig.kernel.now
+
+    rig.kernel.now = fed_at + 4.99
+    rig.tick()
+    assert len(rig.announce.named("watchdog")) == 1
+
+    rig.kernel.now = fed_at + 5
+    rig.tick()
+    assert len(rig.announce.named("watchdog")) == 2
+
+
+def test_sleep_wakes_up_for_the_watchdog(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1, watchdog_interval=0.3)
+    rig.start()
+    rig.kernel.advance(0.1)
+    due = rig.master.next_watchdog
+    rig.tick()
+    assert rig.kernel.waits[-1] == pytest.approx(due - rig.kernel.now)
+    fed = len(rig.announce.named("watchdog"))
+    rig.kernel.now = due
+    rig.tick()
+    assert len(rig.announce.named("watchdog")) == fed + 1
+
+
+def test_without_a_watchdog_nothing_is_fed(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1)
+    rig.start()
+    rig.kernel.advance(100)
+    rig.tick()
+    assert rig.announce.named("watchdog") == []
+    assert rig.kernel.waits[-1] == MAX_SLEEP
