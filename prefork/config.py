@@ -403,7 +403,8 @@ class LoggingConfig:
     access_log_format: str = field(
         default="combined",
         metadata=_meta(
-            "Access log line format: Apache combined, or one JSON object per line.",
+            "Access log line format: Apache combined plus the duration in microseconds, or "
+            "one JSON object per line.",
             choices=("combined", "json"),
         ),
     )

@@ -120,15 +120,20 @@ class HttpProtocol:
         env["wsgi.input"] = Input(conn, request, self.body_timeout)
         return env
 
-    def serve(self, conn: Connection, keep_alive: bool) -> bool:
+    def serve(self, conn: Connection, keep_alive: bool, budget: int = 0) -> bool:
         """Answer every complete request head the parser holds; False if the connection must
-        close. `keep_alive` says whether the worker wants to keep connections at all."""
+        close. `keep_alive` says whether the worker wants to keep connections at all;
+        `budget` is how many more requests it may serve (0: no limit), so the response that
+        uses up the budget says Connection: close."""
         parser = conn.parser
         while parser.requests:
             request = parser.requests.popleft()
             conn.served += 1
-            if not self.respond(conn, request, keep_alive and not parser.upgraded):
+            keep = keep_alive and budget != 1 and not parser.upgraded
+            if not self.respond(conn, request, keep):
                 return False
+            if budget:
+                budget -= 1
         return not parser.upgraded
 
     def respond(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
@@ -141,6 +146,7 @@ class HttpProtocol:
             self.send_timeout,
             self.server_line,
             self.dates.line(),
+            self.slot.stop_requested,
         )
         self.slot.busy(request.method.encode("latin-1"), request.target[:192])
         try:

@@ -452,6 +452,7 @@ class Master:
             timeout = self.current.config.workers.graceful_timeout
         if handle.state not in LIVE:
             return
+        self.scoreboard.request_stop(handle.slot)
         sent = False
         if handle.channel is not None:
             try:

@@ -1,8 +1,9 @@
 """The scoreboard: one fixed-size slot per worker in anonymous shared memory.
 
 Invariants: created by the master before any fork; a worker writes only its own slot, with
-`struct.pack_into` (no lock, no syscall per request); the master only reads. A read retries
-until two consecutive copies agree, so a half-written slot is never acted on.
+`struct.pack_into` (no lock, no syscall per request); the master reads, and writes only the
+last byte of a slot (the stop request). A read retries until two consecutive copies agree, so
+a half-written slot is never acted on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ _IDENT = struct.Struct("<iII")
 _REQUEST_OFFSET = _HEAD.size
 _IDENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
 _STATE_STARTED = struct.Struct("<B7xd")
-assert _IDENT_OFFSET + _IDENT.size <= SLOT_SIZE
+# The one byte the master writes: "finish this request with Connection: close and stop".
+_STOP_OFFSET = SLOT_SIZE - 1
+assert _IDENT_OFFSET + _IDENT.size <= _STOP_OFFSET
 
 
 class Activity(enum.IntEnum):
@@ -77,6 +80,10 @@ class Scoreboard:
             number,
         )
 
+    def request_stop(self, index: int) -> None:
+        """Tell a busy worker, without a syscall, that its current response is its last."""
+        self.memory[index * SLOT_SIZE + _STOP_OFFSET] = 1
+
     def clear(self, index: int) -> None:
         offset = index * SLOT_SIZE
         self.memory[offset : offset + SLOT_SIZE] = bytes(SLOT_SIZE)
@@ -109,6 +116,9 @@ class Slot:
     def done(self) -> None:
         self.requests += 1
         _HEAD.pack_into(self._memory, self._offset, Activity.IDLE, 0.0, self.requests)
+
+    def stop_requested(self) -> bool:
+        return self._memory[self._offset + _STOP_OFFSET] != 0
 
     def set(self, activity: Activity) -> None:
         _HEAD.pack_into(self._memory, self._offset, activity, 0.0, self.requests)

@@ -233,6 +233,8 @@ class Worker:
         if self.protocol is None:
             self.serve_stream(sock, peer)
             return True
+        if len(self.conns) >= self.max_connections:
+            self.evict_idle()
         conn = Connection(sock, peer, listener, self.limits)
         conn.deadline = time.monotonic() + self.header_timeout
         if not self.on_readable(conn) and not conn.closed:
@@ -256,6 +258,13 @@ class Worker:
             assert self.protocol is not None
             self.protocol.reject(conn, exc)
             return True
+        except Exception:
+            # a parser bug must cost one connection, never the worker
+            log.exception("worker %d: unexpected error parsing a request", self.spec.number)
+            self.conns.pop(conn.fd, None)
+            assert self.protocol is not None
+            self.protocol.reject(conn, ProtocolError(400, "malformed request"))
+            return True
         if parser.requests:
             self.serve(conn)
         elif was_idle and not parser.idle:
@@ -270,9 +279,10 @@ class Worker:
             self.keepalive_timeout > 0
             and not self.stopping
             and not self.retiring
-            and len(self.conns) < self.max_connections
+            and len(self.conns) <= self.max_connections
         )
-        keep = protocol.serve(conn, keep_alive)
+        budget = max(1, self.max_requests - self.slot.requests) if self.max_requests else 0
+        keep = protocol.serve(conn, keep_alive, budget)
         if self.max_requests and self.slot.requests >= self.max_requests and not self.retiring:
             self.retire()
             keep = keep and not conn.parser.idle
@@ -291,8 +301,17 @@ class Worker:
         if conn.fd not in self.conns:
             self.conns[conn.fd] = conn
             self.epoll.register(conn.fd, _EPOLLIN)
-            if len(self.conns) >= self.max_connections:
-                self.stop_accepting()
+            if len(self.conns) >= self.max_connections and not self.evict_idle():
+                self.stop_accepting()  # every one is mid-request: let other workers accept
+
+    def evict_idle(self) -> bool:
+        """At the connection cap, close the longest-parked idle keep-alive connection (HTTP
+        lets a server close an idle connection at any time) so a new client is not refused."""
+        for conn in self.conns.values():
+            if conn.parser.idle and conn.served:
+                self.drop(conn)
+                return True
+        return False
 
     def drop(self, conn: Connection) -> None:
         if (

@@ -187,6 +187,7 @@ class Response:
         "chunked",
         "bytes_sent",
         "no_body",
+        "must_close",
     )
 
     def __init__(
@@ -197,8 +198,10 @@ class Response:
         send_timeout: float,
         server_line: bytes,
         date_line: bytes,
+        must_close: Callable[[], bool] | None = None,
     ) -> None:
         self.conn = conn
+        self.must_close = must_close
         self.request = request
         self.keep_alive = keep_alive
         self.send_timeout = send_timeout
@@ -270,6 +273,8 @@ class Response:
                 self.keep_alive = False  # close-delimited body
         if self.content_length is None and length is not None:
             self.content_length = length
+        if self.keep_alive and self.must_close is not None and self.must_close():
+            self.keep_alive = False  # the worker was asked to stop while this request ran
         if self.keep_alive:
             if self.request.version == "1.0":
                 framing += b"Connection: keep-alive\r\n"
@@ -291,7 +296,7 @@ class Response:
         if not self.status:
             raise AssertionError("write() before start_response()")
         if type(data) is not bytes:
-            data = bytes(data)  # bytearray/memoryview are tolerated; str raises TypeError
+            data = _as_bytes(data)
         out = b"" if self.head_sent else self.head(None)
         self.head_sent = True
         if data and not self.no_body:
@@ -306,8 +311,9 @@ class Response:
 
     def send_whole(self, body: bytes) -> None:
         """The whole response in one send: head plus a body the server holds entirely."""
+        if type(body) is not bytes:
+            body = _as_bytes(body)
         out = self.head(len(body))
-        self.head_sent = True
         if not self.no_body:
             length = self.content_length
             if length is not None and len(body) > length:
@@ -315,6 +321,7 @@ class Response:
                 self.keep_alive = False
             self.bytes_sent = len(body)
             out += body
+        self.head_sent = True
         self.conn.send(out, self.send_timeout)
 
     def sendfile(self, wrapper: FileWrapper, fd: int) -> bool:
@@ -364,6 +371,14 @@ class Response:
             self.keep_alive = False  # the client will see a short body; the framing is lost
 
 
+def _as_bytes(data: object) -> bytes:
+    """bytearray and memoryview are tolerated; anything else (a str, most often) is the
+    application's error, reported before a byte of the response is sent."""
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"a WSGI body must be bytes, not {type(data).__name__}")
+
+
 def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
     """Call the application and send its response; the iterable is always closed."""
     result = app(environ, response.start_response)
@@ -378,7 +393,11 @@ def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
             else:
                 for data in result:
                     response.write(data)
-        elif type(result) is FileWrapper and (fd := result.fileno()) is not None:
+        elif (
+            type(result) is FileWrapper
+            and not response.head_sent  # write() already chose the framing
+            and (fd := result.fileno()) is not None
+        ):
             if not response.status:
                 raise AssertionError("application returned without calling start_response()")
             if not response.sendfile(result, fd):

@@ -16,6 +16,12 @@ from prefork.http.errors import ProtocolError
 
 # RFC 9112 section 6.1: a transfer-coding list must end in chunked for a request to be framed.
 _CHUNKED = b"chunked"
+# How far past max_header_size an incomplete head may grow before it is cut off: one read.
+HEAD_SLACK = 65536
+_OWS = b" \t"
+# "GET" SP target SP "HTTP/1.1" CRLF, and the CRLF that ends the head
+_LINE_OVERHEAD = 1 + 1 + 8 + 2 + 2
+_FIELD_OVERHEAD = 2 + 2  # ": " and CRLF
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,7 @@ class Request:
         self.version = version
         self.headers = headers
         self.keep_alive = keep_alive
-        self.path, self.query = split_target(target)
+        self.path, self.query = split_target(target, method == "CONNECT")
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False
@@ -84,12 +90,18 @@ class Request:
         return None
 
 
-def split_target(target: bytes) -> tuple[bytes, bytes]:
-    """Split a request-target into raw (path, query); absolute-form keeps only the path."""
+def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes]:
+    """Split a request-target into raw (path, query); absolute-form keeps only the path,
+    authority-form (`connect`: host:port) has neither. An unusable target is a 400."""
+    if connect:
+        return b"", b""
     if target[:1] != b"/":
         if target == b"*":
             return target, b""
-        url = httptools.parse_url(target)  # absolute-form (RFC 9112 3.2.2)
+        try:
+            url = httptools.parse_url(target)  # absolute-form (RFC 9112 3.2.2)
+        except httptools.HttpParserInvalidURLError:
+            raise ProtocolError(400, "invalid request target") from None
         return url.path or b"/", url.query or b""
     path, sep, query = target.partition(b"?")
     if b"#" in query or b"#" in path:
@@ -116,6 +128,7 @@ class RequestParser:
         "_started",
         "_in_head",
         "_head_bytes",
+        "_head_size",
     )
 
     def __init__(self, limits: Limits) -> None:
@@ -129,6 +142,7 @@ class RequestParser:
         self._started = False
         self._in_head = False
         self._head_bytes = 0
+        self._head_size = 0
 
     @property
     def idle(self) -> bool:
@@ -154,11 +168,12 @@ class RequestParser:
         except httptools.HttpParserError as exc:
             raise ProtocolError(400, str(exc) or "malformed request") from None
         if self._in_head:
-            # llhttp buffers a partial field itself, so count what was fed while the head is
-            # incomplete. The feed where the head began counts whole: an overestimate of at
-            # most one read, which the connection keeps below the limit.
+            # llhttp buffers a partial field out of our sight, so bound what a head still
+            # incomplete after this feed may hold. The feed where the head began counts whole
+            # (its offset is unknown), hence one read of slack; the exact limit is applied to
+            # every complete head in on_headers_complete.
             self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_size:
+            if self._head_bytes > self.limits.max_header_size + HEAD_SLACK:
                 raise ProtocolError(431, "request header too large")
 
     # llhttp callbacks ------------------------------------------------------------------
@@ -167,6 +182,7 @@ class RequestParser:
         self._started = True
         self._in_head = True
         self._head_bytes = 0
+        self._head_size = _LINE_OVERHEAD
         self._url = b""
         self._headers = []
 
@@ -179,16 +195,28 @@ class RequestParser:
         headers = self._headers
         if len(headers) >= self.limits.max_header_fields:
             raise ProtocolError(431, "too many header fields")
-        if len(name) + len(value) > self.limits.max_field_size:
+        size = len(name) + len(value)
+        if size > self.limits.max_field_size:
             raise ProtocolError(431, "header field too large")
-        headers.append((name, value))
+        self._head_size += size + _FIELD_OVERHEAD
+        # RFC 9110 5.5: leading and trailing whitespace is not part of the value (llhttp
+        # drops the leading part only)
+        headers.append((name, value.rstrip(_OWS)))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        method = parser.get_method()
+        if self._head_size + len(method) + len(self._url) > self.limits.max_header_size:
+            raise ProtocolError(431, "request header too large")
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            if version == "0.9":
+                raise ProtocolError(400, "HTTP/0.9 requests are not supported")
+            raise ProtocolError(505, f"HTTP/{version} is not supported")
         request = Request(
-            parser.get_method().decode("ascii"),
+            method.decode("ascii"),
             self._url,
-            parser.get_http_version(),
+            version,
             self._headers,
             parser.should_keep_alive(),
         )
@@ -249,8 +277,9 @@ class RequestParser:
             if request.version != "1.1":
                 raise ProtocolError(400, "Transfer-Encoding in HTTP/1.0")
             if transfer_codings[-1] != _CHUNKED:
-                raise ProtocolError(501, "unsupported transfer coding")
-            if transfer_codings.count(_CHUNKED) > 1 or len(transfer_codings) > 1:
+                # RFC 9112 6.3 item 4: without chunked last the length cannot be known
+                raise ProtocolError(400, "Transfer-Encoding does not end in chunked")
+            if len(transfer_codings) > 1:
                 raise ProtocolError(501, "unsupported transfer coding")
             request.chunked = True
         if request.version == "1.1" and hosts != 1:

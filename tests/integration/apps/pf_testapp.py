@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -29,13 +30,20 @@ def pid_app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[
 
 
 def sleepy_pid_app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-    """Sleep `?s=SECONDS` (default 0.3), then answer with the worker's pid."""
-    time.sleep(float(_query(environ).get("s", "0.3")))
+    """Sleep `?s=SECONDS` (default 0.3), then answer with the worker's pid.
+
+    Logs `pf_testapp: sleeping TAG` (TAG from `?tag=`) to stderr first, so a test can wait
+    until the request is in the app.
+    """
+    query = _query(environ)
+    print(f"pf_testapp: sleeping {query.get('tag', '-')}", file=sys.stderr, flush=True)
+    time.sleep(float(query.get("s", "0.3")))
     return pid_app(environ, start_response)
 
 
 def hang_forever_in_pf_testapp(environ: dict[str, Any], start_response: StartResponse) -> Any:
     """Stand-in for a stuck request: sleeps far past any workers.timeout a test sets."""
+    print("pf_testapp: hanging", file=sys.stderr, flush=True)
     time.sleep(30)
     start_response("200 OK", TEXT)
     return [b"woke up"]
@@ -43,6 +51,11 @@ def hang_forever_in_pf_testapp(environ: dict[str, Any], start_response: StartRes
 
 def _stream(parts: list[bytes]) -> Iterator[bytes]:
     yield from parts
+
+
+def _failing_stream() -> Iterator[bytes]:
+    yield b"partial,"
+    raise RuntimeError("deliberate failure in the middle of a streamed body")
 
 
 def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -56,12 +69,15 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
     if path == "/stream":
         start_response("200 OK", TEXT)
         return _stream([b"first,", b"second,", b"third"])
-    if path == "/environ":
+    if path.startswith("/environ"):
         keys = ("PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "HTTP_X_FOO", "REQUEST_METHOD",
                 "SERVER_PROTOCOL", "SCRIPT_NAME")
         data = {key: environ.get(key) for key in keys}
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps(data).encode()]
+    if path == "/stream-boom":
+        start_response("200 OK", TEXT)
+        return _failing_stream()
     if path == "/boom":
         raise RuntimeError("deliberate failure from pf_testapp")
     if path == "/sleep":
