@@ -15,6 +15,7 @@ Invariants:
 import dataclasses
 import difflib
 import grp
+import ipaddress
 import keyword
 import os
 import pwd
@@ -157,6 +158,18 @@ def _check_syslog_address(value: str, base_dir: str) -> str:
     )
 
 
+def _check_proxy_entry(value: str, base_dir: str) -> str:
+    if value in ("*", "unix"):
+        return value
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"must be an IP address, a network (10.0.0.0/8), 'unix' or '*', got {value!r}"
+        ) from None
+    return value
+
+
 def _check_address(value: str, base_dir: str) -> str:
     return str(resolve_relative(parse_address(value), base_dir))
 
@@ -293,6 +306,16 @@ class HttpConfig:
             lo_open=True,
         ),
     )
+    body_min_rate: int = field(
+        default=500,
+        metadata=_meta(
+            "After the first body_timeout seconds of a request body, the client must have "
+            "sent at least this many bytes per second on average, or the request is dropped "
+            "(a trickling client cannot hold a worker). 0 = no minimum.",
+            lo=0,
+            hi=2**40,
+        ),
+    )
     send_timeout: float = field(
         default=30.0,
         metadata=_meta(
@@ -326,6 +349,24 @@ class HttpConfig:
         default=0,
         metadata=_meta(
             "A bigger request body (bytes) is answered with 413 (0 = unlimited).", lo=0, hi=2**62
+        ),
+    )
+    forwarded_allow_ips: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1", "unix"),
+        metadata=_meta(
+            "Peers trusted as proxies: addresses, networks (10.0.0.0/8), 'unix' for "
+            "unix-socket peers, '*' for all. Only from these do Forwarded / X-Forwarded-For / "
+            "X-Forwarded-Proto set REMOTE_ADDR and wsgi.url_scheme, and only these may send a "
+            "PROXY protocol header. [] trusts nobody.",
+            check=_check_proxy_entry,
+        ),
+    )
+    proxy_protocol: str = field(
+        default="off",
+        metadata=_meta(
+            "PROXY protocol header in front of each connection from a trusted peer: off, "
+            "v1, v2, or auto (either version, or none).",
+            choices=("off", "v1", "v2", "auto"),
         ),
     )
     server_header: str = field(

@@ -12,6 +12,7 @@ import socket
 import time
 
 from prefork.http import Limits, RequestParser
+from prefork.http.proxy import ProxyHeader
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _POLLIN = select.POLLIN | select.POLLPRI
@@ -44,6 +45,8 @@ class Connection:
         "head_deadline",
         "served",
         "closed",
+        "trusted",
+        "proxy",
     )
 
     def __init__(self, sock: socket.socket, peer: object, listener: object, limits: Limits) -> None:
@@ -56,6 +59,8 @@ class Connection:
         self.head_deadline = 0.0
         self.served = 0
         self.closed = False
+        self.trusted = False  # the peer is a trusted proxy
+        self.proxy: ProxyHeader | None = None  # a PROXY header still to be read
 
     # reading ---------------------------------------------------------------------------
 

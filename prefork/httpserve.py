@@ -14,6 +14,7 @@ from typing import Any
 
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection
+from prefork.forwarded import TrustedProxies
 from prefork.http import ProtocolError, Request
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
@@ -69,14 +70,18 @@ class HttpProtocol:
         worker_number: int,
         *,
         body_timeout: float,
+        body_min_rate: int = 0,
         send_timeout: float,
         server_header: str,
+        proxies: TrustedProxies | None = None,
     ) -> None:
+        self.proxies = proxies
         self.app = app
         self.slot = slot
         self.logs = logs
         self.worker_number = worker_number
         self.body_timeout = body_timeout
+        self.body_min_rate = body_min_rate
         self.send_timeout = send_timeout
         self.server_line = (
             f"Server: {server_header}\r\n".encode("latin-1") if server_header else b""
@@ -117,7 +122,13 @@ class HttpProtocol:
                 env["SERVER_NAME"], env["SERVER_PORT"] = host, port
             else:
                 env["SERVER_NAME"], env["SERVER_PORT"] = env["HTTP_HOST"], "80"
-        env["wsgi.input"] = Input(conn, request, self.body_timeout)
+        if conn.trusted and self.proxies is not None and (
+            "HTTP_FORWARDED" in env
+            or "HTTP_X_FORWARDED_FOR" in env
+            or "HTTP_X_FORWARDED_PROTO" in env
+        ):
+            self.proxies.resolve(env)
+        env["wsgi.input"] = Input(conn, request, self.body_timeout, self.body_min_rate)
         return env
 
     def serve(self, conn: Connection, keep_alive: bool, budget: int = 0) -> bool:

@@ -25,7 +25,9 @@ import setproctitle
 
 from prefork.config import Config
 from prefork.connection import Connection
+from prefork.forwarded import TrustedProxies
 from prefork.http import Limits, ProtocolError
+from prefork.http.proxy import ProxyHeader
 from prefork.httpserve import HttpProtocol
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
@@ -160,6 +162,8 @@ class Worker:
         # up to one read (see RequestParser.feed)
         self.read_size = min(65536, http.max_header_size)
         self.next_sweep = 0.0
+        self.proxies = TrustedProxies(http.forwarded_allow_ips)
+        self.proxy_protocol = http.proxy_protocol
         self.protocol: HttpProtocol | None = None
         if config.protocol == "http":
             self.protocol = HttpProtocol(
@@ -168,8 +172,10 @@ class Worker:
                 spec.logs,
                 spec.number,
                 body_timeout=http.body_timeout,
+                body_min_rate=http.body_min_rate,
                 send_timeout=http.send_timeout,
                 server_header=http.server_header,
+                proxies=self.proxies,
             )
 
     # the loop ----------------------------------------------------------------------------
@@ -237,6 +243,10 @@ class Worker:
             self.evict_idle()
         conn = Connection(sock, peer, listener, self.limits)
         conn.deadline = time.monotonic() + self.header_timeout
+        if self.proxies.enabled and self.proxies.trusts(peer):
+            conn.trusted = True
+            if self.proxy_protocol != "off":
+                conn.proxy = ProxyHeader(self.proxy_protocol)
         if not self.on_readable(conn) and not conn.closed:
             self.park(conn)
         return True
@@ -249,6 +259,20 @@ class Worker:
         if not data:
             self.drop(conn)
             return True
+        if conn.proxy is not None:
+            try:
+                data = self.read_proxy_header(conn, data)
+            except ProtocolError as exc:
+                log.debug("closing %s: %s", conn.peer, exc.reason)
+                self.conns.pop(conn.fd, None)
+                conn.close()  # a proxy speaking the wrong protocol gets no HTTP answer
+                return True
+            if not data:
+                if conn.head_deadline == 0.0:
+                    conn.head_deadline = time.monotonic() + self.header_timeout
+                if conn.fd not in self.conns:
+                    self.park(conn)
+                return True
         parser = conn.parser
         was_idle = parser.idle
         try:
@@ -271,6 +295,18 @@ class Worker:
             conn.head_deadline = time.monotonic() + self.header_timeout
             self.park(conn)
         return True
+
+    def read_proxy_header(self, conn: Connection, data: bytes) -> bytes:
+        """Feed the PROXY header; what follows it (b"" until it is complete)."""
+        assert conn.proxy is not None
+        rest = conn.proxy.feed(data)
+        if rest is None:
+            return b""
+        if conn.proxy.source is not None:
+            conn.peer = conn.proxy.source
+            conn.trusted = self.proxies.trusts(conn.peer)  # now judged on the real client
+        conn.proxy = None
+        return rest
 
     def serve(self, conn: Connection) -> None:
         protocol = self.protocol

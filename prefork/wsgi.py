@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
-from prefork.connection import ClientDisconnected, Connection
+from prefork.connection import ClientDisconnected, ClientTimeout, Connection
 from prefork.http import ProtocolError, Request
 from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk
 
@@ -87,10 +88,14 @@ class Input:
     complete raises ClientDisconnected, so a truncated body never looks complete.
     """
 
-    def __init__(self, conn: Connection, request: Request, timeout: float) -> None:
+    def __init__(
+        self, conn: Connection, request: Request, timeout: float, min_rate: int = 0
+    ) -> None:
         self._conn = conn
         self._request = request
         self._timeout = timeout
+        self._min_rate = min_rate
+        self._started = 0.0  # when the body was first waited for
         self._buf = bytearray()
         self._continue_pending = request.expect_continue
 
@@ -103,12 +108,27 @@ class Input:
             if self._continue_pending:
                 self._continue_pending = False
                 self._conn.send(CONTINUE_100, self._timeout)
-            data = self._conn.recv(self._timeout)
+            data = self._conn.recv(self._wait_limit())
             if not data:
                 raise ClientDisconnected("client closed the connection before the body ended")
             self._conn.parser.feed(data)
         self._buf += request.body.popleft()
         return True
+
+    def _wait_limit(self) -> float:
+        """How long the next piece may take: body_timeout, and no longer than keeps the
+        average rate since the first wait at or above the minimum (after a body_timeout
+        grace period)."""
+        if not self._min_rate:
+            return self._timeout
+        now = time.monotonic()
+        if not self._started:
+            self._started = now
+        allowed_until = self._started + self._timeout + self._request.body_size / self._min_rate
+        limit = min(self._timeout, allowed_until - now)
+        if limit <= 0:
+            raise ClientTimeout("request body arrives slower than http.body_min_rate")
+        return limit
 
     @property
     def continue_pending(self) -> bool:

@@ -1,0 +1,118 @@
+"""Which peers are trusted proxies, and what the client address and scheme are behind them.
+
+Invariants: pure logic, no I/O; headers from a peer that is not trusted never change
+REMOTE_ADDR or wsgi.url_scheme. A forwarding chain is read from the right (the hop nearest to
+us) and trusted proxies are skipped, so a client cannot pick its own address by prepending
+entries (as nginx's real_ip_recursive does).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import MutableMapping, Sequence
+from typing import Any
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_SCHEMES = ("http", "https")
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An address from a forwarding header: bare, "[v6]", "[v6]:port", "v4:port"; else None."""
+    text = text.strip().strip('"')
+    if text.startswith("["):
+        text = text[1 : text.find("]")] if "]" in text else ""
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None  # "unknown", obfuscated identifiers (RFC 7239 6.3), garbage
+
+
+def forwarded_elements(value: str) -> list[dict[str, str]]:
+    """RFC 7239 `Forwarded`: comma-separated elements of ;-separated key=value pairs."""
+    elements = []
+    for element in value.split(","):
+        pairs = {}
+        for pair in element.split(";"):
+            key, sep, val = pair.partition("=")
+            if sep:
+                pairs[key.strip().lower()] = val.strip().strip('"')
+        elements.append(pairs)
+    return elements
+
+
+class TrustedProxies:
+    """`entries`: addresses and networks ("10.0.0.0/8", "::1"), "unix" for unix-socket peers,
+    "*" for everyone."""
+
+    def __init__(self, entries: Sequence[str]) -> None:
+        self.everyone = "*" in entries
+        self.unix = self.everyone or "unix" in entries
+        self.networks = [
+            ipaddress.ip_network(e, strict=False) for e in entries if e not in ("*", "unix")
+        ]
+        self._cache: dict[str, bool] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.everyone or self.unix or bool(self.networks)
+
+    def trusts(self, peer: Any) -> bool:
+        """Whether the socket peer (an (ip, port, ...) tuple, or a unix peer) is a proxy."""
+        if not isinstance(peer, tuple) or not peer:
+            return self.unix
+        host = peer[0]
+        known = self._cache.get(host)
+        if known is None:
+            address = parse_ip(host)
+            known = self._trusts_ip(address) if address is not None else False
+            if len(self._cache) < 4096:
+                self._cache[host] = known
+        return known
+
+    def _trusts_ip(self, address: IPAddress) -> bool:
+        if self.everyone:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    def resolve(self, env: MutableMapping[str, Any]) -> None:
+        """Set REMOTE_ADDR (and drop REMOTE_PORT, which belonged to the proxy) and
+        wsgi.url_scheme from Forwarded, else X-Forwarded-For / X-Forwarded-Proto."""
+        forwarded = env.get("HTTP_FORWARDED")
+        if forwarded is not None:
+            elements = forwarded_elements(forwarded)
+            chosen = self._client([e.get("for", "") for e in elements])
+            if chosen is not None:
+                index, address = chosen
+                env["REMOTE_ADDR"] = str(address)
+                env.pop("REMOTE_PORT", None)
+                proto = elements[index].get("proto", "").lower()
+                if proto in _SCHEMES:
+                    env["wsgi.url_scheme"] = proto
+            return
+        chain = env.get("HTTP_X_FORWARDED_FOR")
+        if chain is not None:
+            chosen = self._client(chain.split(","))
+            if chosen is not None:
+                env["REMOTE_ADDR"] = str(chosen[1])
+                env.pop("REMOTE_PORT", None)
+        forwarded_proto = env.get("HTTP_X_FORWARDED_PROTO")
+        if forwarded_proto is not None:
+            scheme = forwarded_proto.split(",")[0].strip().lower()
+            if scheme in _SCHEMES:
+                env["wsgi.url_scheme"] = scheme
+
+    def _client(self, hops: list[str]) -> tuple[int, IPAddress] | None:
+        """The right-most hop that is not a trusted proxy (or the left-most if all are)."""
+        last: tuple[int, IPAddress] | None = None
+        for index in range(len(hops) - 1, -1, -1):
+            address = parse_ip(hops[index])
+            if address is None:
+                return last  # an unusable entry ends what can be believed
+            last = (index, address)
+            if not self._trusts_ip(address):
+                return last
+        return last
