@@ -8,6 +8,7 @@ application could not be loaded at startup.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import IO
 
-from prefork import __version__
+from prefork import __version__, status
+from prefork.admin import AdminServer, admin_socket_path, fetch, open_admin, status_table
 from prefork.config import Config, ConfigError, bind_address, load
 from prefork.daemon import detach, under_systemd
 from prefork.loader import AppLoadError, load_app, prepare
@@ -57,10 +59,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         nargs="?",
-        choices=("run", "check", "reload"),
+        choices=("run", "check", "reload", "status"),
         default="run",
-        help="run the server (default); check the configuration and exit; or reload the "
-        "running server (HUP to the pid in the pidfile) and report the outcome",
+        help="run the server (default); check the configuration and exit; reload the "
+        "running server (HUP to the pid in the pidfile) and report the outcome; or show the "
+        "running server's workers",
     )
     p.add_argument("-c", "--config", metavar="FILE",
                    help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)")
@@ -91,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
     p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
                    help="reload: how long to wait for the outcome (default 300)")
+    p.add_argument("--json", action="store_true", help="status: print the JSON document")
     p.add_argument("--version", action="version", version=f"preforkd {__version__}")
     return p
 
@@ -144,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(config)
     if args.command == "reload":
         return reload_running(config, args.wait)
+    if args.command == "status":
+        return show_status(config, args.json)
     return Startup(config, lambda: load(path, overrides), args.foreground).run()
 
 
@@ -304,6 +310,13 @@ class Startup:
         return None
 
     def serve(self, listeners: list[Listener], app: object, announce: Announcer) -> int:
+        config = self.config
+        admin_path = admin_socket_path(config.admin.socket, config.pidfile)
+        try:
+            admin_sockets = open_admin(admin_path, config.admin.bind)
+        except OSError as exc:
+            announce.failed(str(exc))
+            return self.fail(str(exc))
         signals = SignalQueue(catch=MASTER_SIGNALS)
         close_in_child = [*signals.fds(), *announce.fds()]
         master = Master(
@@ -316,9 +329,18 @@ class Startup:
             announce=announce,
             close_in_child=close_in_child,
         )
+        if admin_sockets:
+            master.admin = AdminServer(
+                admin_sockets, lambda path: status.respond(master, path), admin_path
+            )
+            where = [admin_path] if admin_path else []
+            where += [config.admin.bind] if config.admin.bind else []
+            log.info("status endpoint at %s", ", ".join(str(w) for w in where))
         try:
             code = master.run()
         finally:
+            if master.admin is not None:
+                master.admin.close()
             for listener in master.all_listeners():
                 if listener.sock.fileno() >= 0:
                     listener.close()
@@ -358,6 +380,21 @@ def check(config: Config) -> int:
     for listener in listeners:
         print(f"can bind {listener.url(config.protocol)}")
         listener.close()
+    return 0
+
+
+def show_status(config: Config, as_json: bool) -> int:
+    """`preforkd status`: the running server's workers, from its status endpoint."""
+    path = admin_socket_path(config.admin.socket, config.pidfile)
+    try:
+        body = fetch(path, config.admin.bind, "/status")
+    except OSError as exc:
+        print(f"preforkd: cannot read the status: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    if as_json:
+        sys.stdout.write(body.decode())
+    else:
+        print(status_table(json.loads(body)))
     return 0
 
 

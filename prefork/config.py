@@ -271,9 +271,89 @@ class WorkersConfig:
         default=1000,
         metadata=_meta(
             "Connections one worker holds at once (idle keep-alive connections included); "
-            "above it, responses close the connection.",
+            "at the limit the longest-idle keep-alive connection is closed for a new one.",
             lo=1,
             hi=100000,
+        ),
+    )
+    max_memory: int = field(
+        default=0,
+        metadata=_meta(
+            "Soft limit in MiB of a worker's unique memory (USS: copy-on-write pages shared "
+            "with the master after preload are not counted): over it, the worker is "
+            "replaced after its current request. 0 = no limit.",
+            lo=0,
+            hi=2**30,
+        ),
+    )
+    max_memory_hard: int = field(
+        default=0,
+        metadata=_meta(
+            "Hard limit in MiB of a worker's USS: over it, the worker is killed at once. "
+            "0 = no limit.",
+            lo=0,
+            hi=2**30,
+        ),
+    )
+    memory_check_interval: float = field(
+        default=5.0,
+        metadata=_meta("Seconds between memory checks of every worker.", lo=0.1, hi=3600),
+    )
+    max_recycling: int = field(
+        default=1,
+        metadata=_meta(
+            "Workers being replaced at the same moment, whatever the reason (max_requests, "
+            "memory, reload): the replacement boots before the old worker stops, and no more "
+            "than this many replacements are under way at once.",
+            lo=1,
+            hi=1024,
+        ),
+    )
+    max: int = field(
+        default=0,
+        metadata=_meta(
+            "Dynamic pool: the most workers there may be (count is the fewest). 0 = a fixed "
+            "pool of count workers.",
+            lo=0,
+            hi=1024,
+        ),
+    )
+    min_spare: int = field(
+        default=1,
+        metadata=_meta(
+            "Dynamic pool: when fewer workers than this are idle, more are started (1, 2, "
+            "4, ... per second) up to max.",
+            lo=0,
+            hi=1024,
+        ),
+    )
+    max_spare: int = field(
+        default=4,
+        metadata=_meta(
+            "Dynamic pool: when more workers than this are idle, one is retired per second, "
+            "down to count.",
+            lo=1,
+            hi=1024,
+        ),
+    )
+    boot_failure_limit: int = field(
+        default=10,
+        metadata=_meta(
+            "This many workers failing to boot within boot_failure_window seconds puts the "
+            "server in a degraded state (the healthy workers keep serving; see status).",
+            lo=1,
+            hi=100000,
+        ),
+    )
+    boot_failure_window: float = field(
+        default=60.0,
+        metadata=_meta("The window of boot_failure_limit, in seconds.", lo=1, hi=86400),
+    )
+    exit_on_degraded: bool = field(
+        default=False,
+        metadata=_meta(
+            "Stop with exit status 1 on entering the degraded state, so that systemd's "
+            "restart limits apply."
         ),
     )
 
@@ -454,6 +534,46 @@ class LoggingConfig:
     )
 
 
+def _check_admin_bind(value: str, base_dir: str) -> str:
+    address = parse_address(value)
+    if address.kind != "tcp":
+        raise ValueError(f"must be a loopback HOST:PORT (use admin.socket for unix), got {value!r}")
+    try:
+        loopback = ipaddress.ip_address(address.host).is_loopback
+    except ValueError:
+        loopback = address.host == "localhost"
+    if not loopback:
+        raise ValueError(f"must be a loopback address (127.0.0.1, [::1]), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The master's status endpoint: /status (JSON), /metrics (Prometheus), /ready, /live."""
+
+    socket: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Unix socket of the status endpoint (mode 0600). null = PIDFILE.sock when a "
+            "pidfile is set, else no unix endpoint.",
+            path=True,
+        ),
+    )
+    bind: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Also serve the status endpoint on this loopback HOST:PORT; null = no TCP endpoint.",
+            check=_check_admin_bind,
+        ),
+    )
+    status_interval: float = field(
+        default=5.0,
+        metadata=_meta(
+            "Seconds between summaries in systemd's STATUS line (under systemd).", lo=0.1, hi=3600
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Build it with ``load()`` or ``from_mapping()``."""
@@ -554,6 +674,9 @@ class Config:
         default_factory=HttpConfig, metadata=_meta("HTTP limits and timeouts (section).")
     )
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_meta("Logs (section)."))
+    admin: AdminConfig = field(
+        default_factory=AdminConfig, metadata=_meta("Status endpoint (section).")
+    )
     source: str = field(
         default="",
         metadata=_meta(
@@ -848,6 +971,14 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
         for key in ("mode", "owner", "group"):
             if getattr(obj, key) is not None:
                 raise entries[key].fail(_join(path, key), f"{key} applies only to unix sockets")
+    if isinstance(obj, WorkersConfig) and obj.max:
+        if obj.max < obj.count:
+            raise entries["max"].fail(
+                _join(path, "max"), f"must be at least workers.count ({obj.count}), or 0"
+            )
+        if obj.max_spare < obj.min_spare:
+            key = "max_spare" if "max_spare" in entries else "min_spare"
+            raise entries[key].fail(_join(path, key), "max_spare must be at least min_spare")
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value
@@ -1034,6 +1165,13 @@ def _sections() -> list[tuple[str, str, type, str]]:
             "Sending the logs to a syslog daemon.",
             SyslogConfig,
             "logging.syslog.",
+        ),
+        (
+            "`admin`",
+            "The master's status endpoint: `/status` (JSON), `/metrics` (Prometheus text), "
+            "`/ready`, `/live`; `preforkd status -c FILE` reads it.",
+            AdminConfig,
+            "admin.",
         ),
     ]
 

@@ -18,7 +18,7 @@ from prefork.forwarded import TrustedProxies
 from prefork.http import ProtocolError, Request
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
-from prefork.scoreboard import Slot
+from prefork.scoreboard import Activity, Slot
 from prefork.sockets import Listener
 from prefork.wsgi import FileWrapper, Input, Response, WSGIApp, environ_key, run_app
 
@@ -131,20 +131,15 @@ class HttpProtocol:
         env["wsgi.input"] = Input(conn, request, self.body_timeout, self.body_min_rate)
         return env
 
-    def serve(self, conn: Connection, keep_alive: bool, budget: int = 0) -> bool:
+    def serve(self, conn: Connection, keep_alive: bool) -> bool:
         """Answer every complete request head the parser holds; False if the connection must
-        close. `keep_alive` says whether the worker wants to keep connections at all;
-        `budget` is how many more requests it may serve (0: no limit), so the response that
-        uses up the budget says Connection: close."""
+        close. `keep_alive` says whether the worker wants to keep connections at all."""
         parser = conn.parser
         while parser.requests:
             request = parser.requests.popleft()
             conn.served += 1
-            keep = keep_alive and budget != 1 and not parser.upgraded
-            if not self.respond(conn, request, keep):
+            if not self.respond(conn, request, keep_alive and not parser.upgraded):
                 return False
-            if budget:
-                budget -= 1
         return not parser.upgraded
 
     def respond(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
@@ -164,8 +159,7 @@ class HttpProtocol:
             run_app(self.app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
             log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
-            response.keep_alive = False
-            self.slot.done()
+            self.slot.done(response.status_code, time.monotonic() - start, response.bytes_sent)
             return False
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
@@ -181,9 +175,15 @@ class HttpProtocol:
             if not response.head_sent:
                 response.status_code = 500
                 self._send_error(conn, 500)
-        self.slot.done()
+        duration = time.monotonic() - start
+        self.slot.done(
+            response.status_code,
+            duration,
+            response.bytes_sent,
+            Activity.KEEPALIVE if response.keep_alive else Activity.IDLE,
+        )
         if self.logs.access_enabled:
-            self._access(env, request, response, time.monotonic() - start)
+            self._access(env, request, response, duration)
         if (
             response.keep_alive
             and not request.complete

@@ -13,21 +13,24 @@ import logging
 import math
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import setproctitle
 
+from prefork.admin import AdminServer
 from prefork.config import Config
 from prefork.notify import Announcer
-from prefork.scoreboard import Activity, Scoreboard
+from prefork.scoreboard import Activity, Counters, Scoreboard
 from prefork.sockets import Listener
 from prefork.system import Kernel, describe_status
 from prefork.worker import (
     EXIT_APP_LOAD_ERROR,
     MSG_BOOT_ERROR,
     MSG_READY,
+    MSG_RECYCLE,
     MSG_REOPEN,
     MSG_STOP,
     WorkerSpec,
@@ -84,6 +87,8 @@ class WorkerHandle:
     reason: str = ""
     boot_error: str = ""  # what the worker said when it could not load the app
     booted: bool = False  # it reported ready at least once
+    recycle: str = ""  # why it is to be replaced (queued, or its replacement is booting)
+    replaces: int | None = None  # the pid of the worker this one replaces when ready
 
     def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
         if state not in TRANSITIONS[self.state]:
@@ -142,6 +147,22 @@ class Master:
     reloading: bool = False  # a HUP is in progress (until the last old worker is replaced)
     failure: str = ""  # why the server stops on its own (reported to a daemon's launcher)
     next_watchdog: float = 0.0
+    admin: AdminServer | None = None
+    started_at: float = field(default_factory=time.time)
+    recycle_queue: list[WorkerHandle] = field(default_factory=list)
+    degraded: bool = False
+    boot_failure_times: list[float] = field(default_factory=list)
+    next_memory_check: float = 0.0
+    next_pool_check: float = 0.0
+    next_status: float = 0.0
+    growth: int = 1  # dynamic pool: workers added per second while idle ones are short
+    # metrics
+    retired_counters: Counters = field(default_factory=Counters.zero)
+    recycles: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0
+    boot_failures: int = 0
+    reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
+    uss: dict[int, int] = field(default_factory=dict)  # pid -> bytes, from the last check
 
     def __post_init__(self) -> None:
         self.target = self.current.config.workers.count
@@ -174,7 +195,10 @@ class Master:
         for signum in self.signals.drain():
             self.handlers.get(signum, lambda: None)()
         self.read_channels(ready_fds)
+        if self.admin is not None:
+            self.admin.handle(set(ready_fds), self.kernel.monotonic())
         self.enforce_deadlines()
+        self.supervise()
         self.maintain()
         self.keep_watchdog_fed()
         return not (self.stop is not Stop.NONE and not self.workers)
@@ -200,6 +224,8 @@ class Master:
             wake_at = min(wake_at, max(self.next_watchdog, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
+        if self.admin is not None:
+            fds.extend(self.admin.fds())
         return self.kernel.wait(fds, wake_at - now)
 
     # children --------------------------------------------------------------------------
@@ -219,6 +245,7 @@ class Master:
             app=generation.app,
             close_fds=[
                 *self.close_in_child,
+                *(self.admin.fds() if self.admin is not None else []),
                 parent_end.fileno(),
                 *(h.channel.fileno() for h in self.workers.values() if h.channel is not None),
                 *(
@@ -234,6 +261,8 @@ class Master:
         )
         handle.deadline = handle.started + generation.config.workers.boot_timeout
         self.workers[pid] = handle
+        if self.ever_ready:
+            self.restarts += 1
         log.debug("spawned %s, generation %d", handle.describe(), generation.number)
         return handle
 
@@ -250,18 +279,26 @@ class Master:
         if handle.channel is not None:
             handle.channel.close()
             handle.channel = None
+        self.retired_counters += self.scoreboard.counters(handle.slot)
         self.scoreboard.clear(handle.slot)
         self.free_slots.append(handle.slot)
+        self.uss.pop(handle.pid, None)
+        if handle in self.recycle_queue:
+            self.recycle_queue.remove(handle)
         how = describe_status(status)
         if not handle.booted and (
             handle.state is WorkerState.BOOTING or handle.reason == "boot timeout"
         ):
             self.boot_failed(handle, status, how)
+            old = self.workers.get(handle.replaces) if handle.replaces is not None else None
+            if old is not None and old.state is WorkerState.READY and old.recycle:
+                self.recycle_queue.append(old)  # its replacement failed: try again later
         elif handle.state is WorkerState.READY:
             if status == 0:
                 log.info("%s exited: %s", handle.describe(), handle.reason or "retired")
             else:
                 log.warning("%s died unexpectedly: %s", handle.describe(), how)
+                self.count_recycle("crash")
         else:
             log.info("%s exited (%s): %s", handle.describe(), handle.reason, how)
 
@@ -286,10 +323,33 @@ class Master:
         failures = self.failures.get(handle.number, 0) + 1
         self.failures[handle.number] = failures
         delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
-        self.backoff_until[handle.number] = self.kernel.monotonic() + delay
+        now = self.kernel.monotonic()
+        self.backoff_until[handle.number] = now + delay
         log.error(
             "%s failed to boot (%s); retrying in %.1fs", handle.describe(), how, delay
         )
+        self.boot_failures += 1
+        self.note_boot_failure(now)
+
+    def note_boot_failure(self, now: float) -> None:
+        """Crash-loop protection: too many boot failures in the window -> degraded."""
+        workers = self.current.config.workers
+        times = [t for t in self.boot_failure_times if now - t < workers.boot_failure_window]
+        times.append(now)
+        self.boot_failure_times = times
+        if self.degraded or len(times) < workers.boot_failure_limit:
+            return
+        self.degraded = True
+        message = (
+            f"degraded: {len(times)} workers failed to boot within "
+            f"{workers.boot_failure_window:.0f}s; the healthy workers keep serving"
+        )
+        log.error("%s", message)
+        self.announce.status(message)
+        if workers.exit_on_degraded and self.stop is Stop.NONE:
+            self.failure = message
+            self.exit_code = EXIT_RUNTIME_ERROR
+            self.graceful_stop()
 
     def read_channels(self, ready_fds: list[int]) -> None:
         if len(ready_fds) <= 1 and (not ready_fds or ready_fds[0] == self.signals.fileno()):
@@ -313,8 +373,11 @@ class Master:
             handle.channel = None
         elif data.startswith(MSG_BOOT_ERROR):
             handle.boot_error = data[1:].decode("utf-8", "replace")
-        elif MSG_READY in data and handle.state is WorkerState.BOOTING:
-            self.became_ready(handle)
+        else:
+            if MSG_READY in data and handle.state is WorkerState.BOOTING:
+                self.became_ready(handle)
+            if MSG_RECYCLE in data:
+                self.recycle(handle, "max_requests")
 
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
@@ -322,6 +385,13 @@ class Master:
         self.failures.pop(handle.number, None)
         self.backoff_until.pop(handle.number, None)
         log.info("%s booted", handle.describe())
+        if self.degraded:
+            self.degraded = False
+            log.info("recovered: workers boot again")
+        old = self.workers.get(handle.replaces) if handle.replaces is not None else None
+        if old is not None and old.state in LIVE:
+            self.count_recycle(old.recycle)
+            self.ask_to_stop(old, f"recycled: {old.recycle}")
         if self.pending is not None and handle.generation == self.pending.number:
             self.promote()
         if handle.generation == self.current.number:
@@ -376,6 +446,7 @@ class Master:
             "%s timed out after %.1fs serving %s %s; dumping its stack and killing it",
             handle.describe(), elapsed, method, target,
         )
+        self.count_recycle("timeout")
         if grace > 0:
             self.kernel.kill(handle.pid, signal.SIGABRT)  # faulthandler prints every stack
             handle.to(WorkerState.ABORTING, now + grace, reason="timeout")
@@ -396,27 +467,27 @@ class Master:
         ):
             self.spawn(1, pending)  # the canary: nothing old stops until it is ready
         current = self.current.number
-        live = {
-            h.number: h
-            for h in self.workers.values()
-            if h.generation == current and h.state in LIVE
-        }
-        for number, handle in live.items():
-            if number > self.target:
+        mine = [h for h in self.workers.values() if h.generation == current and h.state in LIVE]
+        numbers = {h.number for h in mine}
+        for handle in mine:
+            if handle.number > self.target:
                 self.ask_to_stop(handle, "fewer workers requested")
         outdated = self.outdated()
-        booting = sum(1 for h in live.values() if h.state is WorkerState.BOOTING)
+        booting = sum(1 for h in mine if h.state is WorkerState.BOOTING)
+        at_once = self.current.config.workers.max_recycling
         for number in range(1, self.target + 1):
-            if number in live or now < self.backoff_until.get(number, 0.0):
+            if number in numbers or now < self.backoff_until.get(number, 0.0):
                 continue
-            if outdated and booting >= 1:
-                break  # rolling: the next one boots when this one is ready
+            if outdated and booting >= at_once:
+                break  # rolling: the next one boots when one of these is ready
             if not self.free_slots:
                 break  # every slot is held by a worker still exiting; next tick
             self.spawn(number, self.current)
             booting += 1
-        if outdated and booting == 0 and all(n in live for n in range(1, self.target + 1)):
+        self.start_replacements(at_once)
+        if outdated and booting == 0 and all(n in numbers for n in range(1, self.target + 1)):
             for handle in outdated:
+                self.count_recycle("reload")
                 self.ask_to_stop(handle, "replaced by a reload")
             outdated = []
         self.check_ready()
@@ -431,7 +502,118 @@ class Master:
         if ok:
             log.info("%s", message)
         self.reloading = False
+        self.reloads["ok" if ok else "failed"] += 1
         self.announce.reloaded(ok, message)
+
+    # recycling -------------------------------------------------------------------------
+
+    def recycle(self, handle: WorkerHandle, reason: str) -> None:
+        """Queue `handle` for replacement: its successor boots first, then it stops."""
+        if handle.state is WorkerState.READY and not handle.recycle:
+            handle.recycle = reason
+            self.recycle_queue.append(handle)
+            log.info("%s will be replaced: %s", handle.describe(), reason)
+
+    def replacing(self) -> int:
+        """Replacements under way: successors booting, and recycled workers still stopping."""
+        return sum(
+            1
+            for h in self.workers.values()
+            if (h.replaces is not None and h.state is WorkerState.BOOTING)
+            or (h.state is WorkerState.STOPPING and h.reason.startswith("recycled"))
+        )
+
+    def start_replacements(self, at_once: int) -> None:
+        under_way = self.replacing()
+        while self.recycle_queue and under_way < at_once and self.free_slots:
+            old = self.recycle_queue.pop(0)
+            if self.workers.get(old.pid) is not old or old.state is not WorkerState.READY:
+                continue
+            successor = self.spawn(old.number, self.current)
+            successor.replaces = old.pid
+            under_way += 1
+
+    def count_recycle(self, reason: str) -> None:
+        self.recycles[reason] = self.recycles.get(reason, 0) + 1
+
+    # supervision -------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """The periodic checks: memory, the dynamic pool, systemd's STATUS line."""
+        if self.stop is not Stop.NONE:
+            return
+        now = self.kernel.monotonic()
+        config = self.current.config
+        workers = config.workers
+        if (workers.max_memory or workers.max_memory_hard) and now >= self.next_memory_check:
+            self.next_memory_check = now + workers.memory_check_interval
+            self.check_memory()
+        if workers.max and now >= self.next_pool_check:
+            self.next_pool_check = now + 1.0
+            self.size_pool()
+        if self.announce.sd is not None and now >= self.next_status:
+            self.next_status = now + config.admin.status_interval
+            self.announce.status(self.summary())
+
+    def check_memory(self) -> None:
+        workers = self.current.config.workers
+        soft, hard = workers.max_memory << 20, workers.max_memory_hard << 20
+        for handle in list(self.workers.values()):
+            if handle.state is not WorkerState.READY:
+                continue
+            uss = self.kernel.memory(handle.pid)
+            if uss is None:
+                continue
+            self.uss[handle.pid] = uss
+            if hard and uss > hard:
+                log.error("%s uses %.1f MiB, over max_memory_hard (%d MiB); killing it",
+                          handle.describe(), uss / 1048576, workers.max_memory_hard)
+                self.kernel.kill(handle.pid, signal.SIGKILL)
+                handle.to(WorkerState.KILLED, reason="memory (hard limit)")
+                self.count_recycle("memory")
+            elif soft and uss > soft and not handle.recycle:
+                log.warning("%s uses %.1f MiB, over max_memory (%d MiB)",
+                            handle.describe(), uss / 1048576, workers.max_memory)
+                self.recycle(handle, "memory")
+
+    def size_pool(self) -> None:
+        """Apache prefork's spare-server rule, on the scoreboard's idle count."""
+        workers = self.current.config.workers
+        idle = self.idle_count()
+        if idle < workers.min_spare and self.target < workers.max:
+            grow = min(self.growth, workers.max - self.target)
+            self.target += grow
+            self.growth = min(self.growth * 2, 32)
+            log.info("pool: %d idle (min_spare %d): growing to %d workers",
+                     idle, workers.min_spare, self.target)
+            return
+        self.growth = 1
+        if idle > workers.max_spare and self.target > workers.count:
+            self.target -= 1
+            log.info("pool: %d idle (max_spare %d): shrinking to %d workers",
+                     idle, workers.max_spare, self.target)
+
+    def idle_count(self) -> int:
+        idle = 0
+        for handle in self.workers.values():
+            if handle.state is WorkerState.READY and handle.generation == self.current.number:
+                activity = self.scoreboard.read(handle.slot).activity
+                if activity in (Activity.IDLE, Activity.KEEPALIVE):
+                    idle += 1
+        return idle
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS and `preforkd status`."""
+        states: dict[str, int] = {}
+        requests = self.retired_counters.by_class
+        total = sum(requests)
+        for handle in self.workers.values():
+            view = self.scoreboard.read(handle.slot)
+            states[view.activity.name.lower()] = states.get(view.activity.name.lower(), 0) + 1
+            total += view.requests
+        parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        text = f"{len(self.workers)} workers: {parts or 'none'}; {total} requests"
+        return text + (" (degraded)" if self.degraded else "")
 
     def outdated(self) -> list[WorkerHandle]:
         return [
@@ -445,6 +627,7 @@ class Master:
     def retire_one_outdated(self, prefer: int) -> None:
         outdated = sorted(self.outdated(), key=lambda h: (h.number != prefer, h.number))
         if outdated:
+            self.count_recycle("reload")
             self.ask_to_stop(outdated[0], "replaced by a reload")
 
     def ask_to_stop(self, handle: WorkerHandle, reason: str, timeout: float | None = None) -> None:

@@ -1,30 +1,51 @@
 """The scoreboard: one fixed-size slot per worker in anonymous shared memory.
 
 Invariants: created by the master before any fork; a worker writes only its own slot, with
-`struct.pack_into` (no lock, no syscall per request); the master reads, and writes only the
-last byte of a slot (the stop request). A read retries until two consecutive copies agree, so
-a half-written slot is never acted on.
+`struct.pack_into` and a `memoryview` of counters (no lock, no syscall per request); the master
+reads, and writes only the last byte of a slot (the stop request). A read retries until two
+consecutive copies agree, so a half-written slot is never acted on.
+
+Layout of a slot (512 bytes):
+    0   state u8, pad, request start f64 (monotonic), requests u64, last report f64 (monotonic)
+    32  method 16s, target 192s
+    240 pid i32, generation u32, number u32
+    256 counters, u64 each: responses by status class 1xx..5xx, duration histogram buckets
+        (non-cumulative, bounds in DURATION_BUCKETS, the last is +Inf), duration sum in
+        microseconds, body bytes sent
+    511 stop request (written by the master)
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import mmap
 import struct
 import time
 from typing import NamedTuple
 
-SLOT_SIZE = 256
-# state, request start (monotonic s), requests served | method, target | pid, generation, number
-_HEAD = struct.Struct("<B7xdQ")
+SLOT_SIZE = 512
+_HEAD = struct.Struct("<B7xdQd")
 _REQUEST = struct.Struct("<16s192s")
 _IDENT = struct.Struct("<iII")
-_REQUEST_OFFSET = _HEAD.size
-_IDENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
 _STATE_STARTED = struct.Struct("<B7xd")
+_REQUEST_OFFSET = 32
+_IDENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
+_COUNTERS_OFFSET = 256
+# Request duration histogram bounds in seconds (Prometheus' defaults plus 1 and 2.5 ms, since a
+# prefork server answers most requests faster than the default first bucket).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_CLASSES = 5
+_BUCKETS_AT = _CLASSES
+_SUM_AT = _BUCKETS_AT + len(DURATION_BUCKETS) + 1
+_BYTES_AT = _SUM_AT + 1
+COUNTERS = _BYTES_AT + 1
+_COUNTERS = struct.Struct(f"<{COUNTERS}Q")
 # The one byte the master writes: "finish this request with Connection: close and stop".
 _STOP_OFFSET = SLOT_SIZE - 1
-assert _IDENT_OFFSET + _IDENT.size <= _STOP_OFFSET
+assert _HEAD.size <= _REQUEST_OFFSET
+assert _IDENT_OFFSET + _IDENT.size <= _COUNTERS_OFFSET
+assert _COUNTERS_OFFSET + _COUNTERS.size <= _STOP_OFFSET
 
 
 class Activity(enum.IntEnum):
@@ -32,9 +53,10 @@ class Activity(enum.IntEnum):
 
     EMPTY = 0
     BOOTING = 1
-    IDLE = 2
-    BUSY = 3
-    DRAINING = 4
+    IDLE = 2  # waiting, holding no connection
+    BUSY = 3  # answering a request
+    DRAINING = 4  # stopping: finishing what it holds
+    KEEPALIVE = 5  # waiting, holding idle keep-alive connections
 
 
 class SlotView(NamedTuple):
@@ -46,6 +68,30 @@ class SlotView(NamedTuple):
     pid: int
     generation: int
     number: int
+    last: float = 0.0  # monotonic time of the worker's last report
+
+
+class Counters(NamedTuple):
+    """Totals of one slot (or summed over slots)."""
+
+    by_class: tuple[int, ...]  # 1xx..5xx
+    buckets: tuple[int, ...]  # non-cumulative, one per DURATION_BUCKETS bound, then +Inf
+    duration_sum: float  # seconds
+    bytes_sent: int
+
+    @classmethod
+    def zero(cls) -> Counters:
+        return cls((0,) * _CLASSES, (0,) * (len(DURATION_BUCKETS) + 1), 0.0, 0)
+
+    def __add__(self, other: object) -> Counters:
+        if not isinstance(other, Counters):
+            return NotImplemented
+        return Counters(
+            tuple(a + b for a, b in zip(self.by_class, other.by_class, strict=True)),
+            tuple(a + b for a, b in zip(self.buckets, other.buckets, strict=True)),
+            self.duration_sum + other.duration_sum,
+            self.bytes_sent + other.bytes_sent,
+        )
 
 
 class Scoreboard:
@@ -58,7 +104,7 @@ class Scoreboard:
     def slot(self, index: int) -> Slot:
         return Slot(self.memory, index * SLOT_SIZE)
 
-    def read(self, index: int) -> SlotView:
+    def _raw(self, index: int) -> bytes:
         offset = index * SLOT_SIZE
         raw = self.memory[offset : offset + SLOT_SIZE]
         for _ in range(3):
@@ -66,7 +112,11 @@ class Scoreboard:
             if again == raw:
                 break
             raw = again
-        state, started, requests = _HEAD.unpack_from(raw, 0)
+        return raw
+
+    def read(self, index: int) -> SlotView:
+        raw = self._raw(index)
+        state, started, requests, last = _HEAD.unpack_from(raw, 0)
         method, target = _REQUEST.unpack_from(raw, _REQUEST_OFFSET)
         pid, generation, number = _IDENT.unpack_from(raw, _IDENT_OFFSET)
         return SlotView(
@@ -78,6 +128,16 @@ class Scoreboard:
             pid,
             generation,
             number,
+            last,
+        )
+
+    def counters(self, index: int) -> Counters:
+        values = _COUNTERS.unpack_from(self._raw(index), _COUNTERS_OFFSET)
+        return Counters(
+            values[:_CLASSES],
+            values[_BUCKETS_AT:_SUM_AT],
+            values[_SUM_AT] / 1e6,
+            values[_BYTES_AT],
         )
 
     def request_stop(self, index: int) -> None:
@@ -89,23 +149,30 @@ class Scoreboard:
         self.memory[offset : offset + SLOT_SIZE] = bytes(SLOT_SIZE)
 
     def close(self) -> None:
-        self.memory.close()
+        try:
+            self.memory.close()
+        except BufferError:
+            pass  # a Slot in this process still holds its counters view
 
 
 class Slot:
     """A worker's writer for its own slot. Methods are on the per-request path: keep them cheap."""
 
-    __slots__ = ("_memory", "_offset", "requests")
+    __slots__ = ("_memory", "_offset", "_counters", "requests")
 
     def __init__(self, memory: mmap.mmap, offset: int) -> None:
         self._memory = memory
         self._offset = offset
+        start = offset + _COUNTERS_OFFSET
+        self._counters: memoryview | None = memoryview(memory)[
+            start : start + _COUNTERS.size
+        ].cast("Q")
         self.requests = 0
 
     def claim(self, pid: int, generation: int, number: int) -> None:
         self._memory[self._offset : self._offset + SLOT_SIZE] = bytes(SLOT_SIZE)
         _IDENT.pack_into(self._memory, self._offset + _IDENT_OFFSET, pid, generation, number)
-        _HEAD.pack_into(self._memory, self._offset, Activity.BOOTING, 0.0, 0)
+        _HEAD.pack_into(self._memory, self._offset, Activity.BOOTING, 0.0, 0, time.monotonic())
 
     def busy(self, method: bytes, target: bytes) -> None:
         """A request began; the target is written before the state so the master never pairs
@@ -113,12 +180,25 @@ class Slot:
         _REQUEST.pack_into(self._memory, self._offset + _REQUEST_OFFSET, method, target)
         _STATE_STARTED.pack_into(self._memory, self._offset, Activity.BUSY, time.monotonic())
 
-    def done(self) -> None:
+    def done(self, status: int = 0, duration: float = 0.0, sent: int = 0,
+             activity: Activity = Activity.IDLE) -> None:
+        """A request ended: back to `activity`, and its status, duration and size counted."""
         self.requests += 1
-        _HEAD.pack_into(self._memory, self._offset, Activity.IDLE, 0.0, self.requests)
+        counters = self._counters
+        if counters is not None:
+            if 100 <= status < 600:
+                counters[status // 100 - 1] += 1
+            counters[_BUCKETS_AT + bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+            counters[_SUM_AT] += int(duration * 1_000_000)
+            counters[_BYTES_AT] += sent
+        _HEAD.pack_into(
+            self._memory, self._offset, activity, 0.0, self.requests, time.monotonic()
+        )
 
     def stop_requested(self) -> bool:
         return self._memory[self._offset + _STOP_OFFSET] != 0
 
     def set(self, activity: Activity) -> None:
-        _HEAD.pack_into(self._memory, self._offset, activity, 0.0, self.requests)
+        _HEAD.pack_into(
+            self._memory, self._offset, activity, 0.0, self.requests, time.monotonic()
+        )

@@ -17,6 +17,8 @@ import traceback
 from collections.abc import Callable
 from typing import Protocol
 
+import psutil
+
 
 class Kernel(Protocol):
     def monotonic(self) -> float: ...
@@ -28,6 +30,8 @@ class Kernel(Protocol):
     def reap(self) -> tuple[int, int] | None: ...
 
     def wait(self, fds: list[int], timeout: float) -> list[int]: ...
+
+    def memory(self, pid: int) -> int | None: ...
 
 
 class System:
@@ -87,6 +91,14 @@ class System:
             return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000.0)]
         except InterruptedError:
             return []
+
+
+    def memory(self, pid: int) -> int | None:
+        """Unique set size of `pid` in bytes (pages no other process shares), or None."""
+        try:
+            return int(psutil.Process(pid).memory_full_info().uss)
+        except (psutil.Error, OSError):
+            return None
 
 
 def describe_status(status: int) -> str:

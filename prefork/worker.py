@@ -47,6 +47,7 @@ MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
 MSG_REOPEN = b"O"  # reopen log files
 MSG_READY = b"R"  # worker -> master: app loaded, serving
 MSG_BOOT_ERROR = b"E"  # worker -> master: "E" + why the app could not be loaded, then exit
+MSG_RECYCLE = b"Q"  # worker -> master: max_requests reached, please replace me
 
 _EPOLLIN = select.EPOLLIN
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
@@ -145,8 +146,8 @@ class Worker:
         self.signal_fd = signals.fileno()
         self.accepting = False
         self.stopping = False  # graceful stop: answer what is held and queued, then exit
-        self.retiring = False  # max_requests reached: answer what is held, then exit
         self.max_requests = max_requests_for(config, spec.number)
+        self.asked_to_recycle = False
         self.max_connections = config.workers.max_connections
         http = config.http
         self.keepalive_timeout = http.keepalive_timeout
@@ -189,7 +190,7 @@ class Worker:
         conns = self.conns
         listeners = self.listeners
         while True:
-            timeout = SWEEP_INTERVAL if conns or self.stopping or self.retiring else -1.0
+            timeout = SWEEP_INTERVAL if conns or self.stopping else -1.0
             try:
                 events = poll(timeout)
             except InterruptedError:
@@ -206,11 +207,11 @@ class Worker:
                     self.on_signals()
             if conns:
                 self.sweep()
-            if (self.stopping or self.retiring) and self.finished():
+            if self.stopping and self.finished():
                 return EXIT_OK
 
     def start_accepting(self) -> None:
-        if not self.accepting and not self.retiring:
+        if not self.accepting:
             for fd in self.listeners:
                 self.epoll.register(fd, _LISTEN_EVENTS)
             self.accepting = True
@@ -314,14 +315,11 @@ class Worker:
         keep_alive = (
             self.keepalive_timeout > 0
             and not self.stopping
-            and not self.retiring
             and len(self.conns) <= self.max_connections
         )
-        budget = max(1, self.max_requests - self.slot.requests) if self.max_requests else 0
-        keep = protocol.serve(conn, keep_alive, budget)
-        if self.max_requests and self.slot.requests >= self.max_requests and not self.retiring:
-            self.retire()
-            keep = keep and not conn.parser.idle
+        keep = protocol.serve(conn, keep_alive)
+        if self.max_requests and self.slot.requests >= self.max_requests:
+            self.ask_to_be_replaced()
         if not keep:
             self.drop(conn)
             return
@@ -354,7 +352,6 @@ class Worker:
             self.conns.pop(conn.fd, None) is not None
             and not self.accepting
             and len(self.conns) < self.max_connections
-            and not (self.stopping or self.retiring)
         ):
             self.start_accepting()
         conn.close()  # closing the fd also removes it from the epoll set
@@ -390,19 +387,26 @@ class Worker:
                 pass
             self.slot.done()
         if self.max_requests and self.slot.requests >= self.max_requests:
-            self.retire()
+            self.ask_to_be_replaced()
 
     # stopping --------------------------------------------------------------------------
 
-    def retire(self) -> None:
+    def ask_to_be_replaced(self) -> None:
+        """max_requests reached: the master starts a successor (at most workers.max_recycling
+        at a time) and tells this worker to stop once it is ready; until then it serves."""
+        if self.asked_to_recycle:
+            return
+        self.asked_to_recycle = True
         log.info(
-            "worker %d (pid %d): retiring after %d requests",
+            "worker %d (pid %d): %d requests served; asking to be replaced",
             self.spec.number,
             os.getpid(),
             self.slot.requests,
         )
-        self.retiring = True
-        self.stop_accepting()
+        try:
+            self.spec.channel.sendall(MSG_RECYCLE)
+        except OSError:
+            self.begin_stop()  # no master to replace us
 
     def begin_stop(self) -> None:
         if not self.stopping:
@@ -417,9 +421,7 @@ class Worker:
                 self.drop(conn)  # between requests; a fresh one still gets its first answer
         if self.conns:
             return False
-        if self.stopping and not self.retiring:
-            return not self.drain_backlog()
-        return True
+        return not self.drain_backlog()
 
     def drain_backlog(self) -> bool:
         """Accept whatever is queued on every listener; True if anything was."""

@@ -777,7 +777,7 @@ def test_field_docs() -> None:
     assert rows["preload_app"][:2] == ("true or false", "false")
     documented = {key.rsplit(".", 1)[-1] for key in rows}
     for _, f in _all_fields():
-        if f.name not in ("source", "workers", "http", "logging", "syslog"):
+        if f.name not in ("source", "workers", "http", "logging", "syslog", "admin"):
             assert f.name in documented
 
 

@@ -1364,7 +1364,10 @@ def test_respond_ok_keeps_alive(logs: Logs, scoreboard: Scoreboard) -> None:
     assert parsed.value(b"date") is not None
     assert parsed.body == b"hi"
     view = scoreboard.read(0)
-    assert view.activity == Activity.IDLE and view.requests == 1
+    assert view.activity == Activity.KEEPALIVE and view.requests == 1
+    counters = scoreboard.counters(0)
+    assert counters.by_class == (0, 1, 0, 0, 0)
+    assert sum(counters.buckets) == 1 and counters.bytes_sent == 2
 
 
 def test_respond_app_error_is_500_and_close(logs: Logs, scoreboard: Scoreboard) -> None:

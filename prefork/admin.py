@@ -1,0 +1,286 @@
+"""The master's status endpoint: /status (JSON), /metrics (Prometheus text), /ready, /live.
+
+Invariants: master only, inside its loop, never blocking it: sockets are non-blocking, a
+request must arrive whole within REQUEST_TIMEOUT, answers are small and sent at once; the unix
+socket is created with mode 0600. Rendering is pure: it turns a snapshot dict into bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prefork.addresses import parse_address
+from prefork.scoreboard import DURATION_BUCKETS
+
+log = logging.getLogger("prefork")
+
+REQUEST_TIMEOUT = 2.0
+MAX_REQUEST = 8192
+Responder = Callable[[str], tuple[int, str, bytes]]
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class AdminServer:
+    def __init__(self, listeners: list[socket.socket], respond: Responder,
+                 unix_path: str | None = None) -> None:
+        self.listeners = {sock.fileno(): sock for sock in listeners}
+        self.respond = respond
+        self.unix_path = unix_path
+        self.conns: dict[int, tuple[socket.socket, bytes, float]] = {}
+
+    def fds(self) -> list[int]:
+        return [*self.listeners, *self.conns]
+
+    def handle(self, ready: set[int], now: float) -> None:
+        for fd in ready:
+            listener = self.listeners.get(fd)
+            if listener is not None:
+                self._accept(listener, now)
+            elif fd in self.conns:
+                self._read(fd)
+        for fd, (sock, _, deadline) in list(self.conns.items()):
+            if now >= deadline:
+                del self.conns[fd]
+                sock.close()
+
+    def _accept(self, listener: socket.socket, now: float) -> None:
+        for _ in range(16):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("status endpoint: accept: %s", exc)
+                return
+            sock.setblocking(False)
+            self.conns[sock.fileno()] = (sock, b"", now + REQUEST_TIMEOUT)
+
+    def _read(self, fd: int) -> None:
+        sock, data, deadline = self.conns[fd]
+        try:
+            chunk = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        data += chunk
+        if chunk and b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < MAX_REQUEST:
+            self.conns[fd] = (sock, data, deadline)
+            return
+        del self.conns[fd]
+        if chunk:
+            self._answer(sock, data)
+        sock.close()
+
+    def _answer(self, sock: socket.socket, data: bytes) -> None:
+        method, _, rest = data.partition(b" ")
+        target = rest.split(b" ", 1)[0].decode("latin-1", "replace")
+        if method not in (b"GET", b"HEAD"):
+            status, ctype, body = 405, "text/plain", b"only GET and HEAD\n"
+        else:
+            try:
+                status, ctype, body = self.respond(target.split("?", 1)[0])
+            except Exception:
+                log.exception("status endpoint failed for %s", target)
+                status, ctype, body = 503, "text/plain", b"error\n"
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+        ).encode("latin-1")
+        try:
+            sock.setblocking(True)
+            sock.settimeout(1.0)  # a few KiB to a local client
+            sock.sendall(head if method == b"HEAD" else head + body)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock, _, _ in self.conns.values():
+            sock.close()
+        self.conns.clear()
+        for sock in self.listeners.values():
+            sock.close()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+
+def admin_socket_path(socket_path: str | None, pidfile: str | None) -> str | None:
+    if socket_path:
+        return socket_path
+    return f"{pidfile}.sock" if pidfile else None
+
+
+def open_admin(path: str | None, bind: str | None) -> list[socket.socket]:
+    """Bind the endpoint's sockets (raises OSError with the reason)."""
+    sockets = []
+    if path is not None:
+        try:
+            if os.path.exists(path):
+                os.unlink(path)  # ours from a previous run; the pidfile check guards liveness
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old)
+            sock.listen(16)
+            sock.setblocking(False)
+            sockets.append(sock)
+        except OSError as exc:
+            raise OSError(f"cannot open the status socket {path}: {exc.strerror}") from None
+    if bind is not None:
+        address = parse_address(bind)
+        family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((address.host, address.port))
+            sock.listen(16)
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot open the status endpoint {bind}: {exc.strerror}") from None
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+def fetch(path: str | None, bind: str | None, target: str, timeout: float = 5.0) -> bytes:
+    """A client for `preforkd status`: GET `target`, return the body (raises OSError)."""
+    if path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        where: Any = path
+    elif bind is not None:
+        address = parse_address(bind)
+        sock = socket.socket(
+            socket.AF_INET6 if address.is_ipv6 else socket.AF_INET, socket.SOCK_STREAM
+        )
+        where = (address.host, address.port)
+    else:
+        raise OSError("no status endpoint configured (set pidfile, admin.socket or admin.bind)")
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect(where)
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: preforkd\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        raise OSError(f"the status endpoint answered {status_line!r}")
+    return body
+
+
+# --- rendering -------------------------------------------------------------------------------
+
+
+def status_json(snapshot: Mapping[str, Any]) -> bytes:
+    return json.dumps(snapshot, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _line(name: str, value: float, labels: Mapping[str, str] | None = None) -> str:
+    if labels:
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        return f"{name}{{{inner}}} {value}"
+    return f"{name} {value}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
+    """Prometheus text exposition format 0.0.4 from a status snapshot."""
+    totals = snapshot["totals"]
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("preforkd_requests_total", "counter", "Responses sent, by status class.")
+    for cls, count in totals["by_class"].items():
+        out.append(_line("preforkd_requests_total", count, {"class": cls}))
+    family("preforkd_request_duration_seconds", "histogram", "Time to answer a request.")
+    cumulative = 0
+    for bound, count in zip([*DURATION_BUCKETS, "+Inf"], totals["buckets"], strict=True):
+        cumulative += count
+        out.append(
+            _line("preforkd_request_duration_seconds_bucket", cumulative, {"le": str(bound)})
+        )
+    out.append(_line("preforkd_request_duration_seconds_sum", totals["duration_sum"]))
+    out.append(_line("preforkd_request_duration_seconds_count", cumulative))
+    family("preforkd_response_body_bytes_total", "counter", "Response body bytes sent.")
+    out.append(_line("preforkd_response_body_bytes_total", totals["bytes"]))
+    family("preforkd_workers", "gauge", "Worker processes by what they are doing.")
+    for state, count in snapshot["workers_by_state"].items():
+        out.append(_line("preforkd_workers", count, {"state": state}))
+    family("preforkd_worker_recycles_total", "counter", "Workers replaced, by reason.")
+    for reason, count in totals["recycles"].items():
+        out.append(_line("preforkd_worker_recycles_total", count, {"reason": reason}))
+    family("preforkd_worker_restarts_total", "counter", "Workers started after startup.")
+    out.append(_line("preforkd_worker_restarts_total", totals["restarts"]))
+    family("preforkd_worker_boot_failures_total", "counter", "Workers that failed to boot.")
+    out.append(_line("preforkd_worker_boot_failures_total", totals["boot_failures"]))
+    family("preforkd_reloads_total", "counter", "Reloads (HUP), by result.")
+    for result, count in totals["reloads"].items():
+        out.append(_line("preforkd_reloads_total", count, {"result": result}))
+    master = snapshot["master"]
+    family("preforkd_degraded", "gauge", "1 while too many workers fail to boot.")
+    out.append(_line("preforkd_degraded", int(master["degraded"])))
+    family("preforkd_generation", "gauge", "The configuration generation being served.")
+    out.append(_line("preforkd_generation", master["generation"]))
+    family("preforkd_worker_memory_uss_bytes", "gauge", "Unique memory of each worker.")
+    for worker in snapshot["workers"]:
+        if worker.get("uss") is not None:
+            out.append(
+                _line("preforkd_worker_memory_uss_bytes", worker["uss"],
+                      {"worker": str(worker["number"]), "pid": str(worker["pid"])})
+            )
+    family("preforkd_start_time_seconds", "gauge", "Start time of the master (unix time).")
+    out.append(_line("preforkd_start_time_seconds", master["started"]))
+    return ("\n".join(out) + "\n").encode()
+
+
+def status_table(snapshot: Mapping[str, Any]) -> str:
+    """The `preforkd status` table, like Apache's server-status."""
+    master = snapshot["master"]
+    totals = snapshot["totals"]
+    lines = [
+        f"preforkd {master['version']}  master pid {master['pid']}  generation "
+        f"{master['generation']}  {master['state']}  up {_duration(master['uptime'])}",
+        f"{len(snapshot['workers'])} workers (target {master['target_workers']}): "
+        + ", ".join(f"{n} {s}" for s, n in snapshot["workers_by_state"].items() if n)
+        + f"; {totals['requests']} requests",
+        "",
+        f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'USS':>9}  "
+        f"{'AGE':>7}  CURRENT REQUEST",
+    ]
+    for w in snapshot["workers"]:
+        current = w.get("current")
+        request = f"{current['method']} {current['target']}" if current else ""
+        age = _duration(current["age"]) if current else ""
+        uss = f"{w['uss'] / 1048576:.1f}M" if w.get("uss") is not None else "-"
+        lines.append(
+            f"{w['number']:>6} {w['pid']:>7} {w['generation']:>3} {w['activity']:<9} "
+            f"{w['requests']:>8} {uss:>9}  {age:>7}  {request}"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
