@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import traceback
@@ -22,7 +23,8 @@ from prefork import __version__, status
 from prefork.admin import AdminServer, admin_socket_path, fetch, open_admin, status_table
 from prefork.config import Config, ConfigError, bind_address, load
 from prefork.daemon import detach, under_systemd
-from prefork.loader import AppLoadError, load_app, prepare
+from prefork.hooks import HookError, Hooks, ServerInfo
+from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import Logs
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
@@ -32,6 +34,7 @@ from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
 from prefork.sockets import BindError, BindSpec, Listener, bind_all, systemd_listeners
 from prefork.system import System
+from prefork.tls import server_context
 
 log = logging.getLogger("prefork")
 
@@ -163,9 +166,23 @@ def bind_specs(config: Config) -> list[BindSpec]:
             b.mode,
             None if b.owner is None else resolve_user(b.owner).pw_uid,
             None if b.group is None else resolve_gid(b.group),
+            b.tls is not None,
         )
         for b in config.bind
     ]
+
+
+def tls_contexts(config: Config, listeners: list[Listener]) -> dict[int, ssl.SSLContext]:
+    """The TLS context of each listener whose bind entry has `tls` (systemd's sockets are
+    matched to bind entries by address)."""
+    by_address = {str(bind_address(b)): b for b in config.bind if b.tls is not None}
+    contexts = {}
+    for listener in listeners:
+        bind = by_address.get(str(listener.address))
+        if bind is not None and bind.tls is not None:
+            listener.tls = True
+            contexts[listener.fd] = server_context(bind.tls)
+    return contexts
 
 
 def open_listeners(config: Config) -> list[Listener]:
@@ -176,12 +193,34 @@ def open_listeners(config: Config) -> list[Listener]:
     return bind_all(bind_specs(config), config.backlog)
 
 
+def apply_env(env: tuple[tuple[str, str], ...], previous: tuple[tuple[str, str], ...] = ()
+              ) -> dict[str, str | None]:
+    """Set `env` in this process (removing what only `previous` set); returns what to put
+    back to undo it."""
+    undo: dict[str, str | None] = {}
+    for name, _ in previous:
+        undo[name] = os.environ.pop(name, None)
+    for name, value in env:
+        undo.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
+    return undo
+
+
+def undo_env(undo: dict[str, str | None]) -> None:
+    for name, value in undo.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def reloader(
-    reread: Callable[[], Config],
+    reread: Callable[[], Config], reimport: Reimport
 ) -> Callable[[Generation, list[Listener]], Generation]:
     """HUP: read and validate the configuration again, keep the sockets whose addresses did
-    not change (`held`: every socket the master has open), bind the new ones. Raises (and
-    the master keeps serving) on any error."""
+    not change (`held`: every socket the master has open), bind the new ones, load the hooks
+    and, with preload_app, import the application afresh. Raises (and the master keeps
+    serving the old generation, its environment and its sockets) on any error."""
 
     def reload(current: Generation, held: list[Listener]) -> Generation:
         config = reread()
@@ -189,18 +228,26 @@ def reloader(
             listeners = current.listeners  # systemd owns the addresses
         else:
             listeners = bind_all(bind_specs(config), config.backlog, reuse=held)
+        undo = apply_env(config.env, current.config.env)
+        try:
+            contexts = tls_contexts(config, listeners)
+            hooks = Hooks(config.hooks)
+            app = None
+            if config.preload_app:
+                prepare(config.pythonpath, config.chdir)
+                app = reimport.reload(config.app) if reimport.modules else reimport.load(
+                    config.app
+                )
+        except Exception:
+            undo_env(undo)
             for listener in listeners:
                 if listener not in held:
-                    log.info("listening at %s", listener.url(config.protocol))
-        app = None
-        if config.preload_app:
-            app = current.app
-            if app is None:
-                prepare(config.pythonpath, config.chdir)
-                app = load_app(config.app)
-            else:
-                log.warning("preload_app: the application code is not reloaded by HUP")
-        return Generation(0, config, listeners, app)
+                    listener.close()
+            raise
+        for listener in listeners:
+            if listener not in held:
+                log.info("listening at %s", listener.url(config.protocol))
+        return Generation(0, config, listeners, app, contexts, hooks)
 
     return reload
 
@@ -223,6 +270,9 @@ class Startup:
         self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
         self.logs: Logs | None = None
+        self.tls: dict[int, ssl.SSLContext] = {}
+        self.hooks = Hooks()
+        self.reimport = Reimport()
 
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
@@ -245,18 +295,28 @@ class Startup:
         except OSError as exc:
             return self.fail(f"cannot open the logs: {exc}")
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
+        apply_env(config.env)
+        prepare(config.pythonpath, None)  # hook modules (and a preloaded app) live there
+        try:
+            self.hooks = Hooks(config.hooks)
+        except HookError as exc:
+            return self.fail(str(exc))
+        self.hooks.call("on_starting", ServerInfo(config))
         app = None
         if config.preload_app:
             try:
                 prepare(config.pythonpath, config.chdir)
-                app = load_app(config.app)
+                app = self.reimport.load(config.app)
             except AppLoadError as exc:
                 log.error("cannot load the application:\n%s", traceback.format_exc())
                 return self.fail(str(exc), EXIT_APP_FAILED)
         try:
             listeners = open_listeners(config)
+            self.tls = tls_contexts(config, listeners)
         except BindError as exc:
             return self.fail(str(exc))
+        except (OSError, ValueError) as exc:
+            return self.fail(f"TLS: {exc}")
         for listener in listeners:
             log.info("listening at %s", listener.url(config.protocol))
         sd, watchdog = SdNotify.from_environ(os.environ)
@@ -323,9 +383,9 @@ class Startup:
             kernel=System(),
             signals=signals,
             scoreboard=Scoreboard(SCOREBOARD_SLOTS),
-            current=Generation(1, self.config, listeners, app),
+            current=Generation(1, self.config, listeners, app, self.tls, self.hooks),
             logs=self.logs,
-            reloader=reloader(self.reread),
+            reloader=reloader(self.reread, self.reimport),
             announce=announce,
             close_in_child=close_in_child,
         )
@@ -339,6 +399,7 @@ class Startup:
         try:
             code = master.run()
         finally:
+            master.current.hooks.call("on_exit", master.server_info())
             if master.admin is not None:
                 master.admin.close()
             for listener in master.all_listeners():

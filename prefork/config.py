@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import yaml
 
 from prefork.addresses import Address, parse_address, resolve_relative
+from prefork.loader import parse_app_ref
 
 _T = TypeVar("_T")
 
@@ -74,6 +75,7 @@ def _meta(
     single: bool = False,
     check: Callable[[Any, str], Any] | None = None,
     internal: bool = False,
+    mapping: bool = False,
 ) -> dict[str, Any]:
     """Metadata for one setting.
 
@@ -96,14 +98,20 @@ def _meta(
         "single": single,
         "check": check,
         "internal": internal,
+        "mapping": mapping,
     }
 
 
 def _check_app_ref(value: str, base_dir: str) -> str:
+    parse_app_ref(value)  # ValueError with the reason
+    return value
+
+
+def _check_hook_ref(value: str, base_dir: str) -> str:
     module, sep, attr = value.partition(":")
     parts = [*module.split("."), *attr.split(".")]
     if not sep or not all(p.isidentifier() and not keyword.iskeyword(p) for p in parts):
-        raise ValueError(f"must be 'module:callable', got {value!r}")
+        raise ValueError(f"must be 'module:function', got {value!r}")
     return value
 
 
@@ -178,6 +186,39 @@ def _check_address(value: str, base_dir: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS on one listening socket (`bind[].tls`). The context is built once in the master,
+    before privileges are dropped; the handshake happens in the worker."""
+
+    certificate: str = field(
+        metadata=_meta("Certificate chain file (PEM), server certificate first.", path=True)
+    )
+    key: str = field(metadata=_meta("Private key file (PEM) of the certificate.", path=True))
+    ca: str | None = field(
+        default=None,
+        metadata=_meta("CA certificates (PEM) that client certificates must chain to.", path=True),
+    )
+    verify_client: str = field(
+        default="none",
+        metadata=_meta(
+            "Client certificates: none, optional (checked if sent), required.",
+            choices=("none", "optional", "required"),
+        ),
+    )
+    min_version: str = field(
+        default="1.2", metadata=_meta("Oldest TLS version accepted.", choices=("1.2", "1.3"))
+    )
+    ciphers: str | None = field(
+        default=None,
+        metadata=_meta(
+            "OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's); null = the "
+            "Python default.",
+            check=_check_printable,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class BindConfig:
     """One listening socket (an item of ``bind``): a bare address string or this mapping."""
 
@@ -212,6 +253,10 @@ class BindConfig:
             "Not allowed on TCP addresses.",
             check=_check_group,
         ),
+    )
+    tls: TLSConfig | None = field(
+        default=None,
+        metadata=_meta("Serve HTTPS on this socket (section `bind[].tls`); null = plain."),
     )
 
 
@@ -574,6 +619,67 @@ class AdminConfig:
     )
 
 
+HOOKS = (
+    "on_starting",
+    "when_ready",
+    "pre_fork",
+    "post_fork",
+    "post_worker_init",
+    "worker_exit",
+    "child_exit",
+    "on_reload",
+    "pre_request",
+    "post_request",
+    "on_exit",
+)
+
+
+def _hook(doc: str) -> Any:
+    return field(default=None, metadata=_meta(doc, check=_check_hook_ref))
+
+
+@dataclass(frozen=True, slots=True)
+class HooksConfig:
+    """Server hooks: `module:function` names, called at the moments below. A hook that raises
+    is logged with its traceback; see each one for what else follows."""
+
+    on_starting: str | None = _hook(
+        "on_starting(server): master, once, before sockets are bound."
+    )
+    when_ready: str | None = _hook(
+        "when_ready(server): master, once every initial worker serves."
+    )
+    pre_fork: str | None = _hook(
+        "pre_fork(server, worker): master, just before a worker is forked."
+    )
+    post_fork: str | None = _hook(
+        "post_fork(server, worker): the new worker, right after fork, before the app is "
+        "loaded (reconnect databases here). Raising makes it a boot failure."
+    )
+    post_worker_init: str | None = _hook(
+        "post_worker_init(worker): the worker, after the app is loaded, before it serves. "
+        "Raising makes it a boot failure."
+    )
+    worker_exit: str | None = _hook(
+        "worker_exit(server, worker): the worker, as it leaves after serving."
+    )
+    child_exit: str | None = _hook(
+        "child_exit(server, worker): master, after a worker has been reaped."
+    )
+    on_reload: str | None = _hook(
+        "on_reload(server): master, when a HUP has produced a valid new configuration."
+    )
+    pre_request: str | None = _hook(
+        "pre_request(worker, environ): the worker, before the app is called. Raising "
+        "answers that request with 500."
+    )
+    post_request: str | None = _hook(
+        "post_request(worker, environ, status): the worker, after the response was sent "
+        "(status: the int code)."
+    )
+    on_exit: str | None = _hook("on_exit(server): master, last, once every worker has exited.")
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration. Build it with ``load()`` or ``from_mapping()``."""
@@ -625,6 +731,30 @@ class Config:
     chdir: str | None = field(
         default=None,
         metadata=_meta("Directory to change into before loading the app; null = stay.", path=True),
+    )
+    env: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata=_meta(
+            "Environment variables set in the master before the app is loaded or any worker "
+            "is forked (a mapping: NAME: value).",
+            mapping=True,
+        ),
+    )
+    reload: bool = field(
+        default=False,
+        metadata=_meta(
+            "Development mode: workers watch the app's modules and reload_extra_files "
+            "(inotify, else polling) and are replaced when one changes; an app that fails to "
+            "import is served as a 500 page with the traceback until it is fixed. Not for "
+            "production."
+        ),
+    )
+    reload_extra_files: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta("More files whose change replaces the workers (reload mode).", path=True),
+    )
+    hooks: HooksConfig = field(
+        default_factory=HooksConfig, metadata=_meta("Server hooks (section).")
     )
     daemon: bool = field(
         default=False,
@@ -967,6 +1097,8 @@ def _build(cls: type[_T], raw: _Raw, path: str) -> _T:
 
 def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
+    if isinstance(obj, TLSConfig):
+        _check_tls(obj, entries, path)
     if isinstance(obj, BindConfig) and not obj.address.startswith("unix:"):
         for key in ("mode", "owner", "group"):
             if getattr(obj, key) is not None:
@@ -993,18 +1125,41 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
                 seen[b.address] = i
 
 
+def _check_tls(tls: TLSConfig, entries: dict[str, _Raw], path: str) -> None:
+    """Load the certificate and key now, so a wrong path or a key that does not match the
+    certificate stops the start (or the reload) with the file and line, not a worker."""
+    from prefork.tls import server_context
+
+    try:
+        server_context(tls)
+    except (OSError, ValueError) as exc:
+        key = "key" if "key" in entries else "certificate"
+        what = f"cannot load certificate {tls.certificate} with key {tls.key}"
+        if isinstance(exc, OSError) and exc.filename:
+            key = next((k for k in ("certificate", "key", "ca")
+                        if getattr(tls, k) == exc.filename and k in entries), key)
+            what = f"cannot read {exc.filename}"
+        elif isinstance(exc, ValueError):
+            key, what = "verify_client" if "verify_client" in entries else key, "invalid"
+        raise entries[key].fail(_join(path, key), f"{what}: {exc}") from None
+
+
 def _convert(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:
     if hint is BindConfig and isinstance(raw.value, str):  # the short form: just the address
         address = dataclasses.fields(BindConfig)[0]
         return BindConfig(address=_convert(str, address.metadata, raw, path))
     if dataclasses.is_dataclass(hint):
         return _build(hint, raw, path)  # type: ignore[arg-type]
+    if meta["mapping"]:
+        return _convert_mapping(raw, path)
     if typing.get_origin(hint) is tuple:
         return _convert_tuple(typing.get_args(hint)[0], meta, raw, path)
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         if raw.value is None:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint):
+            return _build(hint, raw, path)  # type: ignore[arg-type]
     value = _convert_scalar(hint, meta, raw, path)
     if meta["choices"]:
         value = value.lower()
@@ -1021,6 +1176,27 @@ def _convert(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:
         except ValueError as e:
             raise raw.fail(path, str(e)) from None
     return value
+
+
+def _convert_mapping(raw: _Raw, path: str) -> tuple[tuple[str, str], ...]:
+    """A mapping of names to scalar values, kept as ((name, text), ...) in file order."""
+    if raw.value is None:
+        return ()
+    if not isinstance(raw.value, dict):
+        raise raw.fail(path, f"must be a mapping of names to values, got {_show(raw)}")
+    pairs = []
+    for key, item in raw.value.items():
+        value = item.value
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float | str):
+            text = str(value)
+        else:
+            raise item.fail(_join(path, key), f"must be a string or a number, got {_show(item)}")
+        if "\0" in key or "=" in key or not key or "\0" in text:
+            raise item.fail(_join(path, key), "not a valid environment variable")
+        pairs.append((key, text))
+    return tuple(pairs)
 
 
 def _convert_tuple(
@@ -1102,6 +1278,8 @@ def _plural(hint: Any, meta: Mapping[str, Any]) -> str:
 
 
 def _type_text(hint: Any, meta: Mapping[str, Any]) -> str:
+    if meta["mapping"]:
+        return "mapping of names to strings"
     if typing.get_origin(hint) is tuple:
         return f"list of {_plural(typing.get_args(hint)[0], meta)}"
     nullable = typing.get_origin(hint) in (types.UnionType, typing.Union)
@@ -1123,6 +1301,8 @@ def _type_text(hint: Any, meta: Mapping[str, Any]) -> str:
 
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
+    if f.metadata["mapping"]:
+        return "{}"
     if f.default is dataclasses.MISSING:
         return "required"
     return _yaml_text(f.default)
@@ -1151,6 +1331,21 @@ def _sections() -> list[tuple[str, str, type, str]]:
             "Each item of `bind` is an address string, or a mapping with these keys.",
             BindConfig,
             "bind[].",
+        ),
+        (
+            "`bind[].tls`",
+            "TLS on a listening socket: `bind: [{address: \"0.0.0.0:443\", tls: {certificate: "
+            "cert.pem, key: key.pem}}]`.",
+            TLSConfig,
+            "bind[].tls.",
+        ),
+        (
+            "`hooks`",
+            "Server hooks, each `module:function`. `server` has `.config`, `.pid`, "
+            "`.generation`, `.workers` (a list of worker objects); `worker` has `.number`, "
+            "`.pid`, `.generation`, `.config`. Hooks in the master must not block.",
+            HooksConfig,
+            "hooks.",
         ),
         (
             "`workers`",
@@ -1186,8 +1381,14 @@ def _rows(cls: type, prefix: str) -> list[tuple[str, str, str, str]]:
             f.metadata["doc"],
         )
         for f in _settable(cls).values()
-        if not dataclasses.is_dataclass(hints[f.name])
+        if not _is_section_hint(hints[f.name])
     ]
+
+
+def _is_section_hint(hint: Any) -> bool:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(dataclasses.is_dataclass(a) for a in typing.get_args(hint))
+    return dataclasses.is_dataclass(hint)
 
 
 def field_docs() -> list[tuple[str, str, str, str]]:

@@ -49,6 +49,9 @@ class Connection:
         "proxy",
     )
 
+    sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
+    handshaken = True  # no TLS handshake to wait for
+
     def __init__(self, sock: socket.socket, peer: object, listener: object, limits: Limits) -> None:
         self.sock = sock
         self.fd = sock.fileno()

@@ -15,6 +15,7 @@ from typing import Any
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection
 from prefork.forwarded import TrustedProxies
+from prefork.hooks import Hooks
 from prefork.http import ProtocolError, Request
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
@@ -37,9 +38,9 @@ def base_environ(listener: Listener) -> dict[str, Any]:
         server_name, server_port = "localhost", "0"
     else:
         server_name, server_port = address.host, str(address.port)
-    return {
+    environ = {
         "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "http",
+        "wsgi.url_scheme": "https" if listener.tls else "http",
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
@@ -51,6 +52,9 @@ def base_environ(listener: Listener) -> dict[str, Any]:
         "SERVER_PORT": server_port,
         "REMOTE_ADDR": "",
     }
+    if listener.tls:
+        environ["HTTPS"] = "on"
+    return environ
 
 
 def remote_of(peer: object) -> tuple[str, str]:
@@ -74,8 +78,14 @@ class HttpProtocol:
         send_timeout: float,
         server_header: str,
         proxies: TrustedProxies | None = None,
+        hooks: Hooks | None = None,
+        worker_info: object = None,
     ) -> None:
         self.proxies = proxies
+        self.pre_request = hooks.get("pre_request") if hooks is not None else None
+        self.post_request = hooks.get("post_request") if hooks is not None else None
+        self.hooks = hooks
+        self.worker_info = worker_info
         self.app = app
         self.slot = slot
         self.logs = logs
@@ -156,6 +166,10 @@ class HttpProtocol:
         )
         self.slot.busy(request.method.encode("latin-1"), request.target[:192])
         try:
+            if self.pre_request is not None and self.hooks is not None and not self.hooks.call(
+                "pre_request", self.worker_info, env
+            ):
+                raise RuntimeError("the pre_request hook failed")
             run_app(self.app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
             log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
@@ -184,6 +198,8 @@ class HttpProtocol:
         )
         if self.logs.access_enabled:
             self._access(env, request, response, duration)
+        if self.post_request is not None and self.hooks is not None:
+            self.hooks.call("post_request", self.worker_info, env, response.status_code)
         if (
             response.keep_alive
             and not request.complete

@@ -1,21 +1,76 @@
-"""Import the application named by `module:callable` (in a worker, or in the master when
+"""Import the application named by an app reference (in a worker, or in the master when
 preloading).
 
+References: `module` (then `module:application`, then `module:app`), `module:name`,
+`module:obj.attr`, `module:factory()` and `module:factory(arg, key=value)` whose arguments
+are Python literals — parsed with `ast`, never evaluated as code.
+
 Invariant: the only process state this changes is sys.path (the configured `pythonpath`
-entries, prepended once) and the working directory (`chdir`).
+entries, prepended once), the working directory (`chdir`) and sys.modules.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+DEFAULT_NAMES = ("application", "app")
 
 
 class AppLoadError(Exception):
     """The application could not be imported or is not callable; the cause is chained."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppRef:
+    module: str
+    attrs: tuple[str, ...] = ()  # empty: try DEFAULT_NAMES
+    args: tuple[Any, ...] | None = None  # None: not a factory call
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _dotted(node: ast.expr) -> tuple[str, ...]:
+    if isinstance(node, ast.Name):
+        return (node.id,)
+    if isinstance(node, ast.Attribute):
+        return (*_dotted(node.value), node.attr)
+    raise ValueError("expected a name or a dotted attribute")
+
+
+def parse_app_ref(ref: str) -> AppRef:
+    """Parse an app reference; ValueError says what is wrong with it."""
+    module, sep, rest = ref.strip().partition(":")
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ValueError(
+            f"must be 'module', 'module:callable' or 'module:factory(...)', got {ref!r}"
+        )
+    if not sep:
+        return AppRef(module)
+    try:
+        expr = ast.parse(rest.strip(), mode="eval").body
+    except SyntaxError:
+        raise ValueError(f"cannot parse {rest!r} after the ':' in {ref!r}") from None
+    try:
+        if isinstance(expr, ast.Call):
+            attrs = _dotted(expr.func)
+            args = tuple(ast.literal_eval(arg) for arg in expr.args)
+            kwargs = {}
+            for keyword in expr.keywords:
+                if keyword.arg is None:
+                    raise ValueError("**kwargs is not allowed")
+                kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+            return AppRef(module, attrs, args, kwargs)
+        return AppRef(module, _dotted(expr))
+    except ValueError as exc:
+        raise ValueError(
+            f"{ref!r}: factory arguments must be literals (numbers, strings, lists, dicts, "
+            f"True/False/None): {exc}"
+        ) from None
 
 
 def prepare(pythonpath: Sequence[str], chdir: str | None) -> None:
@@ -29,17 +84,67 @@ def prepare(pythonpath: Sequence[str], chdir: str | None) -> None:
 
 
 def load_app(ref: str) -> Callable[..., Any]:
-    """The object `module:attr.attr`; raises AppLoadError with the reason."""
-    module_name, _, attr_path = ref.partition(":")
+    """The callable `ref` names (a factory's result for `module:factory(...)`); raises
+    AppLoadError with the reason."""
     try:
-        obj: Any = importlib.import_module(module_name)
+        parsed = parse_app_ref(ref)
+    except ValueError as exc:
+        raise AppLoadError(str(exc)) from None
+    try:
+        obj: Any = importlib.import_module(parsed.module)
     except Exception as exc:
-        raise AppLoadError(f"cannot import {module_name!r}: {exc!r}") from exc
-    for attr in attr_path.split("."):
+        raise AppLoadError(f"cannot import {parsed.module!r}: {exc!r}") from exc
+    attrs = parsed.attrs
+    if not attrs:
+        name = next((n for n in DEFAULT_NAMES if hasattr(obj, n)), None)
+        if name is None:
+            raise AppLoadError(
+                f"module {parsed.module!r} has neither 'application' nor 'app'; "
+                f"name the callable: '{parsed.module}:NAME'"
+            )
+        attrs = (name,)
+    for attr in attrs:
         try:
             obj = getattr(obj, attr)
         except AttributeError:
-            raise AppLoadError(f"{ref!r}: module {module_name!r} has no {attr_path!r}") from None
+            raise AppLoadError(
+                f"{ref!r}: module {parsed.module!r} has no {'.'.join(attrs)!r}"
+            ) from None
+    if parsed.args is not None:
+        try:
+            obj = obj(*parsed.args, **parsed.kwargs)
+        except Exception as exc:
+            raise AppLoadError(f"{ref!r}: the factory raised {exc!r}") from exc
     if not callable(obj):
         raise AppLoadError(f"{ref!r} is not callable ({type(obj).__name__})")
     return obj  # type: ignore[no-any-return]
+
+
+class Reimport:
+    """Fresh imports for a preloading master: `load()` imports the app and remembers which
+    modules that brought in; `reload()` drops exactly those and imports again, restoring them
+    if the new code fails, so the running generation's copy stays intact."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, Any] = {}
+
+    def load(self, ref: str) -> Callable[..., Any]:
+        before = set(sys.modules)
+        app = load_app(ref)
+        self.modules = {name: sys.modules[name] for name in set(sys.modules) - before}
+        return app
+
+    def reload(self, ref: str) -> Callable[..., Any]:
+        saved = self.modules
+        for name in saved:
+            sys.modules.pop(name, None)
+        before = set(sys.modules)
+        importlib.invalidate_caches()
+        try:
+            return self.load(ref)
+        except AppLoadError:
+            for name in set(sys.modules) - before:
+                sys.modules.pop(name, None)  # what the failed attempt imported
+            sys.modules.update(saved)
+            self.modules = saved
+            raise

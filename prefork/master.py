@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import setproctitle
 
 from prefork.admin import AdminServer
 from prefork.config import Config
+from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Counters, Scoreboard
 from prefork.sockets import Listener
@@ -110,6 +112,8 @@ class Generation:
     config: Config
     listeners: list[Listener]
     app: Any = None  # preloaded application
+    tls: dict[int, ssl.SSLContext] = field(default_factory=dict)  # listener fd -> context
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 class SignalSource(Protocol):
@@ -243,6 +247,9 @@ class Master:
             slot=self.scoreboard.slot(slot),
             logs=self.logs,
             app=generation.app,
+            tls=generation.tls,
+            hooks=generation.hooks,
+            server=self.server_info(),
             close_fds=[
                 *self.close_in_child,
                 *(self.admin.fds() if self.admin is not None else []),
@@ -254,6 +261,9 @@ class Master:
                     if listener not in generation.listeners
                 ),
             ],
+        )
+        generation.hooks.call(
+            "pre_fork", self.server_info(), WorkerInfo(number, generation.number, generation.config)
         )
         pid = self.kernel.spawn(lambda: worker_main(spec), child_end)
         handle = WorkerHandle(
@@ -286,6 +296,7 @@ class Master:
         if handle in self.recycle_queue:
             self.recycle_queue.remove(handle)
         how = describe_status(status)
+        self.current.hooks.call("child_exit", self.server_info(), self.worker_info(handle))
         if not handle.booted and (
             handle.state is WorkerState.BOOTING or handle.reason == "boot timeout"
         ):
@@ -403,7 +414,21 @@ class Master:
         if not self.ever_ready and self.stop is Stop.NONE and self.ready_count() >= self.target:
             self.ever_ready = True
             log.info("ready: %d workers", self.ready_count())
+            self.current.hooks.call("when_ready", self.server_info())
             self.announce.ready(f"{self.ready_count()} workers ready")
+
+    def server_info(self) -> ServerInfo:
+        """The `server` argument of hooks: a snapshot, so a hook cannot change the master."""
+        return ServerInfo(
+            self.current.config,
+            self.current.number,
+            [self.worker_info(h) for h in self.workers.values()],
+        )
+
+    def worker_info(self, handle: WorkerHandle) -> WorkerInfo:
+        generation = self.current if handle.generation == self.current.number else None
+        config = generation.config if generation is not None else self.current.config
+        return WorkerInfo(handle.number, handle.generation, config, handle.pid)
 
     def ready_count(self) -> int:
         return sum(
@@ -720,6 +745,7 @@ class Master:
             self.abandon_pending()
         self.generations += 1
         new.number = self.generations
+        new.hooks.call("on_reload", self.server_info())
         if new.config.workers.count != self.current.config.workers.count:
             self.target = new.config.workers.count
         self.pending = new

@@ -32,6 +32,7 @@ class BindSpec:
     mode: int | None = None
     owner: int | None = None  # uid
     group: int | None = None  # gid
+    tls: bool = False
 
 
 @dataclass(slots=True)
@@ -41,6 +42,7 @@ class Listener:
     unix_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a socket file we created
     inherited: bool = False  # handed over by systemd
     configured: BindSpec | None = None  # what was asked for (None: handed over by systemd)
+    tls: bool = False  # HTTPS on this socket (the context lives in the Generation)
 
     @property
     def fd(self) -> int:
@@ -49,7 +51,9 @@ class Listener:
     def url(self, protocol: str) -> str:
         if self.address.kind == "unix":
             return f"unix:{self.address.path}"
-        return f"{'http' if protocol == 'http' else 'tcp'}://{self.address}"
+        if protocol != "http":
+            return f"tcp://{self.address}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
 
     def close(self) -> None:
         """Close; remove the socket file if it is still ours."""
@@ -145,6 +149,7 @@ def bind(spec: BindSpec, backlog: int) -> Listener:
     else:
         listener = _bind_tcp(spec.address, backlog)
     listener.configured = spec
+    listener.tls = spec.tls
     return listener
 
 

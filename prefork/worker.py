@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ import setproctitle
 from prefork.config import Config
 from prefork.connection import Connection
 from prefork.forwarded import TrustedProxies
+from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.http import Limits, ProtocolError
 from prefork.http.proxy import ProxyHeader
 from prefork.httpserve import HttpProtocol
@@ -35,6 +37,7 @@ from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue
 from prefork.sockets import Listener
+from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
 
@@ -67,6 +70,9 @@ class WorkerSpec:
     logs: Logs
     app: Any = None  # preloaded application, or None to import it after fork
     close_fds: list[int] = field(default_factory=list)
+    tls: dict[int, ssl.SSLContext] = field(default_factory=dict)  # listener fd -> context
+    hooks: Hooks = field(default_factory=Hooks)
+    server: ServerInfo | None = None  # the master, as hooks see it
 
 
 def max_requests_for(config: Config, number: int) -> int:
@@ -112,6 +118,9 @@ def worker_main(spec: WorkerSpec) -> int:
     except (OSError, KeyError) as exc:
         log.error("worker %d: cannot switch to user %s: %s", spec.number, config.user, exc)
         return EXIT_BOOT_ERROR
+    info = WorkerInfo(spec.number, spec.generation, config, os.getpid())
+    if not spec.hooks.call("post_fork", spec.server, info):
+        return EXIT_BOOT_ERROR
     app = spec.app
     if app is None:
         try:
@@ -124,12 +133,18 @@ def worker_main(spec: WorkerSpec) -> int:
             except OSError:
                 pass
             return EXIT_APP_LOAD_ERROR
+    if not spec.hooks.call("post_worker_init", info):
+        return EXIT_BOOT_ERROR
     worker = Worker(spec, app, signals)
+    worker.info = info
     try:
         spec.channel.sendall(MSG_READY)
     except OSError:
         return EXIT_OK  # the master is already gone
-    return worker.run()
+    try:
+        return worker.run()
+    finally:
+        spec.hooks.call("worker_exit", spec.server, info)
 
 
 class Worker:
@@ -177,7 +192,10 @@ class Worker:
                 send_timeout=http.send_timeout,
                 server_header=http.server_header,
                 proxies=self.proxies,
+                hooks=spec.hooks,
+                worker_info=WorkerInfo(spec.number, spec.generation, config, os.getpid()),
             )
+        self.info: WorkerInfo | None = None
 
     # the loop ----------------------------------------------------------------------------
 
@@ -242,7 +260,14 @@ class Worker:
             return True
         if len(self.conns) >= self.max_connections:
             self.evict_idle()
-        conn = Connection(sock, peer, listener, self.limits)
+        context = self.spec.tls.get(listener.fd)
+        conn: Connection
+        if context is not None:
+            sock.setblocking(False)
+            tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            conn = TLSConnection(tls_sock, peer, listener, self.limits)
+        else:
+            conn = Connection(sock, peer, listener, self.limits)
         conn.deadline = time.monotonic() + self.header_timeout
         if self.proxies.enabled and self.proxies.trusts(peer):
             conn.trusted = True
@@ -254,6 +279,13 @@ class Worker:
 
     def on_readable(self, conn: Connection) -> bool:
         """Read what arrived and answer every complete request; False if nothing was there."""
+        if not conn.handshaken:
+            done = conn.handshake()  # type: ignore[attr-defined]
+            if done is None:
+                return False  # parked until the client sends more (header_timeout applies)
+            if not done:
+                self.drop(conn)
+                return True
         data = conn.recv_now(self.read_size)
         if data is None:
             return False

@@ -416,6 +416,7 @@ def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
         elif (
             type(result) is FileWrapper
             and not response.head_sent  # write() already chose the framing
+            and response.conn.sendfile_ok
             and (fd := result.fileno()) is not None
         ):
             if not response.status:

@@ -1190,7 +1190,7 @@ def scoreboard() -> Iterator[Scoreboard]:
 
 
 def fake_listener(address: Address, fd: int = 1000) -> Any:
-    return types.SimpleNamespace(fd=fd, address=address)
+    return types.SimpleNamespace(fd=fd, address=address, tls=False)
 
 
 TCP = Address("tcp", "10.1.2.3", 8080)

@@ -1,0 +1,87 @@
+"""Server hooks: user functions named in `hooks:` and called at fixed moments.
+
+Invariants: hook modules are imported in the master when the configuration is loaded (a
+missing function is a startup or reload error, not a surprise later); workers inherit them
+through fork. A hook that raises is logged with its traceback and reported to the caller,
+which decides what that means (boot failure, 500, nothing).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefork.config import HOOKS, Config, HooksConfig
+
+log = logging.getLogger("prefork")
+
+
+class HookError(Exception):
+    """A hook could not be imported."""
+
+
+@dataclass
+class WorkerInfo:
+    """The `worker` argument of hooks."""
+
+    number: int
+    generation: int
+    config: Config
+    pid: int | None = None  # None in pre_fork (not forked yet)
+
+
+@dataclass
+class ServerInfo:
+    """The `server` argument of hooks."""
+
+    config: Config
+    generation: int = 1
+    workers: list[WorkerInfo] = field(default_factory=list)
+    pid: int = field(default_factory=os.getpid)
+
+
+class Hooks:
+    def __init__(self, config: HooksConfig | None = None) -> None:
+        self.functions: dict[str, Callable[..., Any]] = {}
+        if config is None:
+            return
+        for name in HOOKS:
+            ref = getattr(config, name)
+            if ref is not None:
+                self.functions[name] = _resolve(name, ref)
+
+    def get(self, name: str) -> Callable[..., Any] | None:
+        return self.functions.get(name)
+
+    def call(self, name: str, *args: Any) -> bool:
+        """Run hook `name` if configured; False if it raised (already logged)."""
+        function = self.functions.get(name)
+        if function is None:
+            return True
+        try:
+            function(*args)
+        except Exception:
+            log.exception("hook %s (%s) failed", name, _describe(function))
+            return False
+        return True
+
+
+def _resolve(name: str, ref: str) -> Callable[..., Any]:
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        raise HookError(f"hooks.{name}: cannot load {ref!r}: {exc!r}") from exc
+    if not callable(obj):
+        raise HookError(f"hooks.{name}: {ref!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _describe(function: Callable[..., Any]) -> str:
+    return f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', '?')}"
