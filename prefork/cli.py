@@ -85,6 +85,8 @@ def parser() -> argparse.ArgumentParser:
                    help="workers.graceful_timeout")
     p.add_argument("--max-requests", type=int, metavar="N", help="workers.max_requests")
     p.add_argument("--keepalive", type=float, metavar="SECONDS", help="http.keepalive_timeout")
+    p.add_argument("--reload", action="store_true", default=None,
+                   help="development: restart workers when the code changes")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
     p.add_argument("--error-log", metavar="PATH", help='"-" for stderr')
     p.add_argument("--access-log", metavar="PATH", help='"-" for stdout')
@@ -117,6 +119,7 @@ OVERRIDES = {
     "error_log": "logging.error_log",
     "access_log": "logging.access_log",
     "daemon": "daemon",
+    "reload": "reload",
     "pidfile": "pidfile",
     "user": "user",
     "group": "group",

@@ -26,6 +26,7 @@ import setproctitle
 
 from prefork.config import Config
 from prefork.connection import Connection
+from prefork.devreload import Watcher, error_app, module_files
 from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.http import Limits, ProtocolError
@@ -122,21 +123,27 @@ def worker_main(spec: WorkerSpec) -> int:
     if not spec.hooks.call("post_fork", spec.server, info):
         return EXIT_BOOT_ERROR
     app = spec.app
+    broken: set[str] = set()
     if app is None:
         try:
             prepare(config.pythonpath, config.chdir)
             app = load_app(config.app)
         except Exception as exc:
             log.exception("worker %d: cannot load the application %r", spec.number, config.app)
-            try:
-                spec.channel.sendall(MSG_BOOT_ERROR + str(exc).encode("utf-8", "replace"))
-            except OSError:
-                pass
-            return EXIT_APP_LOAD_ERROR
+            if config.reload:
+                app, broken = error_app(exc)  # serve the traceback until the code is fixed
+            else:
+                try:
+                    spec.channel.sendall(MSG_BOOT_ERROR + str(exc).encode("utf-8", "replace"))
+                except OSError:
+                    pass
+                return EXIT_APP_LOAD_ERROR
     if not spec.hooks.call("post_worker_init", info):
         return EXIT_BOOT_ERROR
     worker = Worker(spec, app, signals)
     worker.info = info
+    if config.reload:
+        worker.watcher = Watcher(module_files([*config.reload_extra_files, *broken]))
     try:
         spec.channel.sendall(MSG_READY)
     except OSError:
@@ -196,6 +203,7 @@ class Worker:
                 worker_info=WorkerInfo(spec.number, spec.generation, config, os.getpid()),
             )
         self.info: WorkerInfo | None = None
+        self.watcher: Watcher | None = None  # reload mode
 
     # the loop ----------------------------------------------------------------------------
 
@@ -203,12 +211,15 @@ class Worker:
         self.slot.set(Activity.IDLE)
         self.epoll.register(self.channel_fd, _EPOLLIN)
         self.epoll.register(self.signal_fd, _EPOLLIN)
+        watcher = self.watcher
+        if watcher is not None and watcher.fd is not None:
+            self.epoll.register(watcher.fd, _EPOLLIN)
         self.start_accepting()
         poll = self.epoll.poll
         conns = self.conns
         listeners = self.listeners
         while True:
-            timeout = SWEEP_INTERVAL if conns or self.stopping else -1.0
+            timeout = SWEEP_INTERVAL if conns or self.stopping or watcher else -1.0
             try:
                 events = poll(timeout)
             except InterruptedError:
@@ -225,6 +236,8 @@ class Worker:
                     self.on_signals()
             if conns:
                 self.sweep()
+            if watcher is not None and not self.stopping:
+                self.check_sources(watcher)
             if self.stopping and self.finished():
                 return EXIT_OK
 
@@ -420,6 +433,14 @@ class Worker:
             self.slot.done()
         if self.max_requests and self.slot.requests >= self.max_requests:
             self.ask_to_be_replaced()
+
+    def check_sources(self, watcher: Watcher) -> None:
+        changed = watcher.changed()
+        if changed is not None:
+            log.info("worker %d (pid %d): %s changed; restarting to load it",
+                     self.spec.number, os.getpid(), changed)
+            watcher.close()
+            self.begin_stop()
 
     # stopping --------------------------------------------------------------------------
 

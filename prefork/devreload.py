@@ -1,0 +1,146 @@
+"""Development mode (`reload: true`): notice source changes, and serve import errors.
+
+Invariants: worker side only; the watcher is a file descriptor in the worker's epoll (inotify
+through libc, no threads) or, where inotify is missing, an mtime poll at most once a second;
+a change makes the worker stop gracefully, and the master starts a fresh one that imports the
+new code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+import sys
+import sysconfig
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, name length
+_WATCH_MASK = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_ATTRIB | IN_MODIFY
+POLL_INTERVAL = 1.0
+
+
+def module_files(extra: Iterable[str] = ()) -> set[str]:
+    """Source files of the imported modules outside the standard library, plus `extra`."""
+    skip = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
+    files = set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        path = os.path.abspath(path)
+        if path.endswith((".pyc", ".pyo")):
+            path = path[:-1]
+        if any(path.startswith(root + os.sep) for root in skip):
+            continue
+        files.add(path)
+    files.update(os.path.abspath(p) for p in extra)
+    return files
+
+
+class Watcher:
+    """Tells when one of `files` changed."""
+
+    def __init__(self, files: set[str]) -> None:
+        self.files = files
+        self.fd: int | None = None
+        self._dirs: dict[int, str] = {}
+        self._mtimes = {path: _mtime(path) for path in files}
+        self._next_poll = 0.0
+        libc_name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(libc_name, use_errno=True)
+            fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "inotify_init1")
+            for directory in sorted({os.path.dirname(p) for p in files}):
+                wd = libc.inotify_add_watch(fd, directory.encode(), _WATCH_MASK)
+                if wd >= 0:
+                    self._dirs[wd] = directory
+            self.fd = fd
+        except (OSError, AttributeError):
+            self.fd = None  # no inotify here: poll the mtimes instead
+
+    def changed(self) -> str | None:
+        """The first changed file, or None. With inotify, call when `fd` is readable."""
+        if self.fd is not None:
+            return self._read_events()
+        now = time.monotonic()
+        if now < self._next_poll:
+            return None
+        self._next_poll = now + POLL_INTERVAL
+        for path, before in self._mtimes.items():
+            if _mtime(path) != before:
+                return path
+        return None
+
+    def _read_events(self) -> str | None:
+        assert self.fd is not None
+        found = None
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EINTR):
+                    return found
+                raise
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                wd, _, _, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size : offset + _EVENT.size + length]
+                offset += _EVENT.size + length
+                path = os.path.join(self._dirs.get(wd, ""), name.rstrip(b"\0").decode())
+                if found is None and path in self.files:
+                    found = path
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0
+
+
+def error_app(exc: BaseException) -> tuple[Callable[..., Any], set[str]]:
+    """A WSGI app answering 500 with the traceback of `exc` (an import failure), and the
+    files it involves (so fixing the file is noticed even though it never imported)."""
+    text = "".join(traceback.format_exception(exc))
+    files = {frame.filename for frame in traceback.extract_tb(exc.__traceback__)}
+    cause: BaseException | None = exc
+    while cause is not None:
+        filename = getattr(cause, "filename", None)
+        if isinstance(filename, str):
+            files.add(filename)
+        files.update(f.filename for f in traceback.extract_tb(cause.__traceback__))
+        cause = cause.__cause__ or cause.__context__
+    body = (
+        "preforkd (reload mode): the application could not be loaded.\n"
+        "Fix the code and save: the workers restart on their own.\n\n" + text
+    ).encode("utf-8", "replace")
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response(
+            "500 Internal Server Error",
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        )
+        return [body]
+
+    return app, {os.path.abspath(f) for f in files if f and not f.startswith("<")}
