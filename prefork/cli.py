@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -32,7 +33,14 @@ from prefork.pidfile import PidFile, PidFileError, is_preforkd, read_pid
 from prefork.privileges import resolve_gid, resolve_user
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
-from prefork.sockets import BindError, BindSpec, Listener, bind_all, systemd_listeners
+from prefork.sockets import (
+    BindError,
+    BindSpec,
+    Listener,
+    bind_all,
+    defer_accept,
+    systemd_listeners,
+)
 from prefork.system import System
 from prefork.tls import server_context
 
@@ -192,8 +200,30 @@ def open_listeners(config: Config) -> list[Listener]:
     listeners = systemd_listeners(os.environ)
     if listeners:
         log.info("using %d socket(s) passed by systemd", len(listeners))
-        return listeners
-    return bind_all(bind_specs(config), config.backlog)
+    else:
+        listeners = bind_all(bind_specs(config), config.backlog)
+    if config.protocol == "http":
+        for listener in listeners:
+            defer_accept(listener)
+    return listeners
+
+
+def raise_fd_limit(per_worker: int) -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (as nginx's worker_rlimit_nofile), so a
+    worker can hold workers.max_connections sockets; say so when even that is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, per_worker + 256)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft < per_worker + 64:
+        log.warning(
+            "the file descriptor limit (%d) is below workers.max_connections (%d); "
+            "raise LimitNOFILE / ulimit -n", soft, per_worker
+        )
 
 
 def apply_env(env: tuple[tuple[str, str], ...], previous: tuple[tuple[str, str], ...] = ()
@@ -231,6 +261,9 @@ def reloader(
             listeners = current.listeners  # systemd owns the addresses
         else:
             listeners = bind_all(bind_specs(config), config.backlog, reuse=held)
+        if config.protocol == "http":
+            for listener in listeners:
+                defer_accept(listener)
         undo = apply_env(config.env, current.config.env)
         try:
             contexts = tls_contexts(config, listeners)
@@ -298,6 +331,7 @@ class Startup:
         except OSError as exc:
             return self.fail(f"cannot open the logs: {exc}")
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
+        raise_fd_limit(config.workers.max_connections)
         apply_env(config.env)
         prepare(config.pythonpath, None)  # hook modules (and a preloaded app) live there
         try:
@@ -328,9 +362,11 @@ class Startup:
             preserve = [lst.fd for lst in listeners] + self.logs.fds()
             if sd is not None:
                 preserve += sd.fds()
+            mask = os.umask(0)
+            os.umask(mask)  # read without changing it: the daemon keeps this umask
             ready_fd = detach(
                 preserve,
-                os.umask(os.umask(0)),
+                mask,
                 self.error_stream(),
                 config.workers.boot_timeout + 15,
                 self.console,

@@ -313,7 +313,7 @@ class WorkersConfig:
         ),
     )
     max_connections: int = field(
-        default=1000,
+        default=10000,
         metadata=_meta(
             "Connections one worker holds at once (idle keep-alive connections included); "
             "at the limit the longest-idle keep-alive connection is closed for a new one.",

@@ -47,6 +47,7 @@ class Connection:
         "closed",
         "trusted",
         "proxy",
+        "linger_until",
     )
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
@@ -64,6 +65,7 @@ class Connection:
         self.closed = False
         self.trusted = False  # the peer is a trusted proxy
         self.proxy: ProxyHeader | None = None  # a PROXY header still to be read
+        self.linger_until = 0.0  # closing after an error: discard input until then
 
     # reading ---------------------------------------------------------------------------
 
@@ -128,6 +130,28 @@ class Connection:
             raise ClientDisconnected("connection reset")
 
     # closing ---------------------------------------------------------------------------
+
+    def begin_linger(self, seconds: float) -> bool:
+        """After an error response: half-close, then (in the worker's epoll, not here) read and
+        discard what the client still sends until it closes or `seconds` pass, so the
+        response is not destroyed by a reset (RFC 9112 section 9.6). False if the socket is
+        already unusable."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        self.linger_until = time.monotonic() + seconds
+        return True
+
+    def discard_input(self, limit: int = 1 << 20) -> bool:
+        """Read and drop what is there; False once the client has closed (or sent too much)."""
+        for _ in range(limit // 65536):
+            data = self.recv_now()
+            if data is None:
+                return True
+            if not data:
+                return False
+        return False
 
     def close(self, linger: float = 0.0) -> None:
         """Close the socket. With `linger`, first half-close and discard what the client still

@@ -101,7 +101,8 @@ class TrustedProxies:
                 env.pop("REMOTE_PORT", None)
         forwarded_proto = env.get("HTTP_X_FORWARDED_PROTO")
         if forwarded_proto is not None:
-            scheme = forwarded_proto.split(",")[0].strip().lower()
+            # the right-most value: the one our (trusted) proxy set or appended
+            scheme = forwarded_proto.split(",")[-1].strip().lower()
             if scheme in _SCHEMES:
                 env["wsgi.url_scheme"] = scheme
 

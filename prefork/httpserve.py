@@ -233,7 +233,8 @@ class HttpProtocol:
             pass
 
     def reject(self, conn: Connection, error: ProtocolError) -> None:
-        """Answer a request that could not be parsed, then close the connection."""
+        """Answer a request that could not be parsed; the worker then closes the connection
+        (after a lingering half-close)."""
         log.debug("rejecting request from %s: %s", conn.peer, error)
         self._send_error(conn, error.status)
         if self.logs.access_enabled:
@@ -241,7 +242,6 @@ class HttpProtocol:
             self.logs.access(
                 remote, "-", "-", "1.1", error.status, 0, "", "", 0.0, self.worker_number
             )
-        conn.close(linger=ERROR_LINGER)
 
     def _access(
         self, env: dict[str, Any], request: Request, response: Response, duration: float

@@ -226,6 +226,14 @@ class Master:
                     wake_at = min(wake_at, when)
         if self.announce.watchdog_interval:
             wake_at = min(wake_at, max(self.next_watchdog, now))
+        workers = self.current.config.workers
+        if self.stop is Stop.NONE:
+            if workers.max_memory or workers.max_memory_hard:
+                wake_at = min(wake_at, max(self.next_memory_check, now))
+            if workers.max and self.ever_ready:
+                wake_at = min(wake_at, max(self.next_pool_check, now))
+            if self.announce.sd is not None and self.ever_ready:
+                wake_at = min(wake_at, max(self.next_status, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
         if self.admin is not None:
@@ -413,6 +421,7 @@ class Master:
         """The first time the whole pool serves: tell the log, systemd and a launcher."""
         if not self.ever_ready and self.stop is Stop.NONE and self.ready_count() >= self.target:
             self.ever_ready = True
+            self.next_pool_check = self.kernel.monotonic() + 1.0  # spare-server rule from now on
             log.info("ready: %d workers", self.ready_count())
             self.current.hooks.call("when_ready", self.server_info())
             self.announce.ready(f"{self.ready_count()} workers ready")
@@ -550,13 +559,19 @@ class Master:
 
     def start_replacements(self, at_once: int) -> None:
         under_way = self.replacing()
+        now = self.kernel.monotonic()
+        waiting: list[WorkerHandle] = []
         while self.recycle_queue and under_way < at_once and self.free_slots:
             old = self.recycle_queue.pop(0)
             if self.workers.get(old.pid) is not old or old.state is not WorkerState.READY:
                 continue
+            if now < self.backoff_until.get(old.number, 0.0):
+                waiting.append(old)  # its last successor failed to boot: back off
+                continue
             successor = self.spawn(old.number, self.current)
             successor.replaces = old.pid
             under_way += 1
+        self.recycle_queue[:0] = waiting
 
     def count_recycle(self, reason: str) -> None:
         self.recycles[reason] = self.recycles.get(reason, 0) + 1
@@ -573,10 +588,10 @@ class Master:
         if (workers.max_memory or workers.max_memory_hard) and now >= self.next_memory_check:
             self.next_memory_check = now + workers.memory_check_interval
             self.check_memory()
-        if workers.max and now >= self.next_pool_check:
+        if workers.max and self.ever_ready and now >= self.next_pool_check:
             self.next_pool_check = now + 1.0
             self.size_pool()
-        if self.announce.sd is not None and now >= self.next_status:
+        if self.announce.sd is not None and self.ever_ready and now >= self.next_status:
             self.next_status = now + config.admin.status_interval
             self.announce.status(self.summary())
 
@@ -584,7 +599,7 @@ class Master:
         workers = self.current.config.workers
         soft, hard = workers.max_memory << 20, workers.max_memory_hard << 20
         for handle in list(self.workers.values()):
-            if handle.state is not WorkerState.READY:
+            if handle.state not in (WorkerState.READY, WorkerState.STOPPING):
                 continue
             uss = self.kernel.memory(handle.pid)
             if uss is None:
@@ -596,7 +611,7 @@ class Master:
                 self.kernel.kill(handle.pid, signal.SIGKILL)
                 handle.to(WorkerState.KILLED, reason="memory (hard limit)")
                 self.count_recycle("memory")
-            elif soft and uss > soft and not handle.recycle:
+            elif soft and uss > soft and not handle.recycle and handle.state is WorkerState.READY:
                 log.warning("%s uses %.1f MiB, over max_memory (%d MiB)",
                             handle.describe(), uss / 1048576, workers.max_memory)
                 self.recycle(handle, "memory")
@@ -619,9 +634,15 @@ class Master:
                      idle, workers.max_spare, self.target)
 
     def idle_count(self) -> int:
+        """Idle workers of the serving generation; one still booting counts as idle (as in
+        Apache prefork): forking more while it loads would only overshoot."""
         idle = 0
         for handle in self.workers.values():
-            if handle.state is WorkerState.READY and handle.generation == self.current.number:
+            if handle.generation != self.current.number:
+                continue
+            if handle.state is WorkerState.BOOTING:
+                idle += 1
+            elif handle.state is WorkerState.READY:
                 activity = self.scoreboard.read(handle.slot).activity
                 if activity in (Activity.IDLE, Activity.KEEPALIVE):
                     idle += 1

@@ -55,6 +55,17 @@ class Listener:
             return f"tcp://{self.address}"
         return f"{'https' if self.tls else 'http'}://{self.address}"
 
+    def queued(self) -> int | None:
+        """Connections waiting in the accept queue now (Linux reports it for a listening TCP
+        socket as tcpi_unacked); None where it cannot be known (unix sockets)."""
+        if self.address.kind != "tcp":
+            return None
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        except OSError:
+            return None
+        return int.from_bytes(info[24:28], "little") if len(info) >= 28 else None
+
     def close(self) -> None:
         """Close; remove the socket file if it is still ours."""
         if self.unix_inode is not None and not self.inherited:
@@ -75,6 +86,22 @@ def _address_of(sock: socket.socket) -> Address:
         return Address(kind="unix", path=path)
     host, port = sock.getsockname()[:2]
     return Address(kind="tcp", host=host, port=port)
+
+
+# TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has data (or after this
+# many seconds), so an HTTP worker never accepts a connection it cannot serve yet while other
+# workers sit idle. Not for protocols where the server speaks first.
+DEFER_ACCEPT_SECONDS = 5
+
+
+def defer_accept(listener: Listener) -> None:
+    if listener.address.kind == "tcp":
+        try:
+            listener.sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS
+            )
+        except OSError:
+            pass
 
 
 def _bind_tcp(address: Address, backlog: int) -> Listener:

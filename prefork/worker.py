@@ -31,7 +31,7 @@ from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.http import Limits, ProtocolError
 from prefork.http.proxy import ProxyHeader
-from prefork.httpserve import HttpProtocol
+from prefork.httpserve import ERROR_LINGER, HttpProtocol
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
 from prefork.privileges import drop_privileges
@@ -168,6 +168,8 @@ class Worker:
         self.signal_fd = signals.fileno()
         self.accepting = False
         self.stopping = False  # graceful stop: answer what is held and queued, then exit
+        self.drained = False  # the accept queues were emptied once after the stop began
+        self.pending_streams: list[tuple[socket.socket, Any]] = []  # drained, protocol tcp
         self.max_requests = max_requests_for(config, spec.number)
         self.asked_to_recycle = False
         self.max_connections = config.workers.max_connections
@@ -229,6 +231,9 @@ class Worker:
                 if conn is not None:
                     self.on_readable(conn)
                 elif fd in listeners:
+                    # one per wake-up: a sync worker that took several would serve them one
+                    # after another while idle workers wait (EPOLLEXCLUSIVE wakes another
+                    # worker for the next connection)
                     self.accept(listeners[fd])
                 elif fd == self.channel_fd:
                     self.on_channel()
@@ -255,7 +260,9 @@ class Worker:
 
     # connections -----------------------------------------------------------------------
 
-    def accept(self, listener: Listener) -> bool:
+    def accept(self, listener: Listener, serve: bool = True) -> bool:
+        """Take one connection; with `serve`, answer what it already sent at once, else only
+        park it (a stopping worker empties the queue first and serves afterwards)."""
         try:
             sock, peer = listener.sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -269,7 +276,10 @@ class Worker:
                 return True
             raise
         if self.protocol is None:
-            self.serve_stream(sock, peer)
+            if serve:
+                self.serve_stream(sock, peer)
+            else:
+                self.pending_streams.append((sock, peer))
             return True
         if len(self.conns) >= self.max_connections:
             self.evict_idle()
@@ -286,12 +296,26 @@ class Worker:
             conn.trusted = True
             if self.proxy_protocol != "off":
                 conn.proxy = ProxyHeader(self.proxy_protocol)
-        if not self.on_readable(conn) and not conn.closed:
+        if not (serve and self.on_readable(conn)) and not conn.closed:
             self.park(conn)
         return True
 
+    def reject(self, conn: Connection, error: ProtocolError) -> None:
+        """Answer with the error, then linger (half-closed, parked) so the client reads it;
+        nothing it sends afterwards is parsed."""
+        assert self.protocol is not None
+        self.protocol.reject(conn, error)
+        if conn.begin_linger(ERROR_LINGER):
+            self.park(conn)
+        else:
+            self.drop(conn)
+
     def on_readable(self, conn: Connection) -> bool:
         """Read what arrived and answer every complete request; False if nothing was there."""
+        if conn.linger_until:
+            if not conn.discard_input():
+                self.drop(conn)
+            return True
         if not conn.handshaken:
             done = conn.handshake()  # type: ignore[attr-defined]
             if done is None:
@@ -324,16 +348,12 @@ class Worker:
         try:
             parser.feed(data)
         except ProtocolError as exc:
-            self.conns.pop(conn.fd, None)
-            assert self.protocol is not None
-            self.protocol.reject(conn, exc)
+            self.reject(conn, exc)
             return True
         except Exception:
             # a parser bug must cost one connection, never the worker
             log.exception("worker %d: unexpected error parsing a request", self.spec.number)
-            self.conns.pop(conn.fd, None)
-            assert self.protocol is not None
-            self.protocol.reject(conn, ProtocolError(400, "malformed request"))
+            self.reject(conn, ProtocolError(400, "malformed request"))
             return True
         if parser.requests:
             self.serve(conn)
@@ -409,13 +429,14 @@ class Worker:
             return
         self.next_sweep = now + SWEEP_INTERVAL
         for conn in list(self.conns.values()):
-            if conn.parser.idle:
+            if conn.linger_until:
+                if now >= conn.linger_until:
+                    self.drop(conn)
+            elif conn.parser.idle:
                 if now >= conn.deadline:
                     self.drop(conn)
             elif now >= conn.head_deadline:
-                self.conns.pop(conn.fd, None)
-                assert self.protocol is not None
-                self.protocol.reject(conn, ProtocolError(408, "request head timed out"))
+                self.reject(conn, ProtocolError(408, "request head timed out"))
 
     def serve_stream(self, sock: socket.socket, peer: Any) -> None:
         """protocol: tcp — hand the connection to the handler, then close it."""
@@ -472,15 +493,30 @@ class Worker:
         for conn in list(self.conns.values()):
             if conn.parser.idle and conn.served:
                 self.drop(conn)  # between requests; a fresh one still gets its first answer
-        if self.conns:
-            return False
-        return not self.drain_backlog()
+        if not self.drained:
+            # what was queued when the stop began is answered; later arrivals are not
+            # waited for, or a client that keeps reconnecting would hold the stop open
+            self.drained = True
+            self.drain_backlog()
+            self.stop_accepting()
+            for listener in self.listeners.values():
+                listener.sock.close()  # our copy only; the master owns paths and its own copy
+            self.listeners.clear()
+            for sock, peer in self.pending_streams:
+                self.serve_stream(sock, peer)
+            self.pending_streams.clear()
+        return not self.conns
 
     def drain_backlog(self) -> bool:
-        """Accept whatever is queued on every listener; True if anything was."""
+        """Accept what is queued on every listener now -- not what keeps arriving, or a busy
+        server would never finish stopping; True if anything was taken."""
         took = False
         for listener in list(self.listeners.values()):
-            while self.accept(listener):
+            queued = listener.queued()
+            limit = self.spec.config.backlog if queued is None else queued
+            for _ in range(limit):
+                if not self.accept(listener, serve=False):
+                    break
                 took = True
         return took
 

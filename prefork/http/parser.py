@@ -114,7 +114,8 @@ class RequestParser:
 
     A request appears in `requests` as soon as its head is complete, so its body can be
     streamed to the application while later bytes arrive. `upgraded` means the client
-    switched protocols (or sent CONNECT): nothing after that request is HTTP.
+    switched protocols (or sent CONNECT), or that bytes followed a request that closes the
+    connection: nothing after that request is read as HTTP.
     """
 
     __slots__ = (
@@ -166,6 +167,11 @@ class RequestParser:
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
         except httptools.HttpParserError as exc:
+            if self.requests and self.requests[-1].complete and not self.requests[-1].keep_alive:
+                # RFC 9112 9.6: bytes after a request that closes the connection are ignored;
+                # that request is still answered (llhttp calls them an error)
+                self.upgraded = True
+                return
             raise ProtocolError(400, str(exc) or "malformed request") from None
         if self._in_head:
             # llhttp buffers a partial field out of our sight, so bound what a head still

@@ -39,6 +39,12 @@ class ProxyHeader:
         """The bytes after the header once it is complete, else None (send more)."""
         buf = self.buf + data
         if buf[:1] == b"\r" and self.mode != "v1":
+            if self.mode == "auto" and len(buf) >= 3 and buf[:3] != V2_SIGNATURE[:3]:
+                self.done = True  # plain HTTP after an empty line (RFC 9112 2.2)
+                return buf
+            if self.mode == "auto" and len(buf) < 3:
+                self.buf = buf
+                return None
             return self._v2(buf)
         if buf[:1] == b"P" and self.mode != "v2":
             return self._v1(buf)
@@ -64,6 +70,8 @@ class ProxyHeader:
                 raise ProtocolError(400, "PROXY v1 header too long")
             self.buf = buf
             return None
+        if end + 2 > V1_MAX:
+            raise ProtocolError(400, "PROXY v1 header too long")
         line, rest = buf[:end], buf[end + 2 :]
         parts = line.split(b" ")
         if len(parts) in (2, 6) and parts[1] == b"UNKNOWN":
@@ -75,7 +83,12 @@ class ProxyHeader:
             source = ipaddress.ip_address(parts[2].decode("ascii"))
             ipaddress.ip_address(parts[3].decode("ascii"))
             port = int(parts[4])
-            if not parts[4].isdigit() or not parts[5].isdigit() or not 0 <= port <= 65535:
+            if (
+                not parts[4].isdigit()
+                or not parts[5].isdigit()
+                or not 0 <= port <= 65535
+                or not 0 <= int(parts[5]) <= 65535
+            ):
                 raise ValueError
         except (ValueError, UnicodeDecodeError):
             raise ProtocolError(400, "malformed PROXY v1 header") from None

@@ -104,14 +104,21 @@ def test_config_error_names_file_line_and_key(
     assert not socket_path.exists(), "nothing may be bound on a configuration error"
 
 
-@pytest.mark.parametrize("app", ["no_colon_here", "pf_testapp:app:extra", "1bad:app"])
-def test_bad_app_reference_is_a_config_error(tmp_path: Path, app: str) -> None:
+@pytest.mark.parametrize(
+    ("app", "reason"),
+    [
+        ("pf_testapp:app:extra", "cannot parse"),
+        ("1bad:app", "must be 'module', 'module:callable' or 'module:factory(...)'"),
+        ("pf_testapp:make(open('/etc/passwd'))", "factory arguments must be literals"),
+    ],
+)
+def test_bad_app_reference_is_a_config_error(tmp_path: Path, app: str, reason: str) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text(f"bind: ['127.0.0.1:0']\napp: '{app}'\n")
+    config.write_text(f'bind: ["127.0.0.1:0"]\napp: "{app}"\n')
     result = run_cli(["-c", str(config)], tmp_path)
     assert result.returncode == 2, result.stderr
     assert f"preforkd: configuration error: {config}:2: app: " in result.stderr
-    assert "module:callable" in result.stderr
+    assert reason in result.stderr
     assert "listening" not in result.stderr + result.stdout
 
 

@@ -84,7 +84,7 @@ def test_defaults() -> None:
     assert cfg.chdir is None
     assert cfg.source == ""
     assert cfg.workers == WorkersConfig()
-    assert (cfg.workers.count, cfg.workers.timeout, cfg.workers.max_connections) == (2, 30.0, 1000)
+    assert (cfg.workers.count, cfg.workers.timeout, cfg.workers.max_connections) == (2, 30.0, 10000)
     assert cfg.http == HttpConfig()
     assert (cfg.http.keepalive_timeout, cfg.http.max_body_size) == (5.0, 0)
     assert cfg.http.server_header == "preforkd"

@@ -1,0 +1,305 @@
+"""Logging to syslog: a private rsyslogd (foreground, its own config and socket, nothing
+else loaded) receives preforkd's error and access logs; a UDP destination is read by the test
+itself. Lines must carry the configured facility and ident and the pid of the process that
+logged them (master or worker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import psutil
+import pytest
+
+from harness import (
+    DEFAULT_COMMAND,
+    REPO_ROOT,
+    ServerFactory,
+    fetch,
+    kill_group,
+    live_group_members,
+    parse_address,
+    parse_addresses,
+    wait_until,
+    write_config,
+)
+
+APP = """
+import os
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
+
+RSYSLOG_CONF = """\
+global(workDirectory="{work}")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{socket}" CreatePath="on" RateLimit.Interval="0")
+template(name="pftest" type="string"
+         string="%syslogfacility-text% %syslogseverity-text% %programname% %procid% %msg%\\n")
+*.* action(type="omfile" file="{output}" template="pftest")
+"""
+
+ACCESS_RE = re.compile(r'127\.0\.0\.1 - - \[[^]]+\] "GET /(\S*) HTTP/1\.1" 200 ')
+# local3 = 19; info = 6
+LOCAL3_INFO = 19 * 8 + 6
+SYSTEMD_VARIABLES = (
+    "NOTIFY_SOCKET",
+    "INVOCATION_ID",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+)
+
+
+class Line(NamedTuple):
+    facility: str
+    severity: str
+    program: str
+    pid: int
+    message: str
+
+
+class Rsyslog:
+    """rsyslogd in the foreground, writing every message it gets to one file."""
+
+    def __init__(self, directory: Path, rsyslogd: str) -> None:
+        self.socket = directory / "log.sock"
+        self.output = directory / "messages"
+        work = directory / "work"
+        work.mkdir()
+        conf = directory / "rsyslog.conf"
+        conf.write_text(RSYSLOG_CONF.format(work=work, socket=self.socket, output=self.output))
+        self.stderr = directory / "rsyslogd.err"
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                [rsyslogd, "-n", "-f", str(conf), "-i", str(directory / "rsyslogd.pid")],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
+        wait_until(
+            lambda: self.socket.exists() or self.proc.poll() is not None,
+            10,
+            message="rsyslogd did not create its socket",
+        )
+        assert self.proc.poll() is None, f"rsyslogd exited: {self.stderr.read_text()}"
+
+    def lines(self) -> list[Line]:
+        try:
+            text = self.output.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        lines = []
+        for raw in text.splitlines():
+            fields = raw.split(None, 4)
+            if len(fields) == 5 and fields[3].isdigit():
+                lines.append(Line(fields[0], fields[1], fields[2], int(fields[3]), fields[4]))
+        return lines
+
+    def wait_for(self, predicate: Callable[[Line], bool], what: str, timeout: float = 15) -> Line:
+        def found() -> Line | None:
+            return next((line for line in self.lines() if predicate(line)), None)
+
+        return wait_until(found, timeout, message=f"no syslog line {what}; got {self.lines()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def rsyslog(require_tool: Any, short_tmp: Path) -> Iterator[Rsyslog]:
+    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def settings(address: str, **more: Any) -> dict[str, Any]:
+    return {
+        "app": "app:application",
+        "workers": {"count": 2},
+        "logging": {
+            "access_log": "-",
+            "syslog": {
+                "enabled": True,
+                "address": address,
+                "facility": "local3",
+                "ident": "pftest",
+            },
+        },
+        **more,
+    }
+
+
+def test_syslog_over_a_unix_socket(server_factory: ServerFactory, rsyslog: Rsyslog) -> None:
+    server = server_factory(
+        settings(f"unix:{rsyslog.socket}"),
+        app_source=APP,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        wait_ready=False,
+    )
+    ready = rsyslog.wait_for(lambda line: "[INFO] ready: 2 workers" in line.message, "ready")
+    assert ready.pid == server.pid
+    listening = rsyslog.wait_for(lambda line: "listening at" in line.message, "listening")
+    address = parse_addresses(listening.message)[0]
+
+    workers = server.worker_pids()
+    served = {int(fetch(address, target=f"/r{n}").body) for n in range(6)}
+    assert served <= set(workers)
+    for n in range(6):
+        access = rsyslog.wait_for(
+            lambda line, n=n: f'"GET /r{n} HTTP/1.1" 200' in line.message, f"for /r{n}"
+        )
+        assert access.pid in workers and access.pid != server.pid
+        assert access.severity == "info"
+        assert ACCESS_RE.search(access.message), access.message
+
+    ours = [line for line in rsyslog.lines() if line.program == "pftest"]
+    assert ours and all(line.facility == "local3" for line in ours), ours
+    booted = [line for line in ours if re.search(r"worker \d \(pid \d+\) booted", line.message)]
+    assert len(booted) == 2 and all(line.pid == server.pid for line in booted)
+    # syslog replaces the files: nothing on stderr or stdout.
+    assert "ready:" not in server.log()
+    assert "GET /r0" not in server.stdout()
+
+    # A worker's error (the reload canary cannot import the app) arrives with its own pid.
+    (server.workdir / "app.py").write_text("raise RuntimeError('pftest: broken on purpose')\n")
+    server.signal(signal.SIGHUP)
+    failed = rsyslog.wait_for(lambda line: "reload failed" in line.message, "reload failed")
+    assert failed.pid == server.pid and failed.severity == "err"
+    load_error = rsyslog.wait_for(
+        lambda line: "cannot load the application" in line.message, "with the load error"
+    )
+    assert load_error.severity == "err" and load_error.facility == "local3"
+    assert load_error.pid not in (server.pid, *workers)
+    assert "pftest: broken on purpose" in load_error.message  # the traceback, in one message
+
+
+def test_syslog_over_udp(server_factory: ServerFactory) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        port = receiver.getsockname()[1]
+        server = server_factory(
+            settings(f"udp://127.0.0.1:{port}"), app_source=APP, wait_ready=False
+        )
+        messages: list[str] = []
+
+        def received(pattern: str) -> re.Match[str] | None:
+            regex = re.compile(pattern)
+            for message in messages:
+                if match := regex.search(message):
+                    return match
+            receiver.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                # Python's SysLogHandler ends each message with a NUL byte.
+                messages.append(receiver.recv(65536).decode(errors="replace").rstrip("\x00"))
+            return None
+
+        ready = wait_until(
+            lambda: received(r"^<(\d+)>pftest\[(\d+)\]: \[INFO\] ready: 2 "),
+            15,
+            message=f"no ready message over UDP: {messages}",
+        )
+        assert int(ready.group(1)) == LOCAL3_INFO
+        assert int(ready.group(2)) == server.pid
+        listening = wait_until(lambda: received(r"listening at (\S+)"), 5)
+        address = parse_address(listening.group(1))
+        body = fetch(address, target="/udp").body
+        access = wait_until(
+            lambda: received(r'^<(\d+)>pftest\[(\d+)\]: \[INFO\] 127\.0\.0\.1 .*"GET /udp '),
+            10,
+            message=f"no access line over UDP: {messages}",
+        )
+        assert int(access.group(1)) == LOCAL3_INFO
+        assert int(access.group(2)) == int(body)
+        assert int(body) in server.worker_pids()
+
+
+def test_detached_daemon_logs_to_syslog_by_default(rsyslog: Rsyslog, tmp_path: Path) -> None:
+    """daemon: true with error_log "-" and syslog not enabled: the daemon has no terminal,
+    so its error log goes to syslog (default ident and facility)."""
+    pidfile = tmp_path / "preforkd.pid"
+    config = write_config(
+        tmp_path,
+        {
+            "app": "app:application",
+            "daemon": True,
+            "pidfile": str(pidfile),
+            "workers": {"count": 2},
+            "logging": {
+                "error_log": "-",
+                "syslog": {"enabled": False, "address": f"unix:{rsyslog.socket}"},
+            },
+        },
+        app_source=APP,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    daemon: tuple[psutil.Process, int] | None = None
+    try:
+        result = subprocess.run(
+            [*DEFAULT_COMMAND, "-c", str(config)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        pid_text = pidfile.read_text().strip() if pidfile.exists() else ""
+        if pid_text.isdigit():
+            daemon = (psutil.Process(int(pid_text)), os.getpgid(int(pid_text)))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert daemon is not None
+        pid = daemon[0].pid
+        ready = rsyslog.wait_for(lambda line: "[INFO] ready: 2 workers" in line.message, "ready")
+        assert (ready.program, ready.pid, ready.facility) == ("preforkd", pid, "user")
+        rsyslog.wait_for(
+            lambda line: line.message.endswith(f"detached: master pid {pid}"), "detached"
+        )
+    finally:
+        if daemon is not None:
+            process, pgid = daemon
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.terminate()
+            wait_until(lambda: not _alive(process), 10, message="the daemon ignored TERM")
+            if live_group_members(pgid):
+                kill_group(pgid)
+            wait_until(lambda: not live_group_members(pgid), 5)
+    stopped = rsyslog.wait_for(lambda line: line.message.endswith("stopped"), "stopped")
+    assert stopped.pid == pid
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_rsyslog_fixture_sees_only_its_socket(rsyslog: Rsyslog) -> None:
+    """Guard for the fixture: a message sent by hand arrives parsed as the tests expect."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(str(rsyslog.socket))
+        sock.send(b"<158>pfguard[4242]: hello\x00")
+    line = rsyslog.wait_for(lambda line: line.program == "pfguard", "from the guard", 10)
+    assert line == Line("local3", "info", "pfguard", 4242, "hello")
