@@ -720,8 +720,12 @@ class Config:
     preload_app: bool = field(
         default=False,
         metadata=_meta(
-            "Import the app in the master before forking (copy-on-write memory; HUP then "
-            "cannot reload code)."
+            "Import the app in the master before forking (workers share its memory "
+            "copy-on-write and boot at once). HUP then re-imports, in the master, the modules "
+            "the app brought in, for the new generation (the serving one keeps its code if "
+            "that fails). Without it each new worker imports the app itself, so HUP also "
+            "loads new code; either way HUP re-reads the configuration and rebinds changed "
+            "addresses."
         ),
     )
     pythonpath: tuple[str, ...] = field(

@@ -138,7 +138,9 @@ class HttpProtocol:
             or "HTTP_X_FORWARDED_PROTO" in env
         ):
             self.proxies.resolve(env)
-        env["wsgi.input"] = Input(conn, request, self.body_timeout, self.body_min_rate)
+        env["wsgi.input"] = Input(
+            conn, request, self.body_timeout, self.body_min_rate, self.slot.reading
+        )
         return env
 
     def serve(self, conn: Connection, keep_alive: bool) -> bool:

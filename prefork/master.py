@@ -456,7 +456,11 @@ class Master:
                 self.deadline_passed(handle, now)
             elif handle.state in (WorkerState.READY, WorkerState.STOPPING):
                 view = self.scoreboard.read(handle.slot)
-                if view.activity is Activity.BUSY and view.started and now - view.started > timeout:
+                if (
+                    view.activity in (Activity.BUSY, Activity.READING)
+                    and view.started
+                    and now - view.started > timeout
+                ):
                     self.hung(handle, view.method, view.target, now - view.started, now)
 
     def deadline_passed(self, handle: WorkerHandle, now: float) -> None:

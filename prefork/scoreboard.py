@@ -57,6 +57,7 @@ class Activity(enum.IntEnum):
     BUSY = 3  # answering a request
     DRAINING = 4  # stopping: finishing what it holds
     KEEPALIVE = 5  # waiting, holding idle keep-alive connections
+    READING = 6  # inside a request, waiting for its body from the client
 
 
 class SlotView(NamedTuple):
@@ -194,6 +195,10 @@ class Slot:
         _HEAD.pack_into(
             self._memory, self._offset, activity, 0.0, self.requests, time.monotonic()
         )
+
+    def reading(self, waiting: bool) -> None:
+        """In a request, waiting for the client's body (or back to busy): one byte written."""
+        self._memory[self._offset] = Activity.READING if waiting else Activity.BUSY
 
     def stop_requested(self) -> bool:
         return self._memory[self._offset + _STOP_OFFSET] != 0

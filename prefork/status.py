@@ -25,6 +25,7 @@ STATE_NAMES = {
     Activity.BUSY: "busy",
     Activity.DRAINING: "draining",
     Activity.KEEPALIVE: "keepalive",
+    Activity.READING: "reading",
 }
 
 
@@ -34,7 +35,9 @@ def snapshot(master: Master) -> dict[str, Any]:
     now = master.kernel.monotonic()
     totals = master.retired_counters
     workers = []
-    by_state = {name: 0 for name in ("booting", "idle", "keepalive", "busy", "draining")}
+    by_state = {
+        name: 0 for name in ("booting", "idle", "keepalive", "reading", "busy", "draining")
+    }
     for handle in sorted(master.workers.values(), key=lambda h: (h.number, h.generation)):
         view = master.scoreboard.read(handle.slot)
         totals = totals + master.scoreboard.counters(handle.slot)
@@ -45,7 +48,7 @@ def snapshot(master: Master) -> dict[str, Any]:
             activity = "draining"
         by_state[activity] += 1
         current = None
-        if view.activity is Activity.BUSY and view.started:
+        if view.activity in (Activity.BUSY, Activity.READING) and view.started:
             current = {"method": view.method, "target": view.target,
                        "age": round(now - view.started, 3)}
         uss = master.kernel.memory(handle.pid) if handle.state in LIVE else None

@@ -89,9 +89,15 @@ class Input:
     """
 
     def __init__(
-        self, conn: Connection, request: Request, timeout: float, min_rate: int = 0
+        self,
+        conn: Connection,
+        request: Request,
+        timeout: float,
+        min_rate: int = 0,
+        waiting: Callable[[bool], None] | None = None,
     ) -> None:
         self._conn = conn
+        self._waiting = waiting  # told when the app starts and stops waiting on the client
         self._request = request
         self._timeout = timeout
         self._min_rate = min_rate
@@ -108,7 +114,16 @@ class Input:
             if self._continue_pending:
                 self._continue_pending = False
                 self._conn.send(CONTINUE_100, self._timeout)
-            data = self._conn.recv(self._wait_limit())
+            limit = self._wait_limit()
+            data = self._conn.recv_now()
+            if data is None:
+                if self._waiting is not None:
+                    self._waiting(True)
+                try:
+                    data = self._conn.recv(limit)
+                finally:
+                    if self._waiting is not None:
+                        self._waiting(False)
             if not data:
                 raise ClientDisconnected("client closed the connection before the body ended")
             self._conn.parser.feed(data)

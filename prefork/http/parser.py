@@ -194,7 +194,9 @@ class RequestParser:
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.limits.max_request_line:
+        # the whole line: method SP target SP HTTP/1.1 CRLF (llhttp has read the method)
+        length = len(self._url) + len(self._parser.get_method()) + 12
+        if length > self.limits.max_request_line:
             raise ProtocolError(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
