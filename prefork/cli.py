@@ -189,7 +189,9 @@ def tls_contexts(config: Config, listeners: list[Listener]) -> dict[int, ssl.SSL
     by_address = {str(bind_address(b)): b for b in config.bind if b.tls is not None}
     contexts = {}
     for listener in listeners:
-        bind = by_address.get(str(listener.address))
+        # as configured (port 0 stays 0); systemd's sockets by the address they have
+        configured = listener.configured.address if listener.configured else listener.address
+        bind = by_address.get(str(configured))
         if bind is not None and bind.tls is not None:
             listener.tls = True
             contexts[listener.fd] = server_context(bind.tls)
@@ -226,13 +228,19 @@ def raise_fd_limit(per_worker: int) -> None:
         )
 
 
-def apply_env(env: tuple[tuple[str, str], ...], previous: tuple[tuple[str, str], ...] = ()
-              ) -> dict[str, str | None]:
-    """Set `env` in this process (removing what only `previous` set); returns what to put
-    back to undo it."""
+def apply_env(
+    env: tuple[tuple[str, str], ...],
+    previous: tuple[tuple[str, str], ...] = (),
+    inherited: dict[str, str] | None = None,
+) -> dict[str, str | None]:
+    """Set `env` in this process; a name only `previous` set goes back to what the process
+    inherited (`inherited`, the environment at startup), as after a fresh start. Returns
+    what to put back to undo it."""
     undo: dict[str, str | None] = {}
     for name, _ in previous:
         undo[name] = os.environ.pop(name, None)
+        if inherited is not None and name in inherited:
+            os.environ[name] = inherited[name]
     for name, value in env:
         undo.setdefault(name, os.environ.get(name))
         os.environ[name] = value
@@ -248,7 +256,7 @@ def undo_env(undo: dict[str, str | None]) -> None:
 
 
 def reloader(
-    reread: Callable[[], Config], reimport: Reimport
+    reread: Callable[[], Config], reimport: Reimport, inherited: dict[str, str]
 ) -> Callable[[Generation, list[Listener]], Generation]:
     """HUP: read and validate the configuration again, keep the sockets whose addresses did
     not change (`held`: every socket the master has open), bind the new ones, load the hooks
@@ -264,7 +272,7 @@ def reloader(
         if config.protocol == "http":
             for listener in listeners:
                 defer_accept(listener)
-        undo = apply_env(config.env, current.config.env)
+        undo = apply_env(config.env, current.config.env, inherited)
         try:
             contexts = tls_contexts(config, listeners)
             hooks = Hooks(config.hooks)
@@ -309,6 +317,7 @@ class Startup:
         self.tls: dict[int, ssl.SSLContext] = {}
         self.hooks = Hooks()
         self.reimport = Reimport()
+        self.inherited_env: dict[str, str] = {}
 
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
@@ -332,6 +341,7 @@ class Startup:
             return self.fail(f"cannot open the logs: {exc}")
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
         raise_fd_limit(config.workers.max_connections)
+        self.inherited_env = dict(os.environ)
         apply_env(config.env)
         prepare(config.pythonpath, None)  # hook modules (and a preloaded app) live there
         try:
@@ -424,7 +434,7 @@ class Startup:
             scoreboard=Scoreboard(SCOREBOARD_SLOTS),
             current=Generation(1, self.config, listeners, app, self.tls, self.hooks),
             logs=self.logs,
-            reloader=reloader(self.reread, self.reimport),
+            reloader=reloader(self.reread, self.reimport, self.inherited_env),
             announce=announce,
             close_in_child=close_in_child,
         )

@@ -1134,6 +1134,10 @@ def _check_tls(tls: TLSConfig, entries: dict[str, _Raw], path: str) -> None:
     certificate stops the start (or the reload) with the file and line, not a worker."""
     from prefork.tls import server_context
 
+    for key in ("certificate", "key", "ca"):
+        filename = getattr(tls, key)
+        if filename is not None and not os.path.isfile(filename) and key in entries:
+            raise entries[key].fail(_join(path, key), f"no such file: {filename}")
     try:
         server_context(tls)
     except (OSError, ValueError) as exc:

@@ -1,0 +1,200 @@
+"""prefork.hooks: resolving `hooks:` references and calling them (a raising hook is logged
+and reported, never propagated)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prefork.config import HOOKS, Config, ConfigError, HooksConfig, from_mapping, load
+from prefork.hooks import HookError, Hooks, ServerInfo, WorkerInfo
+
+HOOK_SOURCE = """
+calls = []
+
+def record(*args):
+    calls.append(args)
+
+def explode(*args):
+    raise ValueError("hook exploded with %d arguments" % len(args))
+
+class Namespace:
+    @staticmethod
+    def nested(server):
+        calls.append(("nested", server))
+
+NOT_CALLABLE = 42
+"""
+
+
+@pytest.fixture
+def hook_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The name of a fresh importable module with the functions in HOOK_SOURCE."""
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"pf_hooks_unit_{uuid.uuid4().hex[:12]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(HOOK_SOURCE))
+    try:
+        yield name
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture
+def config() -> Config:
+    return from_mapping({"app": "app:app"})
+
+
+def test_no_hooks_section_means_no_functions_and_every_call_succeeds() -> None:
+    hooks = Hooks()
+    for name in HOOKS:
+        assert hooks.get(name) is None
+        assert hooks.call(name, object()) is True
+    assert Hooks(HooksConfig()).functions == {}
+
+
+def test_an_unset_hook_is_true_even_when_others_are_set(hook_module: str) -> None:
+    hooks = Hooks(HooksConfig(on_starting=f"{hook_module}:explode"))
+    assert hooks.call("when_ready", object()) is True
+    assert hooks.get("when_ready") is None
+
+
+def test_configured_hooks_are_resolved_and_called_with_their_arguments(
+    hook_module: str, config: Config
+) -> None:
+    hooks = Hooks(HooksConfig(
+        pre_fork=f"{hook_module}:record",
+        post_request=f"{hook_module}:record",
+        on_exit=f"{hook_module}:Namespace.nested",
+    ))
+    module = sys.modules[hook_module]
+    server = ServerInfo(config)
+    worker = WorkerInfo(1, 1, config)
+    assert hooks.call("pre_fork", server, worker) is True
+    assert hooks.call("post_request", worker, {"PATH_INFO": "/"}, 200) is True
+    assert hooks.call("on_exit", server) is True
+    assert module.calls == [
+        (server, worker),
+        (worker, {"PATH_INFO": "/"}, 200),
+        ("nested", server),
+    ]
+    assert hooks.get("pre_fork") is module.record
+
+
+@pytest.mark.parametrize("name", HOOKS)
+def test_a_missing_module_is_a_hook_error_naming_the_hook(name: str) -> None:
+    ref = f"pf_no_such_module_{uuid.uuid4().hex[:8]}:function"
+    with pytest.raises(HookError) as info:
+        Hooks(HooksConfig(**{name: ref}))
+    message = str(info.value)
+    assert message.startswith(f"hooks.{name}: cannot load {ref!r}"), message
+    assert "ModuleNotFoundError" in message
+
+
+def test_a_missing_function_is_a_hook_error(hook_module: str) -> None:
+    ref = f"{hook_module}:no_such_function"
+    with pytest.raises(HookError) as info:
+        Hooks(HooksConfig(when_ready=ref))
+    assert str(info.value).startswith(f"hooks.when_ready: cannot load {ref!r}")
+    assert "no_such_function" in str(info.value)
+
+
+def test_a_missing_nested_attribute_is_a_hook_error(hook_module: str) -> None:
+    with pytest.raises(HookError, match=r"^hooks\.on_exit: cannot load .*Namespace\.missing"):
+        Hooks(HooksConfig(on_exit=f"{hook_module}:Namespace.missing"))
+
+
+def test_a_module_that_fails_to_import_is_a_hook_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"pf_hooks_broken_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("raise ImportError('hook module is broken')\n")
+    try:
+        with pytest.raises(HookError) as info:
+            Hooks(HooksConfig(post_fork=f"{name}:post_fork"))
+    finally:
+        sys.modules.pop(name, None)
+    assert str(info.value).startswith("hooks.post_fork: cannot load")
+    assert "hook module is broken" in str(info.value)
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_a_non_callable_is_a_hook_error(hook_module: str) -> None:
+    with pytest.raises(HookError) as info:
+        Hooks(HooksConfig(pre_request=f"{hook_module}:NOT_CALLABLE"))
+    assert str(info.value) == f"hooks.pre_request: '{hook_module}:NOT_CALLABLE' is not callable"
+
+
+def test_a_raising_hook_returns_false_and_is_logged_with_its_traceback(
+    hook_module: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = Hooks(HooksConfig(pre_request=f"{hook_module}:explode"))
+    with caplog.at_level(logging.ERROR, logger="prefork"):
+        assert hooks.call("pre_request", object(), {}) is False
+    [record] = [r for r in caplog.records if r.name == "prefork"]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == f"hook pre_request ({hook_module}:explode) failed"
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], ValueError)
+    assert "hook exploded with 2 arguments" in caplog.text
+    assert "Traceback" in caplog.text
+
+
+def test_a_raising_hook_does_not_stop_later_calls(hook_module: str) -> None:
+    hooks = Hooks(HooksConfig(
+        on_starting=f"{hook_module}:explode", when_ready=f"{hook_module}:record"
+    ))
+    assert hooks.call("on_starting", "server") is False
+    assert hooks.call("when_ready", "server") is True
+    assert hooks.call("on_starting", "server") is False  # still configured, still failing
+    assert sys.modules[hook_module].calls == [("server",)]
+
+
+def test_base_exceptions_are_not_swallowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SystemExit / KeyboardInterrupt from a hook are not "a hook failed": they propagate."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"pf_hooks_exit_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("import sys\ndef leave(*a):\n    sys.exit(7)\n")
+    try:
+        hooks = Hooks(HooksConfig(worker_exit=f"{name}:leave"))
+    finally:
+        sys.modules.pop(name, None)
+    with pytest.raises(SystemExit):
+        hooks.call("worker_exit", None, None)
+
+
+def test_hook_arguments_carry_the_documented_attributes(config: Config) -> None:
+    server = ServerInfo(config)
+    assert server.pid == os.getpid()
+    assert server.generation == 1
+    assert server.workers == []
+    assert server.config is config
+    worker = WorkerInfo(3, 2, config)
+    assert (worker.number, worker.generation, worker.pid, worker.config) == (3, 2, None, config)
+
+
+def test_every_documented_hook_can_be_configured() -> None:
+    names = {f.name for f in HooksConfig.__dataclass_fields__.values()}
+    assert names == set(HOOKS)
+    assert set(HOOKS) == {
+        "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
+        "worker_exit", "child_exit", "on_reload", "pre_request", "post_request", "on_exit",
+    }
+
+
+def test_hook_references_are_checked_when_the_config_is_loaded(tmp_path: Path) -> None:
+    path = tmp_path / "preforkd.yaml"
+    path.write_text("app: app:app\nhooks:\n  on_starting: not a reference\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value).startswith(f"{path}:3: hooks.on_starting: ")
