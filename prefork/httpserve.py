@@ -21,7 +21,15 @@ from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
 from prefork.sockets import Listener
-from prefork.wsgi import FileWrapper, Input, Response, WSGIApp, environ_key, run_app
+from prefork.wsgi import (
+    FileWrapper,
+    Input,
+    Response,
+    WSGIApp,
+    decode_path,
+    environ_key,
+    run_app,
+)
 
 log = logging.getLogger("prefork")
 
@@ -107,12 +115,7 @@ class HttpProtocol:
         env = base.copy()
         env["REMOTE_ADDR"], env["REMOTE_PORT"] = remote_of(conn.peer)
         env["REQUEST_METHOD"] = request.method
-        path = request.path
-        if b"%" in path:
-            from urllib.parse import unquote_to_bytes
-
-            path = unquote_to_bytes(path)
-        env["PATH_INFO"] = path.decode("latin-1")
+        env["PATH_INFO"] = decode_path(request.path)
         env["QUERY_STRING"] = request.query.decode("latin-1")
         env["RAW_URI"] = request.target.decode("latin-1")
         env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"

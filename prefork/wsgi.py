@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
+from urllib.parse import unquote_to_bytes
 
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection
 from prefork.http import ProtocolError, Request
@@ -52,8 +53,6 @@ def decode_path(raw: bytes) -> str:
     """PATH_INFO per PEP 3333: percent-decoded bytes, as latin-1."""
     if b"%" not in raw:
         return raw.decode("latin-1")
-    from urllib.parse import unquote_to_bytes
-
     return unquote_to_bytes(raw).decode("latin-1")
 
 
