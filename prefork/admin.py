@@ -7,10 +7,12 @@ socket is created with mode 0600. Rendering is pure: it turns a snapshot dict in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -125,6 +127,8 @@ def open_admin(path: str | None, bind: str | None) -> list[socket.socket]:
     if path is not None:
         try:
             if os.path.exists(path):
+                if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                    raise OSError(errno.EEXIST, "the path exists and is not a socket")
                 os.unlink(path)  # ours from a previous run; the pidfile check guards liveness
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             old = os.umask(0o177)

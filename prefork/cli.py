@@ -291,7 +291,10 @@ def reloader(
         for listener in listeners:
             if listener not in held:
                 log.info("listening at %s", listener.url(config.protocol))
-        return Generation(0, config, listeners, app, contexts, hooks)
+        generation = Generation(0, config, listeners, app, contexts, hooks)
+        generation.environ = dict(os.environ)
+        generation.env_undo = lambda: undo_env(undo)
+        return generation
 
     return reload
 

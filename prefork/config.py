@@ -486,6 +486,15 @@ class HttpConfig:
             check=_check_proxy_entry,
         ),
     )
+    forwarded_header: str = field(
+        default="x-forwarded",
+        metadata=_meta(
+            "Which headers a trusted proxy sets: x-forwarded (X-Forwarded-For and "
+            "X-Forwarded-Proto, as nginx and most proxies do) or forwarded (RFC 7239). Only "
+            "that family is read: the other may come from the client, passed through.",
+            choices=("x-forwarded", "forwarded"),
+        ),
+    )
     proxy_protocol: str = field(
         default="off",
         metadata=_meta(
@@ -1115,6 +1124,17 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
         if obj.max_spare < obj.min_spare:
             key = "max_spare" if "max_spare" in entries else "min_spare"
             raise entries[key].fail(_join(path, key), "max_spare must be at least min_spare")
+    if (
+        isinstance(obj, Config)
+        and obj.http.proxy_protocol != "off"
+        and any(b.tls is not None for b in obj.bind)
+    ):
+        where = entries["http"] if "http" in entries else entries["bind"]
+        raise where.fail(
+            "http.proxy_protocol",
+            "PROXY protocol on a TLS listener is not supported (terminate TLS at the proxy, "
+            "or use TCP passthrough without PROXY protocol)",
+        )
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value

@@ -75,8 +75,8 @@ class Connection:
             return self.sock.recv(size, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return None
-        except ConnectionError:
-            return b""
+        except OSError:
+            return b""  # reset, timed out, unreachable: the connection is over
 
     def recv(self, timeout: float, size: int = 65536) -> bytes:
         """Wait up to `timeout` seconds for bytes; b"" at end of stream."""

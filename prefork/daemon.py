@@ -35,10 +35,13 @@ def detach(
         os.close(write_end)
         sys.exit(wait_for_daemon(read_end, pid, timeout, console))
     os.close(read_end)
+    # everything open now stays open: the listeners and logs, and also what hooks or a
+    # preloaded application opened (closing those would let their numbers be reused)
+    open_now = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
     context = daemon.DaemonContext(
         working_directory="/",
         umask=umask,
-        files_preserve=[*preserve, write_end],
+        files_preserve=sorted({*preserve, *open_now, write_end}),
         signal_map={},  # preforkd installs its own handlers
         prevent_core=False,
         stderr=stderr,

@@ -46,7 +46,8 @@ class TrustedProxies:
     """`entries`: addresses and networks ("10.0.0.0/8", "::1"), "unix" for unix-socket peers,
     "*" for everyone."""
 
-    def __init__(self, entries: Sequence[str]) -> None:
+    def __init__(self, entries: Sequence[str], header: str = "x-forwarded") -> None:
+        self.rfc7239 = header == "forwarded"
         self.everyone = "*" in entries
         self.unix = self.everyone or "unix" in entries
         self.networks = [
@@ -80,9 +81,12 @@ class TrustedProxies:
 
     def resolve(self, env: MutableMapping[str, Any]) -> None:
         """Set REMOTE_ADDR (and drop REMOTE_PORT, which belonged to the proxy) and
-        wsgi.url_scheme from Forwarded, else X-Forwarded-For / X-Forwarded-Proto."""
-        forwarded = env.get("HTTP_FORWARDED")
-        if forwarded is not None:
+        wsgi.url_scheme from the header family the proxy sets: Forwarded, or X-Forwarded-For /
+        X-Forwarded-Proto. The other family is ignored: the client may have sent it."""
+        if self.rfc7239:
+            forwarded = env.get("HTTP_FORWARDED")
+            if forwarded is None:
+                return
             elements = forwarded_elements(forwarded)
             chosen = self._client([e.get("for", "") for e in elements])
             if chosen is not None:

@@ -33,8 +33,10 @@ from prefork.wsgi import (
 
 log = logging.getLogger("prefork")
 
-# Unread body bytes we read and discard to keep a connection alive; more and we close.
+# Unread body bytes we read and discard to keep a connection alive; more, or slower than
+# DRAIN_TIME in all, and we close instead.
 DRAIN_LIMIT = 1 << 16
+DRAIN_TIME = 1.0
 # How long an error response waits for the client to stop sending before the close.
 ERROR_LINGER = 1.0
 
@@ -53,6 +55,9 @@ def base_environ(listener: Listener) -> dict[str, Any]:
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
+        # wsgi.input returns b"" at the end of the body, chunked or not: frameworks may read
+        # to the end without CONTENT_LENGTH (Werkzeug, Django honour this key)
+        "wsgi.input_terminated": True,
         "wsgi.file_wrapper": FileWrapper,
         "SERVER_SOFTWARE": f"preforkd/{__version__}",
         "SCRIPT_NAME": "",
@@ -214,12 +219,23 @@ class HttpProtocol:
         return response.keep_alive
 
     def _drain(self, conn: Connection, request: Request) -> bool:
-        """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes."""
+        """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes and for at
+        most DRAIN_TIME seconds in all; otherwise the connection closes (a client trickling a
+        body nobody reads must not hold the worker)."""
+        if (
+            request.content_length is not None
+            and request.content_length - request.body_size > DRAIN_LIMIT
+        ):
+            return False
         seen = 0
+        deadline = time.monotonic() + DRAIN_TIME
         try:
             while not request.complete:
                 request.body.clear()
-                data = conn.recv(self.body_timeout)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                data = conn.recv(min(remaining, self.body_timeout))
                 if not data:
                     return False
                 seen += len(data)

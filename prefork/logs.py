@@ -93,7 +93,11 @@ class Logs:
         log.addHandler(handler)
         if self.access_enabled:
             if self.access_path is None:  # "-"
-                self._access_file = sys.stdout
+                # line-buffered: one write per line, so workers sharing stdout (journald)
+                # never interleave mid-line and nothing waits in a buffer at exit
+                self._access_file = open(  # noqa: SIM115
+                    1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
+                )
             else:
                 self._access_file = open(  # noqa: SIM115 - lives as long as the process
                     self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
@@ -111,7 +115,14 @@ class Logs:
         return fds
 
     def reopen(self) -> None:
-        """USR1: point fd 2 and the access log at freshly opened files (after rotation)."""
+        """USR1: point fd 2 and the access log at freshly opened files (after rotation). If
+        a file cannot be opened, the old one stays in use and the error is logged."""
+        try:
+            self._reopen()
+        except OSError as exc:
+            log.error("cannot reopen the log files: %s; still writing to the old ones", exc)
+
+    def _reopen(self) -> None:
         if self.syslog is not None:
             return
         if self.error_path is not None:

@@ -30,6 +30,7 @@ from prefork.sockets import Listener
 from prefork.system import Kernel, describe_status
 from prefork.worker import (
     EXIT_APP_LOAD_ERROR,
+    EXIT_BOOT_ERROR,
     MSG_BOOT_ERROR,
     MSG_READY,
     MSG_RECYCLE,
@@ -47,6 +48,11 @@ EXIT_APP_FAILED = 3  # the application could not be loaded at startup
 FAST_STOP_GRACE = 1.0  # INT/QUIT: how long workers get to exit before SIGKILL
 BACKOFF_FIRST = 0.5  # a worker that died while booting waits this, doubling per failure
 BACKOFF_MAX = 30.0
+# A worker that dies unexpectedly this soon after booting is treated like one that failed to
+# boot (backoff, degraded accounting): a crash loop after readiness must not spin either.
+YOUNG_DEATH = 5.0
+# A worker that has served this long clears its number's failure count.
+HEALTHY_AFTER = 10.0
 MAX_SLEEP = 1.0  # the scoreboard is read at least this often
 
 
@@ -90,6 +96,7 @@ class WorkerHandle:
     boot_error: str = ""  # what the worker said when it could not load the app
     booted: bool = False  # it reported ready at least once
     recycle: str = ""  # why it is to be replaced (queued, or its replacement is booting)
+    ready_at: float = 0.0  # when it reported ready
     replaces: int | None = None  # the pid of the worker this one replaces when ready
 
     def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
@@ -114,6 +121,13 @@ class Generation:
     app: Any = None  # preloaded application
     tls: dict[int, ssl.SSLContext] = field(default_factory=dict)  # listener fd -> context
     hooks: Hooks = field(default_factory=Hooks)
+    environ: dict[str, str] | None = None  # what its workers get (None: the master's)
+    env_undo: Callable[[], None] | None = None  # puts back the master's env if abandoned
+
+    def undo_env(self) -> None:
+        if self.env_undo is not None:
+            self.env_undo()
+            self.env_undo = None
 
 
 class SignalSource(Protocol):
@@ -242,8 +256,18 @@ class Master:
 
     # children --------------------------------------------------------------------------
 
-    def spawn(self, number: int, generation: Generation) -> WorkerHandle:
+    def spawn(self, number: int, generation: Generation) -> WorkerHandle | None:
+        """Fork a worker; None (logged, backed off like a boot failure) if the OS refuses."""
         slot = self.free_slots.pop()
+        try:
+            return self._spawn(number, generation, slot)
+        except OSError as exc:
+            self.free_slots.append(slot)
+            log.error("cannot start worker %d: %s", number, exc)
+            self.back_off(number)
+            return None
+
+    def _spawn(self, number: int, generation: Generation, slot: int) -> WorkerHandle:
         parent_end, child_end = socket.socketpair()
         parent_end.setblocking(False)
         spec = WorkerSpec(
@@ -258,8 +282,10 @@ class Master:
             tls=generation.tls,
             hooks=generation.hooks,
             server=self.server_info(),
+            environ=generation.environ,
             close_fds=[
                 *self.close_in_child,
+                *self.announce.fds(),
                 *(self.admin.fds() if self.admin is not None else []),
                 parent_end.fileno(),
                 *(h.channel.fileno() for h in self.workers.values() if h.channel is not None),
@@ -273,7 +299,12 @@ class Master:
         generation.hooks.call(
             "pre_fork", self.server_info(), WorkerInfo(number, generation.number, generation.config)
         )
-        pid = self.kernel.spawn(lambda: worker_main(spec), child_end)
+        try:
+            pid = self.kernel.spawn(lambda: worker_main(spec), child_end)
+        except OSError:
+            parent_end.close()
+            child_end.close()
+            raise
         handle = WorkerHandle(
             number, pid, slot, generation.number, parent_end, self.kernel.monotonic()
         )
@@ -316,8 +347,14 @@ class Master:
             if status == 0:
                 log.info("%s exited: %s", handle.describe(), handle.reason or "retired")
             else:
-                log.warning("%s died unexpectedly: %s", handle.describe(), how)
                 self.count_recycle("crash")
+                lived = self.kernel.monotonic() - handle.ready_at
+                if lived < YOUNG_DEATH:
+                    delay = self.back_off(handle.number)
+                    log.warning("%s died %.1fs after booting (%s); next one in %.1fs",
+                                handle.describe(), lived, how, delay)
+                else:
+                    log.warning("%s died unexpectedly: %s", handle.describe(), how)
         else:
             log.info("%s exited (%s): %s", handle.describe(), handle.reason, how)
 
@@ -333,22 +370,37 @@ class Master:
             self.abandon_pending()
             self.reload_finished(False, message)
             return
-        if not self.ever_ready and app_error and self.stop is Stop.NONE:
-            log.error("the application could not be loaded (traceback above); stopping")
-            self.failure = f"the application could not be loaded: {error[0]}"
-            self.exit_code = EXIT_APP_FAILED
+        boot_error = status >> 8 == EXIT_BOOT_ERROR and status & 0x7F == 0
+        if not self.ever_ready and (app_error or boot_error) and self.stop is Stop.NONE:
+            what = "the application could not be loaded" if app_error else "a worker cannot start"
+            log.error("%s (see above); stopping", what)
+            self.failure = f"{what}: {error[0]}"
+            self.exit_code = EXIT_APP_FAILED if app_error else EXIT_RUNTIME_ERROR
             self.fast_stop()
             return
-        failures = self.failures.get(handle.number, 0) + 1
-        self.failures[handle.number] = failures
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
-        now = self.kernel.monotonic()
-        self.backoff_until[handle.number] = now + delay
+        if self.reloading and handle.generation == self.current.number:
+            self.reload_finished(
+                False,
+                f"reload incomplete: worker {handle.number} of generation "
+                f"{handle.generation} could not boot ({error[0]}); it is retried, and the old "
+                f"workers it would replace keep serving",
+            )
+        delay = self.back_off(handle.number)
         log.error(
             "%s failed to boot (%s); retrying in %.1fs", handle.describe(), how, delay
         )
+
+    def back_off(self, number: int) -> float:
+        """A worker of `number` could not start or died young: wait before the next one
+        (0.5 s doubling to 30 s) and count it towards the degraded state."""
+        failures = self.failures.get(number, 0) + 1
+        self.failures[number] = failures
+        delay = float(min(BACKOFF_MAX, BACKOFF_FIRST * 2.0 ** (failures - 1)))
+        now = self.kernel.monotonic()
+        self.backoff_until[number] = now + delay
         self.boot_failures += 1
         self.note_boot_failure(now)
+        return delay
 
     def note_boot_failure(self, now: float) -> None:
         """Crash-loop protection: too many boot failures in the window -> degraded."""
@@ -401,7 +453,7 @@ class Master:
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
         handle.booted = True
-        self.failures.pop(handle.number, None)
+        handle.ready_at = self.kernel.monotonic()
         self.backoff_until.pop(handle.number, None)
         log.info("%s booted", handle.describe())
         if self.degraded:
@@ -573,6 +625,9 @@ class Master:
                 waiting.append(old)  # its last successor failed to boot: back off
                 continue
             successor = self.spawn(old.number, self.current)
+            if successor is None:
+                waiting.append(old)
+                continue
             successor.replaces = old.pid
             under_way += 1
         self.recycle_queue[:0] = waiting
@@ -587,6 +642,10 @@ class Master:
         if self.stop is not Stop.NONE:
             return
         now = self.kernel.monotonic()
+        if self.failures:
+            for handle in self.workers.values():
+                if handle.state is WorkerState.READY and now - handle.ready_at > HEALTHY_AFTER:
+                    self.failures.pop(handle.number, None)  # healthy again: backoff resets
         config = self.current.config
         workers = config.workers
         if (workers.max_memory or workers.max_memory_hard) and now >= self.next_memory_check:
@@ -706,7 +765,7 @@ class Master:
         self.announce.stopping()
         timeout = self.current.config.workers.graceful_timeout
         log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
-        self.close_listeners(self.all_listeners())
+        self.close_listeners(self.all_listeners(), force=True)
         for handle in list(self.workers.values()):
             self.ask_to_stop(handle, "stopping", timeout)
         self.pending = None
@@ -718,7 +777,7 @@ class Master:
             self.announce.stopping()
         self.stop = Stop.FAST
         log.info("stopping now")
-        self.close_listeners(self.all_listeners())
+        self.close_listeners(self.all_listeners(), force=True)
         deadline = self.kernel.monotonic() + FAST_STOP_GRACE
         for handle in self.workers.values():
             if handle.state is WorkerState.KILLED:
@@ -766,14 +825,24 @@ class Master:
             self.reload_finished(False, message)
             return
         self.reloading = True
-        if self.pending is not None:
-            self.abandon_pending()
         self.generations += 1
         new.number = self.generations
         new.hooks.call("on_reload", self.server_info())
         if new.config.workers.count != self.current.config.workers.count:
             self.target = new.config.workers.count
-        self.pending = new
+        previous, self.pending = self.pending, new
+        if previous is not None:
+            # `new` was read on top of `previous`'s environment: undoing it must undo both
+            new_undo, previous_undo = new.env_undo, previous.env_undo
+            previous.env_undo = None
+            if new_undo is not None and previous_undo is not None:
+
+                def undo_both() -> None:
+                    new_undo()
+                    previous_undo()
+
+                new.env_undo = undo_both
+            self.abandon(previous)  # after `new` is pending, so the sockets it reuses stay
 
     def promote(self) -> None:
         """The pending generation booted a worker: it becomes current."""
@@ -781,23 +850,25 @@ class Master:
         old = self.current
         self.current = self.pending
         self.pending = None
-        self.close_listeners([lst for lst in old.listeners if lst not in self.current.listeners],
-                             when_unused=True)
+        self.current.env_undo = None  # its environment is the master's for good
+        self.close_listeners(old.listeners)
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)
 
     def abandon_pending(self) -> None:
         pending = self.pending
         self.pending = None
-        if pending is None:
-            return
+        if pending is not None:
+            self.abandon(pending)
+
+    def abandon(self, generation: Generation) -> None:
+        """Stop a generation that never took over, close the sockets only it used, and give
+        the master back the environment it had."""
         for handle in list(self.workers.values()):
-            if handle.generation == pending.number and handle.state in LIVE:
+            if handle.generation == generation.number and handle.state in LIVE:
                 self.ask_to_stop(handle, "reload abandoned")
-        self.close_listeners(
-            [lst for lst in pending.listeners if lst not in self.current.listeners],
-            when_unused=True,
-        )
+        generation.undo_env()
+        self.close_listeners(generation.listeners)
 
     # listeners -------------------------------------------------------------------------
 
@@ -807,9 +878,12 @@ class Master:
             seen.extend(lst for lst in self.pending.listeners if lst not in seen)
         return seen
 
-    def close_listeners(self, listeners: list[Listener], when_unused: bool = False) -> None:
-        """The master's copies. Workers hold their own, so a worker draining its queue keeps
-        serving after this; a unix socket's path disappears at once, stopping new arrivals."""
+    def close_listeners(self, listeners: list[Listener], force: bool = False) -> None:
+        """Close the master's copies of `listeners`, except those the serving or pending
+        generation still uses (unless `force`: stopping). Workers hold their own copies, so
+        one draining its queue keeps serving after this; a unix socket's path disappears at
+        once, stopping new arrivals."""
+        keep = [] if force else self.all_listeners()
         for listener in listeners:
-            if listener.sock.fileno() >= 0:
+            if listener.sock.fileno() >= 0 and listener not in keep:
                 listener.close()

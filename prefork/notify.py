@@ -15,6 +15,8 @@ import socket
 import time
 from collections.abc import MutableMapping
 
+from prefork.pidfile import write_atomically
+
 log = logging.getLogger("prefork")
 
 
@@ -134,11 +136,8 @@ class Announcer:
         path = self.status_path
         if path is None:
             return
-        tmp = f"{path}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f)
-            os.replace(tmp, path)
+            write_atomically(path, json.dumps(data))
         except OSError as exc:
             log.warning("cannot write the reload status file %s: %s", path, exc)
 

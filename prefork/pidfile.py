@@ -8,6 +8,24 @@ same directory, then renamed).
 from __future__ import annotations
 
 import os
+import tempfile
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write `text` to a fresh temporary file beside `path` (O_EXCL, random name: no symlink
+    or predictable name to exploit in a shared directory), then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 class PidFileError(Exception):
@@ -57,11 +75,8 @@ class PidFile:
 
     def write(self, pid: int) -> None:
         self.check()
-        tmp = f"{self.path}.{pid}.tmp"
         try:
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(f"{pid}\n")
-            os.replace(tmp, self.path)
+            write_atomically(self.path, f"{pid}\n")
         except OSError as exc:
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         self.written = pid

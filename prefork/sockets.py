@@ -170,6 +170,18 @@ def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
     return Listener(sock, address, unix_inode=(st.st_dev, st.st_ino))
 
 
+def update_unix(listener: Listener, spec: BindSpec) -> None:
+    """A kept unix socket whose mode or owner changed in the configuration: apply in place."""
+    if listener.address.kind != "unix" or listener.inherited:
+        return
+    path = listener.address.path
+    if spec.owner is not None or spec.group is not None:
+        os.chown(path, -1 if spec.owner is None else spec.owner,
+                 -1 if spec.group is None else spec.group)
+    if spec.mode is not None:
+        os.chmod(path, spec.mode)
+
+
 def bind(spec: BindSpec, backlog: int) -> Listener:
     if spec.address.kind == "unix":
         listener = _bind_unix(spec, backlog)
@@ -190,13 +202,20 @@ def bind_all(
     A listener in `reuse` whose configured address and mode match is taken as it is (a reload
     keeps the sockets whose addresses did not change, and with them their accept queues).
     """
-    available = {lst.configured: lst for lst in reuse if lst.configured is not None}
+    available: dict[str, Listener] = {}
+    for lst in reuse:
+        if lst.configured is not None:
+            available.setdefault(str(lst.configured.address), lst)
+            available.setdefault(str(lst.address), lst)  # port 0 written as the real port
     listeners: list[Listener] = []
     fresh: list[Listener] = []
     try:
         for spec in specs:
-            existing = available.pop(spec, None)
-            if existing is not None:
+            existing = available.pop(str(spec.address), None)
+            if existing is not None and existing not in listeners:
+                update_unix(existing, spec)
+                existing.configured = spec
+                existing.tls = spec.tls
                 listeners.append(existing)
                 continue
             listener = bind(spec, backlog)

@@ -49,7 +49,8 @@ def snapshot(master: Master) -> dict[str, Any]:
         by_state[activity] += 1
         current = None
         if view.activity in (Activity.BUSY, Activity.READING) and view.started:
-            current = {"method": view.method, "target": view.target,
+            # the path only: query strings may carry tokens, and status is widely readable
+            current = {"method": view.method, "target": view.target.split("?", 1)[0],
                        "age": round(now - view.started, 3)}
         uss = master.kernel.memory(handle.pid) if handle.state in LIVE else None
         workers.append({

@@ -74,6 +74,7 @@ class WorkerSpec:
     tls: dict[int, ssl.SSLContext] = field(default_factory=dict)  # listener fd -> context
     hooks: Hooks = field(default_factory=Hooks)
     server: ServerInfo | None = None  # the master, as hooks see it
+    environ: dict[str, str] | None = None  # the generation's environment (None: inherited)
 
 
 def max_requests_for(config: Config, number: int) -> int:
@@ -111,6 +112,9 @@ def worker_main(spec: WorkerSpec) -> int:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
     faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
     config = spec.config
+    if spec.environ is not None:
+        os.environ.clear()
+        os.environ.update(spec.environ)
     name = config.proc_name or config.app
     setproctitle.setproctitle(f"preforkd: worker [{spec.number}] {name}")
     spec.slot.claim(os.getpid(), spec.generation, spec.number)
@@ -144,6 +148,11 @@ def worker_main(spec: WorkerSpec) -> int:
     worker.info = info
     if config.reload:
         worker.watcher = Watcher(module_files([*config.reload_extra_files, *broken]))
+    try:
+        worker.prepare()  # a worker that cannot wait for connections is not ready
+    except OSError:
+        log.exception("worker %d: cannot set up its event loop", spec.number)
+        return EXIT_BOOT_ERROR
     try:
         spec.channel.sendall(MSG_READY)
     except OSError:
@@ -187,7 +196,7 @@ class Worker:
         # up to one read (see RequestParser.feed)
         self.read_size = min(65536, http.max_header_size)
         self.next_sweep = 0.0
-        self.proxies = TrustedProxies(http.forwarded_allow_ips)
+        self.proxies = TrustedProxies(http.forwarded_allow_ips, http.forwarded_header)
         self.proxy_protocol = http.proxy_protocol
         self.protocol: HttpProtocol | None = None
         if config.protocol == "http":
@@ -209,14 +218,17 @@ class Worker:
 
     # the loop ----------------------------------------------------------------------------
 
-    def run(self) -> int:
-        self.slot.set(Activity.IDLE)
+    def prepare(self) -> None:
+        """Everything the loop waits on, registered; raises OSError if that fails."""
         self.epoll.register(self.channel_fd, _EPOLLIN)
         self.epoll.register(self.signal_fd, _EPOLLIN)
-        watcher = self.watcher
-        if watcher is not None and watcher.fd is not None:
-            self.epoll.register(watcher.fd, _EPOLLIN)
+        if self.watcher is not None and self.watcher.fd is not None:
+            self.epoll.register(self.watcher.fd, _EPOLLIN)
         self.start_accepting()
+
+    def run(self) -> int:
+        self.slot.set(Activity.IDLE)
+        watcher = self.watcher
         poll = self.epoll.poll
         conns = self.conns
         listeners = self.listeners
@@ -272,9 +284,9 @@ class Worker:
                 log.error("worker %d: accept: %s", self.spec.number, exc.strerror)
                 time.sleep(0.1)  # leave the connection to a worker that has room
                 return False
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return True
-            raise
+            # the client went away, or the network did: this connection is lost, not us
+            log.debug("worker %d: accept: %s", self.spec.number, exc)
+            return True
         if self.protocol is None:
             if serve:
                 self.serve_stream(sock, peer)
@@ -360,6 +372,8 @@ class Worker:
         elif was_idle and not parser.idle:
             conn.head_deadline = time.monotonic() + self.header_timeout
             self.park(conn)
+        elif conn.fd not in self.conns:
+            self.park(conn)  # e.g. only the empty line allowed before a request (RFC 9112 2.2)
         return True
 
     def read_proxy_header(self, conn: Connection, data: bytes) -> bytes:

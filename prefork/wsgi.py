@@ -347,6 +347,12 @@ class Response:
         """The whole response in one send: head plus a body the server holds entirely."""
         if type(body) is not bytes:
             body = _as_bytes(body)
+        if (
+            self.content_length is not None
+            and not self.no_body
+            and len(body) < self.content_length
+        ):
+            self.keep_alive = False  # fewer bytes than declared: the framing is lost
         out = self.head(len(body))
         if not self.no_body:
             length = self.content_length
@@ -373,6 +379,14 @@ class Response:
         if self.no_body:
             return True
         sock_fd = self.conn.fd
+        self.conn.sock.setblocking(False)  # so a client that stops reading hits send_timeout
+        try:
+            self._sendfile(sock_fd, fd, offset, count)
+        finally:
+            self.conn.sock.setblocking(True)
+        return True
+
+    def _sendfile(self, sock_fd: int, fd: int, offset: int, count: int) -> None:
         while count > 0:
             try:
                 sent = os.sendfile(sock_fd, fd, offset, min(count, 1 << 30))
@@ -388,7 +402,6 @@ class Response:
             offset += sent
             count -= sent
             self.bytes_sent += sent
-        return True
 
     def finish(self) -> None:
         """End the body: the last chunk, or note that a declared length was not reached."""

@@ -22,45 +22,35 @@ from typing import Any
 
 import pytest
 
+import harness
 from harness import (
     Address,
     Response,
     Server,
     ServerFactory,
+    address,
     connect,
     fetch,
     http_request,
+    log_lines,
     read_response,
     recv_until_close,
     send_raw,
     wait_until,
 )
 
-APPS = Path(__file__).resolve().parent / "apps"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def settings(**more: Any) -> dict[str, Any]:
-    return {"app": "pf_hardening_app:app", "pythonpath": [str(APPS)], **more}
-
-
-def address(server: Server) -> Address:
-    addresses = server.addresses()
-    assert addresses, f"no listening address\n{server.log_tail()}"
-    return addresses[0]
+    return harness.settings("pf_hardening_app:app", **more)
 
 
 def environ_of(response: Response) -> dict[str, Any]:
     assert response.status == 200, response
     data: dict[str, Any] = json.loads(response.body)
     return data
-
-
-def log_lines(path: Path) -> list[str]:
-    """The complete lines of a log file (a line still being written is left out)."""
-    text = path.read_text() if path.exists() else ""
-    return text[: text.rfind("\n") + 1].splitlines()
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -660,8 +650,9 @@ def test_x_forwarded_from_a_trusted_peer_sets_client_and_scheme(
     env = get_environ(where, [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.8")])
     assert env["headers"]["HTTP_X_FORWARDED_FOR"] == "6.6.6.6, 203.0.113.8"
     assert env["REMOTE_ADDR"] == "203.0.113.8"
+    # the default reads X-Forwarded-*: a Forwarded header is the client's, passed through
     env = get_environ(where, [("Forwarded", 'for="[2001:db8::1]:4711";proto=https')])
-    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == ("2001:db8::1", "https")
+    assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == ("127.0.0.1", "http")
     env = get_environ(where, [("X-Forwarded-Proto", "javascript")])
     assert (env["REMOTE_ADDR"], env["wsgi.url_scheme"]) == ("127.0.0.1", "http")
 

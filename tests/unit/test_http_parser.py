@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from prefork.http.response import (
     error_response,
     status_line,
 )
+from tests.unit.splits import bytewise, split_at
 
 # Every status a ProtocolError may carry (errors.py, plus 408 raised by the worker).
 ERROR_STATUSES = {400, 408, 413, 414, 417, 431, 501, 505}
@@ -32,21 +33,6 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 
 # ---------------------------------------------------------------------------------------
 # feeding helpers
-
-
-def feed_pieces(data: bytes, cuts: Iterable[int]) -> list[bytes]:
-    """`data` cut at the given offsets (any order, duplicates allowed: empty feeds too)."""
-    points = sorted(cuts)
-    out, last = [], 0
-    for point in points:
-        out.append(data[last:point])
-        last = point
-    out.append(data[last:])
-    return out
-
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
 
 
 def summary(request: Request) -> dict[str, Any]:
@@ -99,7 +85,7 @@ def parse_all_ways(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 
 
 def check_random_splits(data: bytes, cuts: list[int], limits: Limits | None = None) -> None:
-    assert parse(feed_pieces(data, cuts), limits) == parse([data], limits)
+    assert parse(split_at(data, cuts), limits) == parse([data], limits)
 
 
 def cuts_for(data: bytes) -> st.SearchStrategy[list[int]]:
@@ -808,7 +794,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @given(raw=st.binary(max_size=300), limits=FUZZ_LIMITS, data=st.data())
 def test_fuzz_binary(raw: bytes, limits: Limits, data: st.DataObject) -> None:
     _feed_checked([raw], limits)
-    _feed_checked(feed_pieces(raw, data.draw(cuts_for(raw))), limits)
+    _feed_checked(split_at(raw, data.draw(cuts_for(raw))), limits)
 
 
 @FUZZ
@@ -829,7 +815,7 @@ def test_fuzz_binary_after_valid_prefix(raw: bytes, limits: Limits) -> None:
 @given(raw=mutated_request(), limits=FUZZ_LIMITS, data=st.data())
 def test_fuzz_mutated_requests(raw: bytes, limits: Limits, data: st.DataObject) -> None:
     whole = _feed_checked([raw], limits)
-    split = _feed_checked(feed_pieces(raw, data.draw(cuts_for(raw))), limits)
+    split = _feed_checked(split_at(raw, data.draw(cuts_for(raw))), limits)
     one_by_one = _feed_checked(bytewise(raw), limits)
     if limits.max_header_size >= len(raw):
         # With the head limit out of reach (see the max_header_size bugs above) acceptance and

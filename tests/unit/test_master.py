@@ -1,12 +1,7 @@
 """prefork.master: one `tick()` at a time against a fake kernel (no fork, no sleep, no signals).
 
-The fakes live here rather than in a shared module: pytest's pythonpath holds only the repo
-root and tests/integration, so tests/unit is not importable as a package.
-
-Conventions: a worker "boots" when the test sends b"R" on the worker's end of its channel;
-a worker "exits" when the test queues a waitpid status for `reap()` (exit code N is N << 8,
-killed by signal S is S). The fake clock starts at the real time.monotonic() so that
-scoreboard slots stamped by `Slot.busy()` line up with it.
+The fakes and their conventions are in fakes.py (shared with test_supervise.py); the
+`make_rig` fixture is in conftest.py.
 """
 
 from __future__ import annotations
@@ -14,32 +9,26 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import select
 import signal
-import socket
-import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
-from prefork.config import Config, from_mapping
+from prefork.config import Config
 from prefork.master import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     EXIT_APP_FAILED,
     FAST_STOP_GRACE,
+    HEALTHY_AFTER,
     MAX_SLEEP,
     TRANSITIONS,
+    YOUNG_DEATH,
     Generation,
     InvalidTransition,
-    Master,
     WorkerHandle,
     WorkerState,
 )
-from prefork.notify import Announcer
-from prefork.scoreboard import Scoreboard
 from prefork.sockets import Listener
 from prefork.worker import (
     EXIT_APP_LOAD_ERROR,
@@ -49,261 +38,12 @@ from prefork.worker import (
     MSG_REOPEN,
     MSG_STOP,
 )
+from tests.unit.fakes import Rig, exit_status, make_config, matching, messages
 
 KILLED_BY_SIGKILL = signal.SIGKILL  # waitpid status of a child killed by SIGKILL
 
 
-def exit_status(code: int) -> int:
-    """The waitpid status of a child that called _exit(code)."""
-    return code << 8
-
-
-# --- fakes ---------------------------------------------------------------------------------
-
-
-class FakeKernel:
-    """The master's OS calls, recorded; the clock moves only when a test moves it."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-        self._pids = itertools.count(1000)
-        self.spawned: list[int] = []
-        self.children: dict[int, socket.socket] = {}  # pid -> the worker's end of its channel
-        self.kills: list[tuple[int, int]] = []
-        self.exits: deque[tuple[int, int]] = deque()
-        self.waits: list[float] = []
-
-    # Kernel
-    def monotonic(self) -> float:
-        return self.now
-
-    def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int:
-        pid = next(self._pids)
-        child_end.setblocking(False)
-        self.children[pid] = child_end  # kept open: the "worker" talks through it
-        self.spawned.append(pid)
-        return pid
-
-    def kill(self, pid: int, sig: int) -> bool:
-        self.kills.append((pid, sig))
-        return True
-
-    def reap(self) -> tuple[int, int] | None:
-        return self.exits.popleft() if self.exits else None
-
-    def wait(self, fds: list[int], timeout: float) -> list[int]:
-        self.waits.append(timeout)
-        readable, _, _ = select.select(fds, [], [], 0)
-        return readable
-
-    # test controls
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def received(self, pid: int) -> bytes:
-        """Everything the master has sent to this worker since the last call."""
-        data = b""
-        while True:
-            try:
-                chunk = self.children[pid].recv(4096)
-            except BlockingIOError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-    def kills_of(self, sig: int) -> list[int]:
-        return [pid for pid, s in self.kills if s == sig]
-
-    def close(self) -> None:
-        for sock in self.children.values():
-            sock.close()
-
-
-class FakeSignals:
-    """A SignalSource whose pending signals the test sets."""
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self.pending: list[int] = []
-
-    def fileno(self) -> int:
-        return self._reader.fileno()
-
-    def drain(self) -> list[int]:
-        got, self.pending = self.pending, []
-        return got
-
-    def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
-
-
-class RecordingAnnouncer(Announcer):
-    """An Announcer that talks to no one and remembers what it was told."""
-
-    def __init__(self, watchdog_interval: float = 0.0) -> None:
-        super().__init__(watchdog_interval=watchdog_interval)
-        self.calls: list[tuple[Any, ...]] = []
-
-    def ready(self, status: str) -> None:
-        self.calls.append(("ready", status))
-
-    def reloading(self) -> None:
-        self.calls.append(("reloading",))
-
-    def reloaded(self, ok: bool, message: str) -> None:
-        self.calls.append(("reloaded", ok, message))
-
-    def stopping(self) -> None:
-        self.calls.append(("stopping",))
-
-    def watchdog(self) -> None:
-        self.calls.append(("watchdog",))
-
-    def named(self, name: str) -> list[tuple[Any, ...]]:
-        return [c for c in self.calls if c[0] == name]
-
-
-class FakeLogs:
-    def __init__(self) -> None:
-        self.reopened = 0
-
-    def reopen(self) -> None:
-        self.reopened += 1
-
-
-def make_config(count: int = 3, **workers: Any) -> Config:
-    return from_mapping({"app": "m:app", "workers": {"count": count, **workers}})
-
-
-class Rig:
-    """A Master wired to the fakes, plus the moves a test makes."""
-
-    def __init__(
-        self,
-        config: Config,
-        reloader: Callable[[Generation, list[Listener]], Generation] | None = None,
-        capacity: int = 16,
-        watchdog_interval: float = 0.0,
-    ) -> None:
-        self.kernel = FakeKernel()
-        self.signals = FakeSignals()
-        self.logs = FakeLogs()
-        self.scoreboard = Scoreboard(capacity)
-        self.announce = RecordingAnnouncer(watchdog_interval)
-        self.master = Master(
-            kernel=self.kernel,
-            signals=self.signals,
-            scoreboard=self.scoreboard,
-            current=Generation(1, config, []),
-            logs=self.logs,
-            reloader=reloader,
-            announce=self.announce,
-        )
-
-    def tick(self) -> bool:
-        return self.master.tick()
-
-    def signal(self, *signums: int) -> bool:
-        self.signals.pending.extend(signums)
-        return self.tick()
-
-    def handles(self, generation: int | None = None) -> list[WorkerHandle]:
-        return sorted(
-            (
-                h
-                for h in self.master.workers.values()
-                if generation is None or h.generation == generation
-            ),
-            key=lambda h: (h.generation, h.number, h.pid),
-        )
-
-    def live(self, generation: int | None = None) -> list[WorkerHandle]:
-        return [
-            h
-            for h in self.handles(generation)
-            if h.state in (WorkerState.BOOTING, WorkerState.READY)
-        ]
-
-    def worker(self, number: int, generation: int = 1) -> WorkerHandle:
-        (handle,) = [h for h in self.live(generation) if h.number == number]
-        return handle
-
-    def boot(self, *pids: int) -> None:
-        """These workers report ready; the next tick hears it."""
-        for pid in pids:
-            self.kernel.children[pid].send(MSG_READY)
-        self.tick()
-
-    def boot_all(self) -> None:
-        self.boot(*(h.pid for h in self.handles() if h.state is WorkerState.BOOTING))
-
-    def exit(self, pid: int, status: int) -> bool:
-        self.kernel.exits.append((pid, status))
-        return self.tick()
-
-    def start(self) -> list[WorkerHandle]:
-        """Spawn the pool and boot every worker."""
-        self.tick()
-        self.boot_all()
-        assert all(h.state is WorkerState.READY for h in self.handles())
-        return self.handles()
-
-    def busy(self, handle: WorkerHandle, method: bytes = b"GET", target: bytes = b"/slow") -> float:
-        """The worker starts a request now (real clock, as the worker would); returns the
-        stamped start time, with the fake clock moved up to it."""
-        self.scoreboard.slot(handle.slot).busy(method, target)
-        started = self.scoreboard.read(handle.slot).started
-        self.kernel.now = max(self.kernel.now, started)
-        return started
-
-    def close(self) -> None:
-        for handle in self.master.workers.values():
-            if handle.channel is not None:
-                handle.channel.close()
-        self.kernel.close()
-        self.signals.close()
-        self.scoreboard.close()
-
-
-@pytest.fixture(autouse=True)
-def _prefork_log_propagates(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
-    # prefork.logs.Logs sets propagate=False; caplog needs records to reach the root logger
-    monkeypatch.setattr(logging.getLogger("prefork"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="prefork")
-
-
-@pytest.fixture
-def make_rig() -> Iterator[Callable[..., Rig]]:
-    rigs: list[Rig] = []
-
-    def make(
-        count: int = 3,
-        reloader: Callable[[Generation, list[Listener]], Generation] | None = None,
-        capacity: int = 16,
-        watchdog_interval: float = 0.0,
-        **workers: Any,
-    ) -> Rig:
-        rig = Rig(make_config(count, **workers), reloader, capacity, watchdog_interval)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
-
-
-def messages(caplog: pytest.LogCaptureFixture, level: int | None = None) -> list[str]:
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.name == "prefork" and (level is None or r.levelno == level)
-    ]
-
-
-def matching(caplog: pytest.LogCaptureFixture, text: str, level: int | None = None) -> list[str]:
-    return [m for m in messages(caplog, level) if text in m]
+pytestmark = pytest.mark.usefixtures("prefork_log_propagates")
 
 
 # --- startup -------------------------------------------------------------------------------
@@ -480,6 +220,7 @@ def test_a_ready_worker_that_dies_is_respawned_with_a_warning(
 ) -> None:
     rig = make_rig(count=2)
     rig.start()
+    rig.kernel.advance(YOUNG_DEATH + 1)  # it had been serving for a while
 
     rig.exit(1000, status)
 
@@ -488,6 +229,25 @@ def test_a_ready_worker_that_dies_is_respawned_with_a_warning(
     assert matching(caplog, "worker 1 (pid 1000) died unexpectedly", logging.WARNING) == [
         f"worker 1 (pid 1000) died unexpectedly: {how}"
     ]
+
+
+def test_a_worker_that_dies_right_after_booting_backs_off(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash loop after readiness must not spin: a young death is paced like a boot
+    failure and counts towards the degraded state."""
+    rig = make_rig(count=2)
+    rig.start()
+    rig.kernel.advance(1.0)
+
+    rig.exit(1000, KILLED_BY_SIGKILL)
+
+    assert [h.number for h in rig.live()] == [2], "respawned at once"
+    assert matching(caplog, "died 1.0s after booting", logging.WARNING)
+    assert rig.master.boot_failures == 1
+    rig.kernel.advance(BACKOFF_FIRST)
+    rig.tick()
+    assert sorted(h.number for h in rig.live()) == [1, 2]
 
 
 def test_end_of_file_on_a_channel_closes_it_and_waits_for_the_exit(
@@ -557,6 +317,8 @@ def test_a_successful_boot_resets_the_backoff(make_rig: Callable[..., Rig]) -> N
 
     rig.boot(rig.worker(2).pid)
     assert rig.worker(2).state is WorkerState.READY
+    rig.kernel.advance(HEALTHY_AFTER + 1)  # serving long enough to count as healthy
+    rig.tick()
     rig.exit(rig.worker(2).pid, exit_status(0))
     failed = _fail_boot(rig, 2)
 
@@ -623,15 +385,29 @@ def test_an_app_load_error_after_startup_only_backs_off(
     assert [h.number for h in rig.live()] == [1, 2]
 
 
-def test_a_boot_error_at_startup_is_retried_not_fatal(make_rig: Callable[..., Rig]) -> None:
+def test_a_boot_error_at_startup_stops_the_server(make_rig: Callable[..., Rig]) -> None:
+    """A worker that cannot start before the server was ever ready (a failing post_fork
+    hook, a user that cannot be switched to) will not start on the next try either."""
     rig = make_rig(count=2)
     rig.tick()
 
     rig.exit(1001, exit_status(EXIT_BOOT_ERROR))
 
+    assert rig.master.exit_code == 1
+    assert rig.master.stop.value
+    assert (1000, signal.SIGQUIT) in rig.kernel.kills
+
+
+def test_a_worker_killed_while_booting_at_startup_is_retried(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2)
+    rig.tick()
+
+    rig.exit(1001, KILLED_BY_SIGKILL)
+
     assert rig.master.exit_code == 0
     assert not rig.master.stop.value
-    assert rig.kernel.kills == []
     rig.kernel.advance(BACKOFF_FIRST)
     rig.tick()
     assert [h.number for h in rig.live()] == [1, 2]
@@ -1254,6 +1030,7 @@ def test_every_reload_rolls_even_when_the_reloader_reuses_a_generation_number(
 def test_a_worker_that_dies_during_a_reload_is_replaced(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(count=3, reloader=reload_to(make_config(3)))
     rig.start()
+    rig.kernel.advance(YOUNG_DEATH + 1)
     rig.signal(signal.SIGHUP)  # the canary boots (for up to boot_timeout)
 
     rig.exit(1001, KILLED_BY_SIGKILL)

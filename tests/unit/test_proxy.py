@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from prefork.forwarded import TrustedProxies, forwarded_elements, parse_ip
 from prefork.http import ProtocolError
 from prefork.http.proxy import V1_MAX, V2_MAX_BODY, V2_SIGNATURE, ProxyHeader
+from tests.unit.splits import bytewise, split_at
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -83,19 +84,6 @@ def feed(mode: str, pieces: Iterable[bytes]) -> Outcome:
             return ("ok", header.source, rest + b"".join(pieces[index + 1 :]))
         assert not header.done
     return ("incomplete",)
-
-
-def split_at(data: bytes, cuts: Iterable[int]) -> list[bytes]:
-    out, last = [], 0
-    for point in sorted(cuts):
-        out.append(data[last:point])
-        last = point
-    out.append(data[last:])
-    return out
-
-
-def bytewise(data: bytes) -> list[bytes]:
-    return [data[i : i + 1] for i in range(len(data))]
 
 
 def all_ways(mode: str, data: bytes) -> Outcome:
@@ -521,7 +509,8 @@ def resolve(headers: dict[str, str], entries: Sequence[str] = LOCAL_PROXY) -> di
         "wsgi.url_scheme": "http",
         **headers,
     }
-    TrustedProxies(list(entries)).resolve(env)
+    header = "forwarded" if "HTTP_FORWARDED" in headers else "x-forwarded"
+    TrustedProxies(list(entries), header).resolve(env)
     return env
 
 
@@ -623,15 +612,23 @@ def test_forwarded_without_a_usable_right_most_client_changes_nothing(forwarded:
     assert client(resolve({"HTTP_FORWARDED": forwarded})) == UNCHANGED
 
 
-def test_forwarded_takes_precedence_over_x_forwarded() -> None:
-    env = resolve(
-        {
-            "HTTP_FORWARDED": "for=192.0.2.60;proto=http",
-            "HTTP_X_FORWARDED_FOR": "203.0.113.7",
-            "HTTP_X_FORWARDED_PROTO": "https",
-        }
-    )
-    assert client(env) == ("192.0.2.60", None, "http")
+def test_only_the_configured_header_family_is_read() -> None:
+    """A proxy sets one family and passes the other through from the client, so reading the
+    other would let the client choose its address (nginx sets X-Forwarded-*, forwards
+    Forwarded untouched)."""
+    headers = {
+        "HTTP_FORWARDED": "for=6.6.6.6;proto=https",
+        "HTTP_X_FORWARDED_FOR": "203.0.113.7",
+        "HTTP_X_FORWARDED_PROTO": "http",
+    }
+    env = {"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "5555", "wsgi.url_scheme": "http",
+           **headers}
+    TrustedProxies(["127.0.0.1"], "x-forwarded").resolve(env)
+    assert client(env) == ("203.0.113.7", None, "http")
+    env = {"REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "5555", "wsgi.url_scheme": "http",
+           **headers}
+    TrustedProxies(["127.0.0.1"], "forwarded").resolve(env)
+    assert client(env) == ("6.6.6.6", None, "https")
 
 
 def test_everyone_trusted_means_the_left_most_entry() -> None:

@@ -2,286 +2,36 @@
 the max_recycling hand-off, memory limits, the dynamic pool, crash-loop protection, and what
 prefork.status reports about all of it.
 
-The fakes are copied from tests/unit/test_master.py (tests/unit is not a package), plus
-`FakeKernel.memory`, whose answers the test sets in `kernel.uss`. Conventions as there: a
-worker "boots" when the test sends b"R" on its end of the channel; it "exits" when the test
-queues a waitpid status; scoreboard slots are written with the worker's own Slot methods.
+The fakes and their conventions are in fakes.py (shared with test_master.py); scoreboard
+slots are written with the worker's own Slot methods.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import logging
-import select
 import signal
-import socket
-import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefork import status
-from prefork.config import Config, from_mapping
-from prefork.master import BACKOFF_FIRST, Generation, Master, Stop, WorkerHandle, WorkerState
-from prefork.notify import Announcer
-from prefork.scoreboard import Activity, Scoreboard
-from prefork.sockets import Listener
-from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, MSG_READY, MSG_RECYCLE, MSG_STOP
+from prefork.master import (
+    BACKOFF_FIRST,
+    YOUNG_DEATH,
+    Generation,
+    Stop,
+    WorkerHandle,
+    WorkerState,
+)
+from prefork.scoreboard import Activity
+from prefork.worker import EXIT_APP_LOAD_ERROR, MSG_RECYCLE, MSG_STOP
+from tests.unit.fakes import Rig, exit_status, make_config, matching
 
 MIB = 1 << 20
 
 
-def exit_status(code: int) -> int:
-    """The waitpid status of a child that called _exit(code)."""
-    return code << 8
-
-
-# --- fakes (from test_master.py, with memory()) ----------------------------------------------
-
-
-class FakeKernel:
-    """The master's OS calls, recorded; the clock moves only when a test moves it."""
-
-    def __init__(self) -> None:
-        self.now = time.monotonic()
-        self._pids = itertools.count(1000)
-        self.spawned: list[int] = []
-        self.children: dict[int, socket.socket] = {}  # pid -> the worker's end of its channel
-        self.kills: list[tuple[int, int]] = []
-        self.exits: deque[tuple[int, int]] = deque()
-        self.uss: dict[int, int] = {}  # pid -> what memory() answers (None when absent)
-        self.memory_calls: list[int] = []
-        self.waits: list[float] = []  # the timeout of every wait(): how long the master sleeps
-
-    # Kernel
-    def monotonic(self) -> float:
-        return self.now
-
-    def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int:
-        pid = next(self._pids)
-        child_end.setblocking(False)
-        self.children[pid] = child_end  # kept open: the "worker" talks through it
-        self.spawned.append(pid)
-        return pid
-
-    def kill(self, pid: int, sig: int) -> bool:
-        self.kills.append((pid, sig))
-        return True
-
-    def reap(self) -> tuple[int, int] | None:
-        return self.exits.popleft() if self.exits else None
-
-    def wait(self, fds: list[int], timeout: float) -> list[int]:
-        self.waits.append(timeout)
-        readable, _, _ = select.select(fds, [], [], 0)
-        return readable
-
-    def memory(self, pid: int) -> int | None:
-        self.memory_calls.append(pid)
-        return self.uss.get(pid)
-
-    # test controls
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    def received(self, pid: int) -> bytes:
-        """Everything the master has sent to this worker since the last call."""
-        data = b""
-        while True:
-            try:
-                chunk = self.children[pid].recv(4096)
-            except BlockingIOError:
-                return data
-            if not chunk:
-                return data
-            data += chunk
-
-    def kills_of(self, sig: int) -> list[int]:
-        return [pid for pid, s in self.kills if s == sig]
-
-    def close(self) -> None:
-        for sock in self.children.values():
-            sock.close()
-
-
-class FakeSignals:
-    """A SignalSource whose pending signals the test sets."""
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self.pending: list[int] = []
-
-    def fileno(self) -> int:
-        return self._reader.fileno()
-
-    def drain(self) -> list[int]:
-        got, self.pending = self.pending, []
-        return got
-
-    def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
-
-
-class RecordingAnnouncer(Announcer):
-    """An Announcer that talks to no one and remembers what it was told."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[Any, ...]] = []
-
-    def ready(self, status: str) -> None:
-        self.calls.append(("ready", status))
-
-    def status(self, status: str) -> None:
-        self.calls.append(("status", status))
-
-    def reloading(self) -> None:
-        self.calls.append(("reloading",))
-
-    def reloaded(self, ok: bool, message: str) -> None:
-        self.calls.append(("reloaded", ok, message))
-
-    def stopping(self) -> None:
-        self.calls.append(("stopping",))
-
-    def watchdog(self) -> None:
-        self.calls.append(("watchdog",))
-
-    def named(self, name: str) -> list[tuple[Any, ...]]:
-        return [c for c in self.calls if c[0] == name]
-
-
-class FakeLogs:
-    def reopen(self) -> None:
-        pass
-
-
-def make_config(count: int = 3, **workers: Any) -> Config:
-    return from_mapping({"app": "m:app", "workers": {"count": count, **workers}})
-
-
-class Rig:
-    """A Master wired to the fakes, plus the moves a test makes."""
-
-    def __init__(
-        self,
-        config: Config,
-        reloader: Callable[[Generation, list[Listener]], Generation] | None = None,
-    ) -> None:
-        self.kernel = FakeKernel()
-        self.signals = FakeSignals()
-        self.scoreboard = Scoreboard(16)
-        self.announce = RecordingAnnouncer()
-        self.master = Master(
-            kernel=self.kernel,
-            signals=self.signals,
-            scoreboard=self.scoreboard,
-            current=Generation(1, config, []),
-            logs=FakeLogs(),
-            reloader=reloader,
-            announce=self.announce,
-        )
-
-    def tick(self) -> bool:
-        return self.master.tick()
-
-    def signal(self, *signums: int) -> bool:
-        self.signals.pending.extend(signums)
-        return self.tick()
-
-    def handles(self) -> list[WorkerHandle]:
-        return sorted(self.master.workers.values(), key=lambda h: (h.generation, h.number, h.pid))
-
-    def live(self) -> list[WorkerHandle]:
-        return [h for h in self.handles() if h.state in (WorkerState.BOOTING, WorkerState.READY)]
-
-    def in_state(self, state: WorkerState) -> list[WorkerHandle]:
-        return [h for h in self.handles() if h.state is state]
-
-    def worker(self, number: int) -> WorkerHandle:
-        (handle,) = [h for h in self.live() if h.number == number]
-        return handle
-
-    def handle(self, pid: int) -> WorkerHandle:
-        return self.master.workers[pid]
-
-    def boot(self, *pids: int) -> None:
-        """These workers report ready; the next tick hears it."""
-        for pid in pids:
-            self.kernel.children[pid].send(MSG_READY)
-        self.tick()
-
-    def boot_all(self) -> None:
-        self.boot(*(h.pid for h in self.in_state(WorkerState.BOOTING)))
-
-    def say(self, pids: list[int], message: bytes) -> None:
-        for pid in pids:
-            self.kernel.children[pid].send(message)
-        self.tick()
-
-    def exit(self, pid: int, status: int) -> bool:
-        self.kernel.exits.append((pid, status))
-        return self.tick()
-
-    def start(self) -> list[WorkerHandle]:
-        """Spawn the pool and boot every worker."""
-        self.tick()
-        self.boot_all()
-        assert all(h.state is WorkerState.READY for h in self.handles())
-        return self.handles()
-
-    def mark(self, activity: Activity, *handles: WorkerHandle) -> None:
-        """Write `activity` into these workers' scoreboard slots (every live one by default)."""
-        for handle in handles or tuple(self.live()):
-            self.scoreboard.slot(handle.slot).set(activity)
-
-    def second(self) -> None:
-        """One pool-check interval later."""
-        self.kernel.advance(1.0)
-        self.tick()
-
-    def snapshot(self) -> dict[str, Any]:
-        return status.snapshot(self.master)
-
-    def close(self) -> None:
-        for handle in self.master.workers.values():
-            if handle.channel is not None:
-                handle.channel.close()
-        self.kernel.close()
-        self.signals.close()
-        self.scoreboard.close()
-
-
-@pytest.fixture(autouse=True)
-def _prefork_log_propagates(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
-    # prefork.logs.Logs sets propagate=False; caplog needs records to reach the root logger
-    monkeypatch.setattr(logging.getLogger("prefork"), "propagate", True)
-    caplog.set_level(logging.DEBUG, logger="prefork")
-
-
-@pytest.fixture
-def make_rig() -> Iterator[Callable[..., Rig]]:
-    rigs: list[Rig] = []
-
-    def make(count: int = 3, reloader: Any = None, **workers: Any) -> Rig:
-        rig = Rig(make_config(count, **workers), reloader)
-        rigs.append(rig)
-        return rig
-
-    yield make
-    for rig in rigs:
-        rig.close()
-
-
-def matching(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [
-        r.getMessage() for r in caplog.records if r.name == "prefork" and text in r.getMessage()
-    ]
+pytestmark = pytest.mark.usefixtures("prefork_log_propagates")
 
 
 def successors(rig: Rig) -> list[WorkerHandle]:
@@ -844,10 +594,10 @@ def test_exit_on_degraded_stops_the_server_with_status_1(
 def test_boot_errors_before_startup_count_toward_degraded(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(count=1, boot_failure_limit=2, boot_failure_window=60)
     rig.tick()
-    rig.exit(rig.worker(1).pid, exit_status(EXIT_BOOT_ERROR))  # not an app error: retried
+    rig.exit(rig.worker(1).pid, signal.SIGKILL)  # killed while booting: retried
     rig.kernel.advance(BACKOFF_FIRST)
     rig.tick()
-    rig.exit(rig.worker(1).pid, exit_status(EXIT_BOOT_ERROR))
+    rig.exit(rig.worker(1).pid, signal.SIGKILL)
 
     assert rig.master.degraded
     assert rig.snapshot()["master"]["state"] == "degraded"
@@ -890,12 +640,13 @@ def test_totals_keep_the_counters_of_exited_workers(make_rig: Callable[..., Rig]
 def test_restarts_are_counted_after_startup_only(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(count=3)
     rig.tick()
-    rig.exit(rig.worker(3).pid, exit_status(EXIT_BOOT_ERROR))  # before ready: startup still
+    rig.exit(rig.worker(3).pid, signal.SIGKILL)  # before ready: startup still
     rig.kernel.advance(BACKOFF_FIRST)
     rig.tick()
     rig.boot_all()
     assert rig.master.ever_ready
     assert rig.snapshot()["totals"]["restarts"] == 0
+    rig.kernel.advance(YOUNG_DEATH + 1)  # old enough that a death is not a crash loop
 
     rig.exit(rig.worker(1).pid, exit_status(0))
     rig.exit(rig.worker(2).pid, signal.SIGKILL)
@@ -937,7 +688,7 @@ def test_the_snapshot_describes_each_worker(make_rig: Callable[..., Rig]) -> Non
     assert busy["number"] == 1 and busy["generation"] == 1
     assert busy["lifecycle"] == "ready" and busy["activity"] == "busy"
     assert busy["current"]["method"] == "POST"
-    assert busy["current"]["target"] == "/upload?x=1"
+    assert busy["current"]["target"] == "/upload"  # the query string may carry secrets
     assert busy["current"]["age"] >= 0
     assert busy["uss"] == 12 * MIB
     assert by_pid[two.pid]["activity"] == "keepalive" and by_pid[two.pid]["current"] is None
@@ -1025,6 +776,7 @@ def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) ->
     rig.kernel.uss[one.pid] = 3 * MIB
     for status_code, duration in ((200, 0.002), (200, 0.3), (404, 0.02)):
         rig.scoreboard.slot(one.slot).done(status_code, duration, 10)
+    rig.kernel.advance(YOUNG_DEATH + 1)
     rig.exit(two.pid, signal.SIGKILL)
 
     code, content_type, body = status.respond(rig.master, "/metrics")
