@@ -202,6 +202,7 @@ class Master:
     def run(self) -> int:
         name = self.current.config.proc_name or self.current.config.app
         setproctitle.setproctitle(f"preforkd: master [{name}]")
+        self.maintain()  # fork the pool now, not after the first sleep
         while self.tick():
             pass
         return self.exit_code
