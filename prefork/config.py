@@ -663,11 +663,12 @@ class HooksConfig:
     )
     post_fork: str | None = _hook(
         "post_fork(server, worker): the new worker, right after fork, before the app is "
-        "loaded (reconnect databases here). Raising makes it a boot failure."
+        "loaded (reconnect databases here). Raising makes it a boot failure: the server "
+        "stops if it was never ready, else the worker is retried with backoff."
     )
     post_worker_init: str | None = _hook(
         "post_worker_init(worker): the worker, after the app is loaded, before it serves. "
-        "Raising makes it a boot failure."
+        "Raising makes it a boot failure (as for post_fork)."
     )
     worker_exit: str | None = _hook(
         "worker_exit(server, worker): the worker, as it leaves after serving."
