@@ -150,6 +150,7 @@ def config_path(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    inherited = open_fds()  # whatever our caller left open is not ours to keep as a daemon
     args = parser().parse_args(argv)
     path = config_path(args)
     overrides = overrides_from(args)
@@ -164,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return reload_running(config, args.wait)
     if args.command == "status":
         return show_status(config, args.json)
-    return Startup(config, lambda: load(path, overrides), args.foreground).run()
+    return Startup(config, lambda: load(path, overrides), args.foreground, inherited).run()
 
 
 # --- sockets ---------------------------------------------------------------------------------
@@ -208,6 +209,11 @@ def open_listeners(config: Config) -> list[Listener]:
         for listener in listeners:
             defer_accept(listener)
     return listeners
+
+
+def open_fds() -> set[int]:
+    """This process's open file descriptors above stdio."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2}
 
 
 def raise_fd_limit(per_worker: int) -> None:
@@ -308,8 +314,13 @@ class Startup:
     ready reaches the terminal (and a daemon's launcher) with its reason."""
 
     def __init__(
-        self, config: Config, reread: Callable[[], Config], foreground: bool
+        self,
+        config: Config,
+        reread: Callable[[], Config],
+        foreground: bool,
+        inherited_fds: set[int] | None = None,
     ) -> None:
+        self.inherited_fds = inherited_fds or set()
         self.config = config
         self.reread = reread
         self.detach = config.daemon and not foreground and not under_systemd(os.environ)
@@ -377,8 +388,10 @@ class Startup:
                 preserve += sd.fds()
             mask = os.umask(0)
             os.umask(mask)  # read without changing it: the daemon keeps this umask
+            keep = (open_fds() - self.inherited_fds) | set(preserve)
+            keep.discard(self.console.fileno())  # the launcher's terminal stays the launcher's
             ready_fd = detach(
-                preserve,
+                sorted(keep),
                 mask,
                 self.error_stream(),
                 config.workers.boot_timeout + 15,
@@ -430,7 +443,7 @@ class Startup:
             announce.failed(str(exc))
             return self.fail(str(exc))
         signals = SignalQueue(catch=MASTER_SIGNALS)
-        close_in_child = [*signals.fds(), *announce.fds()]
+        close_in_child = list(signals.fds())  # the announcer's own fds are added per fork
         master = Master(
             kernel=System(),
             signals=signals,

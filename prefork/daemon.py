@@ -28,20 +28,19 @@ def detach(
 ) -> int:
     """Become a daemon. Returns the ready pipe's write end, in the daemon only: the launching
     process never returns from here, it exits with the daemon's startup result, which it
-    prints on `console` (the terminal it was started from)."""
+    prints on `console` (the terminal it was started from). `preserve`: the descriptors the
+    daemon keeps (listeners, logs, and whatever hooks or a preloaded app opened; closing
+    those would let their numbers be reused); everything else is closed."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
         os.close(write_end)
         sys.exit(wait_for_daemon(read_end, pid, timeout, console))
     os.close(read_end)
-    # everything open now stays open: the listeners and logs, and also what hooks or a
-    # preloaded application opened (closing those would let their numbers be reused)
-    open_now = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
     context = daemon.DaemonContext(
         working_directory="/",
         umask=umask,
-        files_preserve=sorted({*preserve, *open_now, write_end}),
+        files_preserve=[*preserve, write_end],
         signal_map={},  # preforkd installs its own handlers
         prevent_core=False,
         stderr=stderr,

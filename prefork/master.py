@@ -554,6 +554,7 @@ class Master:
         if (
             pending is not None
             and self.free_slots
+            and now >= self.backoff_until.get(1, 0.0)  # the canary is number 1
             and not any(h.generation == pending.number for h in self.workers.values())
         ):
             self.spawn(1, pending)  # the canary: nothing old stops until it is ready

@@ -1,4 +1,4 @@
-"""Fixtures for integration tests; the helpers themselves are in harness.py."""
+"""Fixtures for integration tests; the helpers themselves are in harness.py and detached.py."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from detached import Daemons
 from harness import Server, ServerFactory, require_tool
 
 # Servers started by the running test, so a failure report can show their logs.
@@ -34,6 +35,16 @@ def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S
 def require_tool_fixture() -> Callable[[str], str]:
     """harness.require_tool as a fixture: skip (or fail under CI=true) without a command."""
     return require_tool
+
+
+@pytest.fixture
+def daemons() -> Iterator[Daemons]:
+    """Detached daemons the test launches or adopts; all are stopped at teardown."""
+    tracker = Daemons()
+    try:
+        yield tracker
+    finally:
+        tracker.stop_all()
 
 
 @pytest.fixture

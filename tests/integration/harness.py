@@ -29,6 +29,16 @@ T = TypeVar("T")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "prefork")
 CONFIG_NAME = "preforkd.yaml"
+# The test applications (pf_*.py); `settings()` puts this directory on a server's pythonpath.
+APPS = Path(__file__).resolve().parent / "apps"
+# An app module (for `app_source`) that answers every request with its worker's pid.
+PID_APP = """
+import os
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
 
 # "[2026-11-21 06:21:41 +0000] [1234] [INFO] listening at http://127.0.0.1:41235"
 LISTENING_RE = re.compile(r"\[INFO\] listening at (\S+)")
@@ -110,6 +120,11 @@ def write_config(
     path = directory / filename
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def settings(app: str = "pf_testapp:app", **more: Any) -> dict[str, Any]:
+    """Settings for a server running `app` from apps/ (put on its pythonpath), plus `more`."""
+    return {"app": app, "pythonpath": [str(APPS)], **more}
 
 
 def parse_addresses(log_text: str) -> list[Address]:
@@ -331,6 +346,19 @@ class Server:
         return None if self.proc is None else self.proc.poll()
 
 
+def address(server: Server) -> Address:
+    """The server's first listening address (AssertionError, with its log, if it has none)."""
+    addresses = server.addresses()
+    assert addresses, f"no listening address\n{server.log_tail()}"
+    return addresses[0]
+
+
+def log_lines(path: Path) -> list[str]:
+    """The complete lines of a log file (a line still being written is left out)."""
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
@@ -359,6 +387,20 @@ def group_members(pgid: int) -> dict[int, str]:
 def live_group_members(pgid: int) -> list[int]:
     """Members of group `pgid` that are not zombies."""
     return sorted(pid for pid, state in group_members(pgid).items() if state != "Z")
+
+
+def gone(pid: int) -> bool:
+    """True once `pid` has exited (an unreaped zombie counts as exited)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        pass  # not our child: ask /proc
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
 def kill_group(pgid: int) -> None:
@@ -444,22 +486,29 @@ def connect(address: Address | str, timeout: float = 5.0) -> socket.socket:
 
 def recv_until_close(sock: socket.socket, timeout: float = 5.0) -> bytes:
     """Read until the peer closes; AssertionError (with what arrived) after `timeout`."""
+    received, closed = recv_within(sock, timeout)
+    if not closed:
+        raise AssertionError(f"peer did not close within {timeout:g}s; got {received!r}")
+    return received
+
+
+def recv_within(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Read until the peer closes or `timeout` passes: (what arrived, whether it closed)."""
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            received = b"".join(chunks)
-            raise AssertionError(f"peer did not close within {timeout:g}s; got {received!r}")
+            return b"".join(chunks), False
         sock.settimeout(remaining)
         try:
             data = sock.recv(65536)
         except TimeoutError:
             continue
         except ConnectionResetError:
-            return b"".join(chunks)
+            return b"".join(chunks), True
         if not data:
-            return b"".join(chunks)
+            return b"".join(chunks), True
         chunks.append(data)
 
 

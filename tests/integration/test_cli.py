@@ -11,17 +11,10 @@ import subprocess
 import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from harness import DEFAULT_COMMAND, REPO_ROOT, ServerFactory, fetch, write_config
-
-APPS = Path(__file__).resolve().parent / "apps"
-
-
-def settings(app: str = "pf_testapp:app", **more: Any) -> dict[str, Any]:
-    return {"app": app, "pythonpath": [str(APPS)], **more}
+from harness import DEFAULT_COMMAND, REPO_ROOT, ServerFactory, fetch, settings, write_config
 
 
 def run_cli(

@@ -16,14 +16,22 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harness import Address, Server, ServerFactory, connect, fetch, wait_until
+from harness import (
+    APPS,
+    Address,
+    Server,
+    ServerFactory,
+    connect,
+    fetch,
+    log_lines,
+    recv_within,
+    wait_until,
+)
 
-APPS = Path(__file__).resolve().parent / "apps"
 SEED = 1234
 MAX_CASES = 2500
 TIME_BUDGET = 30.0  # seconds of sending; the run stops early on a slow machine
@@ -229,7 +237,6 @@ def run_case(
     where: Address, pieces: list[bytes], pauses: list[float], half_close: bool
 ) -> tuple[bytes, bool]:
     """Send the pieces; return (what came back, whether the server closed)."""
-    chunks: list[bytes] = []
     with connect(where, 5) as sock:
         for piece, pause in zip(pieces, pauses, strict=True):
             try:
@@ -243,27 +250,7 @@ def run_case(
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        deadline = time.monotonic() + (HALF_CLOSE_DEADLINE if half_close else KEEP_OPEN_READ)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return b"".join(chunks), False
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                return b"".join(chunks), True
-            if not data:
-                return b"".join(chunks), True
-            chunks.append(data)
-
-
-def log_lines(path: Path) -> list[str]:
-    """The complete lines of a log file (a line still being written is left out)."""
-    text = path.read_text() if path.exists() else ""
-    return text[: text.rfind("\n") + 1].splitlines()
+        return recv_within(sock, HALF_CLOSE_DEADLINE if half_close else KEEP_OPEN_READ)
 
 
 def fuzz_settings(**more: Any) -> dict[str, Any]:

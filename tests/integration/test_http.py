@@ -17,28 +17,17 @@ from typing import Any
 import pytest
 
 from harness import (
-    Server,
     ServerFactory,
+    address,
     connect,
     fetch,
     http_request,
     read_response,
     recv_until_close,
     send_raw,
+    settings,
     wait_until,
 )
-
-APPS = Path(__file__).resolve().parent / "apps"
-
-
-def settings(app: str = "pf_testapp:app", **more: Any) -> dict[str, Any]:
-    return {"app": app, "pythonpath": [str(APPS)], **more}
-
-
-def address(server: Server) -> tuple[Any, ...]:
-    addresses = server.addresses()
-    assert addresses, f"no listening address\n{server.log_tail()}"
-    return addresses[0]
 
 
 def status_of(raw: bytes) -> int:

@@ -13,33 +13,22 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 from harness import (
     Server,
     ServerFactory,
+    address,
     connect,
     fetch,
+    gone,
     http_request,
     live_group_members,
     parse_addresses,
     read_response,
     recv_until_close,
+    settings,
     wait_until,
 )
-
-APPS = Path(__file__).resolve().parent / "apps"
-
-
-def settings(app: str = "pf_testapp:app", **more: Any) -> dict[str, Any]:
-    return {"app": app, "pythonpath": [str(APPS)], **more}
-
-
-def address(server: Server) -> tuple[Any, ...]:
-    addresses = server.addresses()
-    assert addresses, f"no listening address\n{server.log_tail()}"
-    return addresses[0]
 
 
 def start_request(server: Server, target: str, marker: str) -> socket.socket:
@@ -54,20 +43,6 @@ def pids_if(server: Server, predicate: Callable[[list[int]], bool]) -> list[int]
     """The server's live worker pids if they satisfy `predicate`, else None (for wait_until)."""
     pids = server.worker_pids()
     return pids if predicate(pids) else None
-
-
-def gone(pid: int) -> bool:
-    """True once `pid` has exited (an unreaped zombie counts as exited)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        pass  # not our child: ask /proc
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
 # --- recycling and crashes ---------------------------------------------------------------
@@ -155,7 +130,11 @@ def test_killed_worker_is_replaced(server_factory: ServerFactory) -> None:
 
     os.kill(victim, signal.SIGKILL)
     server.wait_for_log(
-        re.compile(rf"worker \d+ \(pid {victim}\) died unexpectedly: killed by SIGKILL")
+        # "died unexpectedly", or, this soon after it booted, "died 0.1s after booting"
+        re.compile(
+            rf"worker \d+ \(pid {victim}\) died "
+            r"(unexpectedly: |[\d.]+s after booting \()killed by SIGKILL"
+        )
     )
     after = wait_until(
         lambda: pids_if(server, lambda pids: len(pids) == 2 and victim not in pids),
@@ -391,5 +370,5 @@ def test_app_import_error_stops_the_server_with_status_3(server_factory: ServerF
     log = server.log()
     assert "RuntimeError: pf_broken_app refuses to import" in log
     assert "cannot load the application" in log
-    assert "the application could not be loaded (traceback above); stopping" in log
+    assert "the application could not be loaded (see above); stopping" in log
     assert "ready:" not in log

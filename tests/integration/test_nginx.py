@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import harness
 from harness import (
     Response,
     Server,
@@ -39,14 +40,13 @@ from harness import (
     wait_until,
 )
 
-APPS = Path(__file__).resolve().parent / "apps"
 NGINX_HOST = "127.0.0.2"
 CLIENT_HOST = "127.0.0.3"
 MODULES_DIR = Path("/usr/lib/nginx/modules")  # Debian's --modules-path
 
 
 def settings(**more: Any) -> dict[str, Any]:
-    return {"app": "pf_hardening_app:app", "pythonpath": [str(APPS)], **more}
+    return harness.settings("pf_hardening_app:app", **more)
 
 
 def missing(reason: str) -> None:

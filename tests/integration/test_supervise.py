@@ -23,20 +23,22 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import harness
 from harness import (
     REPO_ROOT,
     Response,
     Server,
     ServerFactory,
+    address,
     connect,
     fetch,
+    gone,
     http_request,
     read_response,
     recv_until_close,
     wait_until,
 )
 
-APPS = Path(__file__).resolve().parent / "apps"
 APP = "pf_supervise_app:app"
 MIB = 1 << 20
 
@@ -44,12 +46,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def settings(admin_dir: Path, app: str = APP, **more: Any) -> dict[str, Any]:
-    return {
-        "app": app,
-        "pythonpath": [str(APPS)],
-        "admin": {"socket": str(admin_dir / "admin.sock")},
-        **more,
-    }
+    return harness.settings(app, admin={"socket": str(admin_dir / "admin.sock")}, **more)
 
 
 def admin_socket(server: Server) -> str:
@@ -83,12 +80,6 @@ def counter(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def address(server: Server) -> tuple[Any, ...]:
-    addresses = server.addresses()
-    assert addresses, f"no listening address\n{server.log_tail()}"
-    return addresses[0]
-
-
 def start_request(server: Server, target: str, marker: str) -> socket.socket:
     """Send GET `target` on a new connection; return it once the log shows `marker`."""
     sock = connect(address(server), timeout=15)
@@ -100,16 +91,6 @@ def start_request(server: Server, target: str, marker: str) -> socket.socket:
 def pid_of(response: Response) -> int:
     assert response.status == 200, response
     return int(response.body.split()[0])
-
-
-def gone(pid: int) -> bool:
-    """True once `pid` has exited (a zombie counts as exited)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
 class Load:
@@ -419,7 +400,7 @@ def test_metrics_count_the_requests_made(server_factory: ServerFactory, short_tm
         for (name, labels), value in samples.items()
         if name == "preforkd_workers"
     }
-    assert set(by_state) == {"booting", "idle", "keepalive", "busy", "draining"}
+    assert set(by_state) == {"booting", "idle", "keepalive", "reading", "busy", "draining"}
     assert by_state["idle"] + by_state["keepalive"] == 2
     assert counter(samples, "preforkd_degraded") == 0
     assert counter(samples, "preforkd_generation") == 1
@@ -440,12 +421,9 @@ def test_status_command_shows_a_busy_worker_and_its_request(
     server_factory: ServerFactory, short_tmp: Path
 ) -> None:
     # no admin.socket: the endpoint defaults to PIDFILE.sock
-    server = server_factory({
-        "app": APP,
-        "pythonpath": [str(APPS)],
-        "pidfile": str(short_tmp / "pf.pid"),
-        "workers": {"count": 2},
-    })
+    server = server_factory(
+        harness.settings(APP, pidfile=str(short_tmp / "pf.pid"), workers={"count": 2})
+    )
     assert admin_socket(server) == str(short_tmp / "pf.pid.sock")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
@@ -474,14 +452,14 @@ def test_status_command_shows_a_busy_worker_and_its_request(
     assert sorted(rows) == server.worker_pids()
     busy = rows[busy_pid]
     assert busy[3] == "busy"
-    assert busy[-2:] == ["GET", "/sleep?s=4&tag=cli"]
+    assert busy[-2:] == ["GET", "/sleep"]  # the path only: queries may hold secrets
     (other,) = [row for pid, row in rows.items() if pid != busy_pid]
     assert other[3] in ("idle", "keepalive") and len(other) == 6  # no age, no request
 
     by_pid = {w["pid"]: w for w in document["workers"]}
     assert by_pid[busy_pid]["activity"] == "busy"
     assert by_pid[busy_pid]["current"]["method"] == "GET"
-    assert by_pid[busy_pid]["current"]["target"] == "/sleep?s=4&tag=cli"
+    assert by_pid[busy_pid]["current"]["target"] == "/sleep"
     assert document["workers_by_state"]["busy"] == 1
     assert document["master"]["pid"] == server.pid
 
@@ -578,8 +556,8 @@ def test_a_crash_loop_degrades_the_server_which_keeps_serving(
         "degraded: 3 workers failed to boot within 60s; the healthy workers keep serving",
         timeout=15,
     )
-    assert re.search(rf"worker 1 \(pid {victim}\) died unexpectedly: killed by SIGKILL",
-                     server.log())
+    died = r"died (unexpectedly: |[\d.]+s after booting \()killed by SIGKILL"
+    assert re.search(rf"worker 1 \(pid {victim}\) {died}", server.log())
     assert "refusing to load" in server.log()  # the workers' tracebacks
     doc = status(server)
     assert doc["master"]["degraded"] is True

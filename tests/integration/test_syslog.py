@@ -16,29 +16,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import psutil
 import pytest
 
+from detached import Daemons, read_pid
 from harness import (
-    DEFAULT_COMMAND,
-    REPO_ROOT,
+    PID_APP,
     ServerFactory,
     fetch,
-    kill_group,
-    live_group_members,
     parse_address,
     parse_addresses,
     wait_until,
     write_config,
 )
-
-APP = """
-import os
-
-def application(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [str(os.getpid()).encode()]
-"""
 
 RSYSLOG_CONF = """\
 global(workDirectory="{work}")
@@ -52,15 +41,6 @@ template(name="pftest" type="string"
 ACCESS_RE = re.compile(r'127\.0\.0\.1 - - \[[^]]+\] "GET /(\S*) HTTP/1\.1" 200 ')
 # local3 = 19; info = 6
 LOCAL3_INFO = 19 * 8 + 6
-SYSTEMD_VARIABLES = (
-    "NOTIFY_SOCKET",
-    "INVOCATION_ID",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-)
 
 
 class Line(NamedTuple):
@@ -154,7 +134,7 @@ def settings(address: str, **more: Any) -> dict[str, Any]:
 def test_syslog_over_a_unix_socket(server_factory: ServerFactory, rsyslog: Rsyslog) -> None:
     server = server_factory(
         settings(f"unix:{rsyslog.socket}"),
-        app_source=APP,
+        app_source=PID_APP,
         env={"PYTHONDONTWRITEBYTECODE": "1"},
         wait_ready=False,
     )
@@ -200,7 +180,7 @@ def test_syslog_over_udp(server_factory: ServerFactory) -> None:
         receiver.bind(("127.0.0.1", 0))
         port = receiver.getsockname()[1]
         server = server_factory(
-            settings(f"udp://127.0.0.1:{port}"), app_source=APP, wait_ready=False
+            settings(f"udp://127.0.0.1:{port}"), app_source=PID_APP, wait_ready=False
         )
         messages: list[str] = []
 
@@ -235,7 +215,9 @@ def test_syslog_over_udp(server_factory: ServerFactory) -> None:
         assert int(body) in server.worker_pids()
 
 
-def test_detached_daemon_logs_to_syslog_by_default(rsyslog: Rsyslog, tmp_path: Path) -> None:
+def test_detached_daemon_logs_to_syslog_by_default(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
     """daemon: true with error_log "-" and syslog not enabled: the daemon has no terminal,
     so its error log goes to syslog (default ident and facility)."""
     pidfile = tmp_path / "preforkd.pid"
@@ -251,49 +233,21 @@ def test_detached_daemon_logs_to_syslog_by_default(rsyslog: Rsyslog, tmp_path: P
                 "syslog": {"enabled": False, "address": f"unix:{rsyslog.socket}"},
             },
         },
-        app_source=APP,
+        app_source=PID_APP,
     )
-    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    daemon: tuple[psutil.Process, int] | None = None
-    try:
-        result = subprocess.run(
-            [*DEFAULT_COMMAND, "-c", str(config)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        pid_text = pidfile.read_text().strip() if pidfile.exists() else ""
-        if pid_text.isdigit():
-            daemon = (psutil.Process(int(pid_text)), os.getpgid(int(pid_text)))
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert daemon is not None
-        pid = daemon[0].pid
-        ready = rsyslog.wait_for(lambda line: "[INFO] ready: 2 workers" in line.message, "ready")
-        assert (ready.program, ready.pid, ready.facility) == ("preforkd", pid, "user")
-        rsyslog.wait_for(
-            lambda line: line.message.endswith(f"detached: master pid {pid}"), "detached"
-        )
-    finally:
-        if daemon is not None:
-            process, pgid = daemon
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.terminate()
-            wait_until(lambda: not _alive(process), 10, message="the daemon ignored TERM")
-            if live_group_members(pgid):
-                kill_group(pgid)
-            wait_until(lambda: not live_group_members(pgid), 5)
+    daemons.watch(pidfile)
+    result = daemons.launch(config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    pid = read_pid(pidfile)
+    assert pid is not None
+    ready = rsyslog.wait_for(lambda line: "[INFO] ready: 2 workers" in line.message, "ready")
+    assert (ready.program, ready.pid, ready.facility) == ("preforkd", pid, "user")
+    rsyslog.wait_for(lambda line: line.message.endswith(f"detached: master pid {pid}"), "detached")
+
+    daemons.stop_all()  # the fixture would too, but the "stopped" line is checked below
+
     stopped = rsyslog.wait_for(lambda line: line.message.endswith("stopped"), "stopped")
     assert stopped.pid == pid
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_rsyslog_fixture_sees_only_its_socket(rsyslog: Rsyslog) -> None:
