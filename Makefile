@@ -38,7 +38,7 @@ docs: venv
 	$(PY) -c 'from prefork.config import settings_markdown; print(settings_markdown(), end="")' > docs/settings.md.tmp
 	mv docs/settings.md.tmp docs/settings.md
 
-bench:
+bench: venv
 	@if [ -e bench/run ]; then ./bench/run; else echo "bench/run does not exist yet"; fi
 
 clean:

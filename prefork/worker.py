@@ -56,6 +56,17 @@ MSG_RECYCLE = b"Q"  # worker -> master: max_requests reached, please replace me
 _EPOLLIN = select.EPOLLIN
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 SWEEP_INTERVAL = 1.0
+# When a worker stops, its idle keep-alive connections stay open this long: a request the
+# client is sending at that moment is answered (with Connection: close) instead of racing
+# the close. Clients that send nothing are closed after it.
+STOP_IDLE_GRACE = 0.5
+# A worker already holding this many connections takes up to ACCEPT_BATCH new ones per
+# wake-up (parked, served in the next round with the others): with thousands of busy
+# keep-alive connections, one accept per epoll round would leave newcomers queued for
+# seconds. A worker holding few takes one and serves it at once, so idle workers share.
+SILENT_GRACE = 1.0
+ACCEPT_BATCH_ABOVE = 64
+ACCEPT_BATCH = 32
 
 
 @dataclass(slots=True)
@@ -178,6 +189,7 @@ class Worker:
         self.accepting = False
         self.stopping = False  # graceful stop: answer what is held and queued, then exit
         self.drained = False  # the accept queues were emptied once after the stop began
+        self.idle_grace_until = 0.0
         self.pending_streams: list[tuple[socket.socket, Any]] = []  # drained, protocol tcp
         self.max_requests = max_requests_for(config, spec.number)
         self.asked_to_recycle = False
@@ -233,7 +245,9 @@ class Worker:
         conns = self.conns
         listeners = self.listeners
         while True:
-            timeout = SWEEP_INTERVAL if conns or self.stopping or watcher else -1.0
+            timeout = SWEEP_INTERVAL if conns or watcher else -1.0
+            if self.stopping:
+                timeout = STOP_IDLE_GRACE / 2
             try:
                 events = poll(timeout)
             except InterruptedError:
@@ -243,10 +257,11 @@ class Worker:
                 if conn is not None:
                     self.on_readable(conn)
                 elif fd in listeners:
-                    # one per wake-up: a sync worker that took several would serve them one
-                    # after another while idle workers wait (EPOLLEXCLUSIVE wakes another
-                    # worker for the next connection)
-                    self.accept(listeners[fd])
+                    listener = listeners[fd]
+                    if self.accept(listener) and len(conns) >= ACCEPT_BATCH_ABOVE:
+                        for _ in range(ACCEPT_BATCH - 1):
+                            if not self.accepting or not self.accept(listener, serve=False):
+                                break
                 elif fd == self.channel_fd:
                     self.on_channel()
                 elif fd == self.signal_fd:
@@ -499,14 +514,21 @@ class Worker:
     def begin_stop(self) -> None:
         if not self.stopping:
             self.stopping = True
+            self.idle_grace_until = time.monotonic() + STOP_IDLE_GRACE
             self.slot.set(Activity.DRAINING)
 
     def finished(self) -> bool:
         """While stopping: close idle keep-alive connections; done once nothing is held and,
         for a graceful stop, nothing is left in the listeners' accept queues."""
-        for conn in list(self.conns.values()):
-            if conn.parser.idle and conn.served:
-                self.drop(conn)  # between requests; a fresh one still gets its first answer
+        now = time.monotonic()
+        if now >= self.idle_grace_until:
+            for conn in list(self.conns.values()):
+                if conn.parser.idle and (conn.served or conn.linger_until):
+                    self.drop(conn)  # between requests; a fresh one still gets its answer
+                elif conn.parser.idle and now >= self.idle_grace_until + SILENT_GRACE:
+                    # accepted but silent: with TCP_DEFER_ACCEPT the kernel hands over a
+                    # connection without data only after it gave up waiting for it
+                    self.drop(conn)
         if not self.drained:
             # what was queued when the stop began is answered; later arrivals are not
             # waited for, or a client that keeps reconnecting would hold the stop open
