@@ -14,11 +14,9 @@ Invariants:
 
 import dataclasses
 import difflib
-import grp
 import ipaddress
 import keyword
 import os
-import pwd
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +27,7 @@ import yaml
 
 from prefork.addresses import Address, parse_address, resolve_relative
 from prefork.loader import parse_app_ref
+from prefork.privileges import resolve_gid, resolve_user
 
 _T = TypeVar("_T")
 
@@ -129,10 +128,7 @@ def _check_name(value: str, base_dir: str) -> str:
 
 def _check_user(value: str, base_dir: str) -> str:
     try:
-        if value.isdigit():
-            pwd.getpwuid(int(value))
-        else:
-            pwd.getpwnam(value)
+        resolve_user(value)
     except KeyError:
         raise ValueError(f"no such user {value!r}") from None
     return value
@@ -140,10 +136,7 @@ def _check_user(value: str, base_dir: str) -> str:
 
 def _check_group(value: str, base_dir: str) -> str:
     try:
-        if value.isdigit():
-            grp.getgrgid(int(value))
-        else:
-            grp.getgrnam(value)
+        resolve_gid(value)
     except KeyError:
         raise ValueError(f"no such group {value!r}") from None
     return value
