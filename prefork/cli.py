@@ -207,7 +207,7 @@ def open_listeners(config: Config) -> list[Listener]:
         listeners = bind_all(bind_specs(config), config.backlog)
     if config.protocol == "http":
         for listener in listeners:
-            defer_accept(listener)
+            defer_accept(listener, config.http.defer_accept)
     return listeners
 
 
@@ -277,7 +277,7 @@ def reloader(
             listeners = bind_all(bind_specs(config), config.backlog, reuse=held)
         if config.protocol == "http":
             for listener in listeners:
-                defer_accept(listener)
+                defer_accept(listener, config.http.defer_accept)
         undo = apply_env(config.env, current.config.env, inherited)
         try:
             contexts = tls_contexts(config, listeners)

@@ -479,6 +479,19 @@ class HttpConfig:
             check=_check_proxy_entry,
         ),
     )
+    defer_accept: int = field(
+        default=5,
+        metadata=_meta(
+            "TCP_DEFER_ACCEPT seconds on HTTP listeners: the kernel hands a connection to a "
+            "worker only once its request has arrived, so a sync worker never takes one it "
+            "cannot serve yet while other workers idle, and silent connections cost nothing. "
+            "Deferred handshakes wait in the SYN queue, so a burst of more new connections "
+            "than the listen backlog at once falls back to syncookies and some clients "
+            "retry (seen with 10,000 simultaneous connects); 0 turns it off.",
+            lo=0,
+            hi=3600,
+        ),
+    )
     forwarded_header: str = field(
         default="x-forwarded",
         metadata=_meta(

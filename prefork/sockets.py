@@ -94,12 +94,11 @@ def _address_of(sock: socket.socket) -> Address:
 DEFER_ACCEPT_SECONDS = 5
 
 
-def defer_accept(listener: Listener) -> None:
+def defer_accept(listener: Listener, seconds: int = DEFER_ACCEPT_SECONDS) -> None:
+    """Set (or, with 0, clear) TCP_DEFER_ACCEPT on a TCP listener."""
     if listener.address.kind == "tcp":
         try:
-            listener.sock.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_SECONDS
-            )
+            listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)
         except OSError:
             pass
 
