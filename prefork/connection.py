@@ -153,21 +153,10 @@ class Connection:
                 return False
         return False
 
-    def close(self, linger: float = 0.0) -> None:
-        """Close the socket. With `linger`, first half-close and discard what the client still
-        sends for up to that long, so an unread request body does not turn our last response
-        into a reset (RFC 9112 section 9.6)."""
+    def close(self) -> None:
+        """Close the socket (a lingering close after an error is begin_linger, waited out in
+        the worker's epoll)."""
         if self.closed:
             return
         self.closed = True
-        if linger > 0:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-                deadline = time.monotonic() + linger
-                while True:
-                    self._wait(_POLLIN, deadline)
-                    if not self.recv_now():
-                        break
-            except OSError:
-                pass
         self.sock.close()

@@ -9,7 +9,6 @@ head, under the same header_timeout); file bodies are never sent with sendfile o
 from __future__ import annotations
 
 import select
-import socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -99,15 +98,3 @@ class TLSConnection(Connection):
             except (ssl.SSLError, ConnectionError) as exc:
                 raise ClientDisconnected(str(exc)) from None
             view = view[sent:]
-
-    def close(self, linger: float = 0.0) -> None:
-        if self.closed:
-            return
-        if linger > 0 and self.handshaken:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            super().close(linger=0.0)
-            return
-        super().close()

@@ -155,8 +155,7 @@ def worker_main(spec: WorkerSpec) -> int:
                 return EXIT_APP_LOAD_ERROR
     if not spec.hooks.call("post_worker_init", info):
         return EXIT_BOOT_ERROR
-    worker = Worker(spec, app, signals)
-    worker.info = info
+    worker = Worker(spec, app, signals, info)
     if config.reload:
         worker.watcher = Watcher(module_files([*config.reload_extra_files, *broken]))
     try:
@@ -175,7 +174,9 @@ def worker_main(spec: WorkerSpec) -> int:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, app: Any, signals: SignalQueue) -> None:
+    def __init__(
+        self, spec: WorkerSpec, app: Any, signals: SignalQueue, info: WorkerInfo
+    ) -> None:
         config = spec.config
         self.spec = spec
         self.app = app
@@ -223,9 +224,8 @@ class Worker:
                 server_header=http.server_header,
                 proxies=self.proxies,
                 hooks=spec.hooks,
-                worker_info=WorkerInfo(spec.number, spec.generation, config, os.getpid()),
+                worker_info=info,
             )
-        self.info: WorkerInfo | None = None
         self.watcher: Watcher | None = None  # reload mode
 
     # the loop ----------------------------------------------------------------------------
