@@ -48,6 +48,7 @@ class Connection:
         "trusted",
         "proxy",
         "linger_until",
+        "remote",
     )
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
@@ -66,6 +67,7 @@ class Connection:
         self.trusted = False  # the peer is a trusted proxy
         self.proxy: ProxyHeader | None = None  # a PROXY header still to be read
         self.linger_until = 0.0  # closing after an error: discard input until then
+        self.remote: tuple[str, str] | None = None  # REMOTE_ADDR/PORT of peer, once computed
 
     # reading ---------------------------------------------------------------------------
 

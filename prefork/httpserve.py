@@ -22,7 +22,9 @@ from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
 from prefork.sockets import Listener
 from prefork.wsgi import (
+    ENVIRON_KEYS,
     FileWrapper,
+    HeadCache,
     Input,
     Response,
     WSGIApp,
@@ -39,6 +41,7 @@ DRAIN_LIMIT = 1 << 16
 DRAIN_TIME = 1.0
 # How long an error response waits for the client to stop sending before the close.
 ERROR_LINGER = 1.0
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the parser admits only these two
 
 
 def base_environ(listener: Listener) -> dict[str, Any]:
@@ -110,22 +113,33 @@ class HttpProtocol:
             f"Server: {server_header}\r\n".encode("latin-1") if server_header else b""
         )
         self.dates = DateCache()
-        self._bases: dict[int, dict[str, Any]] = {}
+        # per listener (by id: a worker's listeners live as long as it does): the environ
+        # keys common to its requests, and whether it is a unix socket
+        self._bases: dict[int, tuple[dict[str, Any], bool]] = {}
+        self.heads: HeadCache = {}  # start_response arguments already checked
 
     def environ(self, conn: Connection, request: Request) -> dict[str, Any]:
         listener: Listener = conn.listener  # type: ignore[assignment]
-        base = self._bases.get(listener.fd)
-        if base is None:
-            base = self._bases[listener.fd] = base_environ(listener)
+        known = self._bases.get(id(listener))
+        if known is None:
+            known = self._bases[id(listener)] = (
+                base_environ(listener),
+                listener.address.kind == "unix",
+            )
+        base, unix = known
         env = base.copy()
-        env["REMOTE_ADDR"], env["REMOTE_PORT"] = remote_of(conn.peer)
+        remote = conn.remote
+        if remote is None:
+            remote = conn.remote = remote_of(conn.peer)
+        env["REMOTE_ADDR"], env["REMOTE_PORT"] = remote
         env["REQUEST_METHOD"] = request.method
         env["PATH_INFO"] = decode_path(request.path)
         env["QUERY_STRING"] = request.query.decode("latin-1")
         env["RAW_URI"] = request.target.decode("latin-1")
-        env["SERVER_PROTOCOL"] = "HTTP/1.1" if request.version == "1.1" else "HTTP/1.0"
+        env["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
+        keys = ENVIRON_KEYS
         for name, value in request.headers:
-            key = environ_key(name)
+            key = keys.get(name) or environ_key(name)
             if key is None:
                 continue
             text = value.decode("latin-1")
@@ -134,7 +148,7 @@ class HttpProtocol:
                 env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
             else:
                 env[key] = text
-        if listener.address.kind == "unix" and "HTTP_HOST" in env:
+        if unix and "HTTP_HOST" in env:
             host, _, port = env["HTTP_HOST"].rpartition(":")
             if host and port.isdigit():
                 env["SERVER_NAME"], env["SERVER_PORT"] = host, port
@@ -173,8 +187,9 @@ class HttpProtocol:
             self.server_line,
             self.dates.line(),
             self.slot.stop_requested,
+            self.heads,
         )
-        self.slot.busy(request.method.encode("latin-1"), request.target[:192])
+        self.slot.busy(request.method.encode("latin-1"), request.target[:192], start)
         try:
             if self.pre_request is not None and self.hooks is not None and not self.hooks.call(
                 "pre_request", self.worker_info, env
@@ -183,7 +198,8 @@ class HttpProtocol:
             run_app(self.app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
             log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
-            self.slot.done(response.status_code, time.monotonic() - start, response.bytes_sent)
+            now = time.monotonic()
+            self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
             return False
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
@@ -199,12 +215,14 @@ class HttpProtocol:
             if not response.head_sent:
                 response.status_code = 500
                 self._send_error(conn, 500)
-        duration = time.monotonic() - start
+        now = time.monotonic()
+        duration = now - start
         self.slot.done(
             response.status_code,
             duration,
             response.bytes_sent,
             Activity.KEEPALIVE if response.keep_alive else Activity.IDLE,
+            now,
         )
         if self.logs.access_enabled:
             self._access(env, request, response, duration)

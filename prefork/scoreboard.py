@@ -35,6 +35,7 @@ _COUNTERS_OFFSET = 256
 # Request duration histogram bounds in seconds (Prometheus' defaults plus 1 and 2.5 ms, since a
 # prefork server answers most requests faster than the default first bucket).
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_FIRST_BOUND = DURATION_BUCKETS[0]
 _CLASSES = 5
 _BUCKETS_AT = _CLASSES
 _SUM_AT = _BUCKETS_AT + len(DURATION_BUCKETS) + 1
@@ -175,25 +176,41 @@ class Slot:
         _IDENT.pack_into(self._memory, self._offset + _IDENT_OFFSET, pid, generation, number)
         _HEAD.pack_into(self._memory, self._offset, Activity.BOOTING, 0.0, 0, time.monotonic())
 
-    def busy(self, method: bytes, target: bytes) -> None:
-        """A request began; the target is written before the state so the master never pairs
-        BUSY with a previous request's target."""
-        _REQUEST.pack_into(self._memory, self._offset + _REQUEST_OFFSET, method, target)
-        _STATE_STARTED.pack_into(self._memory, self._offset, Activity.BUSY, time.monotonic())
+    def busy(self, method: bytes, target: bytes, now: float | None = None) -> None:
+        """A request began (at `now`, monotonic, if the caller has read the clock); the
+        target is written before the state so the master never pairs BUSY with a previous
+        request's target."""
+        memory = self._memory
+        offset = self._offset
+        _REQUEST.pack_into(memory, offset + _REQUEST_OFFSET, method, target)
+        _STATE_STARTED.pack_into(
+            memory, offset, Activity.BUSY, time.monotonic() if now is None else now
+        )
 
     def done(self, status: int = 0, duration: float = 0.0, sent: int = 0,
-             activity: Activity = Activity.IDLE) -> None:
-        """A request ended: back to `activity`, and its status, duration and size counted."""
+             activity: Activity = Activity.IDLE, now: float | None = None) -> None:
+        """A request ended (at `now`, monotonic, if the caller has read the clock): back to
+        `activity`, and its status, duration and size counted."""
         self.requests += 1
         counters = self._counters
         if counters is not None:
             if 100 <= status < 600:
                 counters[status // 100 - 1] += 1
-            counters[_BUCKETS_AT + bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
+            # most requests fall in the first bucket: skip the search for them
+            if duration <= _FIRST_BOUND:
+                counters[_BUCKETS_AT] += 1
+            else:
+                counters[_BUCKETS_AT + bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
             counters[_SUM_AT] += int(duration * 1_000_000)
-            counters[_BYTES_AT] += sent
+            if sent:
+                counters[_BYTES_AT] += sent
         _HEAD.pack_into(
-            self._memory, self._offset, activity, 0.0, self.requests, time.monotonic()
+            self._memory,
+            self._offset,
+            activity,
+            0.0,
+            self.requests,
+            time.monotonic() if now is None else now,
         )
 
     def reading(self, waiting: bool) -> None:

@@ -399,6 +399,7 @@ class Worker:
             return b""
         if conn.proxy.source is not None:
             conn.peer = conn.proxy.source
+            conn.remote = None
             conn.trusted = self.proxies.trusts(conn.peer)  # now judged on the real client
         conn.proxy = None
         return rest

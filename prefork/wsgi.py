@@ -30,22 +30,22 @@ _BAD_VALUE = re.compile(r"[\r\n\0]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 # Header name -> environ key, cached: the same few dozen names arrive on every request.
-_ENVIRON_KEYS: dict[bytes, str | None] = {}
+ENVIRON_KEYS: dict[bytes, str | None] = {}
 
 
 def environ_key(name: bytes) -> str | None:
     """CGI key for a request header; None for names with '_' (dropped: with '-' and '_' both
     mapping to the same key, a client could spoof a header a proxy set, e.g. X-Forwarded-For).
     """
-    key = _ENVIRON_KEYS.get(name)
-    if key is None and name not in _ENVIRON_KEYS:
+    key = ENVIRON_KEYS.get(name)
+    if key is None and name not in ENVIRON_KEYS:
         if b"_" in name:
             key = None
         else:
             upper = name.decode("latin-1").upper().replace("-", "_")
             key = upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
-        if len(_ENVIRON_KEYS) < 1024:
-            _ENVIRON_KEYS[name] = key
+        if len(ENVIRON_KEYS) < 1024:
+            ENVIRON_KEYS[name] = key
     return key
 
 
@@ -203,6 +203,47 @@ class Input:
             yield line
 
 
+# What start_response makes of a status and header list: status line bytes, status code, the
+# header lines, Content-Length (None if not given), and whether the app asked to close.
+CheckedHead = tuple[bytes, int, bytes, int | None, bool]
+HeadCache = dict[tuple[str, tuple[tuple[str, str], ...]], CheckedHead]
+# Entries a worker keeps of start_response arguments already checked and encoded: most
+# applications answer with a few distinct status and header lists, so checking each once
+# takes the regular expressions off the per-request path. Cleared when full.
+HEAD_CACHE_SIZE = 256
+
+
+def _check_head(status: str, headers: list[tuple[str, str]]) -> CheckedHead:
+    """Validate start_response's arguments (PEP 3333) and encode them."""
+    if type(status) is not str or not _STATUS_RE.match(status):
+        raise ValueError(f"invalid WSGI status {status!r}")
+    lines: list[str] = []
+    content_length = None
+    closes = False
+    for name, value in headers:
+        if type(name) is not str or type(value) is not str:
+            raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
+        if not _TOKEN.match(name) or _BAD_VALUE.search(value):
+            raise ValueError(f"invalid response header {name!r}: {value!r}")
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == "connection" and "close" in value.lower():
+                closes = True
+            continue  # framing and connection management belong to the server
+        if lname == "content-length":
+            if not value.isdigit():
+                raise ValueError(f"invalid Content-Length {value!r}")
+            content_length = int(value)
+        lines.append(f"{name}: {value}\r\n")
+    return (
+        status.encode("latin-1"),
+        int(status[:3]),
+        "".join(lines).encode("latin-1"),
+        content_length,
+        closes,
+    )
+
+
 class Response:
     """The state of one response: what start_response recorded and what has been sent."""
 
@@ -222,6 +263,7 @@ class Response:
         "bytes_sent",
         "no_body",
         "must_close",
+        "heads",
     )
 
     def __init__(
@@ -233,9 +275,11 @@ class Response:
         server_line: bytes,
         date_line: bytes,
         must_close: Callable[[], bool] | None = None,
+        heads: HeadCache | None = None,
     ) -> None:
         self.conn = conn
         self.must_close = must_close
+        self.heads = heads
         self.request = request
         self.keep_alive = keep_alive
         self.send_timeout = send_timeout
@@ -264,32 +308,31 @@ class Response:
                 exc_info = None  # break the traceback cycle (PEP 3333)
         elif self.status:
             raise AssertionError("start_response() called twice without exc_info")
-        if type(status) is not str or not _STATUS_RE.match(status):
-            raise ValueError(f"invalid WSGI status {status!r}")
-        lines: list[str] = []
-        content_length = None
-        for name, value in headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
-            if not _TOKEN.match(name) or _BAD_VALUE.search(value):
-                raise ValueError(f"invalid response header {name!r}: {value!r}")
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == "connection" and "close" in value.lower():
-                    self.keep_alive = False
-                continue  # framing and connection management belong to the server
-            if lname == "content-length":
-                if not value.isdigit():
-                    raise ValueError(f"invalid Content-Length {value!r}")
-                content_length = int(value)
-            lines.append(f"{name}: {value}\r\n")
-        self.status = status.encode("latin-1")
-        self.status_code = int(status[:3])
-        self.headers = "".join(lines).encode("latin-1")
-        self.content_length = content_length
+        heads = self.heads
+        key: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        if heads is not None:
+            try:
+                key = (status, tuple(headers))
+                checked = heads.get(key)
+            except TypeError:  # unhashable header items: checked the long way
+                key = checked = None
+            if checked is not None:
+                self._apply(checked)
+                return self.write
+        checked = _check_head(status, headers)
+        if key is not None and heads is not None:
+            if len(heads) >= HEAD_CACHE_SIZE:
+                heads.clear()
+            heads[key] = checked
+        self._apply(checked)
+        return self.write
+
+    def _apply(self, checked: CheckedHead) -> None:
+        self.status, self.status_code, self.headers, self.content_length, closes = checked
+        if closes:
+            self.keep_alive = False
         if self.status.startswith(_NO_BODY_STATUS):
             self.no_body = True
-        return self.write
 
     def head(self, known_length: int | None) -> bytes:
         """The status line and headers; decides the framing. `known_length` is the total body

@@ -163,3 +163,27 @@ def test_a_forked_child_writes_and_the_parent_reads(board: Scoreboard) -> None:
     assert (view.method, view.target, view.requests) == ("GET", "/from-child", 1)
     assert view.started > 0
     assert board.read(4) == EMPTY
+
+
+@pytest.mark.parametrize(
+    ("duration", "bucket"),
+    [(0.0, 0), (0.0005, 0), (0.001, 0), (0.0011, 1), (0.0025, 1), (0.003, 2), (10.0, 12),
+     (10.5, 13), (1e9, 13)],
+)
+def test_done_counts_the_duration_in_its_bucket(
+    board: Scoreboard, duration: float, bucket: int
+) -> None:
+    """Buckets are upper-inclusive (Prometheus' `le`), the first one included."""
+    slot = board.slot(0)
+    slot.done(200, duration, 5, now=123.0)
+    counters = board.counters(0)
+    assert counters.buckets.index(1) == bucket and sum(counters.buckets) == 1
+    assert counters.by_class == (0, 1, 0, 0, 0) and counters.bytes_sent == 5
+    assert board.read(0).last == 123.0
+
+
+def test_busy_records_the_start_it_is_given(board: Scoreboard) -> None:
+    slot = board.slot(0)
+    slot.busy(b"GET", b"/", now=42.5)
+    view = board.read(0)
+    assert view.activity is Activity.BUSY and view.started == 42.5

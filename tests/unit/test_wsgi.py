@@ -28,7 +28,16 @@ from prefork.http.response import CONTINUE_100, chunk
 from prefork.httpserve import HttpProtocol
 from prefork.logs import Logs
 from prefork.scoreboard import Activity, Scoreboard
-from prefork.wsgi import FileWrapper, Input, Response, environ_key, error_status, run_app
+from prefork.wsgi import (
+    HEAD_CACHE_SIZE,
+    FileWrapper,
+    HeadCache,
+    Input,
+    Response,
+    environ_key,
+    error_status,
+    run_app,
+)
 
 SERVER_LINE = b"Server: test\r\n"
 DATE_LINE = b"Date: Tue, 14 Nov 2023 22:13:20 GMT\r\n"
@@ -82,14 +91,21 @@ def client() -> Iterator[Client]:
     c.close()
 
 
-def make_response(client: Client, request: Request) -> Response:
-    return Response(client.conn, request, request.keep_alive, TIMEOUT, SERVER_LINE, DATE_LINE)
+def make_response(
+    client: Client, request: Request, heads: HeadCache | None = None
+) -> Response:
+    return Response(
+        client.conn, request, request.keep_alive, TIMEOUT, SERVER_LINE, DATE_LINE, None, heads
+    )
 
 
-def serve(client: Client, app: Any, raw: bytes) -> tuple[Response, bytes]:
-    """run_app for the request in `raw`; the Response and the bytes the client received."""
+def serve(
+    client: Client, app: Any, raw: bytes, heads: HeadCache | None = None
+) -> tuple[Response, bytes]:
+    """run_app for the request in `raw`; the Response and the bytes the client received.
+    `heads`: the worker's cache of checked start_response arguments, if any."""
     request = client.request(raw)
-    response = make_response(client, request)
+    response = make_response(client, request, heads)
     environ = {
         "REQUEST_METHOD": request.method,
         "wsgi.input": Input(client.conn, request, TIMEOUT),
@@ -1559,3 +1575,105 @@ def test_reading_body_followed_by_pipelined_head_within_limits() -> None:
         assert stream.read() == body
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------------------
+# the cache of checked start_response arguments (a worker's HeadCache)
+
+
+HEADER_LISTS = [
+    [("Content-Type", "text/plain"), ("Content-Length", "4")],
+    [("Content-Type", "text/plain")],
+    [("Content-Length", "4"), ("Connection", "close")],
+    [("X-A", "1"), ("x-a", "2"), ("Content-Length", "2")],
+    [],
+]
+
+
+@pytest.mark.parametrize("headers", HEADER_LISTS)
+@pytest.mark.parametrize("status", ["200 OK", "204 No Content", "404 Not Found"])
+@pytest.mark.parametrize("kind", ["list", "gen"])
+def test_cached_head_answers_exactly_like_a_fresh_check(
+    client: Client, headers: list[tuple[str, str]], status: str, kind: str
+) -> None:
+    """The second answer (from the cache) is byte for byte the first, and keep-alive and
+    framing decisions come out the same."""
+    heads: HeadCache = {}
+    outcomes = []
+    for _ in range(3):
+        body: Iterable[bytes] = [b"data"] if kind == "list" else gen(b"da", b"ta")
+        response, raw = serve(client, simple_app(body, status, list(headers)), get(), heads)
+        outcomes.append((raw, response.keep_alive, response.status_code, response.bytes_sent))
+        if not response.keep_alive:
+            client.close()
+            client.__init__()  # type: ignore[misc]
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert len(heads) == 1
+    uncached, raw = serve(client, simple_app([b"data"], status, list(headers)), get())
+    assert (raw, uncached.keep_alive) == outcomes[0][:2] or kind == "gen"
+
+
+def test_cached_connection_close_still_closes(client: Client) -> None:
+    heads: HeadCache = {}
+    headers = [("Content-Length", "2"), ("Connection", "close")]
+    for _ in range(2):
+        response, raw = serve(client, simple_app([b"ok"], headers=headers), get(), heads)
+        assert not response.keep_alive
+        assert parse_response(raw).value(b"connection") == b"close"
+
+
+def test_cached_content_length_still_truncates(client: Client) -> None:
+    heads: HeadCache = {}
+    headers = [("Content-Length", "2")]
+    serve(client, simple_app([b"ok"], headers=headers), get(), heads)
+    response, raw = serve(client, simple_app([b"too long"], headers=headers), get(), heads)
+    assert parse_response(raw).body == b"to"
+    assert not response.keep_alive
+
+
+def test_cached_head_keeps_head_method_bodiless(client: Client) -> None:
+    heads: HeadCache = {}
+    headers = [("Content-Length", "4")]
+    serve(client, simple_app([b"data"], headers=headers), get(), heads)
+    _, raw = serve(client, simple_app([b"data"], headers=headers), get(method=b"HEAD"), heads)
+    assert raw.endswith(b"\r\n\r\n") and b"data" not in raw
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("X-Bad", "a\r\nInjected: yes")],
+        [("Content-Length", "x")],
+        [("X-Int", 5)],
+        [("A", "1", "2")],
+    ],
+)
+def test_invalid_heads_are_never_cached(client: Client, headers: Any) -> None:
+    heads: HeadCache = {}
+    for _ in range(2):
+        with pytest.raises((ValueError, TypeError)):
+            serve(client, simple_app([b"x"], headers=headers), get(), heads)
+    assert heads == {}
+    assert client.pending() == b""
+
+
+def test_unhashable_header_items_are_checked_every_time(client: Client) -> None:
+    """A list of lists is not PEP 3333's list of tuples, but is common; it works uncached."""
+    heads: HeadCache = {}
+    headers: Any = [["Content-Type", "text/plain"], ["Content-Length", "2"]]
+    for _ in range(2):
+        _, raw = serve(client, simple_app([b"ok"], headers=headers), get(), heads)
+        assert parse_response(raw).value(b"content-type") == b"text/plain"
+    assert heads == {}
+    headers[0][1] = "a\nb"  # mutated in place: caught, since nothing was cached
+    with pytest.raises(ValueError):
+        serve(client, simple_app([b"ok"], headers=headers), get(), heads)
+
+
+def test_head_cache_is_bounded(client: Client) -> None:
+    heads: HeadCache = {}
+    for n in range(HEAD_CACHE_SIZE * 2 + 5):
+        headers = [("Content-Length", "2"), ("X-N", str(n))]
+        _, raw = serve(client, simple_app([b"ok"], headers=headers), get(), heads)
+        assert parse_response(raw).value(b"x-n") == str(n).encode()
+        assert len(heads) <= HEAD_CACHE_SIZE
