@@ -88,14 +88,10 @@ def _address_of(sock: socket.socket) -> Address:
     return Address(kind="tcp", host=host, port=port)
 
 
-# TCP_DEFER_ACCEPT: the kernel hands over a connection only once it has data (or after this
-# many seconds), so an HTTP worker never accepts a connection it cannot serve yet while other
-# workers sit idle. Not for protocols where the server speaks first.
-DEFER_ACCEPT_SECONDS = 5
-
-
-def defer_accept(listener: Listener, seconds: int = DEFER_ACCEPT_SECONDS) -> None:
-    """Set (or, with 0, clear) TCP_DEFER_ACCEPT on a TCP listener."""
+def defer_accept(listener: Listener, seconds: int) -> None:
+    """Set (or, with 0, clear) TCP_DEFER_ACCEPT on a TCP listener: the kernel hands over a
+    connection only once it has data, or after `seconds`. Not for protocols where the server
+    speaks first (http.defer_accept explains the trade-off)."""
     if listener.address.kind == "tcp":
         try:
             listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, seconds)

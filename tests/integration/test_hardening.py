@@ -377,6 +377,29 @@ def test_incomplete_head_gets_408_after_header_timeout(server_factory: ServerFac
     assert 0.8 <= elapsed < 3.5, f"408 after {elapsed:.2f}s; header_timeout is 1s"
 
 
+@pytest.mark.parametrize("defer", [None, 3])
+def test_defer_accept_holds_silent_connections_in_the_kernel(
+    server_factory: ServerFactory, defer: int | None
+) -> None:
+    """Default (off): a worker takes a silent connection at once and closes it after
+    header_timeout. With http.defer_accept: N the kernel keeps it from the workers for N
+    seconds first, so header_timeout starts only then."""
+    http: dict[str, Any] = {"header_timeout": 1}
+    if defer is not None:
+        http["defer_accept"] = defer
+    server = server_factory(settings(workers={"count": 1}, http=http))
+    with connect(address(server)) as sock:
+        started = time.monotonic()
+        assert recv_until_close(sock, timeout=15) == b""
+        elapsed = time.monotonic() - started
+    if defer is None:
+        assert 0.8 <= elapsed < 2.9, f"closed after {elapsed:.2f}s; header_timeout is 1s"
+    else:
+        # the kernel hands it over after `defer` s (rounded up to its retransmit timer)
+        assert defer + 0.8 <= elapsed < defer + 8, f"closed after {elapsed:.2f}s"
+    assert fetch(address(server)).status == 200
+
+
 def test_header_timeout_bounds_the_whole_head_not_each_byte(server_factory: ServerFactory) -> None:
     """A client that keeps sending one byte at a time still gets 408 at header_timeout."""
     server = server_factory(settings(workers={"count": 1}, http={"header_timeout": 1}))
