@@ -213,15 +213,17 @@ HeadCache = dict[tuple[str, tuple[tuple[str, str], ...]], CheckedHead]
 HEAD_CACHE_SIZE = 256
 
 
-def _check_head(status: str, headers: list[tuple[str, str]]) -> CheckedHead:
+def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
     """Validate start_response's arguments (PEP 3333) and encode them."""
-    if type(status) is not str or not _STATUS_RE.match(status):
+    # isinstance, not type() is: a str subclass equals (and hashes as) the plain string a
+    # cached head was made from, so the cached and the fresh check must agree on it
+    if not isinstance(status, str) or not _STATUS_RE.match(status):
         raise ValueError(f"invalid WSGI status {status!r}")
     lines: list[str] = []
     content_length = None
     closes = False
     for name, value in headers:
-        if type(name) is not str or type(value) is not str:
+        if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
         if not _TOKEN.match(name) or _BAD_VALUE.search(value):
             raise ValueError(f"invalid response header {name!r}: {value!r}")
@@ -309,17 +311,19 @@ class Response:
         elif self.status:
             raise AssertionError("start_response() called twice without exc_info")
         heads = self.heads
-        key: tuple[str, tuple[tuple[str, str], ...]] | None = None
-        if heads is not None:
-            try:
-                key = (status, tuple(headers))
-                checked = heads.get(key)
-            except TypeError:  # unhashable header items: checked the long way
-                key = checked = None
-            if checked is not None:
-                self._apply(checked)
-                return self.write
-        checked = _check_head(status, headers)
+        if heads is None:
+            self._apply(_check_head(status, headers))
+            return self.write
+        items = tuple(headers)  # once: an iterator can be read only once
+        key: tuple[str, tuple[tuple[str, str], ...]] | None = (status, items)
+        try:
+            checked = heads.get(key)  # type: ignore[arg-type]
+        except TypeError:  # unhashable header items: checked the long way
+            key = checked = None
+        if checked is not None:
+            self._apply(checked)
+            return self.write
+        checked = _check_head(status, items)
         if key is not None and heads is not None:
             if len(heads) >= HEAD_CACHE_SIZE:
                 heads.clear()
@@ -331,8 +335,8 @@ class Response:
         self.status, self.status_code, self.headers, self.content_length, closes = checked
         if closes:
             self.keep_alive = False
-        if self.status.startswith(_NO_BODY_STATUS):
-            self.no_body = True
+        # decided again on a second call (exc_info): a 500 replacing a 204 has a body
+        self.no_body = self.request.method == "HEAD" or self.status.startswith(_NO_BODY_STATUS)
 
     def head(self, known_length: int | None) -> bytes:
         """The status line and headers; decides the framing. `known_length` is the total body
