@@ -527,8 +527,9 @@ class Worker:
                 if conn.parser.idle and (conn.served or conn.linger_until):
                     self.drop(conn)  # between requests; a fresh one still gets its answer
                 elif conn.parser.idle and now >= self.idle_grace_until + SILENT_GRACE:
-                    # accepted but silent: with TCP_DEFER_ACCEPT the kernel hands over a
-                    # connection without data only after it gave up waiting for it
+                    # accepted but silent: a client that connected just before the stop
+                    # gets SILENT_GRACE to send its request (with http.defer_accept on, the
+                    # kernel hands over a silent connection only once it gave up on it)
                     self.drop(conn)
         if not self.drained:
             # what was queued when the stop began is answered; later arrivals are not
