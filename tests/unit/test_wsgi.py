@@ -52,10 +52,14 @@ class Client:
     """`conn` is the server side (what the code under test gets); `peer` is the client."""
 
     def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._open()
+
+    def _open(self) -> None:
         self.server, self.peer = socket.socketpair()
         self.peer.settimeout(TIMEOUT)
         self.conn = Connection(
-            self.server, peer=("127.0.0.1", 1234), listener=None, limits=limits or Limits()
+            self.server, peer=("127.0.0.1", 1234), listener=None, limits=self.limits
         )
 
     def request(self, raw: bytes) -> Request:
@@ -82,6 +86,11 @@ class Client:
     def close(self) -> None:
         self.server.close()
         self.peer.close()
+
+    def reconnect(self) -> None:
+        """A fresh connection, after a response that closed the previous one."""
+        self.close()
+        self._open()
 
 
 @pytest.fixture
@@ -1605,8 +1614,7 @@ def test_cached_head_answers_exactly_like_a_fresh_check(
         response, raw = serve(client, simple_app(body, status, list(headers)), get(), heads)
         outcomes.append((raw, response.keep_alive, response.status_code, response.bytes_sent))
         if not response.keep_alive:
-            client.close()
-            client.__init__()  # type: ignore[misc]
+            client.reconnect()
     assert outcomes[0] == outcomes[1] == outcomes[2]
     assert len(heads) == 1
     body = [b"data"] if kind == "list" else gen(b"da", b"ta")
@@ -1687,8 +1695,7 @@ def test_headers_given_as_an_iterator_are_all_sent(client: Client, cached_first:
     headers = [("Content-Type", "text/plain"), ("Connection", "close")]
     if cached_first:
         serve(client, simple_app([b"ok"], headers=list(headers)), get(), heads)
-        client.close()
-        client.__init__()  # type: ignore[misc]
+        client.reconnect()
 
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", iter(headers))
@@ -1699,8 +1706,7 @@ def test_headers_given_as_an_iterator_are_all_sent(client: Client, cached_first:
         parsed = parse_response(raw)
         assert parsed.value(b"content-type") == b"text/plain"
         assert parsed.value(b"connection") == b"close" and not response.keep_alive
-        client.close()
-        client.__init__()  # type: ignore[misc]
+        client.reconnect()
     _, raw = serve(client, simple_app([b"ok"], headers=list(headers)), get(), heads)
     assert parse_response(raw).value(b"content-type") == b"text/plain"
 
