@@ -18,6 +18,7 @@ from typing import Any
 
 from prefork.addresses import parse_address
 from prefork.scoreboard import DURATION_BUCKETS
+from prefork.sockets import recv_now
 
 log = logging.getLogger("prefork")
 
@@ -64,12 +65,9 @@ class AdminServer:
 
     def _read(self, fd: int) -> None:
         sock, data, deadline = self.conns[fd]
-        try:
-            chunk = sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
+        chunk = recv_now(sock, 4096)
+        if chunk is None:
             return
-        except OSError:
-            chunk = b""
         data += chunk
         if chunk and b"\r\n\r\n" not in data and b"\n\n" not in data and len(data) < MAX_REQUEST:
             self.conns[fd] = (sock, data, deadline)

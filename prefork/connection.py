@@ -13,6 +13,7 @@ import time
 
 from prefork.http import Limits, RequestParser
 from prefork.http.proxy import ProxyHeader
+from prefork.sockets import recv_now
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _POLLIN = select.POLLIN | select.POLLPRI
@@ -73,12 +74,7 @@ class Connection:
 
     def recv_now(self, size: int = 65536) -> bytes | None:
         """What the kernel already holds (b"" at end of stream), or None if nothing yet."""
-        try:
-            return self.sock.recv(size, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return b""  # reset, timed out, unreachable: the connection is over
+        return recv_now(self.sock, size)
 
     def recv(self, timeout: float, size: int = 65536) -> bytes:
         """Wait up to `timeout` seconds for bytes; b"" at end of stream."""

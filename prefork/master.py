@@ -26,7 +26,7 @@ from prefork.config import Config
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Counters, Scoreboard
-from prefork.sockets import Listener
+from prefork.sockets import Listener, recv_now
 from prefork.system import Kernel, describe_status
 from prefork.worker import (
     EXIT_APP_LOAD_ERROR,
@@ -434,12 +434,9 @@ class Master:
     def read_channel(self, handle: WorkerHandle) -> None:
         channel = handle.channel
         assert channel is not None
-        try:
-            data = channel.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        data = recv_now(channel, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             channel.close()  # the worker is exiting; reap() will hear of it
             handle.channel = None

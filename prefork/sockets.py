@@ -88,6 +88,17 @@ def _address_of(sock: socket.socket) -> Address:
     return Address(kind="tcp", host=host, port=port)
 
 
+def recv_now(sock: socket.socket, size: int) -> bytes | None:
+    """What the kernel already holds for `sock`, without waiting: None if nothing yet, b""
+    at end of stream or when the connection failed (reset, unreachable)."""
+    try:
+        return sock.recv(size, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def defer_accept(listener: Listener, seconds: int) -> None:
     """Set (or, with 0, clear) TCP_DEFER_ACCEPT on a TCP listener: the kernel hands over a
     connection only once it has data, or after `seconds`. Not for protocols where the server

@@ -37,7 +37,7 @@ from prefork.logs import Logs
 from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue
-from prefork.sockets import Listener
+from prefork.sockets import Listener, recv_now
 from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
@@ -559,12 +559,9 @@ class Worker:
         return took
 
     def on_channel(self) -> None:
-        try:
-            data = os.read(self.channel_fd, 64)
-        except (BlockingIOError, InterruptedError):
+        data = recv_now(self.spec.channel, 64)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             # the master died: nobody will replace us or watch our deadlines
             self.epoll.unregister(self.channel_fd)
