@@ -406,6 +406,15 @@ class HttpConfig:
             "Idle seconds a keep-alive connection is kept; 0 disables keep-alive.", lo=0, hi=3600
         ),
     )
+    keepalive_handover: bool = field(
+        default=True,
+        metadata=_meta(
+            "When a worker is replaced (max_requests, memory, reload, fewer workers), pass its "
+            "idle keep-alive connections to the worker taking its place instead of closing "
+            "them: clients keep their connection and see no reconnect. Not for TLS "
+            "connections or with proxy_protocol, whose state stays in the old worker."
+        ),
+    )
     header_timeout: float = field(
         default=10.0,
         metadata=_meta(

@@ -50,6 +50,7 @@ class Connection:
         "proxy",
         "linger_until",
         "remote",
+        "adopted",
     )
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
@@ -69,6 +70,7 @@ class Connection:
         self.proxy: ProxyHeader | None = None  # a PROXY header still to be read
         self.linger_until = 0.0  # closing after an error: discard input until then
         self.remote: tuple[str, str] | None = None  # REMOTE_ADDR/PORT of peer, once computed
+        self.adopted = False  # passed on by a replaced worker (worker.Worker.adopt)
 
     # reading ---------------------------------------------------------------------------
 

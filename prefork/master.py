@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import os
 import signal
 import socket
 import ssl
@@ -21,24 +22,23 @@ from typing import Any, Protocol
 
 import setproctitle
 
+from prefork import channel as chan
 from prefork.admin import AdminServer
-from prefork.config import Config
-from prefork.hooks import Hooks, ServerInfo, WorkerInfo
-from prefork.notify import Announcer
-from prefork.scoreboard import Activity, Counters, Scoreboard
-from prefork.sockets import Listener, recv_now
-from prefork.system import Kernel, describe_status
-from prefork.worker import (
-    EXIT_APP_LOAD_ERROR,
-    EXIT_BOOT_ERROR,
+from prefork.channel import (
     MSG_BOOT_ERROR,
+    MSG_CONNS,
     MSG_READY,
     MSG_RECYCLE,
     MSG_REOPEN,
     MSG_STOP,
-    WorkerSpec,
-    worker_main,
 )
+from prefork.config import Config
+from prefork.hooks import Hooks, ServerInfo, WorkerInfo
+from prefork.notify import Announcer
+from prefork.scoreboard import Activity, Counters, Scoreboard
+from prefork.sockets import Listener
+from prefork.system import Kernel, describe_status
+from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, WorkerSpec, worker_main
 
 log = logging.getLogger("prefork")
 
@@ -54,6 +54,7 @@ YOUNG_DEATH = 5.0
 # A worker that has served this long clears its number's failure count.
 HEALTHY_AFTER = 10.0
 MAX_SLEEP = 1.0  # the scoreboard is read at least this often
+CHANNEL_READS = 64  # messages read from one worker per tick, at most
 
 
 class WorkerState(enum.Enum):
@@ -181,6 +182,8 @@ class Master:
     boot_failures: int = 0
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
     uss: dict[int, int] = field(default_factory=dict)  # pid -> bytes, from the last check
+    handed_over: int = 0  # keep-alive connections passed from a stopping worker to another
+    hand_over_turn: int = 0  # spreads them when no successor is named
 
     def __post_init__(self) -> None:
         self.target = self.current.config.workers.count
@@ -269,7 +272,7 @@ class Master:
             return None
 
     def _spawn(self, number: int, generation: Generation, slot: int) -> WorkerHandle:
-        parent_end, child_end = socket.socketpair()
+        parent_end, child_end = chan.pair()
         parent_end.setblocking(False)
         spec = WorkerSpec(
             number=number,
@@ -432,21 +435,86 @@ class Master:
                 self.read_channel(handle)
 
     def read_channel(self, handle: WorkerHandle) -> None:
-        channel = handle.channel
-        assert channel is not None
-        data = recv_now(channel, 65536)
-        if data is None:
-            return
-        if not data:
-            channel.close()  # the worker is exiting; reap() will hear of it
-            handle.channel = None
-        elif data.startswith(MSG_BOOT_ERROR):
-            handle.boot_error = data[1:].decode("utf-8", "replace")
-        else:
-            if MSG_READY in data and handle.state is WorkerState.BOOTING:
-                self.became_ready(handle)
-            if MSG_RECYCLE in data:
+        """What the worker sent since the last tick, one message at a time."""
+        for _ in range(CHANNEL_READS):
+            channel = handle.channel
+            if channel is None:
+                return
+            message = chan.receive(channel)
+            if message is None:
+                return
+            data, fds = message
+            if data.startswith(MSG_CONNS):
+                self.pass_on(handle, chan.parse_conns(data, fds))
+                continue
+            for fd in fds:  # no other message carries descriptors
+                os.close(fd)
+            if not data:
+                channel.close()  # the worker is exiting; reap() will hear of it
+                handle.channel = None
+            elif data.startswith(MSG_BOOT_ERROR):
+                handle.boot_error = data[1:].decode("utf-8", "replace")
+            elif data == MSG_READY:
+                if handle.state is WorkerState.BOOTING:
+                    self.became_ready(handle)
+            elif data == MSG_RECYCLE:
                 self.recycle(handle, "max_requests")
+
+    def pass_on(self, source: WorkerHandle, conns: list[tuple[int, int, float]]) -> None:
+        """Idle keep-alive connections a replaced worker handed over: on to its successor
+        (or another serving worker of the current generation) that listens on the same
+        socket. The master keeps none: its copies are closed whatever happens, so a
+        connection nobody can take (the target died or the server is stopping meanwhile) is
+        closed and its client reconnects."""
+        try:
+            target = self.hand_over_target(source)
+            if target is None or target.channel is None or self.stop is not Stop.NONE:
+                return
+            listening = self.listener_ids()
+            passed = [conn for conn in conns if conn[1] in listening]
+            if chan.send_conns(target.channel, passed):
+                self.handed_over += len(passed)
+        finally:
+            for fd, _, _ in conns:
+                os.close(fd)
+
+    def listener_ids(self) -> set[int]:
+        ids = set()
+        for listener in self.current.listeners:
+            try:
+                ids.add(chan.listener_id(listener.fd))
+            except OSError:
+                pass
+        return ids
+
+    def hand_over_target(self, source: WorkerHandle) -> WorkerHandle | None:
+        """Its successor; else the worker of the same number in the current generation (a
+        reload); else a serving worker, idle ones first (fewer workers)."""
+        serving = [
+            h
+            for h in self.workers.values()
+            if h.state is WorkerState.READY
+            and h.generation == self.current.number
+            and h is not source
+            and h.channel is not None
+        ]
+        for handle in serving:
+            if handle.replaces == source.pid:
+                return handle
+        for handle in serving:
+            if handle.number == source.number:
+                return handle
+        if not serving:
+            return None
+        idle = [
+            h
+            for h in serving
+            if not h.recycle
+            and self.scoreboard.read(h.slot).activity in (Activity.IDLE, Activity.KEEPALIVE)
+        ]
+        self.hand_over_turn += 1
+        choices = idle or serving
+        return choices[self.hand_over_turn % len(choices)]
 
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
@@ -460,7 +528,7 @@ class Master:
         old = self.workers.get(handle.replaces) if handle.replaces is not None else None
         if old is not None and old.state in LIVE:
             self.count_recycle(old.recycle)
-            self.ask_to_stop(old, f"recycled: {old.recycle}")
+            self.ask_to_stop(old, f"recycled: {old.recycle}", replaced=True)
         if self.pending is not None and handle.generation == self.pending.number:
             self.promote()
         if handle.generation == self.current.number:
@@ -560,7 +628,7 @@ class Master:
         numbers = {h.number for h in mine}
         for handle in mine:
             if handle.number > self.target:
-                self.ask_to_stop(handle, "fewer workers requested")
+                self.ask_to_stop(handle, "fewer workers requested", replaced=True)
         outdated = self.outdated()
         booting = sum(1 for h in mine if h.state is WorkerState.BOOTING)
         at_once = self.current.config.workers.max_recycling
@@ -577,7 +645,7 @@ class Master:
         if outdated and booting == 0 and all(n in numbers for n in range(1, self.target + 1)):
             for handle in outdated:
                 self.count_recycle("reload")
-                self.ask_to_stop(handle, "replaced by a reload")
+                self.ask_to_stop(handle, "replaced by a reload", replaced=True)
             outdated = []
         self.check_ready()
         if self.reloading and pending is None and not outdated and booting == 0:
@@ -736,24 +804,54 @@ class Master:
         outdated = sorted(self.outdated(), key=lambda h: (h.number != prefer, h.number))
         if outdated:
             self.count_recycle("reload")
-            self.ask_to_stop(outdated[0], "replaced by a reload")
+            self.ask_to_stop(outdated[0], "replaced by a reload", replaced=True)
 
-    def ask_to_stop(self, handle: WorkerHandle, reason: str, timeout: float | None = None) -> None:
+    def ask_to_stop(
+        self,
+        handle: WorkerHandle,
+        reason: str,
+        timeout: float | None = None,
+        replaced: bool = False,
+    ) -> None:
+        """Stop a worker gracefully. `replaced`: others keep serving its listeners, so it hands
+        its idle keep-alive connections over (http.keepalive_handover) instead of closing them."""
+        config = self.current.config
         if timeout is None:
-            timeout = self.current.config.workers.graceful_timeout
+            timeout = config.workers.graceful_timeout
         if handle.state not in LIVE:
             return
-        self.scoreboard.request_stop(handle.slot)
+        message = MSG_STOP
+        if replaced and self.can_hand_over(handle):
+            message = chan.hand_over_message(sorted(self.listener_ids()))
+        else:
+            # the response in progress is its last (Connection: close). Not when handing
+            # over: every response until the worker reads its channel would close a
+            # connection that could have been passed on
+            self.scoreboard.request_stop(handle.slot)
         sent = False
         if handle.channel is not None:
             try:
-                handle.channel.send(MSG_STOP)
+                handle.channel.send(message)
                 sent = True
             except OSError:
                 pass
         if not sent:
+            self.scoreboard.request_stop(handle.slot)
             self.kernel.kill(handle.pid, signal.SIGTERM)
         handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)
+
+    def can_hand_over(self, handle: WorkerHandle) -> bool:
+        """Whether `handle`'s idle keep-alive connections can go to a serving worker: the
+        current generation keeps connections alive, reads no PROXY header, and has a worker
+        ready to take them."""
+        http = self.current.config.http
+        return (
+            http.keepalive_handover
+            and http.keepalive_timeout > 0
+            and http.proxy_protocol == "off"
+            and self.current.config.protocol == "http"
+            and self.hand_over_target(handle) is not None
+        )
 
     # signals ---------------------------------------------------------------------------
 
@@ -766,6 +864,8 @@ class Master:
         log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
         self.close_listeners(self.all_listeners(), force=True)
         for handle in list(self.workers.values()):
+            if handle.state is WorkerState.STOPPING:
+                self.scoreboard.request_stop(handle.slot)  # it may be handing over: not now
             self.ask_to_stop(handle, "stopping", timeout)
         self.pending = None
 

@@ -24,6 +24,18 @@ from typing import Any
 
 import setproctitle
 
+from prefork import channel as chan
+from prefork.channel import (
+    MAX_BOOT_ERROR,
+    MAX_FDS,
+    MSG_BOOT_ERROR,
+    MSG_CONNS,
+    MSG_HAND_OVER,
+    MSG_READY,
+    MSG_RECYCLE,
+    MSG_REOPEN,
+    MSG_STOP,
+)
 from prefork.config import Config
 from prefork.connection import Connection
 from prefork.devreload import Watcher, error_app, module_files
@@ -37,7 +49,7 @@ from prefork.logs import Logs
 from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue
-from prefork.sockets import Listener, recv_now
+from prefork.sockets import Listener
 from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
@@ -45,13 +57,6 @@ log = logging.getLogger("prefork")
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3  # failed before it could serve (not the app's fault)
 EXIT_APP_LOAD_ERROR = 4  # the application could not be imported
-
-# master -> worker messages (one byte each) and worker -> master
-MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
-MSG_REOPEN = b"O"  # reopen log files
-MSG_READY = b"R"  # worker -> master: app loaded, serving
-MSG_BOOT_ERROR = b"E"  # worker -> master: "E" + why the app could not be loaded, then exit
-MSG_RECYCLE = b"Q"  # worker -> master: max_requests reached, please replace me
 
 _EPOLLIN = select.EPOLLIN
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
@@ -149,7 +154,8 @@ def worker_main(spec: WorkerSpec) -> int:
                 app, broken = error_app(exc)  # serve the traceback until the code is fixed
             else:
                 try:
-                    spec.channel.sendall(MSG_BOOT_ERROR + str(exc).encode("utf-8", "replace"))
+                    why = str(exc).encode("utf-8", "replace")[-MAX_BOOT_ERROR:]
+                    spec.channel.sendall(MSG_BOOT_ERROR + why)
                 except OSError:
                     pass
                 return EXIT_APP_LOAD_ERROR
@@ -185,6 +191,9 @@ class Worker:
         self.epoll = select.epoll()
         self.conns: dict[int, Connection] = {}
         self.listeners = {listener.fd: listener for listener in spec.listeners}
+        # by listener_id, for connections passed between workers; kept after a stop closes
+        # the listeners themselves
+        self.listener_ids = {chan.listener_id(lst.fd): lst for lst in spec.listeners}
         self.channel_fd = spec.channel.fileno()
         self.signal_fd = signals.fileno()
         self.accepting = False
@@ -449,6 +458,13 @@ class Worker:
             and len(self.conns) < self.max_connections
         ):
             self.start_accepting()
+        if conn.adopted:
+            # another process may still hold the open file for a moment (it is closed there
+            # right after the hand-over), and the epoll entry lives as long as the file
+            try:
+                self.epoll.unregister(conn.fd)
+            except OSError:
+                pass
         conn.close()  # closing the fd also removes it from the epoll set
 
     def sweep(self) -> None:
@@ -559,18 +575,103 @@ class Worker:
         return took
 
     def on_channel(self) -> None:
-        data = recv_now(self.spec.channel, 64)
-        if data is None:
+        message = chan.receive(self.spec.channel)
+        if message is None:
             return
+        data, fds = message
         if not data:
             # the master died: nobody will replace us or watch our deadlines
+            for fd in fds:
+                os.close(fd)
             self.epoll.unregister(self.channel_fd)
             self.begin_stop()
             return
-        if MSG_STOP in data:
+        if data.startswith(MSG_CONNS):
+            self.adopt(chan.parse_conns(data, fds))
+            return
+        for fd in fds:  # no other message carries descriptors
+            os.close(fd)
+        if data.startswith(MSG_HAND_OVER):
             self.begin_stop()
-        if MSG_REOPEN in data:
+            self.hand_over(chan.parse_hand_over(data))
+        elif data == MSG_STOP:
+            self.begin_stop()
+        elif data == MSG_REOPEN:
             self.spec.logs.reopen()
+
+    # keep-alive connections passed between workers -------------------------------------
+
+    def hand_over(self, takers: set[int]) -> None:
+        """Stopping to be replaced: pass every idle keep-alive connection on a listener in
+        `takers` (ids the serving workers listen on) to the master, which passes it to one of
+        them, so the client keeps its connection (no reconnect, no request raced against a
+        close). The rest are closed as in any stop, after STOP_IDLE_GRACE."""
+        if self.protocol is None or self.proxy_protocol != "off":
+            return  # a PROXY header's client address would not travel with the socket
+        ids = {id(listener): lid for lid, listener in self.listener_ids.items()}
+        ready: list[tuple[Connection, int]] = [
+            (conn, ids[id(conn.listener)])
+            for conn in self.conns.values()
+            if type(conn) is Connection  # never TLS: its session lives in this process
+            and ids.get(id(conn.listener)) in takers
+            and conn.served
+            and conn.parser.idle
+            and not conn.parser.requests
+            and not conn.linger_until
+        ]
+        passed = 0
+        for start in range(0, len(ready), MAX_FDS):
+            batch = ready[start : start + MAX_FDS]
+            for conn, _ in batch:
+                # the epoll entry belongs to the open file, which lives on in the master and
+                # the next worker: remove it here before anyone else can act on the socket
+                self.epoll.unregister(conn.fd)
+            if not chan.send_conns(
+                self.spec.channel, [(conn.fd, lid, conn.deadline) for conn, lid in batch]
+            ):
+                for conn, _ in batch:
+                    self.epoll.register(conn.fd, _EPOLLIN)  # kept, closed as in any stop
+                break
+            for conn, _ in batch:
+                del self.conns[conn.fd]
+                conn.close()  # this process's descriptor only
+            passed += len(batch)
+        if passed:
+            log.debug("worker %d: passed %d keep-alive connections on", self.spec.number, passed)
+
+    def adopt(self, conns: list[tuple[int, int, float]]) -> None:
+        """Park keep-alive connections another worker passed on, as if served here; one that
+        cannot be kept (no such listener here, stopping, at max_connections) is closed and
+        its client reconnects, as it would have without the hand-over."""
+        now = time.monotonic()
+        for fd, lid, deadline in conns:
+            listener = self.listener_ids.get(lid)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            if (
+                listener is None
+                or self.stopping
+                or self.protocol is None
+                or len(self.conns) + 1 >= self.max_connections
+                or listener.fd in self.spec.tls
+            ):
+                sock.close()
+                continue
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                sock.close()  # the client is already gone
+                continue
+            conn = Connection(sock, peer, listener, self.limits)
+            conn.served = 1
+            conn.adopted = True
+            # the idle clock keeps running: moving between workers does not extend it
+            conn.deadline = min(deadline, now + self.keepalive_timeout)
+            conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
+            self.park(conn)
 
     def on_signals(self) -> None:
         for signum in self.signals.drain():

@@ -250,20 +250,27 @@ BUSY = {"threads": 6, "targets": ("/?s=0.05", "/?s=0.05", "/?s=0.01")}
 GRACEFUL = {"graceful_timeout": 5}
 
 @pytest.mark.parametrize(
-    "keepalive",
-    [False, True],
-    ids=["new-connections", "keep-alive"],
+    ("keepalive", "handover"),
+    [(False, True), (True, True), (True, False)],
+    ids=["new-connections", "keep-alive", "keep-alive-closed-at-reload"],
 )
 def test_twenty_reloads_under_load_lose_no_request(
-    server_factory: ServerFactory, keepalive: bool
+    server_factory: ServerFactory, keepalive: bool, handover: bool
 ) -> None:
-    server = server_factory(settings(workers={"count": 2, **GRACEFUL}), app_source=APP, env=NO_PYC)
+    server = server_factory(
+        settings(workers={"count": 2, **GRACEFUL}, http={"keepalive_handover": handover}),
+        app_source=APP,
+        env=NO_PYC,
+    )
     first = set(server.worker_pids())
     with Load(server.addresses()[0], keepalive=keepalive, **BUSY) as load:
         load.wait_for_requests(20)
         for n in range(20):
             outcome = hup(server)
             assert outcome.startswith(f"reloaded: generation {n + 2} serving with 2 "), outcome
+            # every generation serves some: with keep-alive connections handed over, the
+            # clients would otherwise only ever meet the generations they happen to catch
+            load.wait_for_requests(4)
         load.wait_for_requests(20)  # the last generation serves too
         final = replaced(server, first, 2)
         load.wait_for_requests(20)

@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 
 from prefork import status
+from prefork.channel import MSG_READY
 from prefork.config import Config, from_mapping
 from prefork.master import Generation, Master, WorkerHandle, WorkerState
 from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Scoreboard
 from prefork.sockets import Listener
-from prefork.worker import MSG_READY
 
 
 def exit_status(code: int) -> int:

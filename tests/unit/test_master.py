@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from prefork.channel import MSG_BOOT_ERROR, MSG_HAND_OVER, MSG_READY, MSG_REOPEN, MSG_STOP
 from prefork.config import Config
 from prefork.master import (
     BACKOFF_FIRST,
@@ -30,14 +31,7 @@ from prefork.master import (
     WorkerState,
 )
 from prefork.sockets import Listener
-from prefork.worker import (
-    EXIT_APP_LOAD_ERROR,
-    EXIT_BOOT_ERROR,
-    MSG_BOOT_ERROR,
-    MSG_READY,
-    MSG_REOPEN,
-    MSG_STOP,
-)
+from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR
 from tests.unit.fakes import Rig, exit_status, make_config, matching, messages
 
 KILLED_BY_SIGKILL = signal.SIGKILL  # waitpid status of a child killed by SIGKILL
@@ -611,7 +605,7 @@ def test_ttou_retires_the_highest_numbered_worker(
     rig.signal(signal.SIGTTOU)
 
     assert rig.master.target == 2
-    assert rig.kernel.received(1002) == MSG_STOP
+    assert rig.kernel.received(1002) == MSG_HAND_OVER
     assert rig.kernel.received(1000) == rig.kernel.received(1001) == b""
     third = rig.master.workers[1002]
     assert (third.state, third.deadline) == (WorkerState.STOPPING, now + 10)
@@ -836,7 +830,7 @@ def test_reload_boots_a_canary_before_touching_the_old_workers(
     assert rig.master.current.number == 2
     assert rig.master.current.config is new_config
     assert rig.master.pending is None
-    assert rig.kernel.received(1000) == MSG_STOP  # old worker 1 makes way for new worker 1
+    assert rig.kernel.received(1000) == MSG_HAND_OVER  # old worker 1 makes way for new worker 1
     assert rig.kernel.received(1001) == rig.kernel.received(1002) == b""
     assert old[0].state is WorkerState.STOPPING
     assert matching(caplog, "generation 2 is serving")
@@ -863,7 +857,7 @@ def test_reload_replaces_the_old_workers_one_at_a_time(make_rig: Callable[..., R
         (2, WorkerState.READY),
         (3, WorkerState.READY),
     ]
-    assert [rig.kernel.received(h.pid) for h in old] == [MSG_STOP] * 3
+    assert [rig.kernel.received(h.pid) for h in old] == [MSG_HAND_OVER] * 3
     assert all(h.state is WorkerState.STOPPING for h in old)
 
     for h in old:

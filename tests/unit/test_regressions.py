@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from prefork.channel import MSG_HAND_OVER
 from prefork.config import ConfigError, load
 from prefork.master import BACKOFF_FIRST, Generation, WorkerState
 from prefork.sockets import Listener
-from prefork.worker import EXIT_BOOT_ERROR, MSG_STOP
+from prefork.worker import EXIT_BOOT_ERROR
 from tests.unit.fakes import Rig, exit_status, make_config, matching
 
 pytestmark = pytest.mark.usefixtures("prefork_log_propagates")
@@ -159,7 +160,7 @@ def test_a_reload_whose_second_new_worker_fails_to_boot_is_reported_failed(
     retry = rig.worker(2, generation=2)
     assert retry.pid != second.pid
     rig.boot(retry.pid)
-    assert rig.kernel.received(old2.pid) == MSG_STOP
+    assert rig.kernel.received(old2.pid) == MSG_HAND_OVER
     assert len(rig.announce.named("reloaded")) == 1  # no second, contradicting, outcome
 
 

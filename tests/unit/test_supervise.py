@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefork import status
+from prefork.channel import MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.master import (
     BACKOFF_FIRST,
     YOUNG_DEATH,
@@ -25,7 +26,7 @@ from prefork.master import (
     WorkerState,
 )
 from prefork.scoreboard import Activity
-from prefork.worker import EXIT_APP_LOAD_ERROR, MSG_RECYCLE, MSG_STOP
+from prefork.worker import EXIT_APP_LOAD_ERROR
 from tests.unit.fakes import Rig, exit_status, make_config, matching
 
 MIB = 1 << 20
@@ -66,7 +67,7 @@ def test_one_worker_at_a_time_is_replaced_with_max_recycling_1(
 
     rig.boot(successor.pid)
 
-    assert rig.kernel.received(replaced.pid) == MSG_STOP
+    assert rig.kernel.received(replaced.pid) == MSG_HAND_OVER
     assert replaced.state is WorkerState.STOPPING
     assert [rig.kernel.received(h.pid) for h in old if h is not replaced] == [b""] * 3
     assert rig.master.recycles == {"max_requests": 1}
@@ -85,7 +86,7 @@ def test_every_queued_worker_is_replaced_in_turn_never_two_at_once(
         rig.boot(successor.pid)
         assert len(successors(rig)) <= 1
         replaced_pids.append(successor.replaces)
-        assert rig.kernel.received(successor.replaces) == MSG_STOP  # type: ignore[arg-type]
+        assert rig.kernel.received(successor.replaces) == MSG_HAND_OVER  # type: ignore[arg-type]
         # ready workers never drop below the pool size: the successor came first
         assert len(rig.in_state(WorkerState.READY)) == 4
         rig.exit(successor.replaces, exit_status(0))  # type: ignore[arg-type]
@@ -200,7 +201,7 @@ def test_over_max_memory_a_worker_is_replaced_successor_first(
 
     rig.boot(successor.pid)
 
-    assert rig.kernel.received(leaky.pid) == MSG_STOP
+    assert rig.kernel.received(leaky.pid) == MSG_HAND_OVER
     assert rig.kernel.received(other.pid) == b""
     assert rig.master.recycles == {"memory": 1}
     rig.exit(leaky.pid, exit_status(0))
@@ -455,7 +456,7 @@ def test_the_pool_shrinks_one_per_second_down_to_count(
     # the highest numbers go, gracefully
     for number in (2, 3, 4):
         assert by_number[number].state is WorkerState.STOPPING
-        assert rig.kernel.received(by_number[number].pid) == MSG_STOP
+        assert rig.kernel.received(by_number[number].pid) == MSG_HAND_OVER
     assert by_number[1].state is WorkerState.READY
     assert rig.kernel.kills == []
 

@@ -1,0 +1,100 @@
+"""Idle keep-alive connections survive a worker's replacement (http.keepalive_handover).
+
+A real preforkd; one raw client socket that is never reopened. `/` on pf_testapp answers
+with the pid of the worker that served it, so a client can see that its connection moved
+from a replaced worker to its successor without being closed.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import time
+
+from harness import (
+    Response,
+    ServerFactory,
+    address,
+    connect,
+    gone,
+    http_request,
+    read_response,
+    settings,
+    wait_until,
+)
+
+
+def ask(sock: socket.socket) -> Response:
+    sock.sendall(http_request("GET", "/"))
+    response = read_response(sock)
+    assert response.status == 200
+    return response
+
+
+def closes(response: Response) -> bool:
+    return (response.header("Connection") or "").lower() == "close"
+
+
+def test_a_recycled_workers_connection_moves_to_its_successor(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(settings(workers={"count": 1, "max_requests": 3}))
+    (first,) = server.worker_pids()
+    sock = connect(address(server), timeout=10)
+    try:
+        seen: list[int] = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(set(seen)) < 3:
+            response = ask(sock)  # the same socket throughout: an EOF fails the test
+            assert not closes(response), f"closed after {seen}"
+            seen.append(int(response.body))
+    finally:
+        sock.close()
+    assert seen[0] == first
+    assert len(set(seen)) >= 3, f"one connection, served by {sorted(set(seen))} only"
+    server.wait_for_log(
+        re.compile(rf"worker 1 \(pid {first}\) exited \(recycled: max_requests\): exit code 0")
+    )
+
+
+def test_without_hand_over_a_recycle_closes_the_connection(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(
+        settings(workers={"count": 1, "max_requests": 3}, http={"keepalive_handover": False})
+    )
+    (first,) = server.worker_pids()
+    sock = connect(address(server), timeout=10)
+    try:
+        deadline = time.monotonic() + 15
+        closed = False
+        pids: list[int] = []
+        while time.monotonic() < deadline and not closed:
+            response = ask(sock)
+            pids.append(int(response.body))
+            closed = closes(response)
+        assert closed, "the recycled worker kept the connection"
+        assert set(pids) == {first}  # closed by the worker that held it
+        assert sock.recv(1) == b""
+    finally:
+        sock.close()
+
+
+def test_a_reload_hands_idle_connections_to_the_new_generation(
+    server_factory: ServerFactory,
+) -> None:
+    server = server_factory(settings(workers={"count": 2}))
+    old = server.worker_pids()
+    sock = connect(address(server), timeout=10)
+    try:
+        assert int(ask(sock).body) in old
+        server.signal(signal.SIGHUP)
+        server.wait_for_log(re.compile(r"reloaded: generation 2 serving with 2 workers"))
+        wait_until(lambda: all(gone(pid) for pid in old) or None, timeout=10)
+        # the connection sat idle through the reload; the next request is answered on it
+        response = ask(sock)
+        assert int(response.body) not in old
+        assert not closes(response)
+    finally:
+        sock.close()

@@ -1,0 +1,199 @@
+"""Keep-alive connections passed from a replaced worker to its successor: the channel's wire
+format, and the master's part (real SEQPACKET channels and real sockets, a fake kernel)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from prefork import channel as chan
+from prefork.addresses import Address
+from prefork.channel import MSG_CONNS, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
+from prefork.config import from_mapping
+from prefork.master import WorkerState
+from prefork.sockets import Listener
+from tests.unit.fakes import Rig
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    host, port = sock.getsockname()
+    yield Listener(sock, Address(kind="tcp", host=host, port=port))
+    sock.close()
+
+
+@pytest.fixture
+def clients() -> Iterator[list[socket.socket]]:
+    """Socket pairs standing in for (server side, client side) of client connections."""
+    made: list[socket.socket] = []
+    yield made
+    for sock in made:
+        sock.close()
+
+
+def connection(clients: list[socket.socket]) -> tuple[socket.socket, socket.socket]:
+    server_side, client_side = socket.socketpair()
+    client_side.settimeout(5)
+    clients += [server_side, client_side]
+    return server_side, client_side
+
+
+def same_connection(received_fd: int, client_side: socket.socket) -> bool:
+    """The descriptor that arrived reaches `client_side`: a byte written to it comes out."""
+    with socket.socket(fileno=received_fd) as sock:
+        sock.sendall(b"x")
+    return client_side.recv(1) == b"x"
+
+
+def test_the_wire_format_carries_descriptors_and_their_listeners(
+    clients: list[socket.socket],
+) -> None:
+    master_end, worker_end = chan.pair()
+    with master_end, worker_end:
+        a, a_client = connection(clients)
+        b, b_client = connection(clients)
+        assert chan.send_conns(worker_end, [(a.fileno(), 7, 1.5), (b.fileno(), 9, 2.5)])
+        assert chan.send_conns(worker_end, [])  # nothing to send: no message at all
+        message = chan.receive(master_end)
+        assert message is not None
+        data, fds = message
+        assert data.startswith(MSG_CONNS)
+        pairs = chan.parse_conns(data, fds)
+        assert [(listener, deadline) for _, listener, deadline in pairs] == [(7, 1.5), (9, 2.5)]
+        assert same_connection(pairs[0][0], a_client)
+        assert same_connection(pairs[1][0], b_client)
+        assert chan.receive(master_end) is None  # one message per send, nothing left
+
+
+def test_messages_are_never_merged_and_end_of_stream_is_empty() -> None:
+    master_end, worker_end = chan.pair()
+    with master_end:
+        worker_end.sendall(MSG_STOP)
+        worker_end.sendall(MSG_RECYCLE)
+        worker_end.close()
+        assert chan.receive(master_end) == (MSG_STOP, [])
+        assert chan.receive(master_end) == (MSG_RECYCLE, [])
+        assert chan.receive(master_end) == (b"", [])
+
+
+def test_descriptors_without_a_listener_are_marked_for_closing() -> None:
+    one = struct.pack("=qd", 7, 3.0)
+    assert chan.parse_conns(MSG_CONNS + one + b"\x01", [10, 11]) == [(10, 7, 3.0), (11, -1, 0.0)]
+
+
+def test_the_hand_over_message_names_the_listeners() -> None:
+    assert chan.parse_hand_over(chan.hand_over_message([5, 1 << 40])) == {5, 1 << 40}
+    assert chan.parse_hand_over(MSG_HAND_OVER) == set()
+
+
+def test_a_listener_is_named_by_its_socket_not_its_descriptor_number(
+    listener: Listener,
+) -> None:
+    duplicate = os.dup(listener.fd)
+    try:
+        assert chan.listener_id(duplicate) == chan.listener_id(listener.fd)
+    finally:
+        os.close(duplicate)
+    with socket.socket() as other:
+        assert chan.listener_id(other.fileno()) != chan.listener_id(listener.fd)
+
+
+def recycled(rig: Rig, number: int) -> tuple[int, int]:
+    """Worker `number` reaches max_requests and its successor boots: (old pid, successor pid)."""
+    old = rig.worker(number)
+    rig.say([old.pid], MSG_RECYCLE)
+    (successor,) = [h for h in rig.in_state(WorkerState.BOOTING) if h.replaces == old.pid]
+    rig.boot(successor.pid)
+    return old.pid, successor.pid
+
+
+def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=2)
+    rig.master.current.listeners = [listener]
+    rig.start()
+    old, successor = recycled(rig, 1)
+    assert rig.kernel.received(old) == chan.hand_over_message([chan.listener_id(listener.fd)])
+    # no 'last response' flag: the connections stay open to be passed on
+    assert not rig.scoreboard.slot(rig.handle(old).slot).stop_requested()
+    kept, kept_client = connection(clients)
+    stray, stray_client = connection(clients)  # on a listener the successor does not serve
+    before = open_fds()
+
+    lid = chan.listener_id(listener.fd)
+    chan.send_conns(
+        rig.kernel.children[old], [(kept.fileno(), lid, 1.0), (stray.fileno(), lid + 1, 1.0)]
+    )
+    kept.close()  # what the old worker does once they are sent
+    stray.close()
+    rig.tick()
+
+    assert rig.master.handed_over == 1
+    message = chan.receive(rig.kernel.children[successor])
+    assert message is not None
+    data, fds = message
+    assert chan.parse_conns(data, fds)[0][1:] == (lid, 1.0)
+    assert len(fds) == 1
+    assert same_connection(fds[0], kept_client)
+    assert stray_client.recv(1) == b""  # closed: its client reconnects
+    assert open_fds() == before - 2  # the master holds neither
+
+
+def test_without_a_serving_worker_the_connections_are_closed(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=1)
+    rig.master.current.listeners = [listener]
+    (only,) = rig.start()
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    chan.send_conns(rig.kernel.children[only.pid], [(sock.fileno(), lid, 1.0)])
+    sock.close()
+    rig.tick()
+    assert client.recv(1) == b""
+    assert rig.master.handed_over == 0
+
+
+def test_a_graceful_stop_does_not_hand_over(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=2)
+    workers = rig.start()
+    rig.signal(signal.SIGTERM)
+    assert [rig.kernel.received(h.pid) for h in workers] == [MSG_STOP] * 2
+
+
+def test_hand_over_can_be_turned_off() -> None:
+    config = from_mapping(
+        {"app": "m:app", "workers": {"count": 2}, "http": {"keepalive_handover": False}}
+    )
+    rig = Rig(config)
+    try:
+        rig.start()
+        old, _ = recycled(rig, 1)
+        assert rig.kernel.received(old) == MSG_STOP
+        assert rig.scoreboard.slot(rig.handle(old).slot).stop_requested()
+    finally:
+        rig.close()
+
+
+def test_a_stream_server_never_hands_over() -> None:
+    config = from_mapping({"app": "m:handler", "protocol": "tcp", "workers": {"count": 2}})
+    rig = Rig(config)
+    try:
+        rig.start()
+        old, _ = recycled(rig, 2)
+        assert rig.kernel.received(old) == MSG_STOP
+    finally:
+        rig.close()
