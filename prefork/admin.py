@@ -233,6 +233,12 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
     out.append(_line("preforkd_worker_restarts_total", totals["restarts"]))
     family("preforkd_worker_boot_failures_total", "counter", "Workers that failed to boot.")
     out.append(_line("preforkd_worker_boot_failures_total", totals["boot_failures"]))
+    family(
+        "preforkd_connections_handed_over_total",
+        "counter",
+        "Idle keep-alive connections passed from a replaced worker to a serving one.",
+    )
+    out.append(_line("preforkd_connections_handed_over_total", totals["handed_over"]))
     family("preforkd_reloads_total", "counter", "Reloads (HUP), by result.")
     for result, count in totals["reloads"].items():
         out.append(_line("preforkd_reloads_total", count, {"result": result}))

@@ -106,6 +106,7 @@ def totals_dict(master: Master, counters: Counters) -> dict[str, Any]:
         },
         "restarts": master.restarts,
         "boot_failures": master.boot_failures,
+        "handed_over": master.handed_over,
         "reloads": dict(master.reloads),
     }
 

@@ -13,6 +13,7 @@ import pytest
 
 from prefork import channel as chan
 from prefork.addresses import Address
+from prefork.admin import metrics_text
 from prefork.channel import MSG_CONNS, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.config import from_mapping
 from prefork.master import WorkerState
@@ -142,6 +143,8 @@ def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
     rig.tick()
 
     assert rig.master.handed_over == 1
+    assert rig.snapshot()["totals"]["handed_over"] == 1
+    assert b"\npreforkd_connections_handed_over_total 1\n" in metrics_text(rig.snapshot())
     message = chan.receive(rig.kernel.children[successor])
     assert message is not None
     data, fds = message

@@ -797,6 +797,7 @@ def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) ->
     assert samples[("preforkd_response_body_bytes_total", ())] == 30
     assert samples[("preforkd_worker_recycles_total", (("reason", "crash"),))] == 1
     assert samples[("preforkd_worker_restarts_total", ())] == 1
+    assert samples[("preforkd_connections_handed_over_total", ())] == 0
     assert samples[("preforkd_degraded", ())] == 0
     assert samples[("preforkd_generation", ())] == 1
     uss_key = ("preforkd_worker_memory_uss_bytes", (("pid", str(one.pid)), ("worker", "1")))
