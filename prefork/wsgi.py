@@ -39,7 +39,7 @@ def environ_key(name: bytes) -> str | None:
     """
     key = ENVIRON_KEYS.get(name)
     if key is None and name not in ENVIRON_KEYS:
-        if b"_" in name:
+        if name.find(b"_") >= 0:
             key = None
         else:
             upper = name.decode("latin-1").upper().replace("-", "_")
@@ -51,7 +51,7 @@ def environ_key(name: bytes) -> str | None:
 
 def decode_path(raw: bytes) -> str:
     """PATH_INFO per PEP 3333: percent-decoded bytes, as latin-1."""
-    if b"%" not in raw:
+    if raw.find(b"%") < 0:  # not `in`: see split_target
         return raw.decode("latin-1")
     return unquote_to_bytes(raw).decode("latin-1")
 

@@ -103,9 +103,12 @@ def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes]:
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
         return url.path or b"/", url.query or b""
-    path, sep, query = target.partition(b"?")
-    if b"#" in query or b"#" in path:
-        path, _, query = target.split(b"#", 1)[0].partition(b"?")
+    # find(), not `b"#" in target`: CPython 3.11 first tries the operand as an int, and
+    # builds (then drops) a TypeError message for it on every request
+    cut = target.find(b"#")
+    if cut >= 0:
+        target = target[:cut]
+    path, _, query = target.partition(b"?")
     return path, query
 
 
