@@ -9,10 +9,23 @@ no allocation.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import FrameType
+
+# signal.pthread_sigmask turns the previous mask it returns into Signals members, paying for a
+# ValueError per real-time signal (65 us for a full mask, twice per fork); the C function
+# underneath returns plain ints.
+_pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = importlib.import_module(
+    "_signal"
+).pthread_sigmask
+
+
+def set_mask(how: int, mask: Iterable[int]) -> set[int]:
+    """pthread_sigmask(); returns the previous mask as signal numbers."""
+    return _pthread_sigmask(how, mask)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import psutil
 
+from prefork.signals import set_mask
+
 ALL_SIGNALS = frozenset(signal.valid_signals())  # computed once: it costs ~70 us a call
 
 
@@ -48,7 +50,7 @@ class System:
     def spawn(self, child: Callable[[], int], child_end: socket.socket) -> int:
         """fork(); the child runs `child()` and exits with its result. The parent's copy of
         `child_end` (the worker's side of its channel) is closed."""
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, ALL_SIGNALS)
+        old_mask = set_mask(signal.SIG_BLOCK, ALL_SIGNALS)
         # The child inherits the master's objects in the permanent generation, so its
         # collections skip them: a full collection in a fresh worker would otherwise touch
         # every page of the inherited heap (copy-on-write faults) for nothing. The master
@@ -58,7 +60,7 @@ class System:
             pid = os.fork()
         except BaseException:
             gc.unfreeze()
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            set_mask(signal.SIG_SETMASK, old_mask)
             raise
         if pid == 0:
             code = 1
@@ -75,7 +77,7 @@ class System:
                 finally:
                     os._exit(code)
         gc.unfreeze()
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        set_mask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         return pid
 

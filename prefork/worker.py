@@ -48,7 +48,7 @@ from prefork.loader import load_app, prepare
 from prefork.logs import Logs
 from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
-from prefork.signals import SignalQueue
+from prefork.signals import SignalQueue, set_mask
 from prefork.sockets import Listener
 from prefork.tls import TLSConnection
 
@@ -125,7 +125,7 @@ def worker_main(spec: WorkerSpec) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     # the master blocked every signal around fork(); our own handlers are in place now
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    set_mask(signal.SIG_SETMASK, ())
     faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
     config = spec.config
     if spec.environ is not None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from prefork.signals import SignalQueue, reset_inherited
+from prefork.signals import SignalQueue, reset_inherited, set_mask
 
 USED = (
     signal.SIGUSR1,
@@ -144,3 +144,18 @@ def test_reset_inherited_restores_the_defaults(queue: SignalQueue) -> None:
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGUSR2) not in (signal.SIG_DFL, signal.SIG_IGN)
+
+
+def test_set_mask_blocks_and_returns_the_previous_mask_as_plain_ints() -> None:
+    everything = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}  # unblockable
+    before = set_mask(signal.SIG_BLOCK, everything)
+    try:
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == everything  # all blocked now
+        # a real-time signal has no Signals member; it comes back as the number it is
+        realtime = signal.SIGRTMIN + 1
+        assert realtime in set_mask(signal.SIG_BLOCK, ())
+    finally:
+        previous = set_mask(signal.SIG_SETMASK, before)
+    assert previous == {int(sig) for sig in everything}
+    assert all(type(sig) is int for sig in previous)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
