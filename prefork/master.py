@@ -462,18 +462,20 @@ class Master:
 
     def pass_on(self, source: WorkerHandle, conns: list[tuple[int, int, float]]) -> None:
         """Idle keep-alive connections a replaced worker handed over: on to its successor
-        (or another serving worker of the current generation) that listens on the same
-        socket. The master keeps none: its copies are closed whatever happens, so a
-        connection nobody can take (the target died or the server is stopping meanwhile) is
-        closed and its client reconnects."""
+        (else the next serving worker of the current generation, should the send fail
+        because that one just died) that listens on the same socket. The master keeps none:
+        its copies are closed whatever happens, so a connection nobody can take (no worker
+        serves, or the server is stopping) is closed and its client reconnects."""
         try:
-            target = self.hand_over_target(source)
-            if target is None or target.channel is None or self.stop is not Stop.NONE:
+            if self.stop is not Stop.NONE:
                 return
             listening = self.listener_ids()
             passed = [conn for conn in conns if conn[1] in listening]
-            if chan.send_conns(target.channel, passed):
-                self.handed_over += len(passed)
+            for target in self.hand_over_targets(source):
+                assert target.channel is not None
+                if chan.send_conns(target.channel, passed):
+                    self.handed_over += len(passed)
+                    return
         finally:
             for fd, _, _ in conns:
                 os.close(fd)
@@ -487,9 +489,10 @@ class Master:
                 pass
         return ids
 
-    def hand_over_target(self, source: WorkerHandle) -> WorkerHandle | None:
-        """Its successor; else the worker of the same number in the current generation (a
-        reload); else a serving worker, idle ones first (fewer workers)."""
+    def hand_over_targets(self, source: WorkerHandle) -> list[WorkerHandle]:
+        """The serving workers that may take `source`'s connections, best first: its
+        successor; the worker of the same number (a reload); idle ones; the rest. Within a
+        rank they take turns, so a pool that shrank spreads what it passes on."""
         serving = [
             h
             for h in self.workers.values()
@@ -498,23 +501,23 @@ class Master:
             and h is not source
             and h.channel is not None
         ]
-        for handle in serving:
-            if handle.replaces == source.pid:
-                return handle
-        for handle in serving:
-            if handle.number == source.number:
-                return handle
         if not serving:
-            return None
-        idle = [
-            h
-            for h in serving
-            if not h.recycle
-            and self.scoreboard.read(h.slot).activity in (Activity.IDLE, Activity.KEEPALIVE)
-        ]
+            return []
         self.hand_over_turn += 1
-        choices = idle or serving
-        return choices[self.hand_over_turn % len(choices)]
+        turn = self.hand_over_turn % len(serving)
+
+        def rank(handle: WorkerHandle) -> int:
+            if handle.replaces == source.pid:
+                return 0
+            if handle.number == source.number:
+                return 1
+            idle = self.scoreboard.read(handle.slot).activity in (
+                Activity.IDLE,
+                Activity.KEEPALIVE,
+            )
+            return 2 if idle and not handle.recycle else 3
+
+        return sorted(serving[turn:] + serving[:turn], key=rank)
 
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
@@ -850,7 +853,7 @@ class Master:
             and http.keepalive_timeout > 0
             and http.proxy_protocol == "off"
             and self.current.config.protocol == "http"
-            and self.hand_over_target(handle) is not None
+            and bool(self.hand_over_targets(handle))
         )
 
     # signals ---------------------------------------------------------------------------

@@ -155,6 +155,29 @@ def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
     assert open_fds() == before - 2  # the master holds neither
 
 
+def test_when_the_successor_just_died_another_serving_worker_takes_them(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=2)
+    rig.master.current.listeners = [listener]
+    rig.start()
+    old, successor = recycled(rig, 1)
+    (other,) = [h.pid for h in rig.in_state(WorkerState.READY) if h.pid not in (old, successor)]
+    rig.kernel.children[successor].close()  # it died; the master has not reaped it yet
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    chan.send_conns(rig.kernel.children[old], [(sock.fileno(), lid, 1.0)])
+    sock.close()
+    rig.tick()
+
+    message = chan.receive(rig.kernel.children[other])
+    assert message is not None
+    data, fds = message
+    assert [conn[1:] for conn in chan.parse_conns(data, fds)] == [(lid, 1.0)]
+    assert same_connection(fds[0], client)
+    assert rig.master.handed_over == 1
+
+
 def test_without_a_serving_worker_the_connections_are_closed(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
