@@ -1,0 +1,323 @@
+"""The worker's side of the keep-alive hand-over, in process: Worker.hand_over passes exactly
+its idle, served, plain connections over a real SEQPACKET channel, and Worker.adopt parks what
+arrives and serves the client's next request on the socket it never reopened."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from prefork import channel as chan
+from prefork.addresses import Address
+from prefork.channel import MSG_CONNS
+from prefork.config import from_mapping
+from prefork.hooks import WorkerInfo
+from prefork.logs import Logs
+from prefork.scoreboard import Scoreboard
+from prefork.signals import SignalQueue
+from prefork.sockets import Listener
+from prefork.worker import Worker, WorkerSpec
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+DEADLINE = 5.0
+
+
+def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """Logs() re-points the "prefork" logger; put it back for the rest of the suite."""
+    import logging
+
+    logger = logging.getLogger("prefork")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield Logs()
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in saved[0]:
+            logger.addHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+@pytest.fixture
+def signals() -> Iterator[SignalQueue]:
+    """The worker's signal pipe; the handlers and wakeup fd found are put back."""
+    used = (signal.SIGTERM, signal.SIGUSR1)
+    handlers = {sig: signal.getsignal(sig) for sig in used}
+    queue = SignalQueue(catch=used)
+    yield queue
+    queue.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    host, port = sock.getsockname()
+    yield Listener(sock, Address(kind="tcp", host=host, port=port))
+    sock.close()
+
+
+class Rig:
+    """Workers built as the master builds them, each on its own real channel."""
+
+    def __init__(self, listener: Listener, logs: Logs, signals: SignalQueue) -> None:
+        self.listener = listener
+        self.logs = logs
+        self.signals = signals
+        self.board = Scoreboard(4)
+        self.closing: list[Any] = [self.board]
+        self.clients: list[socket.socket] = []
+
+    def worker(
+        self, number: int = 1, max_connections: int = 100, **http: Any
+    ) -> tuple[Worker, socket.socket]:
+        """A worker and the master's end of its channel."""
+        config = from_mapping(
+            {
+                "app": "m:app",
+                "workers": {"count": 2, "max_connections": max_connections},
+                "http": {"keepalive_timeout": 30, **http},
+            }
+        )
+        master_end, worker_end = chan.pair()
+        self.closing += [master_end, worker_end]
+        spec = WorkerSpec(
+            number=number,
+            generation=1,
+            config=config,
+            listeners=[self.listener],
+            channel=worker_end,
+            slot=self.board.slot(number - 1),
+            logs=self.logs,
+            app=hello,
+        )
+        info = WorkerInfo(number, 1, config, os.getpid())
+        worker = Worker(spec, hello, self.signals, info)
+        self.closing.append(worker.epoll)
+        worker.prepare()
+        return worker, master_end
+
+    def connect(self) -> socket.socket:
+        address = self.listener.address
+        client = socket.create_connection((address.host, address.port), timeout=DEADLINE)
+        self.clients.append(client)
+        return client
+
+    def accept(self, worker: Worker) -> None:
+        """Take the next queued connection, as the worker does when its epoll says so."""
+        deadline = time.monotonic() + DEADLINE
+        while not worker.accept(self.listener):
+            assert time.monotonic() < deadline, "nothing arrived to accept"
+            select.select([self.listener.sock], [], [], 0.1)
+
+    def close(self) -> None:
+        for sock in self.clients:
+            sock.close()
+        for thing in reversed(self.closing):
+            thing.close()
+
+
+@pytest.fixture
+def rig(listener: Listener, logs: Logs, signals: SignalQueue) -> Iterator[Rig]:
+    made = Rig(listener, logs, signals)
+    yield made
+    made.close()
+
+
+def read_response(client: socket.socket) -> bytes:
+    """One whole response to a hello request (its length is fixed)."""
+    data = b""
+    while not data.endswith(b"\r\n\r\nok"):
+        chunk = client.recv(4096)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+def served_connection(rig: Rig, worker: Worker, prefix: bytes = b"") -> socket.socket:
+    """A client that sent one request, got its answer and stays connected, idle."""
+    client = rig.connect()
+    client.sendall(prefix + REQUEST)
+    rig.accept(worker)
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+    return client
+
+
+def conn_of(worker: Worker, client: socket.socket) -> Any:
+    """The worker's Connection for this client."""
+    (conn,) = [c for c in worker.conns.values() if c.peer == client.getsockname()]
+    return conn
+
+
+def wait_readable(worker: Worker, fd: int) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while fd not in dict(worker.epoll.poll(0.1)):
+        assert time.monotonic() < deadline, "the connection never became readable"
+
+
+def receive_conns(master_end: socket.socket) -> list[tuple[int, int, float]]:
+    deadline = time.monotonic() + DEADLINE
+    while (message := chan.receive(master_end)) is None:
+        assert time.monotonic() < deadline, "the worker sent nothing"
+        select.select([master_end], [], [], 0.1)
+    data, fds = message
+    assert data.startswith(MSG_CONNS)
+    return chan.parse_conns(data, fds)
+
+
+def peer_of(fd: int) -> Any:
+    """The remote address of a received descriptor (the descriptor stays open)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getpeername()
+
+
+def closed_by_server(client: socket.socket) -> bool:
+    client.settimeout(DEADLINE)
+    try:
+        return client.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_hand_over_passes_only_idle_served_plain_connections(rig: Rig) -> None:
+    worker, master_end = rig.worker()
+    idle = [served_connection(rig, worker) for _ in range(3)]
+    midway = served_connection(rig, worker)
+    midway.sendall(b"GET / HTTP/1.1\r\n")  # a head that has begun: its answer is owed here
+    wait_readable(worker, conn_of(worker, midway).fd)
+    worker.on_readable(conn_of(worker, midway))
+    assert not conn_of(worker, midway).parser.idle
+    silent = rig.connect()  # connected, never sent anything: not a keep-alive connection
+    rig.accept(worker)
+    assert len(worker.conns) == 5
+    deadlines = {c.peer: c.deadline for c in worker.conns.values()}
+    (lid,) = worker.listener_ids
+
+    worker.begin_stop()
+    worker.hand_over({lid})
+
+    passed = receive_conns(master_end)
+    assert sorted(peer_of(fd) for fd, _, _ in passed) == sorted(c.getsockname() for c in idle)
+    assert all(listener == lid for _, listener, _ in passed)
+    assert {peer_of(fd): d for fd, _, d in passed} == {
+        c.getsockname(): deadlines[c.getsockname()] for c in idle
+    }
+    # the worker kept nothing of what it passed, and everything else
+    assert sorted(c.peer for c in worker.conns.values()) == sorted(
+        [midway.getsockname(), silent.getsockname()]
+    )
+    # nor any epoll entry: the passed sockets' bytes wake only their new owner
+    for client in idle:
+        client.sendall(b"G")
+    assert not {fd for fd, _ in worker.epoll.poll(0.3)} - set(worker.conns)
+    for fd, _, _ in passed:
+        os.close(fd)
+
+
+def test_hand_over_keeps_everything_when_no_serving_worker_takes_the_listener(
+    rig: Rig,
+) -> None:
+    worker, master_end = rig.worker()
+    served_connection(rig, worker)
+    worker.begin_stop()
+    worker.hand_over({12345})  # the serving workers listen elsewhere
+    assert chan.receive(master_end) is None
+    assert len(worker.conns) == 1
+
+
+def test_hand_over_with_proxy_protocol_passes_nothing(rig: Rig) -> None:
+    worker, master_end = rig.worker(proxy_protocol="v1", forwarded_allow_ips=["127.0.0.1"])
+    served_connection(rig, worker, b"PROXY TCP4 192.0.2.1 127.0.0.1 4321 80\r\n")
+    (lid,) = worker.listener_ids
+    worker.begin_stop()
+    worker.hand_over({lid})
+    assert chan.receive(master_end) is None
+    assert len(worker.conns) == 1
+
+
+def test_an_adopted_connection_is_served_on_the_same_socket(rig: Rig) -> None:
+    old, old_master_end = rig.worker(number=1)
+    new, new_master_end = rig.worker(number=2)
+    client = served_connection(rig, old)
+    (lid,) = old.listener_ids
+    old.begin_stop()
+    old.hand_over({lid})
+    passed = receive_conns(old_master_end)
+    assert len(passed) == 1
+    fd, listener, deadline = passed[0]
+
+    # what the master does: forward, then close its own copy
+    assert chan.send_conns(new_master_end, [(fd, listener, deadline)])
+    os.close(fd)
+    new.on_channel()
+
+    conn = conn_of(new, client)
+    assert conn.adopted and conn.served == 1 and conn.parser.idle
+    assert conn.deadline == pytest.approx(deadline)  # the idle clock kept running
+    client.sendall(REQUEST)
+    wait_readable(new, conn.fd)
+    new.on_readable(conn)
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert new.slot.requests == 1 and old.slot.requests == 1
+
+
+def test_adopt_shortens_a_deadline_past_its_own_keepalive_timeout(rig: Rig) -> None:
+    old, old_master_end = rig.worker(number=1)
+    new, _ = rig.worker(number=2, keepalive_timeout=2)
+    served_connection(rig, old)
+    (lid,) = old.listener_ids
+    old.begin_stop()
+    old.hand_over({lid})
+    ((fd, listener, _),) = receive_conns(old_master_end)
+    later = time.monotonic() + 1000.0
+    new.adopt([(fd, listener, later)])
+    (conn,) = new.conns.values()
+    assert conn.deadline <= time.monotonic() + 2
+
+
+@pytest.mark.parametrize("why", ["unknown-listener", "stopping", "full", "not-a-socket"])
+def test_adopt_closes_what_it_cannot_keep(rig: Rig, why: str) -> None:
+    old, old_master_end = rig.worker(number=1)
+    new, _ = rig.worker(number=2, **({"max_connections": 2} if why == "full" else {}))
+    client = served_connection(rig, old)
+    (lid,) = old.listener_ids
+    old.begin_stop()
+    old.hand_over({lid})
+    ((fd, listener, deadline),) = receive_conns(old_master_end)
+    if why == "unknown-listener":
+        listener += 1
+    elif why == "stopping":
+        new.begin_stop()
+    elif why == "full":
+        served_connection(rig, new)
+    held = len(new.conns)
+    if why == "not-a-socket":
+        reader, writer = os.pipe()
+        os.close(writer)
+        new.adopt([(reader, listener, deadline)])  # must not raise
+        with pytest.raises(OSError):
+            os.fstat(reader)  # and the descriptor is not leaked
+        os.close(fd)
+        assert len(new.conns) == held
+        return
+    new.adopt([(fd, listener, deadline)])
+    assert len(new.conns) == held
+    assert closed_by_server(client)
