@@ -461,11 +461,12 @@ class Master:
                 self.recycle(handle, "max_requests")
 
     def pass_on(self, source: WorkerHandle, conns: list[tuple[int, int, float]]) -> None:
-        """Idle keep-alive connections a replaced worker handed over: on to its successor
-        (else the next serving worker of the current generation, should the send fail
-        because that one just died) that listens on the same socket. The master keeps none:
-        its copies are closed whatever happens, so a connection nobody can take (no worker
-        serves, or the server is stopping) is closed and its client reconnects."""
+        """Idle keep-alive connections a replaced worker handed over: on to the best serving
+        worker of the current generation that listens on the same socket, else the next
+        one when a send fails (that worker just died, or its channel is full). The master
+        keeps none: its copies are closed whatever happens, so a connection nobody takes (on
+        a listener no longer served, every send failed, or the server is stopping) is
+        closed and its client reconnects."""
         try:
             if self.stop is not Stop.NONE:
                 return
@@ -476,6 +477,7 @@ class Master:
                 if chan.send_conns(target.channel, passed):
                     self.handed_over += len(passed)
                     return
+            log.debug("%s: no worker took %d connections", source.describe(), len(passed))
         finally:
             for fd, _, _ in conns:
                 os.close(fd)
@@ -489,11 +491,9 @@ class Master:
                 pass
         return ids
 
-    def hand_over_targets(self, source: WorkerHandle) -> list[WorkerHandle]:
-        """The serving workers that may take `source`'s connections, best first: its
-        successor; the worker of the same number (a reload); idle ones; the rest. Within a
-        rank they take turns, so a pool that shrank spreads what it passes on."""
-        serving = [
+    def serving_for(self, source: WorkerHandle) -> list[WorkerHandle]:
+        """The current generation's serving workers, other than `source`."""
+        return [
             h
             for h in self.workers.values()
             if h.state is WorkerState.READY
@@ -501,23 +501,31 @@ class Master:
             and h is not source
             and h.channel is not None
         ]
-        if not serving:
-            return []
-        self.hand_over_turn += 1
-        turn = self.hand_over_turn % len(serving)
 
-        def rank(handle: WorkerHandle) -> int:
+    def hand_over_targets(self, source: WorkerHandle) -> list[WorkerHandle]:
+        """Who takes `source`'s connections, best first: its successor; the worker of the
+        same number (a reload); idle workers; the rest. Within a rank they take turns, so a
+        pool that shrank spreads what it passes on."""
+        ranks: list[list[WorkerHandle]] = [[], [], [], []]
+        for handle in self.serving_for(source):
             if handle.replaces == source.pid:
-                return 0
-            if handle.number == source.number:
-                return 1
-            idle = self.scoreboard.read(handle.slot).activity in (
+                ranks[0].append(handle)
+            elif handle.number == source.number:
+                ranks[1].append(handle)
+            elif not handle.recycle and self.scoreboard.read(handle.slot).activity in (
                 Activity.IDLE,
                 Activity.KEEPALIVE,
-            )
-            return 2 if idle and not handle.recycle else 3
-
-        return sorted(serving[turn:] + serving[:turn], key=rank)
+            ):
+                ranks[2].append(handle)
+            else:
+                ranks[3].append(handle)
+        self.hand_over_turn += 1
+        ordered: list[WorkerHandle] = []
+        for rank in ranks:
+            if rank:
+                turn = self.hand_over_turn % len(rank)
+                ordered += rank[turn:] + rank[:turn]
+        return ordered
 
     def became_ready(self, handle: WorkerHandle) -> None:
         handle.to(WorkerState.READY)
@@ -853,7 +861,7 @@ class Master:
             and http.keepalive_timeout > 0
             and http.proxy_protocol == "off"
             and self.current.config.protocol == "http"
-            and bool(self.hand_over_targets(handle))
+            and bool(self.serving_for(handle))
         )
 
     # signals ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from prefork.admin import metrics_text
 from prefork.channel import MSG_CONNS, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.config import from_mapping
 from prefork.master import WorkerState
+from prefork.scoreboard import Activity
 from prefork.sockets import Listener
 from tests.unit.fakes import Rig
 
@@ -166,16 +167,29 @@ def test_when_the_successor_just_died_another_serving_worker_takes_them(
     rig.kernel.children[successor].close()  # it died; the master has not reaped it yet
     sock, client = connection(clients)
     lid = chan.listener_id(listener.fd)
-    chan.send_conns(rig.kernel.children[old], [(sock.fileno(), lid, 1.0)])
-    sock.close()
-    rig.tick()
+    before = open_fds()
+    rig.master.pass_on(rig.handle(old), [(os.dup(sock.fileno()), lid, 1.0)])
 
+    assert open_fds() == before  # the master's copy is closed
     message = chan.receive(rig.kernel.children[other])
     assert message is not None
     data, fds = message
     assert [conn[1:] for conn in chan.parse_conns(data, fds)] == [(lid, 1.0)]
     assert same_connection(fds[0], client)
     assert rig.master.handed_over == 1
+
+
+def test_idle_workers_come_first_and_take_turns(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=4)
+    source, busy, *idle = rig.start()
+    rig.scoreboard.slot(busy.slot).set(Activity.BUSY)
+    for handle in idle:
+        rig.scoreboard.slot(handle.slot).set(Activity.IDLE)
+    orders = [[h.pid for h in rig.master.hand_over_targets(source)] for _ in range(4)]
+    assert all(order[-1] == busy.pid for order in orders)
+    firsts = [order[0] for order in orders]
+    assert sorted(firsts) == sorted([h.pid for h in idle] * 2)
+    assert firsts[0] != firsts[1] != firsts[2] != firsts[3]
 
 
 def test_without_a_serving_worker_the_connections_are_closed(
