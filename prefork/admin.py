@@ -239,6 +239,12 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
         "Idle keep-alive connections passed from a replaced worker to a serving one.",
     )
     out.append(_line("preforkd_connections_handed_over_total", totals["handed_over"]))
+    family(
+        "preforkd_connections_balanced_total",
+        "counter",
+        "New connections passed from a worker holding more than its share to one holding fewer.",
+    )
+    out.append(_line("preforkd_connections_balanced_total", totals["balanced"]))
     family("preforkd_reloads_total", "counter", "Reloads (HUP), by result.")
     for result, count in totals["reloads"].items():
         out.append(_line("preforkd_reloads_total", count, {"result": result}))

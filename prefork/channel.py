@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-# master -> worker (one byte each, except MSG_CONNS)
+# master -> worker (one byte each, except MSG_CONNS and MSG_FRESH)
 MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
 # as MSG_STOP, but first pass idle keep-alive connections to the master: "H" + the ids
 # (listener_id) of the listeners whose connections the serving workers can take
@@ -23,12 +23,17 @@ MSG_REOPEN = b"O"  # reopen log files
 MSG_READY = b"R"  # app loaded, serving
 MSG_BOOT_ERROR = b"E"  # "E" + why the app could not be loaded, then exit
 MSG_RECYCLE = b"Q"  # max_requests reached, please replace me
+# "B" + a worker's pid + MSG_CONNS's body: connections just accepted, not read from, for that
+# less loaded worker; the master passes them on as MSG_FRESH (back to the sender if it cannot)
+MSG_BALANCE = b"B"
+MSG_FRESH = b"F"
 # both ways: "C" + for each connection its listener's id and the monotonic time at which it
 # is closed if still idle (CLOCK_MONOTONIC is one clock for every process); the descriptors
 # are attached in the same order
 MSG_CONNS = b"C"
 _CONN = struct.Struct("=qd")
 _ID = struct.Struct("=q")
+_PID = struct.Struct("=i")
 
 MAX_FDS = 250  # per message; Linux refuses more than SCM_MAX_FD (253)
 MAX_MESSAGE = 65536
@@ -74,23 +79,38 @@ def parse_hand_over(data: bytes) -> set[int]:
     return {i for (i,) in _ID.iter_unpack(body[: len(body) - len(body) % _ID.size])}
 
 
-def send_conns(sock: socket.socket, conns: list[tuple[int, int, float]]) -> bool:
-    """Send (connection fd, listener id, idle deadline) triples, at most MAX_FDS; False if
-    the message could not be sent (the caller still owns, and closes, every descriptor)."""
+def send_conns(
+    sock: socket.socket, conns: list[tuple[int, int, float]], head: bytes = MSG_CONNS
+) -> bool:
+    """Send (connection fd, listener id, deadline) triples, at most MAX_FDS, after `head`
+    (MSG_CONNS, MSG_FRESH, or a balance_head); False if the message could not be sent (the
+    caller still owns, and closes, every descriptor)."""
     if not conns:
         return True
     body = b"".join(_CONN.pack(listener, deadline) for _, listener, deadline in conns)
     try:
-        socket.send_fds(sock, [MSG_CONNS + body], [fd for fd, _, _ in conns])
+        socket.send_fds(sock, [head + body], [fd for fd, _, _ in conns])
     except OSError:
         return False
     return True
 
 
+def balance_head(pid: int) -> bytes:
+    return MSG_BALANCE + _PID.pack(pid)
+
+
+def parse_balance(data: bytes, fds: list[int]) -> tuple[int, list[tuple[int, int, float]]]:
+    """The target pid and the connections of a MSG_BALANCE message."""
+    if len(data) < 1 + _PID.size:
+        return 0, parse_conns(b"", fds)
+    (pid,) = _PID.unpack_from(data, 1)
+    return pid, parse_conns(data[_PID.size :], fds)
+
+
 def parse_conns(data: bytes, fds: list[int]) -> list[tuple[int, int, float]]:
-    """The (connection fd, listener id, idle deadline) triples of a MSG_CONNS message;
-    descriptors that came without a description (a malformed message) get listener id -1,
-    so the caller closes them."""
+    """The (connection fd, listener id, deadline) triples of a MSG_CONNS or MSG_FRESH
+    message; descriptors that came without a description (a malformed message) get listener
+    id -1, so the caller closes them."""
     body = data[1:]
     described = list(_CONN.iter_unpack(body[: len(body) - len(body) % _CONN.size]))
     return [

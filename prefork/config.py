@@ -415,6 +415,17 @@ class HttpConfig:
             "connections or with proxy_protocol, whose state stays in the old worker."
         ),
     )
+    balance_connections: bool = field(
+        default=True,
+        metadata=_meta(
+            "Keep the connections spread over the workers: a worker that holds at least 8 "
+            "and more than its share passes a connection it has just accepted (before reading "
+            "from it) to the worker holding the fewest, through the master. Without it, a "
+            "burst of connections (a load balancer filling its keep-alive pool, a benchmark "
+            "starting) can land on one worker and stay there, leaving the others idle. Not "
+            "for TLS listeners or with proxy_protocol."
+        ),
+    )
     header_timeout: float = field(
         default=10.0,
         metadata=_meta(

@@ -25,8 +25,10 @@ import setproctitle
 from prefork import channel as chan
 from prefork.admin import AdminServer
 from prefork.channel import (
+    MSG_BALANCE,
     MSG_BOOT_ERROR,
     MSG_CONNS,
+    MSG_FRESH,
     MSG_READY,
     MSG_RECYCLE,
     MSG_REOPEN,
@@ -183,6 +185,7 @@ class Master:
     reloads: dict[str, int] = field(default_factory=lambda: {"ok": 0, "failed": 0})
     uss: dict[int, int] = field(default_factory=dict)  # pid -> bytes, from the last check
     handed_over: int = 0  # keep-alive connections passed from a stopping worker to another
+    balanced: int = 0  # new connections passed from a busier worker to one holding fewer
     hand_over_turn: int = 0  # spreads them when no successor is named
 
     def __post_init__(self) -> None:
@@ -447,6 +450,9 @@ class Master:
             if data.startswith(MSG_CONNS):
                 self.pass_on(handle, chan.parse_conns(data, fds))
                 continue
+            if data.startswith(MSG_BALANCE):
+                self.rebalance(handle, *chan.parse_balance(data, fds))
+                continue
             for fd in fds:  # no other message carries descriptors
                 os.close(fd)
             if not data:
@@ -478,6 +484,36 @@ class Master:
                     self.handed_over += len(passed)
                     return
             log.debug("%s: no worker took %d connections", source.describe(), len(passed))
+        finally:
+            for fd, _, _ in conns:
+                os.close(fd)
+
+    def rebalance(
+        self, source: WorkerHandle, pid: int, conns: list[tuple[int, int, float]]
+    ) -> None:
+        """Connections a worker holding more than its share has just accepted, for the
+        worker `pid` of its generation. Should that one no longer serve (a reload or a stop
+        began meanwhile): to a serving worker of the current generation on the same
+        listener, else back to the source. The master's copies are closed either way."""
+        try:
+            named = self.workers.get(pid)
+            takers = [named] if named is not None and named.generation == source.generation else []
+            if all(lid in self.listener_ids() for _, lid, _ in conns):
+                takers += self.serving_for(source)
+            takers.append(source)
+            for taker in takers:
+                serves = taker.state is WorkerState.READY or (
+                    taker is source and taker.state is WorkerState.STOPPING
+                )
+                if (
+                    serves
+                    and taker.channel is not None
+                    and chan.send_conns(taker.channel, conns, MSG_FRESH)
+                ):
+                    if taker is not source:
+                        self.balanced += len(conns)
+                    return
+            log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
         finally:
             for fd, _, _ in conns:
                 os.close(fd)

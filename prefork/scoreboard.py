@@ -9,6 +9,7 @@ Layout of a slot (512 bytes):
     0   state u8, pad, request start f64 (monotonic), requests u64, last report f64 (monotonic)
     32  method 16s, target 192s
     240 pid i32, generation u32, number u32
+    252 connections held u32 (written when the number changes, read by the other workers)
     256 counters, u64 each: responses by status class 1xx..5xx, duration histogram buckets
         (non-cumulative, bounds in DURATION_BUCKETS, the last is +Inf), duration sum in
         microseconds, body bytes sent
@@ -31,6 +32,8 @@ _IDENT = struct.Struct("<iII")
 _STATE_STARTED = struct.Struct("<B7xd")
 _REQUEST_OFFSET = 32
 _IDENT_OFFSET = _REQUEST_OFFSET + _REQUEST.size
+_HELD = struct.Struct("<I")
+_HELD_OFFSET = _IDENT_OFFSET + _IDENT.size
 _COUNTERS_OFFSET = 256
 # Request duration histogram bounds in seconds (Prometheus' defaults plus 1 and 2.5 ms, since a
 # prefork server answers most requests faster than the default first bucket).
@@ -45,7 +48,7 @@ _COUNTERS = struct.Struct(f"<{COUNTERS}Q")
 # The one byte the master writes: "finish this request with Connection: close and stop".
 _STOP_OFFSET = SLOT_SIZE - 1
 assert _HEAD.size <= _REQUEST_OFFSET
-assert _IDENT_OFFSET + _IDENT.size <= _COUNTERS_OFFSET
+assert _HELD_OFFSET + _HELD.size <= _COUNTERS_OFFSET
 assert _COUNTERS_OFFSET + _COUNTERS.size <= _STOP_OFFSET
 
 
@@ -59,6 +62,9 @@ class Activity(enum.IntEnum):
     DRAINING = 4  # stopping: finishing what it holds
     KEEPALIVE = 5  # waiting, holding idle keep-alive connections
     READING = 6  # inside a request, waiting for its body from the client
+
+
+_SERVING = frozenset((Activity.IDLE, Activity.BUSY, Activity.KEEPALIVE, Activity.READING))
 
 
 class SlotView(NamedTuple):
@@ -160,7 +166,7 @@ class Scoreboard:
 class Slot:
     """A worker's writer for its own slot. Methods are on the per-request path: keep them cheap."""
 
-    __slots__ = ("_memory", "_offset", "_counters", "requests")
+    __slots__ = ("_memory", "_offset", "_counters", "_held", "requests")
 
     def __init__(self, memory: mmap.mmap, offset: int) -> None:
         self._memory = memory
@@ -169,7 +175,37 @@ class Slot:
         self._counters: memoryview | None = memoryview(memory)[
             start : start + _COUNTERS.size
         ].cast("Q")
+        held = offset + _HELD_OFFSET
+        self._held = memoryview(memory)[held : held + _HELD.size].cast("I")
         self.requests = 0
+
+    def hold(self, connections: int) -> None:
+        """The number of connections this worker holds now."""
+        self._held[0] = connections
+
+    def peers(self) -> list[tuple[int, int]]:
+        """(pid, slot offset) of every other worker of this slot's generation that is
+        serving; a scan of the whole board (~0.2 ms), so callers keep the answer a while."""
+        memory = self._memory
+        _, generation, _ = _IDENT.unpack_from(memory, self._offset + _IDENT_OFFSET)
+        found = []
+        for offset in range(0, len(memory), SLOT_SIZE):
+            if offset == self._offset or memory[offset] not in _SERVING:
+                continue
+            pid, gen, _ = _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)
+            if pid and gen == generation:
+                found.append((pid, offset))
+        return found
+
+    def held_by(self, pid: int, offset: int) -> int | None:
+        """The connections worker `pid`, in the slot at `offset`, last said it holds; None
+        once that slot no longer holds it serving (it stops, or another worker took it)."""
+        memory = self._memory
+        if memory[offset] not in _SERVING:
+            return None
+        if _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)[0] != pid:
+            return None
+        return int(_HELD.unpack_from(memory, offset + _HELD_OFFSET)[0])
 
     def claim(self, pid: int, generation: int, number: int) -> None:
         self._memory[self._offset : self._offset + SLOT_SIZE] = bytes(SLOT_SIZE)

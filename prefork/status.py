@@ -107,6 +107,7 @@ def totals_dict(master: Master, counters: Counters) -> dict[str, Any]:
         "restarts": master.restarts,
         "boot_failures": master.boot_failures,
         "handed_over": master.handed_over,
+        "balanced": master.balanced,
         "reloads": dict(master.reloads),
     }
 

@@ -30,6 +30,7 @@ from prefork.channel import (
     MAX_FDS,
     MSG_BOOT_ERROR,
     MSG_CONNS,
+    MSG_FRESH,
     MSG_HAND_OVER,
     MSG_READY,
     MSG_RECYCLE,
@@ -72,6 +73,12 @@ STOP_IDLE_GRACE = 0.5
 SILENT_GRACE = 1.0
 ACCEPT_BATCH_ABOVE = 64
 ACCEPT_BATCH = 32
+# http.balance_connections: a worker holding at least BALANCE_ABOVE connections passes a new
+# one on when another worker of its generation holds clearly fewer (its count in the
+# scoreboard plus what was passed to it since the board was last scanned for the generation's
+# workers, PEERS_INTERVAL ago at most: a worker that joins is found that soon).
+BALANCE_ABOVE = 8
+PEERS_INTERVAL = 0.1
 
 
 @dataclass(slots=True)
@@ -194,6 +201,7 @@ class Worker:
         # by listener_id, for connections passed between workers; kept after a stop closes
         # the listeners themselves
         self.listener_ids = {chan.listener_id(lst.fd): lst for lst in spec.listeners}
+        self.id_of_listener = {lst.fd: lid for lid, lst in self.listener_ids.items()}
         self.channel_fd = spec.channel.fileno()
         self.signal_fd = signals.fileno()
         self.accepting = False
@@ -220,6 +228,12 @@ class Worker:
         self.next_sweep = 0.0
         self.proxies = TrustedProxies(http.forwarded_allow_ips, http.forwarded_header)
         self.proxy_protocol = http.proxy_protocol
+        self.balance = (
+            http.balance_connections and config.protocol == "http" and self.proxy_protocol == "off"
+        )
+        self.peers: list[tuple[int, int]] = []  # (pid, slot offset), looked up at peers_until
+        self.peers_until = 0.0
+        self.passed: dict[int, int] = {}  # pid -> connections passed to it since the look
         self.protocol: HttpProtocol | None = None
         if config.protocol == "http":
             self.protocol = HttpProtocol(
@@ -316,6 +330,14 @@ class Worker:
                 self.serve_stream(sock, peer)
             else:
                 self.pending_streams.append((sock, peer))
+            return True
+        if (
+            self.balance
+            and len(self.conns) >= BALANCE_ABOVE
+            and not self.stopping
+            and listener.fd not in self.spec.tls
+            and self.pass_to_peer(sock, listener)
+        ):
             return True
         if len(self.conns) >= self.max_connections:
             self.evict_idle()
@@ -438,6 +460,7 @@ class Worker:
         """Wait for this connection's next bytes in the worker's epoll, not in a recv."""
         if conn.fd not in self.conns:
             self.conns[conn.fd] = conn
+            self.slot.hold(len(self.conns))
             self.epoll.register(conn.fd, _EPOLLIN)
             if len(self.conns) >= self.max_connections and not self.evict_idle():
                 self.stop_accepting()  # every one is mid-request: let other workers accept
@@ -452,12 +475,10 @@ class Worker:
         return False
 
     def drop(self, conn: Connection) -> None:
-        if (
-            self.conns.pop(conn.fd, None) is not None
-            and not self.accepting
-            and len(self.conns) < self.max_connections
-        ):
-            self.start_accepting()
+        if self.conns.pop(conn.fd, None) is not None:
+            self.slot.hold(len(self.conns))
+            if not self.accepting and len(self.conns) < self.max_connections:
+                self.start_accepting()
         if conn.adopted:
             # another process may still hold the open file for a moment (it is closed there
             # right after the hand-over), and the epoll entry lives as long as the file
@@ -559,6 +580,8 @@ class Worker:
             for sock, peer in self.pending_streams:
                 self.serve_stream(sock, peer)
             self.pending_streams.clear()
+        if not self.conns and self.channel_fd in dict(self.epoll.poll(0)):
+            self.on_channel()  # a connection passed back at the last moment is answered
         return not self.conns
 
     def drain_backlog(self) -> bool:
@@ -588,6 +611,9 @@ class Worker:
             return
         if data.startswith(MSG_CONNS):
             self.adopt(chan.parse_conns(data, fds))
+            return
+        if data.startswith(MSG_FRESH):
+            self.adopt(chan.parse_conns(data, fds), fresh=True)
             return
         for fd in fds:  # no other message carries descriptors
             os.close(fd)
@@ -636,13 +662,16 @@ class Worker:
                 del self.conns[conn.fd]
                 conn.close()  # this process's descriptor only
             passed += len(batch)
+        self.slot.hold(len(self.conns))
         if passed:
             log.debug("worker %d: passed %d keep-alive connections on", self.spec.number, passed)
 
-    def adopt(self, conns: list[tuple[int, int, float]]) -> None:
+    def adopt(self, conns: list[tuple[int, int, float]], fresh: bool = False) -> None:
         """Park keep-alive connections another worker passed on, as if served here; one that
         cannot be kept (no such listener here, stopping, at max_connections) is closed and
-        its client reconnects, as it would have without the hand-over."""
+        its client reconnects, as it would have without the hand-over. `fresh` ones were
+        just accepted by a busier worker (balance_connections) and never read from: they
+        are taken as accept() takes a connection, stopping or not."""
         now = time.monotonic()
         for fd, lid, deadline in conns:
             listener = self.listener_ids.get(lid)
@@ -653,25 +682,55 @@ class Worker:
                 continue
             if (
                 listener is None
-                or self.stopping
                 or self.protocol is None
-                or len(self.conns) + 1 >= self.max_connections
                 or listener.fd in self.spec.tls
+                or (not fresh and (self.stopping or len(self.conns) + 1 >= self.max_connections))
             ):
                 sock.close()
                 continue
+            if fresh and len(self.conns) >= self.max_connections:
+                self.evict_idle()
             try:
                 peer = sock.getpeername()
             except OSError:
                 sock.close()  # the client is already gone
                 continue
             conn = Connection(sock, peer, listener, self.limits)
-            conn.served = 1
             conn.adopted = True
-            # the idle clock keeps running: moving between workers does not extend it
-            conn.deadline = min(deadline, now + self.keepalive_timeout)
+            # the clock keeps running: moving between workers does not extend it
+            if fresh:
+                conn.deadline = min(deadline, now + self.header_timeout)
+            else:
+                conn.served = 1
+                conn.deadline = min(deadline, now + self.keepalive_timeout)
             conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
             self.park(conn)
+
+    def pass_to_peer(self, sock: socket.socket, listener: Listener) -> bool:
+        """Holding more than its share: send a connection just accepted (nothing read from
+        it yet) to the master for the worker holding the fewest; False to keep it here."""
+        now = time.monotonic()
+        if now >= self.peers_until:
+            self.peers = self.slot.peers()
+            self.peers_until = now + PEERS_INTERVAL
+            self.passed.clear()
+        held = len(self.conns)
+        target, least = 0, held - max(1, held // 8)  # only to a worker clearly behind
+        for pid, offset in self.peers:
+            load = self.slot.held_by(pid, offset)
+            if load is not None and load + self.passed.get(pid, 0) < least:
+                target, least = pid, load + self.passed.get(pid, 0)
+        lid = self.id_of_listener.get(listener.fd)
+        if not target or lid is None:
+            return False
+        deadline = now + self.header_timeout
+        if not chan.send_conns(
+            self.spec.channel, [(sock.fileno(), lid, deadline)], chan.balance_head(target)
+        ):
+            return False
+        self.passed[target] = self.passed.get(target, 0) + 1
+        sock.close()
+        return True
 
     def on_signals(self) -> None:
         for signum in self.signals.drain():

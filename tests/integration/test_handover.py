@@ -23,6 +23,7 @@ from harness import (
     settings,
     wait_until,
 )
+from prefork.worker import PEERS_INTERVAL
 
 
 def ask(sock: socket.socket) -> Response:
@@ -98,3 +99,42 @@ def test_a_reload_hands_idle_connections_to_the_new_generation(
         assert not closes(response)
     finally:
         sock.close()
+
+
+def burst_after_a_second_worker_joins(server_factory: ServerFactory, balance: bool) -> list[int]:
+    """Worker 1 holds 12 keep-alive connections; TTIN adds worker 2; 12 more clients then
+    connect one after another. Which worker served each of the 12."""
+    server = server_factory(
+        settings(workers={"count": 1}, http={"balance_connections": balance})
+    )
+    (first,) = server.worker_pids()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            socks.append(connect(address(server), timeout=10))
+            assert int(ask(socks[-1]).body) == first
+        server.signal(signal.SIGTTIN)
+        server.wait_for_log(re.compile(r"worker 2 \(pid \d+\) booted"))
+        # a worker looks for the others of its generation at most PEERS_INTERVAL apart
+        time.sleep(3 * PEERS_INTERVAL)
+        served = []
+        for _ in range(12):
+            # paced, so that each newcomer arrives while both workers wait in epoll
+            time.sleep(0.02)
+            socks.append(connect(address(server), timeout=10))
+            served.append(int(ask(socks[-1]).body))
+        for sock in socks:  # every connection is still open and served where it lives
+            assert not closes(ask(sock))
+        return [0 if pid == first else 1 for pid in served]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_busy_worker_passes_new_connections_to_an_idle_one(
+    server_factory: ServerFactory,
+) -> None:
+    # Each newcomer arrives while both workers wait in epoll: the kernel wakes the one that
+    # registered first (worker 1) every time. Worker 1, holding 12 against 0, passes them on.
+    served = burst_after_a_second_worker_joins(server_factory, balance=True)
+    assert sum(served) >= 10, f"worker 2 got {sum(served)} of 12: {served}"

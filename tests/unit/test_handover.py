@@ -14,7 +14,7 @@ import pytest
 from prefork import channel as chan
 from prefork.addresses import Address
 from prefork.admin import metrics_text
-from prefork.channel import MSG_CONNS, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
+from prefork.channel import MSG_CONNS, MSG_FRESH, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.config import from_mapping
 from prefork.master import WorkerState
 from prefork.scoreboard import Activity
@@ -190,6 +190,75 @@ def test_idle_workers_come_first_and_take_turns(make_rig: Callable[..., Rig]) ->
     firsts = [order[0] for order in orders]
     assert sorted(firsts) == sorted([h.pid for h in idle] * 2)
     assert firsts[0] != firsts[1] != firsts[2] != firsts[3]
+
+
+def test_the_master_passes_a_balanced_connection_to_the_worker_named(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=2)
+    rig.master.current.listeners = [listener]
+    busy, idle = rig.start()
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    before = open_fds()
+    sent = chan.send_conns(
+        rig.kernel.children[busy.pid], [(sock.fileno(), lid, 5.0)], chan.balance_head(idle.pid)
+    )
+    assert sent
+    rig.tick()
+
+    message = chan.receive(rig.kernel.children[idle.pid])
+    assert message is not None
+    data, fds = message
+    assert data.startswith(MSG_FRESH)
+    assert [conn[1:] for conn in chan.parse_conns(data, fds)] == [(lid, 5.0)]
+    assert same_connection(fds[0], client)
+    assert open_fds() == before  # what arrived is closed by same_connection; no master copy
+    assert rig.master.balanced == 1
+    assert rig.snapshot()["totals"]["balanced"] == 1
+    assert b"\npreforkd_connections_balanced_total 1\n" in metrics_text(rig.snapshot())
+
+
+def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=3)
+    rig.master.current.listeners = [listener]
+    busy, named, other = rig.start()
+    rig.master.ask_to_stop(rig.handle(named.pid), "test")  # a stop began meanwhile
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    head = chan.balance_head(named.pid)
+    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), lid, 5.0)], head)
+    rig.tick()
+
+    assert rig.kernel.received(named.pid) == MSG_STOP  # and nothing after it
+    message = chan.receive(rig.kernel.children[other.pid])
+    assert message is not None
+    data, fds = message
+    assert data.startswith(MSG_FRESH)
+    assert same_connection(fds[0], client)
+    assert rig.master.balanced == 1
+
+
+def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=2)
+    rig.master.current.listeners = [listener]
+    busy, _ = rig.start()
+    sock, client = connection(clients)
+    gone = chan.listener_id(listener.fd) + 1  # a listener the current generation does not have
+    to_nobody = chan.balance_head(4242)
+    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), gone, 5.0)], to_nobody)
+    rig.tick()
+
+    message = chan.receive(rig.kernel.children[busy.pid])
+    assert message is not None
+    data, fds = message
+    assert data.startswith(MSG_FRESH)
+    assert same_connection(fds[0], client)
+    assert rig.master.balanced == 0
 
 
 def test_without_a_serving_worker_the_connections_are_closed(

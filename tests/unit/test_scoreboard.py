@@ -187,3 +187,26 @@ def test_busy_records_the_start_it_is_given(board: Scoreboard) -> None:
     slot.busy(b"GET", b"/", now=42.5)
     view = board.read(0)
     assert view.activity is Activity.BUSY and view.started == 42.5
+
+
+def test_workers_of_a_generation_see_each_others_connection_counts(board: Scoreboard) -> None:
+    me, peer, elsewhere, booting = board.slot(0), board.slot(3), board.slot(5), board.slot(6)
+    me.claim(101, 7, 1)
+    peer.claim(102, 7, 2)
+    elsewhere.claim(103, 6, 1)  # another generation
+    booting.claim(104, 7, 3)  # not serving yet
+    for slot in (me, peer, elsewhere):
+        slot.set(Activity.IDLE)
+    assert me.held_by(102, 3 * SLOT_SIZE) == 0
+    peer.hold(42)
+    assert me.peers() == [(102, 3 * SLOT_SIZE)]
+    assert me.held_by(102, 3 * SLOT_SIZE) == 42
+    peer.set(Activity.KEEPALIVE)
+    assert me.peers() == [(102, 3 * SLOT_SIZE)]
+    peer.set(Activity.DRAINING)  # stopping: takes nothing new
+    assert me.peers() == []
+    assert me.held_by(102, 3 * SLOT_SIZE) is None
+    peer.claim(105, 7, 2)  # the next worker in that slot starts from nothing
+    peer.set(Activity.IDLE)
+    assert me.held_by(102, 3 * SLOT_SIZE) is None  # not the worker that was looked up
+    assert me.held_by(105, 3 * SLOT_SIZE) == 0

@@ -1,6 +1,7 @@
-"""The worker's side of the keep-alive hand-over, in process: Worker.hand_over passes exactly
-its idle, served, plain connections over a real SEQPACKET channel, and Worker.adopt parks what
-arrives and serves the client's next request on the socket it never reopened."""
+"""The worker's side of passing connections, in process: Worker.hand_over passes exactly its
+idle, served, plain connections over a real SEQPACKET channel, and Worker.adopt parks what
+arrives and serves the client's next request on the socket it never reopened; a worker over
+its share passes a connection it just accepted (balance_connections)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ import pytest
 
 from prefork import channel as chan
 from prefork.addresses import Address
-from prefork.channel import MSG_CONNS
+from prefork.channel import MSG_BALANCE, MSG_CONNS, MSG_FRESH
 from prefork.config import from_mapping
 from prefork.hooks import WorkerInfo
 from prefork.logs import Logs
-from prefork.scoreboard import Scoreboard
+from prefork.scoreboard import Activity, Scoreboard
 from prefork.signals import SignalQueue
 from prefork.sockets import Listener
-from prefork.worker import Worker, WorkerSpec
+from prefork.worker import BALANCE_ABOVE, Worker, WorkerSpec
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 DEADLINE = 5.0
@@ -115,7 +116,14 @@ class Rig:
         self.workers.append(worker)
         self.closing.append(worker.epoll)
         worker.prepare()
+        worker.slot.claim(self.pid_of(number), 1, number)  # as worker_main does
+        worker.slot.set(Activity.IDLE)
         return worker, master_end
+
+    @staticmethod
+    def pid_of(number: int) -> int:
+        """The pid a worker's slot names (all of them live in this one process)."""
+        return 10_000 + number
 
     def connect(self) -> socket.socket:
         address = self.listener.address
@@ -335,3 +343,76 @@ def test_adopt_closes_what_it_cannot_keep(rig: Rig, why: str) -> None:
     new.adopt([(fd, listener, deadline)])
     assert len(new.conns) == held
     assert closed_by_server(client)
+
+
+def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewest(
+    rig: Rig,
+) -> None:
+    busy, busy_master_end = rig.worker(number=1)
+    idle, idle_master_end = rig.worker(number=2)
+    for _ in range(BALANCE_ABOVE):
+        served_connection(rig, busy)
+    newcomer = rig.connect()
+    newcomer.sendall(REQUEST)
+    rig.accept(busy)
+
+    assert len(busy.conns) == BALANCE_ABOVE  # it kept nothing of the newcomer
+    deadline = time.monotonic() + DEADLINE
+    while (message := chan.receive(busy_master_end)) is None:
+        assert time.monotonic() < deadline, "nothing was passed"
+    data, fds = message
+    assert data.startswith(MSG_BALANCE)
+    pid, passed = chan.parse_balance(data, fds)
+    assert pid == Rig.pid_of(2)
+    ((fd, lid, _),) = passed
+    assert peer_of(fd) == newcomer.getsockname() and lid in idle.listener_ids
+
+    # what the master does: on to that worker as a new connection, its own copy closed
+    assert chan.send_conns(idle_master_end, passed, MSG_FRESH)
+    os.close(fd)
+    idle.on_channel()
+    conn = conn_of(idle, newcomer)
+    assert conn.served == 0 and conn.deadline <= time.monotonic() + 10  # header_timeout
+    wait_readable(idle, conn.fd)  # the request it sent before the move was never read
+    idle.on_readable(conn)
+    assert read_response(newcomer).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert idle.slot.requests == 1 and busy.slot.requests == BALANCE_ABOVE
+
+
+@pytest.mark.parametrize("why", ["peer-as-busy", "turned-off", "peer-stopping"])
+def test_a_worker_keeps_a_new_connection_when_it_should(rig: Rig, why: str) -> None:
+    http = {"balance_connections": False} if why == "turned-off" else {}
+    busy, busy_master_end = rig.worker(number=1, **http)
+    peer, _ = rig.worker(number=2)
+    if why == "peer-as-busy":
+        peer.slot.hold(BALANCE_ABOVE)  # not clearly behind
+    elif why == "peer-stopping":
+        peer.slot.set(Activity.DRAINING)  # a stopping worker takes nothing new
+    for _ in range(BALANCE_ABOVE):
+        served_connection(rig, busy)
+    served_connection(rig, busy)
+    assert len(busy.conns) == BALANCE_ABOVE + 1
+    assert chan.receive(busy_master_end) is None
+
+
+def test_passed_connections_count_until_the_peer_says_so_itself(rig: Rig) -> None:
+    busy, busy_master_end = rig.worker(number=1)
+    rig.worker(number=2)
+    for _ in range(BALANCE_ABOVE):
+        served_connection(rig, busy)
+    kept = 0
+    for _ in range(12):
+        client = rig.connect()
+        client.sendall(REQUEST)
+        before = len(busy.conns)
+        rig.accept(busy)
+        kept += len(busy.conns) - before
+    # the peer holds nothing as far as the scoreboard says, yet it is not given all 12: what
+    # was passed to it counts, so the two end up even
+    passed = 0
+    while (message := chan.receive(busy_master_end)) is not None:
+        for fd in message[1]:
+            os.close(fd)
+        passed += len(message[1])
+    assert passed + kept == 12
+    assert abs((BALANCE_ABOVE + kept) - passed) <= 2, (kept, passed)
