@@ -27,6 +27,7 @@ MSG_RECYCLE = b"Q"  # max_requests reached, please replace me
 # less loaded worker; the master passes them on as MSG_FRESH (back to the sender if it cannot)
 MSG_BALANCE = b"B"
 MSG_FRESH = b"F"
+MSG_TAKEN = b"T"  # master -> worker: another worker took what your last MSG_BALANCE carried
 # both ways: "C" + for each connection its listener's id and the monotonic time at which it
 # is closed if still idle (CLOCK_MONOTONIC is one clock for every process); the descriptors
 # are attached in the same order
@@ -36,6 +37,7 @@ _ID = struct.Struct("=q")
 _PID = struct.Struct("=i")
 
 MAX_FDS = 250  # per message; Linux refuses more than SCM_MAX_FD (253)
+MAX_PENDING = 64  # messages a stopping worker reads before it exits
 MAX_MESSAGE = 65536
 MAX_BOOT_ERROR = 8192  # a boot error's text is cut to this, to fit any socket buffer
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -80,16 +82,26 @@ def parse_hand_over(data: bytes) -> set[int]:
 
 
 def send_conns(
-    sock: socket.socket, conns: list[tuple[int, int, float]], head: bytes = MSG_CONNS
+    sock: socket.socket,
+    conns: list[tuple[int, int, float]],
+    head: bytes = MSG_CONNS,
+    wait: bool = True,
 ) -> bool:
     """Send (connection fd, listener id, deadline) triples, at most MAX_FDS, after `head`
-    (MSG_CONNS, MSG_FRESH, or a balance_head); False if the message could not be sent (the
-    caller still owns, and closes, every descriptor)."""
+    (MSG_CONNS, MSG_FRESH, or a balance_head); without `wait`, never block on a full
+    channel. False if the message could not be sent (the caller still owns, and closes,
+    every descriptor)."""
     if not conns:
         return True
     body = b"".join(_CONN.pack(listener, deadline) for _, listener, deadline in conns)
+    fds = array.array("i", [fd for fd, _, _ in conns])
     try:
-        socket.send_fds(sock, [head + body], [fd for fd, _, _ in conns])
+        # not socket.send_fds: before Python 3.12 it ignores its flags argument
+        sock.sendmsg(
+            [head + body],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+            0 if wait else socket.MSG_DONTWAIT,
+        )
     except OSError:
         return False
     return True

@@ -419,11 +419,12 @@ class HttpConfig:
         default=True,
         metadata=_meta(
             "Keep the connections spread over the workers: a worker that holds at least 8 "
-            "and more than its share passes a connection it has just accepted (before reading "
-            "from it) to the worker holding the fewest, through the master. Without it, a "
-            "burst of connections (a load balancer filling its keep-alive pool, a benchmark "
-            "starting) can land on one worker and stay there, leaving the others idle. Not "
-            "for TLS listeners or with proxy_protocol."
+            "passes a connection it has just accepted (before reading from it), through the "
+            "master, to the worker of its generation holding the fewest, if that one holds "
+            "under 3/4 as many and is not stuck in a request (at most 32 per worker every "
+            "0.1 s). Without it, a burst of connections (a load balancer filling its "
+            "keep-alive pool, a benchmark starting) can land on one worker and stay there, "
+            "leaving the others idle. Not for TLS listeners or with proxy_protocol."
         ),
     )
     header_timeout: float = field(

@@ -33,6 +33,7 @@ from prefork.channel import (
     MSG_RECYCLE,
     MSG_REOPEN,
     MSG_STOP,
+    MSG_TAKEN,
 )
 from prefork.config import Config
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
@@ -493,14 +494,17 @@ class Master:
     ) -> None:
         """Connections a worker holding more than its share has just accepted, for the
         worker `pid` of its generation. Should that one no longer serve (a reload or a stop
-        began meanwhile): to a serving worker of the current generation on the same
-        listener, else back to the source. The master's copies are closed either way."""
+        began meanwhile, or it is being recycled): to another serving worker of that
+        generation, else back to the source. The master's copies are closed either way."""
         try:
-            named = self.workers.get(pid)
-            takers = [named] if named is not None and named.generation == source.generation else []
-            if all(lid in self.listener_ids() for _, lid, _ in conns):
-                takers += self.serving_for(source)
-            takers.append(source)
+            same = [
+                h
+                for h in self.workers.values()
+                if h.generation == source.generation and h is not source and not h.recycle
+            ]
+            # the one named first, then the others of its generation (same listeners and
+            # settings), then the source itself
+            takers = sorted(same, key=lambda h: h.pid != pid) + [source]
             for taker in takers:
                 serves = taker.state is WorkerState.READY or (
                     taker is source and taker.state is WorkerState.STOPPING
@@ -512,11 +516,20 @@ class Master:
                 ):
                     if taker is not source:
                         self.balanced += len(conns)
+                        self.tell(source, MSG_TAKEN)  # it may exit now without waiting
                     return
             log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
         finally:
             for fd, _, _ in conns:
                 os.close(fd)
+
+    def tell(self, handle: WorkerHandle, message: bytes) -> None:
+        """One message, if the worker's channel takes it now (it never blocks the master)."""
+        if handle.channel is not None:
+            try:
+                handle.channel.send(message)
+            except OSError:
+                pass
 
     def listener_ids(self) -> set[int]:
         ids = set()

@@ -65,6 +65,8 @@ class Activity(enum.IntEnum):
 
 
 _SERVING = frozenset((Activity.IDLE, Activity.BUSY, Activity.KEEPALIVE, Activity.READING))
+_IN_REQUEST = frozenset((Activity.BUSY, Activity.READING))
+STUCK = 0.05  # seconds in one request after which a worker is not given new connections
 
 
 class SlotView(NamedTuple):
@@ -197,11 +199,16 @@ class Slot:
                 found.append((pid, offset))
         return found
 
-    def held_by(self, pid: int, offset: int) -> int | None:
+    def held_by(self, pid: int, offset: int, now: float) -> int | None:
         """The connections worker `pid`, in the slot at `offset`, last said it holds; None
-        once that slot no longer holds it serving (it stops, or another worker took it)."""
+        when it cannot take one now: that slot no longer holds it serving (it stops, or
+        another worker took the slot), or it has been inside one request for over
+        STUCK seconds (a slow app or upload: nothing new would be answered meanwhile)."""
         memory = self._memory
-        if memory[offset] not in _SERVING:
+        state, started = _STATE_STARTED.unpack_from(memory, offset)
+        if state not in _SERVING:
+            return None
+        if state in _IN_REQUEST and now - started > STUCK:
             return None
         if _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)[0] != pid:
             return None

@@ -36,6 +36,7 @@ from prefork.channel import (
     MSG_RECYCLE,
     MSG_REOPEN,
     MSG_STOP,
+    MSG_TAKEN,
 )
 from prefork.config import Config
 from prefork.connection import Connection
@@ -79,6 +80,12 @@ ACCEPT_BATCH = 32
 # workers, PEERS_INTERVAL ago at most: a worker that joins is found that soon).
 BALANCE_ABOVE = 8
 PEERS_INTERVAL = 0.1
+# At most this many passed per PEERS_INTERVAL: each costs the master a hop, and a worker that
+# keeps a few too many is better than a master (and channels) flooded under a connection storm.
+BALANCE_BURST = 32
+# How long a stopping worker waits for the master's answer about connections it passed (the
+# master sends them back when no other worker can take them).
+PASS_ANSWER_WAIT = 1.0
 
 
 @dataclass(slots=True)
@@ -231,9 +238,16 @@ class Worker:
         self.balance = (
             http.balance_connections and config.protocol == "http" and self.proxy_protocol == "off"
         )
-        self.peers: list[tuple[int, int]] = []  # (pid, slot offset), looked up at peers_until
+        # pid -> (connections it holds, as last seen plus what was passed to it since, its
+        # slot offset): the generation's other workers, looked up again at peers_until
+        self.loads: dict[int, tuple[int, int]] = {}
+        self.lightest: tuple[int, int, int] | None = None  # (pid, load, offset)
         self.peers_until = 0.0
-        self.passed: dict[int, int] = {}  # pid -> connections passed to it since the look
+        self.passes_left = 0
+        # passed to the master and not yet answered (MSG_TAKEN, or MSG_FRESH back): a
+        # stopping worker waits for the answer, until unanswered_until at most
+        self.unanswered = 0
+        self.unanswered_until = 0.0
         self.protocol: HttpProtocol | None = None
         if config.protocol == "http":
             self.protocol = HttpProtocol(
@@ -392,8 +406,7 @@ class Worker:
                 data = self.read_proxy_header(conn, data)
             except ProtocolError as exc:
                 log.debug("closing %s: %s", conn.peer, exc.reason)
-                self.conns.pop(conn.fd, None)
-                conn.close()  # a proxy speaking the wrong protocol gets no HTTP answer
+                self.drop(conn)  # a proxy speaking the wrong protocol gets no HTTP answer
                 return True
             if not data:
                 if conn.head_deadline == 0.0:
@@ -580,8 +593,13 @@ class Worker:
             for sock, peer in self.pending_streams:
                 self.serve_stream(sock, peer)
             self.pending_streams.clear()
-        if not self.conns and self.channel_fd in dict(self.epoll.poll(0)):
-            self.on_channel()  # a connection passed back at the last moment is answered
+        for _ in range(chan.MAX_PENDING):
+            # a connection passed at the last moment is answered, not dropped unread
+            if self.conns or self.channel_fd not in dict(self.epoll.poll(0)):
+                break
+            self.on_channel()
+        if self.unanswered and now < self.unanswered_until:
+            return False  # what it passed may yet come back to it
         return not self.conns
 
     def drain_backlog(self) -> bool:
@@ -613,7 +631,12 @@ class Worker:
             self.adopt(chan.parse_conns(data, fds))
             return
         if data.startswith(MSG_FRESH):
-            self.adopt(chan.parse_conns(data, fds), fresh=True)
+            conns = chan.parse_conns(data, fds)
+            self.unanswered = max(0, self.unanswered - len(conns))  # ours, back, or new
+            self.adopt(conns, fresh=True)
+            return
+        if data == MSG_TAKEN:
+            self.unanswered = max(0, self.unanswered - 1)
             return
         for fd in fds:  # no other message carries descriptors
             os.close(fd)
@@ -704,33 +727,58 @@ class Worker:
                 conn.served = 1
                 conn.deadline = min(deadline, now + self.keepalive_timeout)
             conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
-            self.park(conn)
+            if fresh:
+                # as accept() does: a request that already arrived is answered now, whatever
+                # the time spent on the way
+                if not self.on_readable(conn) and not conn.closed:
+                    self.park(conn)
+            else:
+                self.park(conn)
 
     def pass_to_peer(self, sock: socket.socket, listener: Listener) -> bool:
         """Holding more than its share: send a connection just accepted (nothing read from
         it yet) to the master for the worker holding the fewest; False to keep it here."""
         now = time.monotonic()
         if now >= self.peers_until:
-            self.peers = self.slot.peers()
-            self.peers_until = now + PEERS_INTERVAL
-            self.passed.clear()
-        held = len(self.conns)
-        target, least = 0, held - max(1, held // 8)  # only to a worker clearly behind
-        for pid, offset in self.peers:
-            load = self.slot.held_by(pid, offset)
-            if load is not None and load + self.passed.get(pid, 0) < least:
-                target, least = pid, load + self.passed.get(pid, 0)
-        lid = self.id_of_listener.get(listener.fd)
-        if not target or lid is None:
+            self.look_at_peers(now)
+        if self.lightest is None or self.passes_left <= 0:
             return False
-        deadline = now + self.header_timeout
-        if not chan.send_conns(
-            self.spec.channel, [(sock.fileno(), lid, deadline)], chan.balance_head(target)
+        pid, load, offset = self.lightest
+        held = len(self.conns)
+        if load >= held - max(1, held // 4):
+            return False  # only to a worker clearly behind
+        if self.slot.held_by(pid, offset, now) is None:
+            del self.loads[pid]  # it stops, or it is stuck in a request: not a taker
+            self.lightest = _lightest(self.loads)
+            return False
+        lid = self.id_of_listener.get(listener.fd)
+        if lid is None or not chan.send_conns(
+            self.spec.channel,
+            [(sock.fileno(), lid, now + self.header_timeout)],
+            chan.balance_head(pid),
+            wait=False,  # a master that is busy (a reload) is not waited for: keep it here
         ):
             return False
-        self.passed[target] = self.passed.get(target, 0) + 1
         sock.close()
+        self.unanswered += 1
+        self.unanswered_until = now + PASS_ANSWER_WAIT
+        self.passes_left -= 1
+        self.loads[pid] = (load + 1, offset)
+        self.lightest = _lightest(self.loads)
         return True
+
+    def look_at_peers(self, now: float) -> None:
+        """The other workers of this generation that can take a connection now, and how
+        many each holds: a scan of the scoreboard, PEERS_INTERVAL apart at most. What was
+        passed before is in the counts by then (a taker is waiting in its loop)."""
+        self.peers_until = now + PEERS_INTERVAL
+        self.passes_left = BALANCE_BURST
+        self.loads = {}
+        for pid, offset in self.slot.peers():
+            held = self.slot.held_by(pid, offset, now)
+            if held is not None:
+                self.loads[pid] = (held, offset)
+        self.lightest = _lightest(self.loads)
 
     def on_signals(self) -> None:
         for signum in self.signals.drain():
@@ -738,6 +786,13 @@ class Worker:
                 self.begin_stop()
             elif signum == signal.SIGUSR1:
                 self.spec.logs.reopen()
+
+
+def _lightest(loads: dict[int, tuple[int, int]]) -> tuple[int, int, int] | None:
+    if not loads:
+        return None
+    pid = min(loads, key=lambda p: loads[p][0])
+    return pid, *loads[pid]
 
 
 def _peer_text(peer: Any) -> str:

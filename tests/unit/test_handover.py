@@ -14,7 +14,14 @@ import pytest
 from prefork import channel as chan
 from prefork.addresses import Address
 from prefork.admin import metrics_text
-from prefork.channel import MSG_CONNS, MSG_FRESH, MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
+from prefork.channel import (
+    MSG_CONNS,
+    MSG_FRESH,
+    MSG_HAND_OVER,
+    MSG_RECYCLE,
+    MSG_STOP,
+    MSG_TAKEN,
+)
 from prefork.config import from_mapping
 from prefork.master import WorkerState
 from prefork.scoreboard import Activity
@@ -214,6 +221,7 @@ def test_the_master_passes_a_balanced_connection_to_the_worker_named(
     assert [conn[1:] for conn in chan.parse_conns(data, fds)] == [(lid, 5.0)]
     assert same_connection(fds[0], client)
     assert open_fds() == before  # what arrived is closed by same_connection; no master copy
+    assert rig.kernel.received(busy.pid) == MSG_TAKEN  # the sender need not wait for it
     assert rig.master.balanced == 1
     assert rig.snapshot()["totals"]["balanced"] == 1
     assert b"\npreforkd_connections_balanced_total 1\n" in metrics_text(rig.snapshot())
@@ -244,13 +252,13 @@ def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
 def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=2)
+    rig = make_rig(count=1)
     rig.master.current.listeners = [listener]
-    busy, _ = rig.start()
+    (busy,) = rig.start()
     sock, client = connection(clients)
-    gone = chan.listener_id(listener.fd) + 1  # a listener the current generation does not have
-    to_nobody = chan.balance_head(4242)
-    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), gone, 5.0)], to_nobody)
+    lid = chan.listener_id(listener.fd)
+    to_nobody = chan.balance_head(4242)  # it exited meanwhile
+    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), lid, 5.0)], to_nobody)
     rig.tick()
 
     message = chan.receive(rig.kernel.children[busy.pid])

@@ -197,16 +197,21 @@ def test_workers_of_a_generation_see_each_others_connection_counts(board: Scoreb
     booting.claim(104, 7, 3)  # not serving yet
     for slot in (me, peer, elsewhere):
         slot.set(Activity.IDLE)
-    assert me.held_by(102, 3 * SLOT_SIZE) == 0
+    assert me.held_by(102, 3 * SLOT_SIZE, time.monotonic()) == 0
     peer.hold(42)
     assert me.peers() == [(102, 3 * SLOT_SIZE)]
-    assert me.held_by(102, 3 * SLOT_SIZE) == 42
+    assert me.held_by(102, 3 * SLOT_SIZE, time.monotonic()) == 42
     peer.set(Activity.KEEPALIVE)
     assert me.peers() == [(102, 3 * SLOT_SIZE)]
+    started = time.monotonic()
+    peer.busy(b"GET", b"/slow", started)
+    assert me.held_by(102, 3 * SLOT_SIZE, started + 0.01) == 42  # a request under way
+    assert me.held_by(102, 3 * SLOT_SIZE, started + 1.0) is None  # stuck in it: not a taker
     peer.set(Activity.DRAINING)  # stopping: takes nothing new
     assert me.peers() == []
-    assert me.held_by(102, 3 * SLOT_SIZE) is None
+    assert me.held_by(102, 3 * SLOT_SIZE, time.monotonic()) is None
     peer.claim(105, 7, 2)  # the next worker in that slot starts from nothing
     peer.set(Activity.IDLE)
-    assert me.held_by(102, 3 * SLOT_SIZE) is None  # not the worker that was looked up
-    assert me.held_by(105, 3 * SLOT_SIZE) == 0
+    # not the worker that was looked up
+    assert me.held_by(102, 3 * SLOT_SIZE, time.monotonic()) is None
+    assert me.held_by(105, 3 * SLOT_SIZE, time.monotonic()) == 0

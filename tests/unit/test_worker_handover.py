@@ -370,12 +370,10 @@ def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewe
     # what the master does: on to that worker as a new connection, its own copy closed
     assert chan.send_conns(idle_master_end, passed, MSG_FRESH)
     os.close(fd)
-    idle.on_channel()
-    conn = conn_of(idle, newcomer)
-    assert conn.served == 0 and conn.deadline <= time.monotonic() + 10  # header_timeout
-    wait_readable(idle, conn.fd)  # the request it sent before the move was never read
-    idle.on_readable(conn)
+    idle.on_channel()  # the request sent before the move was never read: answered now
     assert read_response(newcomer).startswith(b"HTTP/1.1 200 OK\r\n")
+    conn = conn_of(idle, newcomer)
+    assert conn.adopted and conn.served == 1  # its first request, answered here
     assert idle.slot.requests == 1 and busy.slot.requests == BALANCE_ABOVE
 
 
@@ -416,3 +414,75 @@ def test_passed_connections_count_until_the_peer_says_so_itself(rig: Rig) -> Non
         passed += len(message[1])
     assert passed + kept == 12
     assert abs((BALANCE_ABOVE + kept) - passed) <= 2, (kept, passed)
+
+
+def test_a_new_connection_that_waited_past_its_deadline_is_still_answered(rig: Rig) -> None:
+    idle, idle_master_end = rig.worker(number=2)
+    client = rig.connect()
+    client.sendall(REQUEST)
+    accepted, _ = rig.listener.sock.accept()  # as the busier worker did, long ago
+    lid = next(iter(idle.listener_ids))
+    assert chan.send_conns(idle_master_end, [(accepted.fileno(), lid, 0.0)], MSG_FRESH)
+    accepted.close()
+    deadline = time.monotonic() + DEADLINE
+    while not idle.conns and idle.slot.requests == 0:
+        assert time.monotonic() < deadline, "the connection never arrived"
+        select.select([idle_master_end], [], [], 0.05)
+        idle.on_channel()
+    idle.sweep()  # the deadline is long past: a parked idle connection would go now
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_a_stopping_worker_reads_what_was_passed_to_it_before_it_exits(rig: Rig) -> None:
+    worker, master_end = rig.worker(number=1)
+    client = rig.connect()
+    client.sendall(REQUEST)
+    accepted, _ = rig.listener.sock.accept()
+    lid = next(iter(worker.listener_ids))
+    master_end.send(b"O")  # another message first: every pending one is read
+    passed = [(accepted.fileno(), lid, time.monotonic() + 5)]
+    assert chan.send_conns(master_end, passed, MSG_FRESH)
+    accepted.close()
+    worker.begin_stop()
+    worker.idle_grace_until = 0.0
+    worker.finished()  # about to exit: what is pending is read, and answered, first
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert worker.slot.requests == 1
+
+
+def test_a_stopping_worker_waits_for_the_answer_about_what_it_passed(rig: Rig) -> None:
+    busy, busy_master_end = rig.worker(number=1)
+    rig.worker(number=2)
+    for _ in range(BALANCE_ABOVE):
+        served_connection(rig, busy)
+    newcomer = rig.connect()
+    newcomer.sendall(REQUEST)
+    rig.accept(busy)
+    assert busy.unanswered == 1
+    message = chan.receive(busy_master_end)
+    assert message is not None
+    _, passed = chan.parse_balance(*message)
+
+    busy.begin_stop()
+    busy.idle_grace_until = 0.0
+    busy.finished()  # closes its idle keep-alive connections
+    assert not busy.conns
+    assert not busy.finished()  # the passed connection may come back: not yet
+    # nobody else could take it: back to the sender, which answers it and may then exit
+    assert chan.send_conns(busy_master_end, passed, MSG_FRESH)
+    for fd, _, _ in passed:
+        os.close(fd)
+    while not busy.finished():
+        busy.on_readable(next(iter(busy.conns.values())))
+    assert read_response(newcomer).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert busy.unanswered == 0
+
+
+def test_taken_is_an_answer_too(rig: Rig) -> None:
+    worker, master_end = rig.worker(number=1)
+    worker.unanswered, worker.unanswered_until = 1, time.monotonic() + 60
+    worker.begin_stop()
+    worker.idle_grace_until = 0.0
+    assert not worker.finished()
+    master_end.send(chan.MSG_TAKEN)
+    assert worker.finished()
