@@ -138,3 +138,9 @@ def test_a_busy_worker_passes_new_connections_to_an_idle_one(
     # registered first (worker 1) every time. Worker 1, holding 12 against 0, passes them on.
     served = burst_after_a_second_worker_joins(server_factory, balance=True)
     assert sum(served) >= 10, f"worker 2 got {sum(served)} of 12: {served}"
+
+
+def test_without_balancing_the_first_worker_keeps_them(server_factory: ServerFactory) -> None:
+    # the control for the test above: the kernel's choice alone gives worker 2 nothing
+    served = burst_after_a_second_worker_joins(server_factory, balance=False)
+    assert sum(served) <= 3, f"worker 2 got {sum(served)} of 12 without balancing: {served}"
