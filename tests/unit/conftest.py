@@ -1,5 +1,6 @@
-"""Fixtures for the master's unit tests (test_master.py, test_supervise.py); the fakes they
-wire together live in fakes.py. Nothing here is autouse: a module asks for what it needs."""
+"""Fixtures for the unit tests (the master's in test_master.py, test_supervise.py and
+test_handover.py; the fakes they wire together live in fakes.py). Nothing here is autouse: a
+module asks for what it needs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from prefork.logs import Logs
 from prefork.master import Generation
 from prefork.sockets import Listener
 from tests.unit.fakes import Rig, make_config
@@ -21,6 +23,22 @@ def prefork_log_propagates(
     # prefork.logs.Logs sets propagate=False; caplog needs records to reach the root logger
     monkeypatch.setattr(logging.getLogger("prefork"), "propagate", True)
     caplog.set_level(logging.DEBUG, logger="prefork")
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    """Logs() re-points the "prefork" logger; put it back for the rest of the suite."""
+    logger = logging.getLogger("prefork")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield Logs()
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in saved[0]:
+            logger.addHandler(handler)
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
 
 
 @pytest.fixture

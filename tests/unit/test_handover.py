@@ -199,6 +199,27 @@ def test_idle_workers_come_first_and_take_turns(make_rig: Callable[..., Rig]) ->
     assert firsts[0] != firsts[1] != firsts[2] != firsts[3]
 
 
+def balance(
+    rig: Rig, listener: Listener, clients: list[socket.socket], sender: int, named: int
+) -> socket.socket:
+    """Worker `sender` passes a new connection for worker `named`; the master ticks. The
+    connection's client side."""
+    sock, client = connection(clients)
+    conns = [(sock.fileno(), chan.listener_id(listener.fd), 5.0)]
+    assert chan.send_conns(rig.kernel.children[sender], conns, chan.balance_head(named))
+    rig.tick()
+    return client
+
+
+def arrived_fresh(rig: Rig, pid: int, client: socket.socket) -> bool:
+    """Worker `pid` was given the connection of `client`, as a new one."""
+    message = chan.receive(rig.kernel.children[pid])
+    if message is None:
+        return False
+    data, fds = message
+    return data.startswith(MSG_FRESH) and len(fds) == 1 and same_connection(fds[0], client)
+
+
 def test_the_master_passes_a_balanced_connection_to_the_worker_named(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
@@ -234,18 +255,9 @@ def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
     rig.master.current.listeners = [listener]
     busy, named, other = rig.start()
     rig.master.ask_to_stop(rig.handle(named.pid), "test")  # a stop began meanwhile
-    sock, client = connection(clients)
-    lid = chan.listener_id(listener.fd)
-    head = chan.balance_head(named.pid)
-    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), lid, 5.0)], head)
-    rig.tick()
-
+    client = balance(rig, listener, clients, busy.pid, named.pid)
     assert rig.kernel.received(named.pid) == MSG_STOP  # and nothing after it
-    message = chan.receive(rig.kernel.children[other.pid])
-    assert message is not None
-    data, fds = message
-    assert data.startswith(MSG_FRESH)
-    assert same_connection(fds[0], client)
+    assert arrived_fresh(rig, other.pid, client)
     assert rig.master.balanced == 1
 
 
@@ -255,17 +267,8 @@ def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     rig = make_rig(count=1)
     rig.master.current.listeners = [listener]
     (busy,) = rig.start()
-    sock, client = connection(clients)
-    lid = chan.listener_id(listener.fd)
-    to_nobody = chan.balance_head(4242)  # it exited meanwhile
-    chan.send_conns(rig.kernel.children[busy.pid], [(sock.fileno(), lid, 5.0)], to_nobody)
-    rig.tick()
-
-    message = chan.receive(rig.kernel.children[busy.pid])
-    assert message is not None
-    data, fds = message
-    assert data.startswith(MSG_FRESH)
-    assert same_connection(fds[0], client)
+    client = balance(rig, listener, clients, busy.pid, 4242)  # that one exited meanwhile
+    assert arrived_fresh(rig, busy.pid, client)
     assert rig.master.balanced == 0
 
 

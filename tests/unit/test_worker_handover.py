@@ -36,24 +36,6 @@ def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[b
 
 
 @pytest.fixture
-def logs() -> Iterator[Logs]:
-    """Logs() re-points the "prefork" logger; put it back for the rest of the suite."""
-    import logging
-
-    logger = logging.getLogger("prefork")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        yield Logs()
-    finally:
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        for handler in saved[0]:
-            logger.addHandler(handler)
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
-
-
-@pytest.fixture
 def signals() -> Iterator[SignalQueue]:
     """The worker's signal pipe; the handlers and wakeup fd found are put back."""
     used = (signal.SIGTERM, signal.SIGUSR1)

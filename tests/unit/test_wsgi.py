@@ -4,7 +4,6 @@ iterable's close(), wsgi.input, 100-continue, and the environ HttpProtocol build
 from __future__ import annotations
 
 import io
-import logging
 import os
 import socket
 import sys
@@ -1189,22 +1188,6 @@ def test_environ_key_property(name: bytes) -> None:
 def test_error_status() -> None:
     assert error_status(ProtocolError(413, "too big")) == 413
     assert error_status(RuntimeError()) == 500
-
-
-@pytest.fixture
-def logs() -> Iterator[Logs]:
-    """Logs() re-points the "prefork" logger; put it back for the rest of the suite."""
-    logger = logging.getLogger("prefork")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    try:
-        yield Logs()
-    finally:
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        for handler in saved[0]:
-            logger.addHandler(handler)
-        logger.setLevel(saved[1])
-        logger.propagate = saved[2]
 
 
 @pytest.fixture
