@@ -260,6 +260,16 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
                 _line("preforkd_worker_memory_uss_bytes", worker["uss"],
                       {"worker": str(worker["number"]), "pid": str(worker["pid"])})
             )
+    family(
+        "preforkd_worker_connections",
+        "gauge",
+        "Connections each worker holds, idle keep-alive ones included.",
+    )
+    for worker in snapshot["workers"]:
+        out.append(
+            _line("preforkd_worker_connections", worker["connections"],
+                  {"worker": str(worker["number"]), "pid": str(worker["pid"])})
+        )
     family("preforkd_start_time_seconds", "gauge", "Start time of the master (unix time).")
     out.append(_line("preforkd_start_time_seconds", master["started"]))
     return ("\n".join(out) + "\n").encode()
@@ -276,8 +286,8 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         + ", ".join(f"{n} {s}" for s, n in snapshot["workers_by_state"].items() if n)
         + f"; {totals['requests']} requests",
         "",
-        f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'USS':>9}  "
-        f"{'AGE':>7}  CURRENT REQUEST",
+        f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'CONNS':>6} "
+        f"{'USS':>9}  {'AGE':>7}  CURRENT REQUEST",
     ]
     for w in snapshot["workers"]:
         current = w.get("current")
@@ -286,7 +296,7 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         uss = f"{w['uss'] / 1048576:.1f}M" if w.get("uss") is not None else "-"
         lines.append(
             f"{w['number']:>6} {w['pid']:>7} {w['generation']:>3} {w['activity']:<9} "
-            f"{w['requests']:>8} {uss:>9}  {age:>7}  {request}"
+            f"{w['requests']:>8} {w['connections']:>6} {uss:>9}  {age:>7}  {request}"
         )
     return "\n".join(lines)
 

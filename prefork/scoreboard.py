@@ -79,6 +79,7 @@ class SlotView(NamedTuple):
     generation: int
     number: int
     last: float = 0.0  # monotonic time of the worker's last report
+    connections: int = 0  # connections the worker holds (parked keep-alive ones included)
 
 
 class Counters(NamedTuple):
@@ -129,6 +130,7 @@ class Scoreboard:
         state, started, requests, last = _HEAD.unpack_from(raw, 0)
         method, target = _REQUEST.unpack_from(raw, _REQUEST_OFFSET)
         pid, generation, number = _IDENT.unpack_from(raw, _IDENT_OFFSET)
+        (connections,) = _HELD.unpack_from(raw, _HELD_OFFSET)
         return SlotView(
             Activity(state),
             started,
@@ -139,6 +141,7 @@ class Scoreboard:
             generation,
             number,
             last,
+            connections,
         )
 
     def counters(self, index: int) -> Counters:

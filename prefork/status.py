@@ -60,6 +60,7 @@ def snapshot(master: Master) -> dict[str, Any]:
             "lifecycle": handle.state.value,
             "activity": activity,
             "requests": view.requests,
+            "connections": view.connections,
             "current": current,
             "uss": uss,
             "age": round(now - handle.started, 3),

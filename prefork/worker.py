@@ -368,6 +368,8 @@ class Worker:
             conn.trusted = True
             if self.proxy_protocol != "off":
                 conn.proxy = ProxyHeader(self.proxy_protocol)
+        if serve:
+            self.slot.hold(len(self.conns) + 1)  # counted while it is answered at once
         if not (serve and self.on_readable(conn)) and not conn.closed:
             self.park(conn)
         return True
@@ -488,10 +490,13 @@ class Worker:
         return False
 
     def drop(self, conn: Connection) -> None:
-        if self.conns.pop(conn.fd, None) is not None:
-            self.slot.hold(len(self.conns))
-            if not self.accepting and len(self.conns) < self.max_connections:
-                self.start_accepting()
+        self.slot.hold(len(self.conns) - (conn.fd in self.conns))
+        if (
+            self.conns.pop(conn.fd, None) is not None
+            and not self.accepting
+            and len(self.conns) < self.max_connections
+        ):
+            self.start_accepting()
         if conn.adopted:
             # another process may still hold the open file for a moment (it is closed there
             # right after the hand-over), and the epoll entry lives as long as the file

@@ -446,20 +446,22 @@ def test_status_command_shows_a_busy_worker_and_its_request(
     assert f"master pid {server.pid}" in lines[0]
     (header,) = [i for i, line in enumerate(lines) if line.split()[:1] == ["WORKER"]]
     assert lines[header].split() == [
-        "WORKER", "PID", "GEN", "STATE", "REQS", "USS", "AGE", "CURRENT", "REQUEST"
+        "WORKER", "PID", "GEN", "STATE", "REQS", "CONNS", "USS", "AGE", "CURRENT", "REQUEST"
     ]
     rows = {int(line.split()[1]): line.split() for line in lines[header + 1 :] if line.strip()}
     assert sorted(rows) == server.worker_pids()
     busy = rows[busy_pid]
     assert busy[3] == "busy"
+    assert busy[5] == "1"  # the connection of the request under way
     assert busy[-2:] == ["GET", "/sleep"]  # the path only: queries may hold secrets
     (other,) = [row for pid, row in rows.items() if pid != busy_pid]
-    assert other[3] in ("idle", "keepalive") and len(other) == 6  # no age, no request
+    assert other[3] in ("idle", "keepalive") and len(other) == 7  # no age, no request
 
     by_pid = {w["pid"]: w for w in document["workers"]}
     assert by_pid[busy_pid]["activity"] == "busy"
     assert by_pid[busy_pid]["current"]["method"] == "GET"
     assert by_pid[busy_pid]["current"]["target"] == "/sleep"
+    assert by_pid[busy_pid]["connections"] == 1
     assert document["workers_by_state"]["busy"] == 1
     assert document["master"]["pid"] == server.pid
 

@@ -802,4 +802,13 @@ def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) ->
     assert samples[("preforkd_generation", ())] == 1
     uss_key = ("preforkd_worker_memory_uss_bytes", (("pid", str(one.pid)), ("worker", "1")))
     assert samples[uss_key] == 3 * MIB
+    rig.scoreboard.slot(one.slot).hold(7)
+    body = status.respond(rig.master, "/metrics")[2]
+    held = [
+        sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == "preforkd_worker_connections" and sample.labels["worker"] == "1"
+    ]
+    assert held == [7]
     assert samples[("preforkd_workers", (("state", "booting"),))] == 1
