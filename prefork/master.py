@@ -506,8 +506,10 @@ class Master:
             # settings), then the source itself
             takers = sorted(same, key=lambda h: h.pid != pid) + [source]
             for taker in takers:
-                serves = taker.state is WorkerState.READY or (
-                    taker is source and taker.state is WorkerState.STOPPING
+                # the source waits for the answer about what it passed, whatever its state
+                serves = self.takes(taker) or (
+                    taker is source
+                    and taker.state in (WorkerState.READY, WorkerState.STOPPING)
                 )
                 if (
                     serves
@@ -545,11 +547,17 @@ class Master:
         return [
             h
             for h in self.workers.values()
-            if h.state is WorkerState.READY
-            and h.generation == self.current.number
-            and h is not source
-            and h.channel is not None
+            if h.generation == self.current.number and h is not source and self.takes(h)
         ]
+
+    def takes(self, handle: WorkerHandle) -> bool:
+        """Whether `handle` can be given connections: it serves, and has not begun to stop on
+        its own (a TERM sent to it alone, the reload-mode file watcher)."""
+        return (
+            handle.state is WorkerState.READY
+            and handle.channel is not None
+            and self.scoreboard.read(handle.slot).activity is not Activity.DRAINING
+        )
 
     def hand_over_targets(self, source: WorkerHandle) -> list[WorkerHandle]:
         """Who takes `source`'s connections, best first: its successor; the worker of the

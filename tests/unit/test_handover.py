@@ -261,6 +261,20 @@ def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
     assert rig.master.balanced == 1
 
 
+def test_a_worker_stopping_on_its_own_is_given_no_connections(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    rig = make_rig(count=3)
+    rig.master.current.listeners = [listener]
+    busy, named, other = rig.start()
+    # a TERM sent to that worker alone: the master still counts it as ready
+    rig.scoreboard.slot(named.slot).set(Activity.DRAINING)
+    client = balance(rig, listener, clients, busy.pid, named.pid)
+    assert rig.kernel.received(named.pid) == b""
+    assert arrived_fresh(rig, other.pid, client)
+    assert rig.master.hand_over_targets(busy) == [rig.handle(other.pid)]
+
+
 def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
