@@ -479,12 +479,10 @@ class Master:
                 return
             listening = self.listener_ids()
             passed = [conn for conn in conns if conn[1] in listening]
-            for target in self.hand_over_targets(source):
-                assert target.channel is not None
-                if chan.send_conns(target.channel, passed):
-                    self.handed_over += len(passed)
-                    return
-            log.debug("%s: no worker took %d connections", source.describe(), len(passed))
+            if self.deliver(passed, self.hand_over_targets(source), MSG_CONNS) is not None:
+                self.handed_over += len(passed)
+            else:
+                log.debug("%s: no worker took %d connections", source.describe(), len(passed))
         finally:
             for fd, _, _ in conns:
                 os.close(fd)
@@ -497,41 +495,49 @@ class Master:
         began meanwhile, or it is being recycled): to another serving worker of that
         generation, else back to the source. The master's copies are closed either way."""
         try:
+            # the one named first, then the others of its generation (same listeners and
+            # settings), then the source itself, which waits for the answer about what it
+            # passed whatever its state
             same = [
                 h
                 for h in self.workers.values()
-                if h.generation == source.generation and h is not source and not h.recycle
+                if h.generation == source.generation
+                and h is not source
+                and not h.recycle
+                and self.takes(h)
             ]
-            # the one named first, then the others of its generation (same listeners and
-            # settings), then the source itself
-            takers = sorted(same, key=lambda h: h.pid != pid) + [source]
-            for taker in takers:
-                # the source waits for the answer about what it passed, whatever its state
-                serves = self.takes(taker) or (
-                    taker is source
-                    and taker.state in (WorkerState.READY, WorkerState.STOPPING)
-                )
-                if (
-                    serves
-                    and taker.channel is not None
-                    and chan.send_conns(taker.channel, conns, MSG_FRESH)
-                ):
-                    if taker is not source:
-                        self.balanced += len(conns)
-                        self.tell(source, MSG_TAKEN)  # it may exit now without waiting
-                    return
-            log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
+            takers = sorted(same, key=lambda h: h.pid != pid)
+            if source.state in (WorkerState.READY, WorkerState.STOPPING):
+                takers.append(source)
+            taker = self.deliver(conns, takers, MSG_FRESH)
+            if taker is None:
+                log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
+            elif taker is not source:
+                self.balanced += len(conns)
+                self.tell(source, MSG_TAKEN)  # it may exit now without waiting
         finally:
             for fd, _, _ in conns:
                 os.close(fd)
 
-    def tell(self, handle: WorkerHandle, message: bytes) -> None:
+    def deliver(
+        self, conns: list[tuple[int, int, float]], takers: list[WorkerHandle], head: bytes
+    ) -> WorkerHandle | None:
+        """Send `conns` to the first of `takers` whose channel takes them now; who took them.
+        The caller still closes its own copies."""
+        for taker in takers:
+            if taker.channel is not None and chan.send_conns(taker.channel, conns, head):
+                return taker
+        return None
+
+    def tell(self, handle: WorkerHandle, message: bytes) -> bool:
         """One message, if the worker's channel takes it now (it never blocks the master)."""
-        if handle.channel is not None:
-            try:
-                handle.channel.send(message)
-            except OSError:
-                pass
+        if handle.channel is None:
+            return False
+        try:
+            handle.channel.send(message)
+        except OSError:
+            return False
+        return True
 
     def listener_ids(self) -> set[int]:
         ids = set()
@@ -896,14 +902,7 @@ class Master:
             # over: every response until the worker reads its channel would close a
             # connection that could have been passed on
             self.scoreboard.request_stop(handle.slot)
-        sent = False
-        if handle.channel is not None:
-            try:
-                handle.channel.send(message)
-                sent = True
-            except OSError:
-                pass
-        if not sent:
+        if not self.tell(handle, message):
             self.scoreboard.request_stop(handle.slot)
             self.kernel.kill(handle.pid, signal.SIGTERM)
         handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)
@@ -972,11 +971,7 @@ class Master:
     def reopen_logs(self) -> None:
         self.logs.reopen()
         for handle in self.workers.values():
-            if handle.channel is not None:
-                try:
-                    handle.channel.send(MSG_REOPEN)
-                except OSError:
-                    pass
+            self.tell(handle, MSG_REOPEN)
         log.info("USR1: log files reopened")
 
     def reload(self) -> None:
