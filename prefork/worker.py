@@ -67,11 +67,12 @@ SWEEP_INTERVAL = 1.0
 # client is sending at that moment is answered (with Connection: close) instead of racing
 # the close. Clients that send nothing are closed after it.
 STOP_IDLE_GRACE = 0.5
+# A connection accepted but silent when the stop began gets this much more to send its request.
+SILENT_GRACE = 1.0
 # A worker already holding this many connections takes up to ACCEPT_BATCH new ones per
 # wake-up (parked, served in the next round with the others): with thousands of busy
 # keep-alive connections, one accept per epoll round would leave newcomers queued for
 # seconds. A worker holding few takes one and serves it at once, so idle workers share.
-SILENT_GRACE = 1.0
 ACCEPT_BATCH_ABOVE = 64
 ACCEPT_BATCH = 32
 # http.balance_connections: a worker holding at least BALANCE_ABOVE connections passes a new
@@ -205,10 +206,10 @@ class Worker:
         self.epoll = select.epoll()
         self.conns: dict[int, Connection] = {}
         self.listeners = {listener.fd: listener for listener in spec.listeners}
-        # by listener_id, for connections passed between workers; kept after a stop closes
-        # the listeners themselves
+        # by listener_id, for connections passed between workers, and back (keyed by the
+        # Listener object, whose fd is gone once a stop closes the listeners themselves)
         self.listener_ids = {chan.listener_id(lst.fd): lst for lst in spec.listeners}
-        self.id_of_listener = {lst.fd: lid for lid, lst in self.listener_ids.items()}
+        self.id_of_listener = {id(lst): lid for lid, lst in self.listener_ids.items()}
         self.channel_fd = spec.channel.fileno()
         self.signal_fd = signals.fileno()
         self.accepting = False
@@ -369,10 +370,17 @@ class Worker:
             if self.proxy_protocol != "off":
                 conn.proxy = ProxyHeader(self.proxy_protocol)
         if serve:
-            self.slot.hold(len(self.conns) + 1)  # counted while it is answered at once
-        if not (serve and self.on_readable(conn)) and not conn.closed:
+            self.take(conn)
+        else:
             self.park(conn)
         return True
+
+    def take(self, conn: Connection) -> None:
+        """A connection new to this worker: what it already sent is answered at once (it
+        counts as held meanwhile), else it is parked until it sends."""
+        self.slot.hold(len(self.conns) + 1)
+        if not self.on_readable(conn) and not conn.closed:
+            self.park(conn)
 
     def reject(self, conn: Connection, error: ProtocolError) -> None:
         """Answer with the error, then linger (half-closed, parked) so the client reads it;
@@ -662,7 +670,7 @@ class Worker:
         close). The rest are closed as in any stop, after STOP_IDLE_GRACE."""
         if self.protocol is None or self.proxy_protocol != "off":
             return  # a PROXY header's client address would not travel with the socket
-        ids = {id(listener): lid for lid, listener in self.listener_ids.items()}
+        ids = self.id_of_listener
         ready: list[tuple[Connection, int]] = [
             (conn, ids[id(conn.listener)])
             for conn in self.conns.values()
@@ -725,19 +733,14 @@ class Worker:
                 continue
             conn = Connection(sock, peer, listener, self.limits)
             conn.adopted = True
+            conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
             # the clock keeps running: moving between workers does not extend it
             if fresh:
                 conn.deadline = min(deadline, now + self.header_timeout)
+                self.take(conn)  # a request already there is answered, however late
             else:
                 conn.served = 1
                 conn.deadline = min(deadline, now + self.keepalive_timeout)
-            conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
-            if fresh:
-                # as accept() does: a request that already arrived is answered now, whatever
-                # the time spent on the way
-                if not self.on_readable(conn) and not conn.closed:
-                    self.park(conn)
-            else:
                 self.park(conn)
 
     def pass_to_peer(self, sock: socket.socket, listener: Listener) -> bool:
@@ -756,7 +759,7 @@ class Worker:
             del self.loads[pid]  # it stops, or it is stuck in a request: not a taker
             self.lightest = _lightest(self.loads)
             return False
-        lid = self.id_of_listener.get(listener.fd)
+        lid = self.id_of_listener.get(id(listener))
         if lid is None or not chan.send_conns(
             self.spec.channel,
             [(sock.fileno(), lid, now + self.header_timeout)],
