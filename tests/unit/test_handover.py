@@ -248,30 +248,23 @@ def test_the_master_passes_a_balanced_connection_to_the_worker_named(
     assert b"\npreforkd_connections_balanced_total 1\n" in metrics_text(rig.snapshot())
 
 
+@pytest.mark.parametrize("stop", ["asked-by-the-master", "on-its-own"])
 def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
-    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket], stop: str
 ) -> None:
     rig = make_rig(count=3)
     rig.master.current.listeners = [listener]
     busy, named, other = rig.start()
-    rig.master.ask_to_stop(rig.handle(named.pid), "test")  # a stop began meanwhile
+    if stop == "asked-by-the-master":
+        rig.master.ask_to_stop(rig.handle(named.pid), "test")  # a stop began meanwhile
+    else:
+        # a TERM sent to that worker alone: the master still counts it as ready
+        rig.scoreboard.slot(named.slot).set(Activity.DRAINING)
     client = balance(rig, listener, clients, busy.pid, named.pid)
-    assert rig.kernel.received(named.pid) == MSG_STOP  # and nothing after it
+    # the stop, if the master asked for it, and nothing after it
+    assert rig.kernel.received(named.pid) == (MSG_STOP if stop == "asked-by-the-master" else b"")
     assert arrived_fresh(rig, other.pid, client)
     assert rig.master.balanced == 1
-
-
-def test_a_worker_stopping_on_its_own_is_given_no_connections(
-    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
-) -> None:
-    rig = make_rig(count=3)
-    rig.master.current.listeners = [listener]
-    busy, named, other = rig.start()
-    # a TERM sent to that worker alone: the master still counts it as ready
-    rig.scoreboard.slot(named.slot).set(Activity.DRAINING)
-    client = balance(rig, listener, clients, busy.pid, named.pid)
-    assert rig.kernel.received(named.pid) == b""
-    assert arrived_fresh(rig, other.pid, client)
     assert rig.master.hand_over_targets(busy) == [rig.handle(other.pid)]
 
 
