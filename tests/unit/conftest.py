@@ -5,15 +5,24 @@ module asks for what it needs."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from prefork.addresses import Address
 from prefork.logs import Logs
 from prefork.master import Generation
+from prefork.signals import SignalQueue
 from prefork.sockets import Listener
 from tests.unit.fakes import Rig, make_config
+from tests.unit.worker_rig import WorkerRig
 
 
 @pytest.fixture
@@ -60,3 +69,48 @@ def make_rig() -> Iterator[Callable[..., Rig]]:
     yield make
     for rig in rigs:
         rig.close()
+
+
+@pytest.fixture
+def signals() -> Iterator[SignalQueue]:
+    """The worker's signal pipe; the handlers and wakeup fd found are put back."""
+    used = (signal.SIGTERM, signal.SIGUSR1)
+    handlers = {sig: signal.getsignal(sig) for sig in used}
+    queue = SignalQueue(catch=used)
+    yield queue
+    queue.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.fixture
+def worker_rig(logs: Logs, signals: SignalQueue) -> Iterator[WorkerRig]:
+    """Workers in this process on one shared non-blocking listener (tests/unit/worker_rig.py)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    host, port = sock.getsockname()
+    made = WorkerRig(Listener(sock, Address(kind="tcp", host=host, port=port)), logs, signals)
+    yield made
+    made.close()
+    sock.close()
+
+
+@pytest.fixture
+def cert_and_key(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key (openssl; a failure under CI=true
+    when it is missing, a skip elsewhere)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        reason = "required tool 'openssl' is not on PATH"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (.ci/run should install it)")
+        pytest.skip(reason)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key

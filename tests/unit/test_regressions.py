@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import shutil
 import signal
 import socket
-import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -165,20 +163,6 @@ def test_a_reload_whose_second_new_worker_fails_to_boot_is_reported_failed(
 
 
 # --- 12: PROXY protocol on a TLS listener ----------------------------------------------------
-
-
-@pytest.fixture
-def cert_and_key(tmp_path: Path) -> tuple[Path, Path]:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("required tool 'openssl' is not on PATH")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
 
 
 def test_proxy_protocol_with_a_tls_bind_is_a_config_error(

@@ -7,199 +7,34 @@ from __future__ import annotations
 
 import os
 import select
-import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
 from prefork import channel as chan
-from prefork.addresses import Address
-from prefork.channel import MSG_BALANCE, MSG_CONNS, MSG_FRESH
-from prefork.config import from_mapping
-from prefork.hooks import WorkerInfo
-from prefork.logs import Logs
-from prefork.scoreboard import Activity, Scoreboard
-from prefork.signals import SignalQueue
-from prefork.sockets import Listener
-from prefork.worker import BALANCE_ABOVE, Worker, WorkerSpec
-
-REQUEST = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
-DEADLINE = 5.0
-
-
-def hello(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
-    return [b"ok"]
+from prefork.channel import MSG_BALANCE, MSG_FRESH
+from prefork.scoreboard import Activity
+from prefork.worker import BALANCE_ABOVE
+from tests.unit.worker_rig import (
+    DEADLINE,
+    REQUEST,
+    WorkerRig,
+    closed_by_server,
+    conn_of,
+    peer_of,
+    read_response,
+    receive_conns,
+    served_connection,
+    wait_readable,
+)
 
 
 @pytest.fixture
-def signals() -> Iterator[SignalQueue]:
-    """The worker's signal pipe; the handlers and wakeup fd found are put back."""
-    used = (signal.SIGTERM, signal.SIGUSR1)
-    handlers = {sig: signal.getsignal(sig) for sig in used}
-    queue = SignalQueue(catch=used)
-    yield queue
-    queue.close()
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+def rig(worker_rig: WorkerRig) -> WorkerRig:
+    return worker_rig
 
 
-@pytest.fixture
-def listener() -> Iterator[Listener]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    sock.setblocking(False)
-    host, port = sock.getsockname()
-    yield Listener(sock, Address(kind="tcp", host=host, port=port))
-    sock.close()
-
-
-class Rig:
-    """Workers built as the master builds them, each on its own real channel."""
-
-    def __init__(self, listener: Listener, logs: Logs, signals: SignalQueue) -> None:
-        self.listener = listener
-        self.logs = logs
-        self.signals = signals
-        self.board = Scoreboard(4)
-        self.closing: list[Any] = [self.board]
-        self.clients: list[socket.socket] = []
-        self.workers: list[Worker] = []
-
-    def worker(
-        self, number: int = 1, max_connections: int = 100, **http: Any
-    ) -> tuple[Worker, socket.socket]:
-        """A worker and the master's end of its channel."""
-        config = from_mapping(
-            {
-                "app": "m:app",
-                "workers": {"count": 2, "max_connections": max_connections},
-                "http": {"keepalive_timeout": 30, **http},
-            }
-        )
-        master_end, worker_end = chan.pair()
-        self.closing += [master_end, worker_end]
-        spec = WorkerSpec(
-            number=number,
-            generation=1,
-            config=config,
-            listeners=[self.listener],
-            channel=worker_end,
-            slot=self.board.slot(number - 1),
-            logs=self.logs,
-            app=hello,
-        )
-        info = WorkerInfo(number, 1, config, os.getpid())
-        worker = Worker(spec, hello, self.signals, info)
-        self.workers.append(worker)
-        self.closing.append(worker.epoll)
-        worker.prepare()
-        worker.slot.claim(self.pid_of(number), 1, number)  # as worker_main does
-        worker.slot.set(Activity.IDLE)
-        return worker, master_end
-
-    @staticmethod
-    def pid_of(number: int) -> int:
-        """The pid a worker's slot names (all of them live in this one process)."""
-        return 10_000 + number
-
-    def connect(self) -> socket.socket:
-        address = self.listener.address
-        client = socket.create_connection((address.host, address.port), timeout=DEADLINE)
-        self.clients.append(client)
-        return client
-
-    def accept(self, worker: Worker) -> None:
-        """Take the next queued connection, as the worker does when its epoll says so."""
-        deadline = time.monotonic() + DEADLINE
-        while not worker.accept(self.listener):
-            assert time.monotonic() < deadline, "nothing arrived to accept"
-            select.select([self.listener.sock], [], [], 0.1)
-
-    def close(self) -> None:
-        for sock in self.clients:
-            sock.close()
-        for worker in self.workers:
-            for conn in list(worker.conns.values()):
-                conn.close()
-        for thing in reversed(self.closing):
-            thing.close()
-
-
-@pytest.fixture
-def rig(listener: Listener, logs: Logs, signals: SignalQueue) -> Iterator[Rig]:
-    made = Rig(listener, logs, signals)
-    yield made
-    made.close()
-
-
-def read_response(client: socket.socket) -> bytes:
-    """One whole response to a hello request (its length is fixed)."""
-    data = b""
-    while not data.endswith(b"\r\n\r\nok"):
-        chunk = client.recv(4096)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    return data
-
-
-def served_connection(rig: Rig, worker: Worker, prefix: bytes = b"") -> socket.socket:
-    """A client that sent one request, got its answer and stays connected, idle."""
-    served = worker.slot.requests
-    client = rig.connect()
-    client.sendall(prefix + REQUEST)
-    rig.accept(worker)  # answers at once what has arrived; the rest as its loop would
-    deadline = time.monotonic() + DEADLINE
-    while worker.slot.requests == served:
-        assert time.monotonic() < deadline, "the request was never answered"
-        conn = conn_of(worker, client)
-        wait_readable(worker, conn.fd)
-        worker.on_readable(conn)
-    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
-    return client
-
-
-def conn_of(worker: Worker, client: socket.socket) -> Any:
-    """The worker's Connection for this client."""
-    (conn,) = [c for c in worker.conns.values() if c.peer == client.getsockname()]
-    return conn
-
-
-def wait_readable(worker: Worker, fd: int) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while fd not in dict(worker.epoll.poll(0.1)):
-        assert time.monotonic() < deadline, "the connection never became readable"
-
-
-def receive_conns(master_end: socket.socket) -> list[tuple[int, int, float]]:
-    deadline = time.monotonic() + DEADLINE
-    while (message := chan.receive(master_end)) is None:
-        assert time.monotonic() < deadline, "the worker sent nothing"
-        select.select([master_end], [], [], 0.1)
-    data, fds = message
-    assert data.startswith(MSG_CONNS)
-    return chan.parse_conns(data, fds)
-
-
-def peer_of(fd: int) -> Any:
-    """The remote address of a received descriptor (the descriptor stays open)."""
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        return sock.getpeername()
-
-
-def closed_by_server(client: socket.socket) -> bool:
-    client.settimeout(DEADLINE)
-    try:
-        return client.recv(1) == b""
-    except ConnectionResetError:
-        return True
-
-
-def test_hand_over_passes_only_idle_served_plain_connections(rig: Rig) -> None:
+def test_hand_over_passes_only_idle_served_plain_connections(rig: WorkerRig) -> None:
     worker, master_end = rig.worker()
     idle = [served_connection(rig, worker) for _ in range(3)]
     midway = served_connection(rig, worker)
@@ -234,8 +69,7 @@ def test_hand_over_passes_only_idle_served_plain_connections(rig: Rig) -> None:
         os.close(fd)
 
 
-def test_hand_over_keeps_everything_when_no_serving_worker_takes_the_listener(
-    rig: Rig,
+def test_hand_over_keeps_everything_when_no_serving_worker_takes_the_listener(rig: WorkerRig,
 ) -> None:
     worker, master_end = rig.worker()
     served_connection(rig, worker)
@@ -245,7 +79,7 @@ def test_hand_over_keeps_everything_when_no_serving_worker_takes_the_listener(
     assert len(worker.conns) == 1
 
 
-def test_hand_over_with_proxy_protocol_passes_nothing(rig: Rig) -> None:
+def test_hand_over_with_proxy_protocol_passes_nothing(rig: WorkerRig) -> None:
     worker, master_end = rig.worker(proxy_protocol="v1", forwarded_allow_ips=["127.0.0.1"])
     served_connection(rig, worker, b"PROXY TCP4 192.0.2.1 127.0.0.1 4321 80\r\n")
     (lid,) = worker.listener_ids
@@ -255,7 +89,7 @@ def test_hand_over_with_proxy_protocol_passes_nothing(rig: Rig) -> None:
     assert len(worker.conns) == 1
 
 
-def test_an_adopted_connection_is_served_on_the_same_socket(rig: Rig) -> None:
+def test_an_adopted_connection_is_served_on_the_same_socket(rig: WorkerRig) -> None:
     old, old_master_end = rig.worker(number=1)
     new, new_master_end = rig.worker(number=2)
     client = served_connection(rig, old)
@@ -283,7 +117,7 @@ def test_an_adopted_connection_is_served_on_the_same_socket(rig: Rig) -> None:
     assert new.slot.requests == 1 and old.slot.requests == 1
 
 
-def test_adopt_shortens_a_deadline_past_its_own_keepalive_timeout(rig: Rig) -> None:
+def test_adopt_shortens_a_deadline_past_its_own_keepalive_timeout(rig: WorkerRig) -> None:
     old, old_master_end = rig.worker(number=1)
     new, _ = rig.worker(number=2, keepalive_timeout=2)
     served_connection(rig, old)
@@ -298,7 +132,7 @@ def test_adopt_shortens_a_deadline_past_its_own_keepalive_timeout(rig: Rig) -> N
 
 
 @pytest.mark.parametrize("why", ["unknown-listener", "stopping", "full", "not-a-socket"])
-def test_adopt_closes_what_it_cannot_keep(rig: Rig, why: str) -> None:
+def test_adopt_closes_what_it_cannot_keep(rig: WorkerRig, why: str) -> None:
     old, old_master_end = rig.worker(number=1)
     new, _ = rig.worker(number=2, **({"max_connections": 2} if why == "full" else {}))
     client = served_connection(rig, old)
@@ -327,8 +161,7 @@ def test_adopt_closes_what_it_cannot_keep(rig: Rig, why: str) -> None:
     assert closed_by_server(client)
 
 
-def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewest(
-    rig: Rig,
+def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewest(rig: WorkerRig,
 ) -> None:
     busy, busy_master_end = rig.worker(number=1)
     idle, idle_master_end = rig.worker(number=2)
@@ -345,7 +178,7 @@ def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewe
     data, fds = message
     assert data.startswith(MSG_BALANCE)
     pid, passed = chan.parse_balance(data, fds)
-    assert pid == Rig.pid_of(2)
+    assert pid == WorkerRig.pid_of(2)
     ((fd, lid, _),) = passed
     assert peer_of(fd) == newcomer.getsockname() and lid in idle.listener_ids
 
@@ -360,7 +193,7 @@ def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewe
 
 
 @pytest.mark.parametrize("why", ["peer-as-busy", "turned-off", "peer-stopping"])
-def test_a_worker_keeps_a_new_connection_when_it_should(rig: Rig, why: str) -> None:
+def test_a_worker_keeps_a_new_connection_when_it_should(rig: WorkerRig, why: str) -> None:
     http = {"balance_connections": False} if why == "turned-off" else {}
     busy, busy_master_end = rig.worker(number=1, **http)
     peer, _ = rig.worker(number=2)
@@ -375,7 +208,7 @@ def test_a_worker_keeps_a_new_connection_when_it_should(rig: Rig, why: str) -> N
     assert chan.receive(busy_master_end) is None
 
 
-def test_passed_connections_count_until_the_peer_says_so_itself(rig: Rig) -> None:
+def test_passed_connections_count_until_the_peer_says_so_itself(rig: WorkerRig) -> None:
     busy, busy_master_end = rig.worker(number=1)
     rig.worker(number=2)
     for _ in range(BALANCE_ABOVE):
@@ -400,7 +233,7 @@ def test_passed_connections_count_until_the_peer_says_so_itself(rig: Rig) -> Non
     assert abs((BALANCE_ABOVE + kept) - passed) <= 2, (kept, passed)
 
 
-def test_a_new_connection_that_waited_past_its_deadline_is_still_answered(rig: Rig) -> None:
+def test_a_new_connection_that_waited_past_its_deadline_is_still_answered(rig: WorkerRig) -> None:
     idle, idle_master_end = rig.worker(number=2)
     client = rig.connect()
     client.sendall(REQUEST)
@@ -417,7 +250,7 @@ def test_a_new_connection_that_waited_past_its_deadline_is_still_answered(rig: R
     assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
-def test_a_stopping_worker_reads_what_was_passed_to_it_before_it_exits(rig: Rig) -> None:
+def test_a_stopping_worker_reads_what_was_passed_to_it_before_it_exits(rig: WorkerRig) -> None:
     worker, master_end = rig.worker(number=1)
     client = rig.connect()
     client.sendall(REQUEST)
@@ -434,7 +267,7 @@ def test_a_stopping_worker_reads_what_was_passed_to_it_before_it_exits(rig: Rig)
     assert worker.slot.requests == 1
 
 
-def test_a_stopping_worker_waits_for_the_answer_about_what_it_passed(rig: Rig) -> None:
+def test_a_stopping_worker_waits_for_the_answer_about_what_it_passed(rig: WorkerRig) -> None:
     busy, busy_master_end = rig.worker(number=1)
     rig.worker(number=2)
     for _ in range(BALANCE_ABOVE):
@@ -462,7 +295,7 @@ def test_a_stopping_worker_waits_for_the_answer_about_what_it_passed(rig: Rig) -
     assert busy.unanswered == 0
 
 
-def test_taken_is_an_answer_too(rig: Rig) -> None:
+def test_taken_is_an_answer_too(rig: WorkerRig) -> None:
     worker, master_end = rig.worker(number=1)
     worker.unanswered, worker.unanswered_until = 1, time.monotonic() + 60
     worker.begin_stop()
