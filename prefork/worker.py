@@ -360,7 +360,16 @@ class Worker:
         conn: Connection
         if context is not None:
             sock.setblocking(False)
-            tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            try:
+                tls_sock = context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError as exc:
+                # a client that reset before we took it: wrap_socket finds the socket not
+                # connected and probes it with a recv, which raises (ssl.SSLError included)
+                log.debug("worker %d: closing %s before TLS: %s", self.spec.number, peer, exc)
+                sock.close()
+                return True
             conn = TLSConnection(tls_sock, peer, listener, self.limits)
         else:
             conn = Connection(sock, peer, listener, self.limits)
@@ -429,7 +438,8 @@ class Worker:
         try:
             parser.feed(data)
         except ProtocolError as exc:
-            self.reject(conn, exc)
+            if self.answer_queued(conn):
+                self.reject(conn, exc)
             return True
         except Exception:
             # a parser bug must cost one connection, never the worker
@@ -444,6 +454,21 @@ class Worker:
         elif conn.fd not in self.conns:
             self.park(conn)  # e.g. only the empty line allowed before a request (RFC 9112 2.2)
         return True
+
+    def answer_queued(self, conn: Connection) -> bool:
+        """A request broke the framing after whole ones that arrived in the same read: those
+        are answered first, in order, so the error answers the request it belongs to; False
+        if the connection closed meanwhile (nothing is owed on it then)."""
+        requests = conn.parser.requests
+        if requests and not requests[-1].complete:
+            requests.pop()  # its body is what broke: the error is its answer
+        if not requests:
+            return True
+        assert self.protocol is not None
+        if self.protocol.serve(conn, True):
+            return True
+        self.close_after_answer(conn)
+        return False
 
     def read_proxy_header(self, conn: Connection, data: bytes) -> bytes:
         """Feed the PROXY header; what follows it (b"" until it is complete)."""
@@ -470,7 +495,7 @@ class Worker:
         if self.max_requests and self.slot.requests >= self.max_requests:
             self.ask_to_be_replaced()
         if not keep:
-            self.drop(conn)
+            self.close_after_answer(conn)
             return
         now = time.monotonic()
         if conn.parser.idle:
@@ -478,6 +503,16 @@ class Worker:
         else:
             conn.head_deadline = now + self.header_timeout
         self.park(conn)
+
+    def close_after_answer(self, conn: Connection) -> None:
+        """Close a connection whose last answer said so. When the client was still sending
+        (a body the application did not read, a body that broke a limit), a lingering
+        half-close first, as after a rejected head: closing with unread bytes would send a
+        reset that can destroy the response before the client reads it."""
+        if conn.parser.idle or conn.closed or not conn.begin_linger(ERROR_LINGER):
+            self.drop(conn)
+        else:
+            self.park(conn)
 
     def park(self, conn: Connection) -> None:
         """Wait for this connection's next bytes in the worker's epoll, not in a recv."""
