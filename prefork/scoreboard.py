@@ -171,7 +171,7 @@ class Scoreboard:
 class Slot:
     """A worker's writer for its own slot. Methods are on the per-request path: keep them cheap."""
 
-    __slots__ = ("_memory", "_offset", "_counters", "_held", "requests")
+    __slots__ = ("_memory", "_offset", "_counters", "_held", "_stopping", "requests")
 
     def __init__(self, memory: mmap.mmap, offset: int) -> None:
         self._memory = memory
@@ -182,6 +182,7 @@ class Slot:
         ].cast("Q")
         held = offset + _HELD_OFFSET
         self._held = memoryview(memory)[held : held + _HELD.size].cast("I")
+        self._stopping = False
         self.requests = 0
 
     def hold(self, connections: int) -> None:
@@ -236,8 +237,11 @@ class Slot:
     def done(self, status: int = 0, duration: float = 0.0, sent: int = 0,
              activity: Activity = Activity.IDLE, now: float | None = None) -> None:
         """A request ended (at `now`, monotonic, if the caller has read the clock): back to
-        `activity`, and its status, duration and size counted."""
+        `activity` (DRAINING once the worker began stopping), and its status, duration and
+        size counted."""
         self.requests += 1
+        if self._stopping:
+            activity = Activity.DRAINING
         counters = self._counters
         if counters is not None:
             if 100 <= status < 600:
@@ -262,6 +266,13 @@ class Slot:
     def reading(self, waiting: bool) -> None:
         """In a request, waiting for the client's body (or back to busy): one byte written."""
         self._memory[self._offset] = Activity.READING if waiting else Activity.BUSY
+
+    def stopping(self) -> None:
+        """The worker began stopping: the slot says DRAINING from now on, between requests
+        too, so the master and the other workers never count it as one that takes
+        connections."""
+        self._stopping = True
+        self.set(Activity.DRAINING)
 
     def stop_requested(self) -> bool:
         return self._memory[self._offset + _STOP_OFFSET] != 0

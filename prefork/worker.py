@@ -614,7 +614,7 @@ class Worker:
         if not self.stopping:
             self.stopping = True
             self.idle_grace_until = time.monotonic() + STOP_IDLE_GRACE
-            self.slot.set(Activity.DRAINING)
+            self.slot.stopping()
 
     def finished(self) -> bool:
         """While stopping: close idle keep-alive connections; done once nothing is held and,

@@ -215,3 +215,27 @@ def test_workers_of_a_generation_see_each_others_connection_counts(board: Scoreb
     # not the worker that was looked up
     assert me.held_by(102, 3 * SLOT_SIZE, time.monotonic()) is None
     assert me.held_by(105, 3 * SLOT_SIZE, time.monotonic()) == 0
+
+
+def test_a_stopping_worker_stays_draining_across_the_requests_it_still_answers(
+    board: Scoreboard,
+) -> None:
+    """Defect: a worker stopping on its own wrote DRAINING, and its next answered request
+    wrote KEEPALIVE or IDLE over it: the master and its peers took it for a taker again."""
+    me, peer = board.slot(0), board.slot(1)
+    me.claim(101, 1, 1)
+    peer.claim(102, 1, 2)
+    peer.set(Activity.IDLE)
+    assert me.peers() == [(102, SLOT_SIZE)]
+
+    peer.stopping()
+    peer.busy(b"GET", b"/last")
+    assert board.read(1).activity is Activity.BUSY  # the request under way still shows
+    peer.done(200, 0.001, 10, Activity.KEEPALIVE)
+
+    assert board.read(1).activity is Activity.DRAINING
+    assert me.peers() == []
+    assert me.held_by(102, SLOT_SIZE, time.monotonic()) is None
+    peer.done()
+    assert board.read(1).activity is Activity.DRAINING
+    assert board.read(1).requests == 2
