@@ -276,7 +276,10 @@ class WorkersConfig:
     timeout: float = field(
         default=30.0,
         metadata=_meta(
-            "A worker busy in one request longer than this (seconds) is killed and replaced.",
+            "A worker busy in one request longer than this (seconds) is killed and replaced. "
+            "A request that is only waiting on its client by then (a slow upload, a slow "
+            "reader of the response) is cut a second earlier instead: its connection is "
+            "closed and the worker goes on.",
             lo=0,
             hi=86400,
             lo_open=True,

@@ -7,6 +7,8 @@ only when a call would block do we poll, and never past the deadline given.
 
 from __future__ import annotations
 
+import errno
+import math
 import select
 import socket
 import time
@@ -19,6 +21,22 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _POLLIN = select.POLLIN | select.POLLPRI
 _POLLOUT = select.POLLOUT
 _ERRORS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# Send errors that mean the peer, or the network to it, ended the connection, besides
+# ConnectionError's (EPIPE, ECONNRESET, ...) which Python already sorts out: these arrive as a
+# plain OSError (ETIMEDOUT as TimeoutError). ETIMEDOUT: TCP gave up retransmitting or
+# probing; the others: an ICMP error or a lost route, reported on the socket. They are a
+# client going away, not a fault here. EBADF, EINVAL, ENOTSOCK and the like stay out: those
+# are bugs, and must reach the log with their traceback.
+_PEER_ERRNOS = frozenset(
+    {
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
+    }
+)
 
 
 class ClientTimeout(OSError):
@@ -27,6 +45,17 @@ class ClientTimeout(OSError):
 
 class ClientDisconnected(OSError):
     """The client closed the connection (or reset it) in the middle of a message."""
+
+
+class RequestTooLong(ClientTimeout):
+    """Waiting on the client (its body, or taking the response) would have kept the request
+    past workers.timeout, where the master kills a worker as hung."""
+
+
+def peer_failed(exc: OSError) -> bool:
+    """Whether a failed send means the client (or the network to it) is gone, rather than a
+    bug here: such failures become ClientDisconnected, the rest propagate as they are."""
+    return isinstance(exc, ConnectionError) or exc.errno in _PEER_ERRNOS
 
 
 class Connection:
@@ -51,6 +80,7 @@ class Connection:
         "linger_until",
         "remote",
         "adopted",
+        "wait_until",
     )
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
@@ -71,6 +101,9 @@ class Connection:
         self.linger_until = 0.0  # closing after an error: discard input until then
         self.remote: tuple[str, str] | None = None  # REMOTE_ADDR/PORT of peer, once computed
         self.adopted = False  # passed on by a replaced worker (worker.Worker.adopt)
+        # no wait on this client may last past this (monotonic): set per request, so that a
+        # slow client costs its own connection before the master would kill the whole worker
+        self.wait_until = math.inf
 
     # reading ---------------------------------------------------------------------------
 
@@ -98,7 +131,9 @@ class Connection:
             sent = self.sock.send(data, _DONTWAIT)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except ConnectionError as exc:
+        except OSError as exc:
+            if not peer_failed(exc):
+                raise
             raise ClientDisconnected(str(exc)) from None
         if sent == len(data):
             return
@@ -110,7 +145,9 @@ class Connection:
                 sent = self.sock.send(view, _DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 continue
-            except ConnectionError as exc:
+            except OSError as exc:
+                if not peer_failed(exc):
+                    raise
                 raise ClientDisconnected(str(exc)) from None
             view = view[sent:]
 
@@ -118,13 +155,21 @@ class Connection:
         self._wait(_POLLOUT, time.monotonic() + timeout)
 
     def _wait(self, events: int, deadline: float) -> None:
+        cut = deadline > self.wait_until
+        if cut:
+            deadline = self.wait_until
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ClientTimeout("client too slow")
-        poller = select.poll()
-        poller.register(self.fd, events)
-        ready = poller.poll(remaining * 1000.0)
+        if remaining > 0:
+            poller = select.poll()
+            poller.register(self.fd, events)
+            ready = poller.poll(remaining * 1000.0)
+        else:
+            ready = []
         if not ready:
+            if cut:
+                raise RequestTooLong(
+                    "waiting on the client would have kept the request past workers.timeout"
+                )
             raise ClientTimeout("client too slow")
         if ready[0][1] & _ERRORS and not ready[0][1] & events:
             raise ClientDisconnected("connection reset")

@@ -8,12 +8,13 @@ scoreboard slot says BUSY exactly while a request is being answered.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any
 
 from prefork import __version__
-from prefork.connection import ClientDisconnected, ClientTimeout, Connection
+from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
 from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks
 from prefork.http import ProtocolError, Request
@@ -41,6 +42,9 @@ DRAIN_LIMIT = 1 << 16
 DRAIN_TIME = 1.0
 # How long an error response waits for the client to stop sending before the close.
 ERROR_LINGER = 1.0
+# A request waiting on its client gives up this long (at most half of workers.timeout) before
+# the master would find the worker hung: the master checks about once a second.
+CLIENT_WAIT_MARGIN = 1.0
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the parser admits only these two
 
 
@@ -92,6 +96,7 @@ class HttpProtocol:
         body_timeout: float,
         body_min_rate: int = 0,
         send_timeout: float,
+        request_timeout: float = math.inf,
         server_header: str,
         proxies: TrustedProxies | None = None,
         hooks: Hooks | None = None,
@@ -109,6 +114,9 @@ class HttpProtocol:
         self.body_timeout = body_timeout
         self.body_min_rate = body_min_rate
         self.send_timeout = send_timeout
+        # waits on the client end this much after the request began: before the master's
+        # workers.timeout, which would kill the worker and every connection it holds
+        self.client_wait = request_timeout - min(CLIENT_WAIT_MARGIN, request_timeout / 2)
         self.server_line = (
             f"Server: {server_header}\r\n".encode("latin-1") if server_header else b""
         )
@@ -174,10 +182,12 @@ class HttpProtocol:
             conn.served += 1
             if not self.respond(conn, request, keep_alive and not parser.upgraded):
                 return False
+        conn.wait_until = math.inf  # between requests no request deadline applies
         return not parser.upgraded
 
     def respond(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
         start = time.monotonic()
+        conn.wait_until = start + self.client_wait
         env = self.environ(conn, request)
         response = Response(
             conn,
@@ -197,7 +207,14 @@ class HttpProtocol:
                 raise RuntimeError("the pre_request hook failed")
             run_app(self.app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
-            log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
+            if isinstance(exc, RequestTooLong):
+                log.warning(
+                    "closing the connection of %s %s from %s after %.0fs: %s; the worker "
+                    "goes on", request.method, request.target.decode("latin-1"),
+                    env["REMOTE_ADDR"] or "(unix)", time.monotonic() - start, exc,
+                )
+            else:
+                log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
             now = time.monotonic()
             self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
             return False

@@ -13,7 +13,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from prefork.connection import ClientDisconnected, Connection
+from prefork.connection import ClientDisconnected, Connection, peer_failed
 
 if TYPE_CHECKING:
     from prefork.config import TLSConfig
@@ -95,6 +95,10 @@ class TLSConnection(Connection):
             except ssl.SSLWantReadError:
                 self._wait(select.POLLIN, deadline)
                 continue
-            except (ssl.SSLError, ConnectionError) as exc:
+            except ssl.SSLError as exc:
+                raise ClientDisconnected(str(exc)) from None
+            except OSError as exc:
+                if not peer_failed(exc):
+                    raise
                 raise ClientDisconnected(str(exc)) from None
             view = view[sent:]

@@ -259,6 +259,7 @@ class Worker:
                 body_timeout=http.body_timeout,
                 body_min_rate=http.body_min_rate,
                 send_timeout=http.send_timeout,
+                request_timeout=config.workers.timeout,
                 server_header=http.server_header,
                 proxies=self.proxies,
                 hooks=spec.hooks,

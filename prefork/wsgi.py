@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import IO, Any
 from urllib.parse import unquote_to_bytes
 
-from prefork.connection import ClientDisconnected, ClientTimeout, Connection
+from prefork.connection import ClientDisconnected, ClientTimeout, Connection, peer_failed
 from prefork.http import ProtocolError, Request
 from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk
 
@@ -24,8 +24,11 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], None]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
-_NO_BODY_STATUS = (b"1", b"204", b"304")
-_STATUS_RE = re.compile(r"[1-5][0-9][0-9] [^\r\n\0]*\Z")
+_NO_BODY_STATUS = (b"204", b"304")  # 1xx never gets this far: _STATUS_RE refuses it
+# A final status only: after an application's 1xx (100, 101, 103) the client would wait for a
+# final response that never comes, and preforkd switches no protocols. Interim responses
+# are the server's business (100 Continue, from Input).
+_STATUS_RE = re.compile(r"[2-5][0-9][0-9] [^\r\n\0]*\Z")
 _BAD_VALUE = re.compile(r"[\r\n\0]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -87,6 +90,10 @@ class Input:
     complete raises ClientDisconnected, so a truncated body never looks complete.
     """
 
+    # The response to this request, for a client that expects 100 Continue (run_app links
+    # it): a class attribute, so that the other requests pay nothing for it.
+    _response: Response | None = None
+
     def __init__(
         self,
         conn: Connection,
@@ -112,7 +119,11 @@ class Input:
                 return False
             if self._continue_pending:
                 self._continue_pending = False
-                self._conn.send(CONTINUE_100, self._timeout)
+                # Once the final response's head is out, a 100 would land inside its body;
+                # the client, which has its answer, stops waiting for one anyway.
+                response = self._response
+                if response is None or not response.head_sent:
+                    self._conn.send(CONTINUE_100, self._timeout)
             limit = self._wait_limit()
             data = self._conn.recv_now()
             if data is None:
@@ -148,6 +159,10 @@ class Input:
     def continue_pending(self) -> bool:
         """The client still waits for 100 Continue: its body was never asked for."""
         return self._continue_pending
+
+    def answered_by(self, response: Response) -> None:
+        """The response to this request: no 100 Continue once its head has been sent."""
+        self._response = response
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
@@ -218,6 +233,8 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
     # isinstance, not type() is: a str subclass equals (and hashes as) the plain string a
     # cached head was made from, so the cached and the fresh check must agree on it
     if not isinstance(status, str) or not _STATUS_RE.match(status):
+        if isinstance(status, str) and status[:1] == "1":
+            raise ValueError(f"WSGI status {status!r} is interim, not a final status")
         raise ValueError(f"invalid WSGI status {status!r}")
     lines: list[str] = []
     content_length = None
@@ -235,7 +252,14 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
         if lname == "content-length":
             if not value.isdigit():
                 raise ValueError(f"invalid Content-Length {value!r}")
-            content_length = int(value)
+            length = int(value)
+            if content_length is not None:
+                # one value frames the body; the client must see only that one (RFC 9110
+                # 8.6: a recipient may reject differing values, or the message, outright)
+                if length != content_length:
+                    raise ValueError(f"conflicting Content-Length {content_length} and {value!r}")
+                continue  # a repeat of the same value: sent once
+            content_length = length
         lines.append(f"{name}: {value}\r\n")
     return (
         status.encode("latin-1"),
@@ -344,13 +368,19 @@ class Response:
         framing = b""
         length = self.content_length
         if length is None and not self.status.startswith(_NO_BODY_STATUS):
-            if known_length is not None:
+            # Here no_body means HEAD. An empty body given for HEAD tells nothing of the GET
+            # body (Werkzeug answers HEAD with ()), and Content-Length: 0 would say that is
+            # empty (RFC 9110 8.6), so none is sent (9.3.2 allows that); a non-empty one is
+            # the GET body, which the server strips.
+            if known_length is not None and (known_length or not self.no_body):
                 length = known_length
                 framing = b"Content-Length: %d\r\n" % known_length
-            elif self.request.version == "1.1" and not self.no_body:
+            elif self.no_body:
+                pass  # HEAD without a known length: no body follows, nothing to frame
+            elif self.request.version == "1.1":
                 self.chunked = True
                 framing = b"Transfer-Encoding: chunked\r\n"
-            elif not self.no_body:
+            else:
                 self.keep_alive = False  # close-delimited body
         if self.content_length is None and length is not None:
             self.content_length = length
@@ -412,11 +442,18 @@ class Response:
         self.conn.send(out, self.send_timeout)
 
     def sendfile(self, wrapper: FileWrapper, fd: int) -> bool:
-        """Send a file body with os.sendfile; False when the file cannot be used that way."""
+        """Send a file body with os.sendfile; False when the file cannot be used that way.
+
+        The body starts where the file object stands (its tell(), not the descriptor's
+        offset: a buffered file read ahead of what the application consumed), and the file
+        object is left after what was sent, as iterating would have left it."""
+        filelike = wrapper.filelike
+        # without tell() (an object with only fileno() and read()), the descriptor's offset
+        tell: Callable[[], int] | None = getattr(filelike, "tell", None)
         try:
-            offset = os.lseek(fd, 0, os.SEEK_CUR)
-            size = os.fstat(fd).st_size - offset
-        except OSError:
+            offset = tell() if tell is not None else os.lseek(fd, 0, os.SEEK_CUR)
+            size = max(os.fstat(fd).st_size - offset, 0)
+        except (OSError, ValueError):  # ValueError: tell() on a closed file
             return False
         length = self.content_length
         count = size if length is None else min(size, length - self.bytes_sent)
@@ -426,11 +463,14 @@ class Response:
         if self.no_body:
             return True
         sock_fd = self.conn.fd
+        start = self.bytes_sent
         self.conn.sock.setblocking(False)  # so a client that stops reading hits send_timeout
         try:
             self._sendfile(sock_fd, fd, offset, count)
         finally:
             self.conn.sock.setblocking(True)
+            # os.sendfile with an offset moves neither the descriptor nor the file object
+            _seek(filelike, fd, offset + self.bytes_sent - start)
         return True
 
     def _sendfile(self, sock_fd: int, fd: int, offset: int, count: int) -> None:
@@ -439,7 +479,9 @@ class Response:
                 sent = os.sendfile(sock_fd, fd, offset, min(count, 1 << 30))
             except BlockingIOError:
                 sent = -1
-            except (BrokenPipeError, ConnectionError) as exc:
+            except OSError as exc:
+                if not peer_failed(exc):
+                    raise
                 raise ClientDisconnected(str(exc)) from None
             if sent == 0:
                 break  # the file shrank
@@ -465,6 +507,20 @@ class Response:
             self.keep_alive = False  # the client will see a short body; the framing is lost
 
 
+def _seek(filelike: IO[bytes], fd: int, position: int) -> None:
+    """Put a file object (through seek(), so a buffered one drops its stale read-ahead) or
+    else its descriptor at `position`; a file that will not move is left as it is, since
+    the body it held has been sent already."""
+    seek: Callable[[int], object] | None = getattr(filelike, "seek", None)
+    try:
+        if seek is not None:
+            seek(position)
+        else:
+            os.lseek(fd, position, os.SEEK_SET)
+    except (OSError, ValueError):
+        pass
+
+
 def _as_bytes(data: object) -> bytes:
     """bytearray and memoryview are tolerated; anything else (a str, most often) is the
     application's error, reported before a byte of the response is sent."""
@@ -475,6 +531,12 @@ def _as_bytes(data: object) -> bytes:
 
 def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
     """Call the application and send its response; the iterable is always closed."""
+    if response.request.expect_continue:
+        # the application may start its response and only then read the body: the Input,
+        # which owes the 100 Continue, must then know the head has gone (see Input._fill)
+        body = environ.get("wsgi.input")
+        if type(body) is Input:
+            body.answered_by(response)
     result = app(environ, response.start_response)
     try:
         if type(result) is list or type(result) is tuple:

@@ -500,6 +500,40 @@ def test_slow_body_without_min_rate_is_served(server_factory: ServerFactory) -> 
     assert raw.startswith(b"HTTP/1.1 200 ") and raw.endswith(b"\r\n\r\n200"), raw
 
 
+def test_a_body_past_workers_timeout_costs_its_connection_not_the_worker(
+    server_factory: ServerFactory,
+) -> None:
+    """Defect: a body trickling within the limits kept its request past workers.timeout,
+    and the master killed the worker as hung, with every connection it held. Now the
+    request is cut a second before (2 s here) and only its connection closes."""
+    record = Path(server_factory.base_dir) / "body.jsonl"
+    server = server_factory(
+        settings(workers={"count": 1, "timeout": 3}, http={"body_timeout": 2, "body_min_rate": 0}),
+        env={"PF_BODY_RECORD": str(record)},
+    )
+    (worker,) = server.worker_pids()
+    with connect(address(server)) as held:
+        held.sendall(http_request("GET", "/"))
+        assert read_response(held).status == 200
+
+        raw, elapsed = trickle_body(server, 10_000, 20, 0.25, limit=8)
+
+        assert b" 200 " not in raw, raw
+        assert 1.5 <= elapsed < 3.0, f"cut after {elapsed:.2f}s; expected about 2s"
+        server.wait_for_log(
+            re.compile(r"closing the connection of POST /body from \S+ after 2s: waiting on "
+                       r"the client would have kept the request past workers.timeout; the "
+                       r"worker goes on"),
+            timeout=5,
+        )
+        entries = wait_until(lambda: records(record), 5, message="the app recorded nothing")
+        assert entries[0]["error"] == "RequestTooLong", entries
+        assert server.worker_pids() == [worker]
+        assert "timed out after" not in server.log()
+        held.sendall(http_request("GET", "/"))  # the worker's other connections live on
+        assert read_response(held).status == 200
+
+
 # --- slow clients cost descriptors, not workers -------------------------------------------------
 
 
