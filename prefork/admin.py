@@ -93,12 +93,16 @@ class AdminServer:
             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
+        payload = head if method == b"HEAD" else head + body
         try:
-            sock.setblocking(True)
-            sock.settimeout(1.0)  # a few KiB to a local client
-            sock.sendall(head if method == b"HEAD" else head + body)
+            # non-blocking: a few KiB fit the socket's buffer at once; a client that lets
+            # them pile up unread gets what fitted, and the master's loop never waits for it
+            sent = sock.send(payload)
         except OSError:
-            pass
+            return
+        if sent < len(payload):
+            log.warning("status endpoint: the client read nothing; sent %d of %d bytes of %s",
+                        sent, len(payload), target)
 
     def close(self) -> None:
         for sock, _, _ in self.conns.values():
