@@ -8,6 +8,7 @@ queued in order; each request owns its body chunks, so a consumer reads one body
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -22,6 +23,10 @@ _OWS = b" \t"
 # "GET" SP target SP "HTTP/1.1" CRLF, and the CRLF that ends the head
 _LINE_OVERHEAD = 1 + 1 + 8 + 2 + 2
 _FIELD_OVERHEAD = 2 + 2  # ": " and CRLF
+# Heads that frame a body the way an upgrade request framed its own (see _ignore_upgrade).
+# "Connection: close" makes llhttp refuse whatever follows the body, as after an upgrade.
+_CHUNKED_BODY_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+_LENGTH_BODY_HEAD = b"POST / HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,19 @@ class Request:
         return None
 
 
+class _BodyCallbacks:
+    """The callbacks of a parser that reads only a body (RequestParser._ignore_upgrade); it
+    has no head callbacks, so its synthetic head produces no request."""
+
+    __slots__ = ("on_body", "on_message_complete")
+
+    def __init__(
+        self, on_body: Callable[[bytes], None], on_message_complete: Callable[[], None]
+    ) -> None:
+        self.on_body = on_body
+        self.on_message_complete = on_message_complete
+
+
 def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes]:
     """Split a request-target into raw (path, query); absolute-form keeps only the path,
     authority-form (`connect`: host:port) has neither. An unusable target is a 400."""
@@ -118,7 +136,8 @@ class RequestParser:
     A request appears in `requests` as soon as its head is complete, so its body can be
     streamed to the application while later bytes arrive. `upgraded` means the client
     switched protocols (or sent CONNECT), or that bytes followed a request that closes the
-    connection: nothing after that request is read as HTTP.
+    connection: nothing after that request is read as HTTP. An upgrade request with a body
+    (not CONNECT) keeps its body, read per its framing: `upgraded` turns True at its head.
     """
 
     __slots__ = (
@@ -133,6 +152,7 @@ class RequestParser:
         "_in_head",
         "_head_bytes",
         "_head_size",
+        "_upgrade_body",
     )
 
     def __init__(self, limits: Limits) -> None:
@@ -147,6 +167,7 @@ class RequestParser:
         self._in_head = False
         self._head_bytes = 0
         self._head_size = 0
+        self._upgrade_body = False  # _parser now reads only the body of an upgrade request
 
     @property
     def idle(self) -> bool:
@@ -162,28 +183,70 @@ class RequestParser:
             if isinstance(cause, ProtocolError):
                 raise cause from None
             raise
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
             self.upgraded = True
-            return
+            if not self._ignore_upgrade():
+                return
+            rest = data[exc.args[0] :]
         except httptools.HttpParserInvalidMethodError:
             raise ProtocolError(400, "invalid method") from None
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
         except httptools.HttpParserError as exc:
+            if self._upgrade_body and not self._started:
+                # bytes after the body of an upgrade request: not HTTP, as after any upgrade
+                return
             if self.requests and self.requests[-1].complete and not self.requests[-1].keep_alive:
                 # RFC 9112 9.6: bytes after a request that closes the connection are ignored;
                 # that request is still answered (llhttp calls them an error)
                 self.upgraded = True
                 return
             raise ProtocolError(400, str(exc) or "malformed request") from None
-        if self._in_head:
-            # llhttp buffers a partial field out of our sight, so bound what a head still
-            # incomplete after this feed may hold. The feed where the head began counts whole
-            # (its offset is unknown), hence one read of slack; the exact limit is applied to
-            # every complete head in on_headers_complete.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_size + HEAD_SLACK:
-                raise ProtocolError(431, "request header too large")
+        else:
+            if self._in_head:
+                # llhttp buffers a partial field out of our sight, so bound what a head still
+                # incomplete after this feed may hold. The feed where the head began counts
+                # whole (its offset is unknown), hence one read of slack; the exact limit is
+                # applied to every complete head in on_headers_complete.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_header_size + HEAD_SLACK:
+                    raise ProtocolError(431, "request header too large")
+            return
+        # Only an upgrade request whose body is read gets here. Its body starts in `rest`; it
+        # is fed outside the except clause, or an error raised while parsing it would get the
+        # HttpParserUpgrade as __context__ in place of the ProtocolError that explains it.
+        self.feed(rest)
+
+    def _ignore_upgrade(self) -> bool:
+        """Answer the upgrade request just parsed as plain HTTP/1.1 if it declares a body;
+        True if `_parser` now reads that body.
+
+        preforkd implements no protocol upgrade, and RFC 9110 7.8 lets a server ignore
+        Upgrade, but httptools has llhttp skip the body of any upgrade request (its
+        on_headers_complete returns 1 whenever llhttp's upgrade flag is set, which no API
+        clears): the request would end at its head, a declared body truncated to nothing and
+        left unparsed. So the body is read by a second llhttp parser given a head with the same
+        framing, already checked by _check_framing: the same code, as strict, then frames it.
+        Without a body nothing is lost, and CONNECT opens a tunnel whatever it declares: both
+        stay upgrades as they were.
+        """
+        # The exception comes in the feed that ends the head (llhttp pauses right after it),
+        # so the request just appended is the upgrade request
+        request = self.requests[-1]
+        if request.method == "CONNECT" or not (request.chunked or request.content_length):
+            return False
+        reader = httptools.HttpRequestParser(_BodyCallbacks(self.on_body, self.on_message_complete))
+        if request.chunked:
+            reader.feed_data(_CHUNKED_BODY_HEAD)
+        else:
+            reader.feed_data(_LENGTH_BODY_HEAD % request.content_length)
+        # llhttp ended the message at its head: it goes on until its body ends
+        request.complete = False
+        self._current = request
+        self._started = True
+        self._parser = reader
+        self._upgrade_body = True
+        return True
 
     # llhttp callbacks ------------------------------------------------------------------
 
