@@ -1378,16 +1378,22 @@ def test_respond_ok_keeps_alive(logs: Logs, scoreboard: Scoreboard) -> None:
     assert sum(counters.buckets) == 1 and counters.bytes_sent == 2
 
 
-def test_respond_app_error_is_500_and_close(logs: Logs, scoreboard: Scoreboard) -> None:
-    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        raise RuntimeError("app bug")
-
+def respond_once(app: Any, logs: Logs, scoreboard: Scoreboard) -> tuple[bool, Any]:
+    """One GET answered by `app` through HttpProtocol.respond: (keep-alive, the response)."""
     proto, client = responder(app, logs, scoreboard)
     try:
         keep = proto.respond(client.conn, client.request(get()), True)
         parsed = parse_response(client.pending())
     finally:
         client.close()
+    return keep, parsed
+
+
+def test_respond_app_error_is_500_and_close(logs: Logs, scoreboard: Scoreboard) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raise RuntimeError("app bug")
+
+    keep, parsed = respond_once(app, logs, scoreboard)
     assert not keep
     assert parsed.status == b"500 Internal Server Error"
     assert parsed.value(b"connection") == b"close"

@@ -32,6 +32,7 @@ from tests.unit.test_wsgi import (
     get,
     make_response,
     parse_response,
+    respond_once,
     responder,
     scoreboard,
     serve,
@@ -229,12 +230,7 @@ def test_interim_status_is_answered_with_500(
     logs: Logs, scoreboard: Scoreboard, lazy: bool
 ) -> None:
     app = lazy_switch if lazy else simple_app([b"x"], status="101 Switching Protocols")
-    proto, client = responder(app, logs, scoreboard)
-    try:
-        keep = proto.respond(client.conn, client.request(get()), True)
-        parsed = parse_response(client.pending())
-    finally:
-        client.close()
+    keep, parsed = respond_once(app, logs, scoreboard)
     assert not keep
     assert parsed.status == b"500 Internal Server Error"
 
@@ -290,12 +286,7 @@ def test_conflicting_content_lengths_are_answered_with_500(
     logs: Logs, scoreboard: Scoreboard
 ) -> None:
     headers = [("Content-Length", "5"), ("Content-Length", "3")]
-    proto, client = responder(simple_app([b"hello"], headers=headers), logs, scoreboard)
-    try:
-        keep = proto.respond(client.conn, client.request(get()), True)
-        parsed = parse_response(client.pending())
-    finally:
-        client.close()
+    keep, parsed = respond_once(simple_app([b"hello"], headers=headers), logs, scoreboard)
     assert not keep
     assert parsed.status == b"500 Internal Server Error"
 
