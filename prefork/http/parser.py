@@ -153,6 +153,7 @@ class RequestParser:
         "_head_bytes",
         "_head_size",
         "_upgrade_body",
+        "_last_done",
     )
 
     def __init__(self, limits: Limits) -> None:
@@ -168,6 +169,7 @@ class RequestParser:
         self._head_bytes = 0
         self._head_size = 0
         self._upgrade_body = False  # _parser now reads only the body of an upgrade request
+        self._last_done: Request | None = None  # the request whose message ended last
 
     @property
     def idle(self) -> bool:
@@ -196,9 +198,11 @@ class RequestParser:
             if self._upgrade_body and not self._started:
                 # bytes after the body of an upgrade request: not HTTP, as after any upgrade
                 return
-            if self.requests and self.requests[-1].complete and not self.requests[-1].keep_alive:
+            last = self._last_done
+            if last is not None and not last.keep_alive and not self._started:
                 # RFC 9112 9.6: bytes after a request that closes the connection are ignored;
-                # that request is still answered (llhttp calls them an error)
+                # that request is still answered (llhttp calls them an error). It may have
+                # left the queue already: its body can end in the read that brings them.
                 self.upgraded = True
                 return
             raise ProtocolError(400, str(exc) or "malformed request") from None
@@ -316,6 +320,7 @@ class RequestParser:
         request = self._current
         if request is not None:
             request.complete = True
+        self._last_done = request
         self._current = None
         self._started = False
 

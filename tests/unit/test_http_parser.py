@@ -326,6 +326,24 @@ def test_head_is_published_before_the_body_arrives() -> None:
     assert parser.idle
 
 
+@pytest.mark.parametrize("taken", [False, True], ids=["queued", "taken-by-the-app"])
+def test_bytes_after_a_closing_request_are_ignored_even_once_it_left_the_queue(
+    taken: bool,
+) -> None:
+    """Defect: the bytes after a Connection: close request were ignored only while it was
+    still queued; once the application had taken it and was reading its body, the read that
+    ended the body and carried them raised a 400 into wsgi.input."""
+    parser = RequestParser(Limits())
+    parser.feed(head(b"POST / HTTP/1.1", HOST, b"Connection: close", b"Content-Length: 5"))
+    (request,) = parser.requests
+    if taken:
+        parser.requests.popleft()  # as the worker does before the application reads the body
+    parser.feed(b"hello" + head(b"GET /next HTTP/1.1", HOST))
+    assert request.complete and list(request.body) == [b"hello"]
+    assert parser.upgraded  # nothing after it is read as HTTP
+    assert len(parser.requests) == (0 if taken else 1)
+
+
 def test_idle_only_between_messages() -> None:
     parser = RequestParser(Limits())
     assert parser.idle
