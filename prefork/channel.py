@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-# master -> worker (one byte each, except MSG_CONNS and MSG_FRESH)
+# master -> worker (one byte each, except MSG_CONNS, MSG_FRESH and MSG_BACK)
 MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
 # as MSG_STOP, but first pass idle keep-alive connections to the master: "H" + the ids
 # (listener_id) of the listeners whose connections the serving workers can take
@@ -24,9 +24,12 @@ MSG_READY = b"R"  # app loaded, serving
 MSG_BOOT_ERROR = b"E"  # "E" + why the app could not be loaded, then exit
 MSG_RECYCLE = b"Q"  # max_requests reached, please replace me
 # "B" + a worker's pid + MSG_CONNS's body: connections just accepted, not read from, for that
-# less loaded worker; the master passes them on as MSG_FRESH (back to the sender if it cannot)
+# less loaded worker; the master passes them on as MSG_FRESH, or back to the sender as
+# MSG_BACK when no other worker can take them (the sender tells its own apart: it waits for
+# them, or for MSG_TAKEN, before it may exit)
 MSG_BALANCE = b"B"
 MSG_FRESH = b"F"
+MSG_BACK = b"N"
 MSG_TAKEN = b"T"  # master -> worker: another worker took what your last MSG_BALANCE carried
 # both ways: "C" + for each connection its listener's id and the monotonic time at which it
 # is closed if still idle (CLOCK_MONOTONIC is one clock for every process); the descriptors
@@ -88,7 +91,7 @@ def send_conns(
     wait: bool = True,
 ) -> bool:
     """Send (connection fd, listener id, deadline) triples, at most MAX_FDS, after `head`
-    (MSG_CONNS, MSG_FRESH, or a balance_head); without `wait`, never block on a full
+    (MSG_CONNS, MSG_FRESH, MSG_BACK, or a balance_head); without `wait`, never block on a full
     channel. False if the message could not be sent (the caller still owns, and closes,
     every descriptor)."""
     if not conns:
@@ -120,8 +123,8 @@ def parse_balance(data: bytes, fds: list[int]) -> tuple[int, list[tuple[int, int
 
 
 def parse_conns(data: bytes, fds: list[int]) -> list[tuple[int, int, float]]:
-    """The (connection fd, listener id, deadline) triples of a MSG_CONNS or MSG_FRESH
-    message; descriptors that came without a description (a malformed message) get listener
+    """The (connection fd, listener id, deadline) triples of a MSG_CONNS, MSG_FRESH or
+    MSG_BACK message; descriptors that came without a description (a malformed message) get listener
     id -1, so the caller closes them."""
     body = data[1:]
     described = list(_CONN.iter_unpack(body[: len(body) - len(body) % _CONN.size]))

@@ -25,6 +25,7 @@ import setproctitle
 from prefork import channel as chan
 from prefork.admin import AdminServer
 from prefork.channel import (
+    MSG_BACK,
     MSG_BALANCE,
     MSG_BOOT_ERROR,
     MSG_CONNS,
@@ -506,10 +507,9 @@ class Master:
                 and not h.recycle
                 and self.takes(h)
             ]
-            takers = sorted(same, key=lambda h: h.pid != pid)
-            if source.state in (WorkerState.READY, WorkerState.STOPPING):
-                takers.append(source)
-            taker = self.deliver(conns, takers, MSG_FRESH)
+            taker = self.deliver(conns, sorted(same, key=lambda h: h.pid != pid), MSG_FRESH)
+            if taker is None and source.state in (WorkerState.READY, WorkerState.STOPPING):
+                taker = self.deliver(conns, [source], MSG_BACK)
             if taker is None:
                 log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
             elif taker is not source:

@@ -28,6 +28,7 @@ from prefork import channel as chan
 from prefork.channel import (
     MAX_BOOT_ERROR,
     MAX_FDS,
+    MSG_BACK,
     MSG_BOOT_ERROR,
     MSG_CONNS,
     MSG_FRESH,
@@ -245,7 +246,7 @@ class Worker:
         self.lightest: tuple[int, int, int] | None = None  # (pid, load, offset)
         self.peers_until = 0.0
         self.passes_left = 0
-        # passed to the master and not yet answered (MSG_TAKEN, or MSG_FRESH back): a
+        # passed to the master and not yet answered (MSG_TAKEN, or MSG_BACK): a
         # stopping worker waits for the answer, until unanswered_until at most
         self.unanswered = 0
         self.unanswered_until = 0.0
@@ -680,8 +681,11 @@ class Worker:
             self.adopt(chan.parse_conns(data, fds))
             return
         if data.startswith(MSG_FRESH):
-            conns = chan.parse_conns(data, fds)
-            self.unanswered = max(0, self.unanswered - len(conns))  # ours, back, or new
+            self.adopt(chan.parse_conns(data, fds), fresh=True)
+            return
+        if data.startswith(MSG_BACK):
+            conns = chan.parse_conns(data, fds)  # ours, which no other worker could take
+            self.unanswered = max(0, self.unanswered - len(conns))
             self.adopt(conns, fresh=True)
             return
         if data == MSG_TAKEN:

@@ -15,6 +15,7 @@ from prefork import channel as chan
 from prefork.addresses import Address
 from prefork.admin import metrics_text
 from prefork.channel import (
+    MSG_BACK,
     MSG_CONNS,
     MSG_FRESH,
     MSG_HAND_OVER,
@@ -211,13 +212,16 @@ def balance(
     return client
 
 
-def arrived_fresh(rig: Rig, pid: int, client: socket.socket) -> bool:
-    """Worker `pid` was given the connection of `client`, as a new one."""
+def arrived_fresh(
+    rig: Rig, pid: int, client: socket.socket, head: bytes = MSG_FRESH
+) -> bool:
+    """Worker `pid` was given the connection of `client`, as a new one (MSG_BACK: its own,
+    back)."""
     message = chan.receive(rig.kernel.children[pid])
     if message is None:
         return False
     data, fds = message
-    return data.startswith(MSG_FRESH) and len(fds) == 1 and same_connection(fds[0], client)
+    return data.startswith(head) and len(fds) == 1 and same_connection(fds[0], client)
 
 
 def test_the_master_passes_a_balanced_connection_to_the_worker_named(
@@ -275,7 +279,7 @@ def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     rig.master.current.listeners = [listener]
     (busy,) = rig.start()
     client = balance(rig, listener, clients, busy.pid, 4242)  # that one exited meanwhile
-    assert arrived_fresh(rig, busy.pid, client)
+    assert arrived_fresh(rig, busy.pid, client, MSG_BACK)
     assert rig.master.balanced == 0
 
 

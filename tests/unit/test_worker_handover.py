@@ -12,7 +12,7 @@ import time
 import pytest
 
 from prefork import channel as chan
-from prefork.channel import MSG_BALANCE, MSG_FRESH
+from prefork.channel import MSG_BACK, MSG_BALANCE, MSG_FRESH
 from prefork.scoreboard import Activity
 from prefork.worker import BALANCE_ABOVE
 from tests.unit.worker_rig import (
@@ -286,7 +286,7 @@ def test_a_stopping_worker_waits_for_the_answer_about_what_it_passed(rig: Worker
     assert not busy.conns
     assert not busy.finished()  # the passed connection may come back: not yet
     # nobody else could take it: back to the sender, which answers it and may then exit
-    assert chan.send_conns(busy_master_end, passed, MSG_FRESH)
+    assert chan.send_conns(busy_master_end, passed, MSG_BACK)
     for fd, _, _ in passed:
         os.close(fd)
     while not busy.finished():
@@ -303,3 +303,29 @@ def test_taken_is_an_answer_too(rig: WorkerRig) -> None:
     assert not worker.finished()
     master_end.send(chan.MSG_TAKEN)
     assert worker.finished()
+
+
+def test_a_new_connection_from_another_worker_is_not_the_answer(rig: WorkerRig) -> None:
+    """Defect: any MSG_FRESH lowered the count of passed connections awaiting an answer, so
+    a connection another worker passed in the same instant let a stopping worker exit while
+    its own was still with the master (and would be lost on its way back)."""
+    worker, master_end = rig.worker(number=1)
+    worker.unanswered, worker.unanswered_until = 1, time.monotonic() + 60
+    worker.begin_stop()
+    worker.idle_grace_until = 0.0
+    client = rig.connect()
+    client.sendall(REQUEST)
+    accepted, _ = rig.listener.sock.accept()
+    lid = next(iter(worker.listener_ids))
+    assert chan.send_conns(master_end, [(accepted.fileno(), lid, time.monotonic() + 5)], MSG_FRESH)
+    accepted.close()
+
+    assert not worker.finished()  # reads and answers the newcomer, still owed its own
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert worker.unanswered == 1
+    master_end.send(chan.MSG_TAKEN)
+    deadline = time.monotonic() + DEADLINE
+    while not worker.finished():
+        assert time.monotonic() < deadline, "the answer did not let it finish"
+        for conn in list(worker.conns.values()):
+            worker.on_readable(conn)
