@@ -250,6 +250,8 @@ class Worker:
         # stopping worker waits for the answer, until unanswered_until at most
         self.unanswered = 0
         self.unanswered_until = 0.0
+        # ids of the listeners the serving workers take: set when this worker is replaced
+        self.passing_to: set[int] = set()
         self.protocol: HttpProtocol | None = None
         if config.protocol == "http":
             self.protocol = HttpProtocol(
@@ -350,10 +352,13 @@ class Worker:
             return True
         if (
             self.balance
-            and len(self.conns) >= BALANCE_ABOVE
-            and not self.stopping
             and listener.fd not in self.spec.tls
-            and self.pass_to_peer(sock, listener)
+            and (
+                (len(self.conns) >= BALANCE_ABOVE and not self.stopping)
+                # replaced: what it drains from the shared queue goes to a serving peer
+                or (self.stopping and self.id_of_listener.get(id(listener)) in self.passing_to)
+            )
+            and self.pass_to_peer(sock, listener, anyone=self.stopping)
         ):
             return True
         if len(self.conns) >= self.max_connections:
@@ -708,6 +713,7 @@ class Worker:
         `takers` (ids the serving workers listen on) to the master, which passes it to one of
         them, so the client keeps its connection (no reconnect, no request raced against a
         close). The rest are closed as in any stop, after STOP_IDLE_GRACE."""
+        self.passing_to = takers  # and the backlog it drains goes to them too (accept)
         if self.protocol is None or self.proxy_protocol != "off":
             return  # a PROXY header's client address would not travel with the socket
         ids = self.id_of_listener
@@ -783,9 +789,12 @@ class Worker:
                 conn.deadline = min(deadline, now + self.keepalive_timeout)
                 self.park(conn)
 
-    def pass_to_peer(self, sock: socket.socket, listener: Listener) -> bool:
-        """Holding more than its share: send a connection just accepted (nothing read from
-        it yet) to the master for the worker holding the fewest; False to keep it here."""
+    def pass_to_peer(
+        self, sock: socket.socket, listener: Listener, anyone: bool = False
+    ) -> bool:
+        """Holding more than its share (or, `anyone`, stopping to be replaced): send a
+        connection just accepted (nothing read from it yet) to the master for the worker
+        holding the fewest; False to keep it here."""
         now = time.monotonic()
         if now >= self.peers_until:
             self.look_at_peers(now)
@@ -793,7 +802,7 @@ class Worker:
             return False
         pid, load, offset = self.lightest
         held = len(self.conns)
-        if load >= held - max(1, held // 4):
+        if not anyone and load >= held - max(1, held // 4):
             return False  # only to a worker clearly behind
         if self.slot.held_by(pid, offset, now) is None:
             del self.loads[pid]  # it stops, or it is stuck in a request: not a taker

@@ -329,3 +329,43 @@ def test_a_new_connection_from_another_worker_is_not_the_answer(rig: WorkerRig) 
         assert time.monotonic() < deadline, "the answer did not let it finish"
         for conn in list(worker.conns.values()):
             worker.on_readable(conn)
+
+
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "whole-server-stop"])
+def test_what_a_replaced_worker_drains_from_the_queue_goes_to_a_serving_peer(
+    rig: WorkerRig, replaced: bool
+) -> None:
+    """A worker replaced (recycled) takes what is queued when it stops (its wake-up may have
+    been the only one for those connections): they go on, unread, to a serving worker rather
+    than getting one answer with Connection: close, or none if they stay silent. In a
+    whole-server stop nobody serves after it: it answers them itself, as before."""
+    old, old_master_end = rig.worker(number=1)
+    rig.worker(number=2)
+    served_connection(rig, old)  # an idle keep-alive connection: the hand-over's part
+    queued = rig.connect()  # in the accept queue, silent (a preconnect)
+    deadline = time.monotonic() + DEADLINE
+    while rig.listener.queued() != 1:
+        assert time.monotonic() < deadline, "the connection never reached the queue"
+    lid = next(iter(old.listener_ids))
+
+    old.begin_stop()
+    if replaced:
+        old.hand_over({lid})
+        assert chan.receive(old_master_end) is not None  # the idle one, passed on (MSG_CONNS)
+    old.finished()  # drains the queue
+
+    if not replaced:
+        assert queued.getsockname() in [c.peer for c in old.conns.values()]  # kept
+        assert old.unanswered == 0
+        return
+    message = chan.receive(old_master_end)
+    assert message is not None, "the drained connection was not passed on"
+    data, fds = message
+    assert data.startswith(MSG_BALANCE)
+    pid, passed = chan.parse_balance(data, fds)
+    assert pid == WorkerRig.pid_of(2)
+    ((fd, passed_lid, _),) = passed
+    assert peer_of(fd) == queued.getsockname() and passed_lid == lid
+    os.close(fd)
+    assert queued.getsockname() not in [c.peer for c in old.conns.values()]
+    assert old.unanswered == 1  # it waits for the master's answer before it exits
