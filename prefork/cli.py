@@ -448,7 +448,12 @@ class Startup:
             kernel=System(),
             signals=signals,
             scoreboard=Scoreboard(SCOREBOARD_SLOTS),
-            current=Generation(1, self.config, listeners, app, self.tls, self.hooks),
+            # its own copy of the environment: a reload applies the next generation's `env:`
+            # to the master's before its canary boots, and an old worker forked meanwhile
+            # (a crash, a recycle) must not inherit it, nor keep it if the reload fails
+            current=Generation(
+                1, self.config, listeners, app, self.tls, self.hooks, dict(os.environ)
+            ),
             logs=self.logs,
             reloader=reloader(self.reread, self.reimport, self.inherited_env),
             announce=announce,

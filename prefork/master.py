@@ -135,6 +135,18 @@ class Generation:
             self.env_undo = None
 
 
+def pool_size(old: Config, new: Config, target: int) -> int:
+    """The number of workers once `new` replaces `old`: its count when that changed or when
+    the pool is no longer dynamic, else today's number (TTIN/TTOU and the dynamic pool's
+    sizing survive a reload) within the new bounds."""
+    before, after = old.workers, new.workers
+    if after.count != before.count or (before.max and not after.max):
+        return after.count
+    if after.max:
+        return min(max(target, after.count), after.max)
+    return target
+
+
 class SignalSource(Protocol):
     def fileno(self) -> int: ...
 
@@ -990,8 +1002,6 @@ class Master:
         self.generations += 1
         new.number = self.generations
         new.hooks.call("on_reload", self.server_info())
-        if new.config.workers.count != self.current.config.workers.count:
-            self.target = new.config.workers.count
         previous, self.pending = self.pending, new
         if previous is not None:
             # `new` was read on top of `previous`'s environment: undoing it must undo both
@@ -1013,6 +1023,9 @@ class Master:
         self.current = self.pending
         self.pending = None
         self.current.env_undo = None  # its environment is the master's for good
+        # the pool size changes only now: until the canary is ready the old generation keeps
+        # the workers it had, and a reload that fails changes nothing
+        self.target = pool_size(old.config, self.current.config, self.target)
         self.close_listeners(old.listeners)
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)

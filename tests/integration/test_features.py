@@ -203,6 +203,35 @@ def test_env_is_visible_to_the_app_and_a_reload_applies_the_new_env(
     assert get_json(server)["env"] == expected
 
 
+def test_an_old_worker_started_while_a_reload_is_pending_keeps_the_old_env(
+    server_factory: ServerFactory,
+) -> None:
+    """Defect: the new generation's env went into the master's environment before its canary
+    booted, and generation 1's workers inherited the master's environment at fork: one
+    respawned meanwhile ran with the rejected env, for good once the reload failed."""
+    server = server_factory(settings(workers={"count": 1}, env={"FEATURE_GREETING": "old"}))
+    expected = get_json(server)["env"]
+    assert expected == {"FEATURE_GREETING": "old"}
+    (server.workdir / "pf_slow_broken.py").write_text(
+        "import time\ntime.sleep(3)\nraise ImportError('broken on purpose')\n"
+    )
+    write_config(server.workdir, settings(
+        "pf_slow_broken:app",
+        pythonpath=[str(APPS), str(server.workdir)],
+        workers={"count": 1},
+        env={"FEATURE_GREETING": "rejected"},
+    ))
+    [serving] = server.worker_pids()
+    since = len(server.log())
+    server.signal(signal.SIGHUP)
+    server.wait_for_log("HUP: reloading", since=since)
+    os.kill(serving, signal.SIGKILL)  # while the canary still imports
+    wait_until(lambda: (pids := server.worker_pids()) and serving not in pids, 10.0)
+    assert get_json(server)["env"] == expected  # the respawned old worker, canary pending
+    server.wait_for_log("reload failed", since=since, timeout=15)
+    assert get_json(server)["env"] == expected
+
+
 def test_reload_that_drops_an_env_override_restores_the_inherited_value(
     server_factory: ServerFactory,
 ) -> None:

@@ -29,6 +29,7 @@ from prefork.master import (
     InvalidTransition,
     WorkerHandle,
     WorkerState,
+    pool_size,
 )
 from prefork.sockets import Listener
 from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR
@@ -871,7 +872,8 @@ def test_reload_to_fewer_workers_retires_the_extra_old_ones(make_rig: Callable[.
     rig = make_rig(count=3, reloader=reload_to(make_config(2)))
     old = rig.start()
     rig.signal(signal.SIGHUP)
-    assert rig.master.target == 2
+    assert rig.master.target == 3  # until the canary is ready, nothing old stops
+    assert all(h.state is WorkerState.READY for h in old)
 
     for _ in range(2):
         (booting,) = [h for h in rig.live(2) if h.state is WorkerState.BOOTING]
@@ -994,8 +996,53 @@ def test_a_reload_that_changes_the_worker_count_sets_the_target(
     rig.signal(signal.SIGTTIN)
 
     rig.signal(signal.SIGHUP)
+    assert rig.master.target == 4  # the old generation keeps its workers until the canary
+    rig.boot(rig.worker(1, generation=2).pid)
 
     assert rig.master.target == 5
+
+
+@pytest.mark.parametrize("count", [1, 4], ids=["fewer", "more"])
+def test_a_failed_reload_leaves_the_old_generation_its_workers(
+    make_rig: Callable[..., Rig], count: int
+) -> None:
+    """Defect: the new count was applied at HUP, so a reload whose canary then failed had
+    already stopped (or added) workers of the old generation, for good."""
+    rig = make_rig(count=2, reloader=reload_to(make_config(count)))
+    old = rig.start()
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
+    for _ in range(3):
+        rig.kernel.advance(1)
+        rig.tick()
+
+    assert rig.master.pending is None and rig.master.current.number == 1
+    assert rig.master.target == 2
+    assert rig.live(1) == old and all(h.state is WorkerState.READY for h in old)
+    assert [rig.kernel.received(h.pid) for h in old] == [b""] * 2
+
+
+def test_a_reload_to_a_fixed_pool_ends_the_dynamic_growth(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)), max=8)
+    rig.start()
+    rig.master.target = 6  # grown by the spare-server rule
+    rig.signal(signal.SIGHUP)
+    rig.boot(rig.worker(1, generation=2).pid)
+
+    assert rig.master.target == 2
+
+
+def test_pool_size_after_a_reload() -> None:
+    fixed, dynamic = make_config(2), make_config(2, max=8)
+    assert pool_size(fixed, make_config(3), 5) == 3  # the count changed: the new count
+    assert pool_size(fixed, fixed, 5) == 5  # TTIN/TTOU survive a reload
+    assert pool_size(dynamic, fixed, 6) == 2  # no longer dynamic
+    assert pool_size(dynamic, dynamic, 6) == 6
+    assert pool_size(dynamic, make_config(2, max=4), 6) == 4  # within the new bounds
+    assert pool_size(fixed, dynamic, 1) == 2
 
 
 def test_every_reload_rolls_even_when_the_reloader_reuses_a_generation_number(
