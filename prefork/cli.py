@@ -165,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return reload_running(config, args.wait)
     if args.command == "status":
         return show_status(config, args.json)
-    return Startup(config, lambda: load(path, overrides), args.foreground, inherited).run()
+    started_in = os.getcwd()  # command-line paths mean the same on every reload
+    return Startup(
+        config, lambda: load(path, overrides, started_in), args.foreground, inherited
+    ).run()
 
 
 # --- sockets ---------------------------------------------------------------------------------

@@ -870,15 +870,18 @@ def bind_address(b: BindConfig) -> Address:
 # --- public entry points -----------------------------------------------------------------
 
 
-def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+def load(
+    path: str | None, overrides: Mapping[str, object] | None = None, cwd: str | None = None
+) -> Config:
     """Read ``path`` (None: no file), apply ``overrides`` on top, validate, return a Config.
 
     ``overrides`` maps dotted keys (``"workers.count"``) to values typed as in YAML; a
     mapping value for a section (``{"workers": {"count": 4}}``) sets its keys one by one,
     and a list value replaces the file's list. Relative override paths are resolved against
-    the current working directory.
+    ``cwd``, by default the current working directory (a reload passes the one the server
+    was started in: a daemon's, or a preloaded app's `chdir:`, is another by then).
     """
-    cwd = os.getcwd()
+    cwd = os.getcwd() if cwd is None else cwd
     tree = _Raw({}, _Origin(OVERRIDE_SOURCE, cwd)) if path is None else _read_yaml(path)
     if overrides:
         tree = _apply_overrides(tree, overrides, _Origin(OVERRIDE_SOURCE, cwd))

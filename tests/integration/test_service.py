@@ -186,6 +186,33 @@ def test_reload_command_reloads_a_daemon(daemons: Daemons, tmp_path: Path) -> No
     assert int(fetch(http_address((tmp_path / "error.log").read_text())).body) in new
 
 
+def test_a_daemon_reload_resolves_command_line_paths_where_it_was_started(
+    daemons: Daemons, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: relative paths on the command line were resolved again at every reload,
+    against the daemon's working directory ("/"): `--bind unix:sockets/app.sock` became
+    /sockets/app.sock, which could not be bound, and every reload failed."""
+    (tmp_path / "sockets").mkdir()
+    config = daemon_config(tmp_path)
+    monkeypatch.chdir(tmp_path)  # the launcher's working directory: paths are relative to it
+    pid = launch_ok(daemons, config, "--bind", "unix:sockets/app.sock")
+    path = str(tmp_path / "sockets" / "app.sock")
+    assert fetch(path).status == 200
+    old = set(children(pid))
+
+    result = preforkd("reload", "-c", str(config), "--wait", "30")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not os.path.exists("/sockets/app.sock")
+
+    def replaced() -> set[int]:
+        pids = set(children(pid))
+        return pids if len(pids) == 2 and not pids & old else set()
+
+    new = wait_until(replaced, 10, message="the daemon's workers were not replaced")
+    assert int(fetch(path).body) in new
+
+
 def test_daemon_bind_failure_fails_the_launcher(daemons: Daemons, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
