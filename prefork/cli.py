@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return show_status(config, args.json)
     started_in = os.getcwd()  # command-line paths mean the same on every reload
     return Startup(
-        config, lambda: load(path, overrides, started_in), args.foreground, inherited
+        config, lambda: load(path, overrides, started_in), args.foreground, inherited,
+        daemon_flag=bool(args.daemon),
     ).run()
 
 
@@ -322,11 +323,14 @@ class Startup:
         reread: Callable[[], Config],
         foreground: bool,
         inherited_fds: set[int] | None = None,
+        daemon_flag: bool = False,
     ) -> None:
         self.inherited_fds = inherited_fds or set()
         self.config = config
         self.reread = reread
-        self.detach = config.daemon and not foreground and not under_systemd(os.environ)
+        # `daemon_flag`: -D on the command line, which a Type=forking unit's ExecStart gives
+        self.stays = under_systemd(os.environ, daemon_flag) if config.daemon else ""
+        self.detach = config.daemon and not foreground and not self.stays
         # The terminal, kept before logging may re-point fd 2 at a file.
         self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
@@ -357,6 +361,8 @@ class Startup:
         except OSError as exc:
             return self.fail(f"cannot open the logs: {exc}")
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
+        if self.stays:
+            log.info("daemon: staying in the foreground: %s", self.stays)
         raise_fd_limit(config.workers.max_connections)
         self.inherited_env = dict(os.environ)
         apply_env(config.env)

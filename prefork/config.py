@@ -807,7 +807,9 @@ class Config:
         metadata=_meta(
             "Detach into the background (double fork, setsid, stdio to /dev/null). The "
             "command that started it exits 0 once the server is ready, or non-zero with the "
-            "error. Ignored under systemd (NOTIFY_SOCKET or INVOCATION_ID set)."
+            "error. Ignored (with a log line) in a Type=notify unit (NOTIFY_SOCKET set), "
+            "and when started by systemd (INVOCATION_ID set) unless -D is given on the "
+            "command line, as a Type=forking unit's ExecStart does."
         ),
     )
     pidfile: str | None = field(

@@ -19,8 +19,15 @@ from typing import IO
 import daemon
 
 
-def under_systemd(environ: Mapping[str, str]) -> bool:
-    return bool(environ.get("NOTIFY_SOCKET") or environ.get("INVOCATION_ID"))
+def under_systemd(environ: Mapping[str, str], explicit: bool = False) -> str:
+    """Why `daemon: true` must be ignored here ("" when it need not): a Type=notify unit
+    (NOTIFY_SOCKET) needs its main process to stay, whatever the command line says; any
+    other unit (INVOCATION_ID) too, unless -D itself asked to detach (Type=forking)."""
+    if environ.get("NOTIFY_SOCKET"):
+        return "NOTIFY_SOCKET is set (a Type=notify unit)"
+    if environ.get("INVOCATION_ID") and not explicit:
+        return "started by systemd (INVOCATION_ID is set); -D on the command line detaches"
+    return ""
 
 
 def detach(

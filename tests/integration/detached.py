@@ -41,12 +41,15 @@ def preforkd_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def preforkd(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run `python -m prefork ARGS` to completion (a daemon's launcher, `reload`, ...)."""
+def preforkd(
+    *args: str, timeout: float = LAUNCH_TIMEOUT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m prefork ARGS` to completion (a daemon's launcher, `reload`, ...), with
+    `env` added to its environment."""
     try:
         return subprocess.run(
             [*DEFAULT_COMMAND, *args],
-            env=preforkd_env(),
+            env=preforkd_env(**(env or {})),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -101,11 +104,13 @@ class Daemons:
         except (psutil.NoSuchProcess, OSError):
             return
 
-    def launch(self, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    def launch(
+        self, config: Path, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the launcher; adopt whatever master the pidfiles (or, if the launcher gave
         up early, the `detached:` line of the error log beside `config`) name afterwards."""
         try:
-            return preforkd("-c", str(config), *args)
+            return preforkd("-c", str(config), *args, env=env)
         finally:
             for pidfile in self.pidfiles:
                 pid = read_pid(pidfile)

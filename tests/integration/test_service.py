@@ -103,11 +103,13 @@ def daemon_config(directory: Path, app_source: str = PID_APP, **settings: Any) -
     return write_config(directory, base, app_source=app_source)
 
 
-def launch_ok(daemons: Daemons, config: Path, *args: str) -> int:
+def launch_ok(
+    daemons: Daemons, config: Path, *args: str, env: dict[str, str] | None = None
+) -> int:
     """Launch a daemon that must start; return its master's pid (from the pidfile)."""
     pidfile = config.parent / "preforkd.pid"
     daemons.watch(pidfile)
-    result = daemons.launch(config, *args)
+    result = daemons.launch(config, *args, env=env)
     output = result.stdout + result.stderr
     log = (config.parent / "error.log").read_text()
     assert result.returncode == 0, f"launcher failed: {output}\n{log}"
@@ -262,6 +264,17 @@ def test_daemon_term_removes_pidfile_and_unix_socket(
     wait_until(lambda: not live_group_members(pgid), 5, message="workers outlived the daemon")
 
 
+def test_an_explicit_daemon_flag_detaches_even_when_started_by_systemd(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """Defect: -D was ignored whenever INVOCATION_ID was set, which systemd sets for every
+    unit: a Type=forking unit (ExecStart=preforkd -c ... -D) hung until its start timeout."""
+    config = daemon_config(tmp_path, daemon=False)
+    pid = launch_ok(daemons, config, "-D", env={"INVOCATION_ID": "pf-test-invocation"})
+    assert alive(pid)
+    assert psutil.Process(pid).ppid() != os.getpid(), "the daemon is still the test's child"
+
+
 @pytest.mark.parametrize(
     ("args", "env"),
     [(["--foreground"], {}), ([], {"INVOCATION_ID": "pf-test-invocation"})],
@@ -280,6 +293,8 @@ def test_daemon_setting_is_overridden_in_the_foreground(
     assert server.running(), "the master left the foreground"
     assert read_pid(pidfile) == server.pid
     assert "detached" not in server.log()
+    if env:
+        assert "daemon: staying in the foreground: started by systemd" in server.log()
     assert int(fetch(server.addresses()[0]).body) in server.worker_pids()
     assert server.stop() == 0
     assert not pidfile.exists()
