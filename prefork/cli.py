@@ -30,7 +30,7 @@ from prefork.logs import Logs
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
 from prefork.pidfile import PidFile, PidFileError, is_preforkd, read_pid
-from prefork.privileges import resolve_gid, resolve_user
+from prefork.privileges import resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
 from prefork.sockets import (
@@ -180,7 +180,7 @@ def bind_specs(config: Config) -> list[BindSpec]:
         BindSpec(
             bind_address(b),
             b.mode,
-            None if b.owner is None else resolve_user(b.owner).pw_uid,
+            None if b.owner is None else uid_of(b.owner),
             None if b.group is None else resolve_gid(b.group),
             b.tls is not None,
         )

@@ -14,9 +14,11 @@ Invariants:
 
 import dataclasses
 import difflib
+import errno
 import ipaddress
 import keyword
 import os
+import stat
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -75,15 +77,18 @@ def _meta(
     check: Callable[[Any, str], Any] | None = None,
     internal: bool = False,
     mapping: bool = False,
+    ident: bool = False,
 ) -> dict[str, Any]:
     """Metadata for one setting.
 
     ``lo``/``hi``: inclusive range (``lo_open``: lower bound exclusive). ``choices``: allowed
     strings, matched case-insensitively, stored lower-case. ``path``: relative values are
-    resolved against the config file's directory ("-" is left alone). ``octal``: an int that
-    may also be written as an octal string. ``nonempty``/``single``: a list that must not be
-    empty / may be given as one bare item. ``check``: ``(value, base_dir) -> value``
-    raising ``ValueError``. ``internal``: not settable from YAML, not documented.
+    resolved against the config file's directory ("-" is left alone). ``octal``: a file
+    mode or mask, read as octal however it is written (see ``_convert_octal``).
+    ``nonempty``/``single``: a list that must not be empty / may be given as one bare item.
+    ``check``: ``(value, base_dir) -> value`` raising ``ValueError``. ``internal``: not
+    settable from YAML, not documented. ``ident``: a user or group name or numeric id (a
+    string); an unquoted YAML integer is taken as the id.
     """
     return {
         "doc": doc,
@@ -98,6 +103,7 @@ def _meta(
         "check": check,
         "internal": internal,
         "mapping": mapping,
+        "ident": ident,
     }
 
 
@@ -126,7 +132,24 @@ def _check_name(value: str, base_dir: str) -> str:
     return value
 
 
+# uid_t and gid_t are 32 bits; (uid_t)-1 means "no change" to setuid and chown.
+MAX_ID = 2**32 - 2
+
+
+def _check_id(value: str, what: str) -> bool:
+    """True if ``value`` is a numeric id (then it is accepted as is, whether or not it has
+    an entry in /etc/passwd or /etc/group: containers run with arbitrary ids); False if it
+    is a name, to be looked up."""
+    if not value.isdigit():
+        return False
+    if not value.isascii() or int(value) > MAX_ID:
+        raise ValueError(f"{what} id must be from 0 to {MAX_ID}, got {value!r}")
+    return True
+
+
 def _check_user(value: str, base_dir: str) -> str:
+    if _check_id(value, "user"):
+        return value
     try:
         resolve_user(value)
     except KeyError:
@@ -135,10 +158,45 @@ def _check_user(value: str, base_dir: str) -> str:
 
 
 def _check_group(value: str, base_dir: str) -> str:
+    if _check_id(value, "group"):
+        return value
     try:
         resolve_gid(value)
     except KeyError:
         raise ValueError(f"no such group {value!r}") from None
+    return value
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot be used as a directory, or None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return f"no such directory: {path}"
+        return f"cannot use directory {path}: [Errno {e.errno}] {e.strerror}"
+    return None if stat.S_ISDIR(mode) else f"not a directory: {path}"
+
+
+def _check_directory(value: str, base_dir: str) -> str:
+    """An existing directory (``chdir``)."""
+    problem = _directory_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _check_file_directory(value: str, base_dir: str) -> str:
+    """A file the server creates or appends to (a pidfile, a log, a unix socket): the file
+    need not exist yet, but the directory it goes in must, and the path must not be a
+    directory itself. "-" (stdout/stderr) is not a file."""
+    if value == "-":
+        return value
+    if os.path.isdir(value):
+        raise ValueError(f"is a directory: {value}")
+    problem = _directory_problem(os.path.dirname(value) or ".")
+    if problem is not None:
+        raise ValueError(f"{problem} (the directory of {value})")
     return value
 
 
@@ -172,7 +230,10 @@ def _check_proxy_entry(value: str, base_dir: str) -> str:
 
 
 def _check_address(value: str, base_dir: str) -> str:
-    return str(resolve_relative(parse_address(value), base_dir))
+    address = resolve_relative(parse_address(value), base_dir)
+    if address.kind == "unix":  # the socket file is created by bind(), its directory is not
+        _check_file_directory(address.path, base_dir)
+    return str(address)
 
 
 # --- schema ------------------------------------------------------------------------------
@@ -224,8 +285,9 @@ class BindConfig:
     mode: int | None = field(
         default=None,
         metadata=_meta(
-            "File mode of a unix socket, in octal (0660 or '0660'); null leaves it to the "
-            "umask. Not allowed on TCP addresses.",
+            "File mode of a unix socket, always read as octal: 660, 0660, 0o660 and '660' "
+            "all mean rw-rw---- (a digit 8 or 9 is an error); null leaves it to the umask. "
+            "Not allowed on TCP addresses.",
             lo=0,
             hi=0o777,
             octal=True,
@@ -234,17 +296,19 @@ class BindConfig:
     owner: str | None = field(
         default=None,
         metadata=_meta(
-            "Owner of a unix socket file (user name or id); null = the master's user. "
-            "Not allowed on TCP addresses.",
+            "Owner of a unix socket file: a user name, which must exist, or a numeric id, "
+            "which need not; null = the master's user. Not allowed on TCP addresses.",
             check=_check_user,
+            ident=True,
         ),
     )
     group: str | None = field(
         default=None,
         metadata=_meta(
-            "Group of a unix socket file (name or id); null = the master's group. "
-            "Not allowed on TCP addresses.",
+            "Group of a unix socket file: a group name, which must exist, or a numeric id, "
+            "which need not; null = the master's group. Not allowed on TCP addresses.",
             check=_check_group,
+            ident=True,
         ),
     )
     tls: TLSConfig | None = field(
@@ -602,10 +666,20 @@ class LoggingConfig:
             "Error log level.", choices=("debug", "info", "warning", "error", "critical")
         ),
     )
-    error_log: str = field(default="-", metadata=_meta('Error log file; "-" = stderr.', path=True))
+    error_log: str = field(
+        default="-",
+        metadata=_meta(
+            'Error log file; "-" = stderr. Its directory must exist (unless syslog.enabled).',
+            path=True,
+        ),
+    )
     access_log: str | None = field(
         default=None,
-        metadata=_meta('Access log file; null = off, "-" = stdout.', path=True),
+        metadata=_meta(
+            'Access log file; null = off, "-" = stdout. Its directory must exist (unless '
+            "syslog.enabled).",
+            path=True,
+        ),
     )
     access_log_format: str = field(
         default="combined",
@@ -640,9 +714,10 @@ class AdminConfig:
     socket: str | None = field(
         default=None,
         metadata=_meta(
-            "Unix socket of the status endpoint (mode 0600). null = PIDFILE.sock when a "
-            "pidfile is set, else no unix endpoint.",
+            "Unix socket of the status endpoint (mode 0600); its directory must exist. "
+            "null = PIDFILE.sock when a pidfile is set, else no unix endpoint.",
             path=True,
+            check=_check_file_directory,
         ),
     )
     bind: str | None = field(
@@ -776,7 +851,11 @@ class Config:
     )
     chdir: str | None = field(
         default=None,
-        metadata=_meta("Directory to change into before loading the app; null = stay.", path=True),
+        metadata=_meta(
+            "Directory to change into before loading the app (it must exist); null = stay.",
+            path=True,
+            check=_check_directory,
+        ),
     )
     env: tuple[tuple[str, str], ...] = field(
         default=(),
@@ -816,29 +895,36 @@ class Config:
         default=None,
         metadata=_meta(
             "File holding the master's pid, written atomically once it runs and removed at "
-            "exit; a live pid in it makes a second instance refuse to start.",
+            "exit; a live pid in it makes a second instance refuse to start. Its directory "
+            "must exist.",
             path=True,
+            check=_check_file_directory,
         ),
     )
     user: str | None = field(
         default=None,
         metadata=_meta(
-            "Run the workers as this user (name or id), with its supplementary groups; the "
-            "master keeps its privileges so it can bind and reload. null = no change.",
+            "Run the workers as this user, with its supplementary groups; the master keeps "
+            "its privileges so it can bind and reload. A user name must exist; a numeric id "
+            "need not (arbitrary container uids). null = no change.",
             check=_check_user,
+            ident=True,
         ),
     )
     group: str | None = field(
         default=None,
         metadata=_meta(
-            "Run the workers with this group (name or id); null = the user's primary group.",
+            "Run the workers with this group: a name, which must exist, or a numeric id, "
+            "which need not; null = the user's primary group.",
             check=_check_group,
+            ident=True,
         ),
     )
     umask: int | None = field(
         default=None,
         metadata=_meta(
-            "File mode creation mask of the master and workers, in octal (e.g. 0027); "
+            "File mode creation mask of the master and workers, always read as octal: 27, "
+            "027, 0027, 0o27 and '027' all mean 0o027 (a digit 8 or 9 is an error); "
             "null = inherited.",
             lo=0,
             hi=0o777,
@@ -925,6 +1011,7 @@ class _Raw:
     origin: _Origin
     line: int | None = None  # 1-based line of the value
     key_line: int | None = None  # 1-based line of the key that names it
+    text: str | None = None  # a YAML scalar's source text (without quotes); None from Python
 
     def fail(self, key: str, message: str, *, at_key: bool = False) -> ConfigError:
         line = self.key_line if at_key and self.key_line is not None else self.line
@@ -989,7 +1076,14 @@ def _from_node(
             value = constructor.construct_object(node, deep=True)
         except yaml.YAMLError as e:
             raise _yaml_error(e, origin) from e
-        return _Raw(value, origin, line, key_line)
+        except (ValueError, TypeError, AttributeError, LookupError):  # "!!int abc" and such
+            raise ConfigError(
+                f"invalid YAML: {node.value!r} is not a valid {node.tag.rpartition(':')[2]}",
+                source=origin.source,
+                line=line,
+                key=path,
+            ) from None
+        return _Raw(value, origin, line, key_line, node.value)
     if node.tag != _DEFAULT_TAGS.get(type(node)):
         raise ConfigError(f"unsupported YAML tag {node.tag!r}", source=origin.source, line=line)
     if id(node) in active:  # "&a [*a]" composes to a cycle
@@ -1150,6 +1244,14 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
     if isinstance(obj, TLSConfig):
         _check_tls(obj, entries, path)
+    if isinstance(obj, LoggingConfig) and not obj.syslog.enabled:  # else the files are unused
+        for key in ("error_log", "access_log"):
+            filename = getattr(obj, key)
+            if filename is not None and key in entries:
+                try:
+                    _check_file_directory(filename, entries[key].origin.base_dir)
+                except ValueError as e:
+                    raise entries[key].fail(_join(path, key), str(e)) from None
     if isinstance(obj, BindConfig) and not obj.address.startswith("unix:"):
         for key in ("mode", "owner", "group"):
             if getattr(obj, key) is not None:
@@ -1232,8 +1334,12 @@ def _convert(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:
         if value not in meta["choices"]:
             raise raw.fail(path, f"must be one of {', '.join(meta['choices'])}, got {_show(raw)}")
     if meta["min"] is not None and not _in_range(value, meta):
-        hint_text = " (write modes in octal, e.g. 0660)" if meta["octal"] else ""
-        raise raw.fail(path, f"must be {_range_text(meta)}, got {_show(raw)}{hint_text}")
+        shown = _show(raw)
+        if meta["octal"] and raw.text is not None and not isinstance(raw.value, str):
+            shown = raw.text  # as written (read as octal), not YAML's decimal value
+        elif meta["octal"] and isinstance(raw.value, int):  # a number from Python
+            shown += " (write modes in octal, e.g. 0o660)"
+        raise raw.fail(path, f"must be {_range_text(meta)}, got {shown}")
     if meta["path"]:
         value = _resolve_path(value, raw, path)
     if meta["check"] is not None:
@@ -1284,17 +1390,14 @@ def _convert_scalar(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) ->
         if isinstance(value, bool):
             return value
         raise raw.fail(path, f"must be true or false, got {_show(raw)}")
+    if hint is int and meta["octal"]:
+        return _convert_octal(meta, raw, path)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if meta["octal"] and isinstance(value, str):
-            text = value.strip().lower().removeprefix("0o")
-            if text and all(c in "01234567" for c in text):
-                return int(text, 8)
-        what = "an octal file mode" if meta["octal"] else "an integer"
-        raise raw.fail(path, f"must be {what} {_range_text(meta)}, got {_show(raw)}")
+        raise raw.fail(path, f"must be an integer {_range_text(meta)}, got {_show(raw)}")
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -1302,10 +1405,48 @@ def _convert_scalar(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) ->
     if hint is str:
         if isinstance(value, str):
             return value
+        if meta["ident"] and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # user: 1000
         if meta["path"] and isinstance(value, os.PathLike):
             return os.fsdecode(value)
         raise raw.fail(path, f"must be a string, got {_show(raw)}")
     raise TypeError(f"config field {path} has unsupported type {hint!r}")  # a schema bug
+
+
+_OCTAL_DIGITS = frozenset("01234567")
+
+
+def _convert_octal(meta: Mapping[str, Any], raw: _Raw, path: str) -> int:
+    """A file mode or mask: octal, however it is written.
+
+    A quoted string is read as octal digits ('660', '0660', '0o660'). An unquoted YAML
+    integer with a leading 0 (0660, YAML 1.1 octal; also 0x1b0, 0b110110000) already has
+    its value; one without (660, 22) is read back from its source text as octal digits,
+    since 660 as a decimal mode is never what is meant, and a digit 8 or 9 (or a YAML
+    1.1 sexagesimal 1:30) is an error. A number given from Python (``from_mapping``,
+    overrides) has no text and is taken as it is.
+    """
+    value = raw.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if raw.text is None:
+            return value
+        digits = raw.text.strip().replace("_", "")
+        sign = digits[0] if digits[:1] in ("+", "-") else ""
+        digits = digits.removeprefix(sign)
+        if digits.startswith("0"):
+            return value
+        if not digits or not set(digits) <= _OCTAL_DIGITS:
+            raise raw.fail(
+                path,
+                f"not an octal mode: {raw.text} (modes are read as octal, digits 0-7 only, "
+                "e.g. 0640)",
+            )
+        return int(sign + digits, 8)
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if text and set(text) <= _OCTAL_DIGITS:
+            return int(text, 8)
+    raise raw.fail(path, f"must be an octal file mode {_range_text(meta)}, got {_show(raw)}")
 
 
 def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
@@ -1355,6 +1496,8 @@ def _type_text(hint: Any, meta: Mapping[str, Any]) -> str:
         text = "one of " + ", ".join(meta["choices"])
     elif meta["octal"]:
         text = f"octal file mode {_range_text(meta)}"
+    elif meta["ident"]:
+        text = "name or numeric id"
     elif hint is int:
         text = f"integer {_range_text(meta)}"
     elif hint is float:

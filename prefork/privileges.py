@@ -17,23 +17,56 @@ def resolve_user(user: str) -> pwd.struct_passwd:
 
 
 def resolve_gid(group: str) -> int:
-    return grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    """A group's id: a numeric one as it is (it need not be in /etc/group)."""
+    return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+
+
+def uid_of(user: str) -> int:
+    """A user's id: a numeric one as it is (it need not be in /etc/passwd)."""
+    return int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid
+
+
+def user_entry(user: str) -> pwd.struct_passwd | None:
+    """The passwd entry of `user`; None for a numeric id that has none (containers run with
+    arbitrary uids). A name must exist (the configuration checked it)."""
+    try:
+        return resolve_user(user)
+    except KeyError:
+        if user.isdigit():
+            return None
+        raise
+
+
+def credentials(user: str | None, group: str | None) -> tuple[int, int]:
+    """The (uid, gid) the workers run as; -1 where they keep the master's. The group is
+    `group`, else the user's primary group, else, for a numeric uid without a passwd
+    entry, the same number (never the master's group, root's)."""
+    if user is None and group is None:
+        return -1, -1
+    pw = user_entry(user) if user is not None else None
+    uid = -1 if user is None else (pw.pw_uid if pw is not None else int(user))
+    if group is not None:
+        return uid, resolve_gid(group)
+    return uid, (pw.pw_gid if pw is not None else uid)
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
-    """Become `user` (with its supplementary groups) and `group` (default: the user's)."""
+    """Become `user` (with its supplementary groups) and `group` (see credentials)."""
     if user is None and group is None:
         return
-    pw = resolve_user(user) if user is not None else None
-    gid = resolve_gid(group) if group is not None else (pw.pw_gid if pw else os.getgid())
-    if pw is not None and (pw.pw_uid, gid) == (os.getuid(), os.getgid()):
+    uid, gid = credentials(user, group)
+    if gid == -1:
+        gid = os.getgid()
+    if uid == os.getuid() and gid == os.getgid():
         return
+    pw = user_entry(user) if user is not None else None
     if pw is not None:
         os.initgroups(pw.pw_name, gid)
     else:
         os.setgroups([gid])
     os.setgid(gid)
+    if uid != -1:
+        os.setuid(uid)
     if pw is not None:
-        os.setuid(pw.pw_uid)
         os.environ["HOME"] = pw.pw_dir
         os.environ["USER"] = os.environ["LOGNAME"] = pw.pw_name

@@ -58,6 +58,7 @@ def application(environ, start_response):
 """
 
 NOBODY = 65534  # uid of `nobody` and gid of `nogroup` on Debian
+ANONYMOUS = 4242  # in neither /etc/passwd nor /etc/group
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -347,6 +348,35 @@ def test_workers_drop_privileges_and_unix_socket_gets_owner_and_mode(
     assert st.st_mode & 0o777 == 0o660
     assert int(fetch(str(sock_path)).body) in workers
     assert int(fetch(server.addresses()[0]).body) in workers
+
+
+def test_a_numeric_user_without_a_passwd_entry_runs_the_workers(
+    server_factory: ServerFactory, public_dir: Path, short_tmp: Path
+) -> None:
+    """Containers run with arbitrary uids (OpenShift): a numeric user or socket owner need
+    not be in /etc/passwd. Without a group, the workers take the same number as group,
+    never the master's (root's)."""
+    (public_dir / "app.py").write_text(PID_APP)
+    sock_path = short_tmp / "numeric.sock"
+    server = server_factory(
+        config_text=(
+            "app: app:application\n"
+            f"pythonpath: ['{public_dir}']\n"
+            f"user: {ANONYMOUS}\n"
+            "workers: {count: 1}\n"
+            "bind:\n"
+            "  - 127.0.0.1:0\n"
+            f"  - {{address: 'unix:{sock_path}', owner: {ANONYMOUS}, group: {ANONYMOUS}}}\n"
+        ),
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    (pid,) = server.worker_pids()
+    assert ids(pid, "Uid") == [ANONYMOUS] * 4
+    assert ids(pid, "Gid") == [ANONYMOUS] * 4
+    assert ids(pid, "Groups") == [ANONYMOUS]
+    st = sock_path.stat()
+    assert (st.st_uid, st.st_gid) == (ANONYMOUS, ANONYMOUS)
+    assert int(fetch(server.addresses()[0]).body) == pid
 
 
 def umask_of(pid: int) -> int:

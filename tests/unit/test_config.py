@@ -1,8 +1,10 @@
 """prefork.config: YAML loading, validation, error locations, paths, overrides, generated docs."""
 
 import dataclasses
+import grp
 import math
 import os
+import pwd
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,11 +16,15 @@ import yaml
 from prefork import config as config_module
 from prefork.addresses import Address
 from prefork.config import (
+    AdminConfig,
     BindConfig,
     Config,
     ConfigError,
+    HooksConfig,
     HttpConfig,
     LoggingConfig,
+    SyslogConfig,
+    TLSConfig,
     WorkersConfig,
     bind_address,
     field_docs,
@@ -362,6 +368,12 @@ def test_recursive_alias(write: Writer, loader: str) -> None:
     check_error(error_of(path), path, 2, "pythonpath[0]", "recursive")
 
 
+@pytest.mark.parametrize("value", ["!!int abc", "!!float abc", "!!bool maybe", "!!timestamp x"])
+def test_bad_explicitly_tagged_scalar(write: Writer, loader: str, value: str) -> None:
+    path = write(f"app: m:app\nworkers:\n  count: {value}\n")
+    check_error(error_of(path), path, 3, "workers.count", "invalid YAML", "is not a valid")
+
+
 def test_python_tag_rejected(write: Writer, loader: str) -> None:
     path = write("app: m:app\nproc_name: !!python/name:os.system x\n")
     check_error(error_of(path), path, 2, "", "invalid YAML", "constructor")
@@ -507,7 +519,9 @@ def test_bind_port_as_yaml_int_is_an_error(write: Writer) -> None:
     check_error(error_of(path), path, 2, "bind[0]", "must be an address string", "got 9000")
 
 
-@pytest.mark.parametrize("mode", ["0660", "'0660'", "'660'", "'0o660'", "0o660", "432", "'0O660'"])
+@pytest.mark.parametrize(
+    "mode", ["0660", "'0660'", "'660'", "'0o660'", "0o660", "660", "'0O660'", "!!int 660", "6_60"]
+)
 def test_bind_octal_modes(write: Writer, loader: str, mode: str) -> None:
     path = write(f"app: m:app\nbind:\n  - address: unix:/run/x.sock\n    mode: {mode}\n")
     assert load(path).bind == (BindConfig("unix:/run/x.sock", 0o660),)
@@ -516,18 +530,98 @@ def test_bind_octal_modes(write: Writer, loader: str, mode: str) -> None:
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
-        ("660", "must be from 0 to 0o777, got 660 (write modes in octal, e.g. 0660)"),
+        ("1000", "must be from 0 to 0o777, got 1000"),
+        ("01000", "must be from 0 to 0o777, got 01000"),
         ("'0999'", "must be an octal file mode from 0 to 0o777, got '0999'"),
+        ("0999", "must be an octal file mode from 0 to 0o777, got '0999'"),
+        ("680", "not an octal mode: 680"),
+        ("9", "not an octal mode: 9"),
+        ("1:30", "not an octal mode: 1:30"),
         ("rw", "must be an octal file mode"),
         ("-1", "must be from 0 to 0o777"),
         ("true", "must be an octal file mode"),
         ("6.5", "must be an octal file mode"),
+        ("660.0", "must be an octal file mode"),
         ("''", "must be an octal file mode"),
     ],
 )
 def test_bind_bad_modes(write: Writer, mode: str, message: str) -> None:
     path = write(f"app: m:app\nbind:\n  - address: unix:/run/x.sock\n    mode: {mode}\n")
     check_error(error_of(path), path, 4, "bind[0].mode", message)
+
+
+@pytest.mark.parametrize(
+    ("text", "umask"),
+    [
+        ("22", 0o22),
+        ("77", 0o77),  # not 0o115, which would let others write
+        ("27", 0o27),
+        ("0027", 0o27),
+        ("027", 0o27),
+        ("0o27", 0o27),
+        ("'27'", 0o27),
+        ("'0027'", 0o27),
+        ('"0o027"', 0o27),
+        ("+22", 0o22),
+        ("0", 0),
+        ("777", 0o777),
+        ("!!int 22", 0o22),
+    ],
+)
+def test_umask_is_octal_however_written(write: Writer, loader: str, text: str, umask: int) -> None:
+    path = write(f"app: m:app\numask: {text}\n")
+    assert load(path).umask == umask
+
+
+@pytest.mark.parametrize(("text", "mode"), [("400", 0o400), ("600", 0o600), ("0400", 0o400)])
+def test_bind_mode_is_octal_however_written(
+    write: Writer, loader: str, text: str, mode: int
+) -> None:
+    path = write(f"app: m:app\nbind:\n  - {{address: unix:/run/x.sock, mode: {text}}}\n")
+    assert load(path).bind == (BindConfig("unix:/run/x.sock", mode),)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("28", "not an octal mode: 28"),
+        ("8", "not an octal mode: 8"),
+        ("1000", "must be from 0 to 0o777, got 1000"),
+        ("-22", "must be from 0 to 0o777, got -22"),
+        ("022.0", "must be an octal file mode"),
+    ],
+)
+def test_umask_bad_values(write: Writer, loader: str, text: str, message: str) -> None:
+    path = write(f"app: m:app\nbacklog: 10\numask: {text}\n")
+    check_error(error_of(path), path, 3, "umask", message)
+
+
+def test_every_octal_field_is_covered() -> None:
+    """The fields read as octal are the ones the tests above exercise: a new one needs tests."""
+    octal = [
+        f"{cls.__name__}.{f.name}"
+        for cls in (Config, BindConfig, WorkersConfig, HttpConfig, LoggingConfig, TLSConfig,
+                    SyslogConfig, AdminConfig, HooksConfig)
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("octal")
+    ]
+    assert octal == ["Config.umask", "BindConfig.mode"]
+
+
+def test_octal_numbers_from_python_are_taken_as_they_are(tmp_path: Path) -> None:
+    """Only YAML text is read as octal digits: an int given from Python is already a number."""
+    assert from_mapping({"app": "m:app", "umask": 0o22}).umask == 0o22
+    assert load(None, {"app": "m:app", "umask": 18}).umask == 0o22
+    assert load(None, {"app": "m:app", "umask": "22"}).umask == 0o22
+    err = error_of(None, {"app": "m:app", "umask": 660})
+    check_error(err, "command line", None, "umask", "got 660 (write modes in octal, e.g. 0o660)")
+
+
+def test_octal_docs_say_how_modes_are_read() -> None:
+    rows = {key: doc for key, _, _, doc in field_docs()}
+    for key in ("umask", "bind[].mode"):
+        assert "always read as octal" in rows[key], key
+        assert "8 or 9 is an error" in rows[key], key
 
 
 def test_bind_mode_null_is_default(write: Writer) -> None:
@@ -622,6 +716,8 @@ def test_paths_relative_to_config_file(write: Writer, tmp_path: Path) -> None:
         """
     )
     etc = tmp_path / "etc"
+    (etc / "run").mkdir()
+    (tmp_path / "log").mkdir()
     cfg = load(path)
     assert cfg.pythonpath == (str(etc), str(tmp_path / "lib"), "/opt/abs")
     assert cfg.chdir == str(tmp_path)
@@ -645,7 +741,8 @@ def test_override_paths_relative_to_cwd(
 ) -> None:
     path = write("app: m:app\npythonpath: [src]\n")
     work = tmp_path / "work"
-    work.mkdir()
+    (work / "app").mkdir(parents=True)
+    (work / "logs").mkdir()
     monkeypatch.chdir(work)
     cfg = load(
         path,
@@ -665,6 +762,167 @@ def test_override_paths_relative_to_cwd(
 
 def test_override_path_object(tmp_path: Path) -> None:
     assert load(None, {"app": "m:a", "chdir": tmp_path}).chdir == str(tmp_path)
+
+
+# --- directories that must exist -------------------------------------------------------------
+
+
+def test_chdir_must_be_an_existing_directory(write: Writer, tmp_path: Path) -> None:
+    path = write("app: m:app\nchdir: /nonexistent/app\n")
+    check_error(error_of(path), path, 2, "chdir", "no such directory: /nonexistent/app")
+    (tmp_path / "a-file").write_text("")
+    path = write("app: m:app\nbacklog: 10\nchdir: ../a-file\n")
+    check_error(error_of(path), path, 3, "chdir", f"not a directory: {tmp_path / 'a-file'}")
+    err = error_of(None, {"app": "m:app", "chdir": "/nonexistent/app"})
+    check_error(err, "command line", None, "chdir", "no such directory")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "line", "key"),
+    [
+        ("pidfile: /nonexistent/preforkd.pid", 2, "pidfile"),
+        ("pidfile: run/preforkd.pid", 2, "pidfile"),  # relative: etc/run
+        ("logging:\n  error_log: /nonexistent/error.log", 3, "logging.error_log"),
+        ("logging:\n  level: info\n  access_log: ../logs/access.log", 4, "logging.access_log"),
+        ("bind: unix:/nonexistent/app.sock", 2, "bind"),  # the one-item short form
+        ("bind:\n  - 127.0.0.1:0\n  - unix:/nonexistent/app.sock", 4, "bind[1]"),
+        ("bind:\n  - address: unix:/nonexistent/app.sock", 3, "bind[0].address"),
+        ("admin:\n  socket: /nonexistent/admin.sock", 3, "admin.socket"),
+    ],
+)
+def test_directory_of_a_created_file_must_exist(
+    write: Writer, loader: str, yaml_text: str, line: int, key: str
+) -> None:
+    path = write(f"app: m:app\n{yaml_text}\n")
+    check_error(error_of(path), path, line, key, "no such directory", "(the directory of ")
+
+
+def test_files_the_server_creates_need_not_exist(write: Writer, tmp_path: Path) -> None:
+    path = write(
+        """
+        app: m:app
+        chdir: .
+        pidfile: preforkd.pid
+        bind: [unix:app.sock, "127.0.0.1:0"]
+        admin: {socket: admin.sock}
+        logging: {error_log: error.log, access_log: access.log}
+        """
+    )
+    etc = tmp_path / "etc"
+    cfg = load(path)
+    assert (cfg.chdir, cfg.pidfile) == (str(etc), str(etc / "preforkd.pid"))
+    assert cfg.admin.socket == str(etc / "admin.sock")
+    assert (cfg.logging.error_log, cfg.logging.access_log) == (
+        str(etc / "error.log"),
+        str(etc / "access.log"),
+    )
+    assert sorted(os.listdir(etc)) == ["preforkd.yaml"]  # nothing was created by loading
+
+
+def test_created_file_must_not_be_a_directory(write: Writer, tmp_path: Path) -> None:
+    path = write(f"app: m:app\npidfile: {tmp_path}\n")
+    check_error(error_of(path), path, 2, "pidfile", f"is a directory: {tmp_path}")
+
+
+def test_directory_under_a_file(write: Writer, tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    path = write(f"app: m:app\npidfile: {tmp_path / 'a-file' / 'x.pid'}\n")
+    check_error(error_of(path), path, 2, "pidfile", f"not a directory: {tmp_path / 'a-file'}")
+
+
+def test_pidfile_directory_from_the_command_line(write: Writer) -> None:
+    path = write("app: m:app\n")
+    err = error_of(path, {"pidfile": "/nonexistent/preforkd.pid"})
+    check_error(err, "command line", None, "pidfile", "no such directory: /nonexistent")
+    err = error_of(path, {"logging.error_log": "/nonexistent/error.log"})
+    check_error(err, "command line", None, "logging.error_log", "no such directory")
+
+
+def test_log_files_are_not_checked_when_syslog_replaces_them(write: Writer) -> None:
+    path = write(
+        """
+        app: m:app
+        logging:
+          error_log: /nonexistent/error.log
+          access_log: /nonexistent/access.log
+          syslog: {enabled: true}
+        """
+    )
+    assert load(path).logging.error_log == "/nonexistent/error.log"
+
+
+# --- users and groups -----------------------------------------------------------------------
+
+
+def _unused_id(exists: Callable[[int], object]) -> int:
+    """A numeric id with no entry in passwd/group, as a container's arbitrary uid."""
+    for candidate in range(1000650000, 1000650100):
+        try:
+            exists(candidate)
+        except KeyError:
+            return candidate
+    pytest.skip("no unused id found")
+
+
+@pytest.mark.parametrize("quote", ["", "'"])
+def test_numeric_ids_need_not_exist(write: Writer, loader: str, quote: str) -> None:
+    uid, gid = _unused_id(pwd.getpwuid), _unused_id(grp.getgrgid)
+    path = write(
+        f"""
+        app: m:app
+        user: {quote}{uid}{quote}
+        group: {quote}{gid}{quote}
+        bind:
+          - {{address: unix:x.sock, owner: {quote}{uid}{quote}, group: {quote}{gid}{quote}}}
+        """
+    )
+    cfg = load(path)
+    assert (cfg.user, cfg.group) == (str(uid), str(gid))
+    assert (cfg.bind[0].owner, cfg.bind[0].group) == (str(uid), str(gid))
+
+
+def test_numeric_ids_from_the_command_line() -> None:
+    uid, gid = _unused_id(pwd.getpwuid), _unused_id(grp.getgrgid)
+    cfg = load(None, {"app": "m:app", "user": str(uid), "group": str(gid)})
+    assert (cfg.user, cfg.group) == (str(uid), str(gid))
+    assert load(None, {"app": "m:app", "user": 0}).user == "0"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "line", "key", "message"),
+    [
+        ("user: no-such-user-pf", 2, "user", "no such user 'no-such-user-pf'"),
+        ("group: no-such-group-pf", 2, "group", "no such group 'no-such-group-pf'"),
+        (
+            "bind:\n  - {address: unix:x.sock, owner: no-such-user-pf}",
+            3,
+            "bind[0].owner",
+            "no such user",
+        ),
+        (
+            "bind:\n  - {address: unix:x.sock, group: no-such-group-pf}",
+            3,
+            "bind[0].group",
+            "no such group",
+        ),
+        ("user: 4294967295", 2, "user", "user id must be from 0 to 4294967294"),
+        ("group: '99999999999'", 2, "group", "group id must be from 0 to 4294967294"),
+        ("user: -1", 2, "user", "no such user '-1'"),
+        ("user: true", 2, "user", "must be a string, got True"),
+        ("group: 1.5", 2, "group", "must be a string, got 1.5"),
+    ],
+)
+def test_user_and_group_errors(
+    write: Writer, yaml_text: str, line: int, key: str, message: str
+) -> None:
+    path = write(f"app: m:app\n{yaml_text}\n")
+    check_error(error_of(path), path, line, key, message)
+
+
+def test_user_and_group_names_that_exist(write: Writer) -> None:
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    path = write(f"app: m:app\nuser: {user}\ngroup: {group}\n")
+    assert (load(path).user, load(path).group) == (user, group)
 
 
 # --- overrides ----------------------------------------------------------------------------
@@ -802,6 +1060,8 @@ def test_field_docs() -> None:
     assert rows["logging.level"][0] == "one of debug, info, warning, error, critical"
     assert rows["logging.access_log"][:2] == ("path, or null", "null")
     assert rows["preload_app"][:2] == ("true or false", "false")
+    assert rows["user"][0] == "name or numeric id, or null"
+    assert rows["bind[].owner"][0] == "name or numeric id, or null"
     documented = {key.rsplit(".", 1)[-1] for key in rows}
     for _, f in _all_fields():
         sections = ("source", "workers", "http", "logging", "syslog", "admin", "hooks", "tls")
