@@ -160,17 +160,20 @@ def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
     path = address.path
     _remove_stale_unix_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         sock.bind(path)
-        if spec.owner is not None or spec.group is not None:
-            os.chown(path, -1 if spec.owner is None else spec.owner,
-                     -1 if spec.group is None else spec.group)
-        if spec.mode is not None:
-            os.chmod(path, spec.mode)
+        bound = True
+        _set_mode_and_owner(path, spec)
         st = os.stat(path)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
+        if bound:
+            try:
+                os.unlink(path)  # the file this bind created: no stale socket left behind
+            except OSError:
+                pass
         raise BindError(f"cannot bind unix:{path}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return Listener(sock, address, unix_inode=(st.st_dev, st.st_ino))
@@ -180,12 +183,17 @@ def update_unix(listener: Listener, spec: BindSpec) -> None:
     """A kept unix socket whose mode or owner changed in the configuration: apply in place."""
     if listener.address.kind != "unix" or listener.inherited:
         return
-    path = listener.address.path
+    _set_mode_and_owner(listener.address.path, spec)
+
+
+def _set_mode_and_owner(path: str, spec: BindSpec) -> None:
+    """Mode first, while the file is still ours: changing the mode of a file another user
+    owns takes CAP_FOWNER, which a hardened unit does not grant (CAP_CHOWN does the rest)."""
+    if spec.mode is not None:
+        os.chmod(path, spec.mode)
     if spec.owner is not None or spec.group is not None:
         os.chown(path, -1 if spec.owner is None else spec.owner,
                  -1 if spec.group is None else spec.group)
-    if spec.mode is not None:
-        os.chmod(path, spec.mode)
 
 
 def bind(spec: BindSpec, backlog: int) -> Listener:

@@ -10,6 +10,7 @@ neither spends time on them nor copies the pages they live on.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import select
 import signal
@@ -23,6 +24,8 @@ from typing import Protocol
 import psutil
 
 from prefork.signals import set_mask
+
+log = logging.getLogger("prefork")
 
 ALL_SIGNALS = frozenset(signal.valid_signals())  # computed once: it costs ~70 us a call
 
@@ -43,6 +46,9 @@ class Kernel(Protocol):
 
 class System:
     """The real thing."""
+
+    def __init__(self) -> None:
+        self.uss_readable = True  # until a worker's smaps turn out to be closed to us
 
     def monotonic(self) -> float:
         return time.monotonic()
@@ -107,9 +113,24 @@ class System:
             return []
 
     def memory(self, pid: int) -> int | None:
-        """Unique set size of `pid` in bytes (pages no other process shares), or None."""
+        """Unique set size of `pid` in bytes (pages no other process shares), or None. Where
+        USS cannot be read (a worker of another user, without CAP_SYS_PTRACE: its smaps are
+        closed to us), its resident size instead, which counts shared pages too: the memory
+        limits err on the side of recycling rather than never acting (said once, in the
+        log)."""
         try:
-            return int(psutil.Process(pid).memory_full_info().uss)
+            process = psutil.Process(pid)
+            if self.uss_readable:
+                try:
+                    return int(process.memory_full_info().uss)
+                except psutil.AccessDenied:
+                    self.uss_readable = False
+                    log.warning(
+                        "cannot read the workers' unique memory (USS: needs CAP_SYS_PTRACE to "
+                        "read another user's /proc/PID/smaps); workers.max_memory and "
+                        "max_memory_hard are checked against their resident size (RSS) instead"
+                    )
+            return int(process.memory_info().rss)
         except (psutil.Error, OSError):
             return None
 

@@ -28,6 +28,7 @@ import pytest
 
 from detached import Daemons, alive, preforkd, read_pid
 from harness import (
+    DEFAULT_COMMAND,
     PID_APP,
     REPO_ROOT,
     Server,
@@ -485,6 +486,48 @@ def test_systemd_units_verify(require_tool: Any, tmp_path: Path) -> None:
     assert service["KillMode"] == "mixed"
     assert " reload " in service["ExecReload"]
     assert float(service["TimeoutStopSec"]) > WorkersConfig().graceful_timeout
+
+
+def unit_capabilities(without: str = "") -> str:
+    """The shipped unit's CapabilityBoundingSet as setpriv's --bounding-set argument."""
+    service = unit_settings((REPO_ROOT / "systemd" / "preforkd.service").read_text())
+    names = [c.lower().removeprefix("cap_") for c in service["CapabilityBoundingSet"].split()]
+    return ",".join(["-all", *(f"+{name}" for name in names if name != without)])
+
+
+@pytest.mark.parametrize("without", ["", "sys_ptrace"], ids=["unit", "unit-without-ptrace"])
+def test_the_units_capabilities_cover_socket_owners_and_memory_limits(
+    server_factory: ServerFactory, public_dir: Path, short_tmp: Path, without: str
+) -> None:
+    """Defect: under the unit's bounding set a unix socket with owner and mode failed to
+    bind (the mode was set after the chown, which then takes CAP_FOWNER), and with workers
+    of another user max_memory silently did nothing (their USS could not be read)."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is missing"
+    (public_dir / "app.py").write_text(PID_APP)
+    sock_path = short_tmp / "caps.sock"
+    server = server_factory(
+        config_text=(
+            "app: app:application\n"
+            f"pythonpath: ['{public_dir}']\n"
+            "user: nobody\n"
+            "group: nogroup\n"
+            "workers: {count: 1, max_memory: 1, memory_check_interval: 0.2}\n"
+            "bind:\n"
+            "  - 127.0.0.1:0\n"
+            f"  - {{address: 'unix:{sock_path}', mode: 0660, owner: nobody}}\n"
+        ),
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        command=[setpriv, f"--bounding-set={unit_capabilities(without)}", *DEFAULT_COMMAND],
+    )
+    st = sock_path.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY, 0o660)
+    (worker,) = server.worker_pids()
+    assert int(fetch(str(sock_path)).body) == worker
+    # a limit every worker is over: the first check shows the memory could be read
+    server.wait_for_log(re.compile(r"uses [\d.]+ MiB, over max_memory \(1 MiB\)"), timeout=10)
+    warning = "cannot read the workers' unique memory"
+    assert (warning in server.log()) == bool(without)  # logged before any figure is used
 
 
 class Notification(NamedTuple):
