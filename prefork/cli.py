@@ -435,6 +435,8 @@ class Startup:
             cfg.access_log_format,
             (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if use_syslog else None,
         )
+            # the files are chowned to the workers' user, who must reopen them on USR1
+            workers_as=(self.config.user, self.config.group),
 
     def error_stream(self) -> IO[str] | None:
         """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""

@@ -3,6 +3,8 @@
 Invariants: the error log is always file descriptor 2, so tracebacks printed by C code,
 faulthandler stack dumps and the application's own stderr land in the same place as our
 records; reopening (USR1) re-points fd 2 and the access log file without losing a line.
+When the server runs as root with a `user`/`group` for its workers, every log file the master
+opens is owned by that user and group, so that the workers can reopen it after a rotation.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import logging
 import logging.handlers
 import os
 import socket
+import stat
 import sys
 import time
 from typing import IO, Any
+
+from prefork.privileges import credentials
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -44,7 +49,16 @@ def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
 
 
 class Logs:
-    """Owns the log destinations. `access_enabled` is checked before any access work."""
+    """Owns the log destinations. `access_enabled` is checked before any access work.
+
+    Rotation (USR1): the master reopens first, as root: it creates the new files and chowns
+    them to `workers_as`; only then does it tell the workers (MSG_REOPEN), which reopen the
+    same paths as the unprivileged user and so find files they may write to. Passing them
+    the master's new descriptors instead was considered and not done: a worker can also be
+    signalled directly (USR1 to the process group, `systemctl kill`) and must then open by
+    path anyway, and the channel's reopen message would need descriptor bookkeeping in every
+    worker; chowning (as gunicorn does) keeps one way of reopening for both.
+    """
 
     def __init__(
         self,
@@ -53,9 +67,13 @@ class Logs:
         access_log: str | None = None,
         access_format: str = "combined",
         syslog: tuple[str, str, str] | None = None,
+        workers_as: tuple[str | None, str | None] = (None, None),
     ) -> None:
-        """`syslog`: (address, facility, ident) to send both logs there instead."""
+        """`syslog`: (address, facility, ident) to send both logs there instead.
+        `workers_as`: the configuration's (user, group) for the workers; the master updates
+        it on USR1 (a reload may have changed them)."""
         self.level = level
+        self.workers_as = workers_as
         self.syslog = syslog
         self._syslog_handlers: list[logging.Handler] = []
         self.error_path = None if error_log == "-" else error_log
@@ -84,13 +102,14 @@ class Logs:
                 access_log.addHandler(access_handler)
                 self._syslog_handlers.append(access_handler)
             return
-        if self.error_path is not None:
-            fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            os.dup2(fd, 2)
-            os.close(fd)
+        # The handler writes to whatever fd 2 is, so adding it before fd 2 is re-pointed puts
+        # a warning about the new file's owner into that file itself.
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
         log.addHandler(handler)
+        owner = self._owner()
+        if self.error_path is not None:
+            self._open_error_log(self.error_path, owner)
         if self.access_enabled:
             if self.access_path is None:  # "-"
                 # line-buffered: one write per line, so workers sharing stdout (journald)
@@ -99,9 +118,67 @@ class Logs:
                     1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
                 )
             else:
-                self._access_file = open(  # noqa: SIM115 - lives as long as the process
-                    self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
-                )
+                self._access_file = self._open_access_log(self.access_path, owner)
+
+    def _owner(self) -> tuple[int, int] | None:
+        """The (uid, gid) the log files must have for the workers to reopen them: those of
+        `workers_as`, chosen as privileges.credentials chooses them for the workers (-1: unchanged).
+        None when no other owner is needed (no user or group, or not root: then the workers
+        run as this process does) or a name no longer resolves (logged)."""
+        user, group = self.workers_as
+        if (user is None and group is None) or os.geteuid() != 0:
+            return None
+        try:
+            return credentials(user, group)
+        except KeyError as exc:
+            log.warning(
+                "cannot give the log files to the workers' user %s, group %s: %s; "
+                "the workers cannot reopen them after a rotation", user, group, exc
+            )
+            return None
+
+    def _give(self, fd: int, path: str, what: str, owner: tuple[int, int] | None) -> None:
+        """Chown the open file `fd` (at `path`) to `owner`, keeping its mode. fchown on the
+        descriptor, not the path: it is the file we opened, even if the path changed since.
+        A failure is logged, not raised: the process keeps logging, only a later reopen by
+        the workers is at risk, and the line says which file."""
+        if owner is None:
+            return
+        uid, gid = owner
+        try:
+            st = os.fstat(fd)
+            # /dev/null, a terminal or a pipe (error_log: /dev/stderr) is not ours to give away
+            if not stat.S_ISREG(st.st_mode):
+                return
+            if uid in (-1, st.st_uid) and gid in (-1, st.st_gid):
+                return
+            os.fchown(fd, uid, gid)
+        except OSError as exc:
+            log.warning(
+                "cannot give the %s %s to the workers' user (uid %d, gid %d): %s; "
+                "the workers cannot reopen it after a rotation", what, path, uid, gid, exc
+            )
+
+    def _open_error_log(self, path: str, owner: tuple[int, int] | None) -> None:
+        """Point fd 2 at `path` (created if need be), owned by `owner`."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            sys.stderr.flush()  # what was written before the reopen goes to the old file
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+        self._give(2, path, "error log", owner)
+
+    def _open_access_log(self, path: str, owner: tuple[int, int] | None) -> IO[str]:
+        """`path` (created if need be, mode 0666 less the umask as open(path, "a") gives it),
+        owned by `owner`, line-buffered."""
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            self._give(fd, path, "access log", owner)
+            return open(fd, "a", buffering=1, encoding="utf-8", errors="replace")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def fds(self) -> list[int]:
         """Descriptors that must survive daemonizing (syslog sockets, the access log file)."""
@@ -115,27 +192,32 @@ class Logs:
         return fds
 
     def reopen(self) -> None:
-        """USR1: point fd 2 and the access log at freshly opened files (after rotation). If
-        a file cannot be opened, the old one stays in use and the error is logged."""
-        try:
-            self._reopen()
-        except OSError as exc:
-            log.error("cannot reopen the log files: %s; still writing to the old ones", exc)
-
-    def _reopen(self) -> None:
+        """USR1: point fd 2 and the access log at freshly opened files (after rotation), each
+        independently: a file that cannot be opened keeps the old one in use, and the error
+        names it. In the master (root) the new files are created and given to `workers_as`
+        before it returns, i.e. before the master tells the workers to reopen them."""
         if self.syslog is not None:
             return
+        owner = self._owner()
         if self.error_path is not None:
-            sys.stderr.flush()
-            fd = os.open(self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-            os.dup2(fd, 2)
-            os.close(fd)
+            try:
+                self._open_error_log(self.error_path, owner)
+            except OSError as exc:
+                log.error(
+                    "cannot reopen the log files: error log %s: %s; still writing to the old "
+                    "one", self.error_path, exc
+                )
         if self.access_path is not None and self._access_file is not None:
-            old = self._access_file
-            self._access_file = open(  # noqa: SIM115
-                self.access_path, "a", buffering=1, encoding="utf-8", errors="replace"
-            )
-            old.close()
+            try:
+                new = self._open_access_log(self.access_path, owner)
+            except OSError as exc:
+                log.error(
+                    "cannot reopen the log files: access log %s: %s; still writing to the old "
+                    "one", self.access_path, exc
+                )
+            else:
+                old, self._access_file = self._access_file, new
+                old.close()
 
     def _timestamp(self) -> str:
         now = int(time.time())

@@ -988,6 +988,10 @@ class Master:
 
     def reload(self) -> None:
         if self.stop is not Stop.NONE or self.reloader is None:
+        # The master (root) creates the new files first, owned by the user the current
+        # generation's workers run as (a reload may have changed it); then the workers reopen
+        # them by path.
+        self.logs.workers_as = (self.current.config.user, self.current.config.group)
             return
         log.info("HUP: reloading")
         self.announce.reloading()
