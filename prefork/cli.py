@@ -56,6 +56,7 @@ MASTER_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
+    signal.SIGUSR2,  # caught only to say it does nothing: its default action kills
     signal.SIGCHLD,
 )
 # Slots for every worker of two generations at the largest allowed pool (reload overlap).
@@ -434,9 +435,9 @@ class Startup:
             cfg.access_log,
             cfg.access_log_format,
             (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if use_syslog else None,
-        )
             # the files are chowned to the workers' user, who must reopen them on USR1
             workers_as=(self.config.user, self.config.group),
+        )
 
     def error_stream(self) -> IO[str] | None:
         """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""
@@ -554,13 +555,15 @@ def reload_running(config: Config, wait: float) -> int:
         return EXIT_RUNTIME_ERROR
     status_path = f"{config.pidfile}.status"
     before = read_status(status_path) or {}
-    serial = before.get("serial", 0)
+    # a file another master left (one that died without cleaning up) says nothing of this one
+    serial = before.get("serial", 0) if before.get("pid") == pid else 0
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status = read_status(status_path)
         if (
             status is not None
+            and status.get("pid") == pid
             and isinstance(status.get("serial"), int)
             and status["serial"] > serial  # type: ignore[operator]
             and status.get("state") == "done"

@@ -213,6 +213,7 @@ class Master:
             signal.SIGTTIN: self.more_workers,
             signal.SIGTTOU: self.fewer_workers,
             signal.SIGUSR1: self.reopen_logs,
+            signal.SIGUSR2: self.no_upgrade,
             signal.SIGCHLD: lambda: None,  # it woke us; reaping is every tick's first step
             0: lambda: None,  # an explicit wake-up
         }
@@ -980,7 +981,17 @@ class Master:
             self.target -= 1
             log.info("TTOU: %d workers", self.target)
 
+    def no_upgrade(self) -> None:
+        """gunicorn's and unicorn's binary upgrade; its default action would kill the master
+        on the spot (no graceful stop, pidfile and sockets left behind)."""
+        log.warning("USR2: ignored: there is no binary upgrade; HUP reloads the code and "
+                    "the configuration in place, keeping the sockets")
+
     def reopen_logs(self) -> None:
+        # The master (root) creates the new files first, owned by the user the current
+        # generation's workers run as (a reload may have changed it); then the workers reopen
+        # them by path.
+        self.logs.workers_as = (self.current.config.user, self.current.config.group)
         self.logs.reopen()
         for handle in self.workers.values():
             self.tell(handle, MSG_REOPEN)
@@ -988,10 +999,6 @@ class Master:
 
     def reload(self) -> None:
         if self.stop is not Stop.NONE or self.reloader is None:
-        # The master (root) creates the new files first, owned by the user the current
-        # generation's workers run as (a reload may have changed it); then the workers reopen
-        # them by path.
-        self.logs.workers_as = (self.current.config.user, self.current.config.group)
             return
         log.info("HUP: reloading")
         self.announce.reloading()

@@ -95,14 +95,15 @@ class Announcer:
         self.reloads += 1
         if self.sd is not None:
             self.sd.send(RELOADING=1, MONOTONIC_USEC=monotonic_usec(), STATUS="reloading")
-        self._write_status({"serial": self.reloads, "state": "reloading"})
+        self._write_status({"pid": os.getpid(), "serial": self.reloads, "state": "reloading"})
 
     def reloaded(self, ok: bool, message: str) -> None:
         """The end of a reload, successful or not; systemd expects READY=1 either way."""
         if self.sd is not None:
             self.sd.send(READY=1, STATUS=message)
         self._write_status(
-            {"serial": self.reloads, "state": "done", "ok": ok, "message": message}
+            {"pid": os.getpid(), "serial": self.reloads, "state": "done", "ok": ok,
+             "message": message}
         )
 
     def stopping(self) -> None:

@@ -9,6 +9,7 @@ group) whatever the test did. Daemons log to a file beside their configuration.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -671,6 +672,34 @@ def test_reload_command_reports_success(server_factory: ServerFactory, tmp_path:
 
     new = wait_until(replaced, 10, message="the old workers were not replaced")
     assert int(fetch(server.addresses()[0]).body) in new
+
+
+def test_reload_command_ignores_a_status_file_another_master_left(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Defect: a master that died without cleaning up (SIGKILL, the OOM killer) left
+    PIDFILE.status at serial 5; the next master counts from 0, so `preforkd reload` waited
+    for a serial above 5 and reported failure until the new master had reloaded 6 times."""
+    (tmp_path / "reload.pid.status").write_text(
+        json.dumps({"pid": 1, "serial": 5, "state": "done", "ok": True, "message": "old"})
+    )
+    server, _ = reload_server(server_factory, tmp_path)
+
+    result = preforkd("reload", "-c", str(server.config), "--wait", "30")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reloaded: generation 2" in result.stdout
+
+
+def test_usr2_is_ignored_not_fatal(server_factory: ServerFactory, tmp_path: Path) -> None:
+    """gunicorn's binary-upgrade signal: its default action killed the master on the spot."""
+    server, pidfile = reload_server(server_factory, tmp_path)
+    server.signal(signal.SIGUSR2)
+    server.wait_for_log("USR2: ignored")
+    assert server.running()
+    assert int(fetch(server.addresses()[0]).body) in server.worker_pids()
+    assert server.stop() == 0
+    assert not pidfile.exists()
 
 
 def test_reload_command_reports_failure_and_old_workers_serve(
