@@ -127,6 +127,20 @@ def rotate(*paths: Path) -> list[Path]:
     return rotated
 
 
+def rotate_and_reopen(
+    server: Server, where: Address, error_log: Path, access_log: Path, owner: pwd.struct_passwd
+) -> tuple[Path, Path]:
+    """Rotate both logs, USR1, and check the new files: the workers' owner, the usual modes,
+    and the next request's line in the new access log. The rotated paths."""
+    old_error, old_access = rotate(error_log, access_log)
+    server.signal(signal.SIGUSR1)
+    wait_for_text(server, error_log, "USR1: log files reopened", 5)
+    assert_owned(error_log, owner, ERROR_MODE)
+    assert_owned(access_log, owner, ACCESS_MODE)
+    wait_access_line(where, access_log, "/after-usr1")
+    return old_error, old_access
+
+
 def wait_access_line(where: Address, access_log: Path, target: str) -> None:
     """Request `target` until its access line is in `access_log`. Repeated: the worker reopens
     when it reads the master's message, which may be just after the first request."""
@@ -157,13 +171,7 @@ def test_workers_running_as_nobody_reopen_the_files_the_master_rotated_in(
     assert fetch(where, "GET", "/before-usr1").status == 200
     wait_for_text(server, access_log, "GET /before-usr1 HTTP/1.1", 5)
 
-    old_error, old_access = rotate(error_log, access_log)
-    server.signal(signal.SIGUSR1)
-    wait_for_text(server, error_log, "USR1: log files reopened", 5)
-
-    assert_owned(error_log, nobody, ERROR_MODE)
-    assert_owned(access_log, nobody, ACCESS_MODE)
-    wait_access_line(where, access_log, "/after-usr1")
+    old_error, old_access = rotate_and_reopen(server, where, error_log, access_log, nobody)
     assert fetch(where, "GET", "/last").status == 200
     wait_for_text(server, access_log, "GET /last HTTP/1.1", 5)
     assert "/last" not in text(old_access)
@@ -229,12 +237,6 @@ def test_after_a_reload_to_another_user_the_new_files_are_that_users(
                message="the workers do not run as daemon after the reload",
                ignore=(psutil.NoSuchProcess,))  # an old worker exiting as it is looked at
 
-    old_error, _ = rotate(error_log, access_log)
-    server.signal(signal.SIGUSR1)
-    wait_for_text(server, error_log, "USR1: log files reopened", 5)
-
-    assert_owned(error_log, daemon, ERROR_MODE)
-    assert_owned(access_log, daemon, ACCESS_MODE)
-    wait_access_line(where, access_log, "/after-usr1")
+    old_error, _ = rotate_and_reopen(server, where, error_log, access_log, daemon)
     for path in (error_log, old_error):
         assert "cannot reopen" not in text(path), text(path)

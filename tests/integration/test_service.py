@@ -317,21 +317,29 @@ def public_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def privileged_config(public_dir: Path, ids: str, workers: str, socket: str) -> str:
+    """A config whose workers run as another user (`ids`: its user:/group: lines), serving
+    PID_APP from `public_dir` on 127.0.0.1 and on the unix socket entry `socket`."""
+    (public_dir / "app.py").write_text(PID_APP)
+    return (
+        "app: app:application\n"
+        f"pythonpath: ['{public_dir}']\n"
+        f"{ids}"
+        f"workers: {workers}\n"
+        "bind:\n"
+        "  - 127.0.0.1:0\n"
+        f"  - {socket}\n"
+    )
+
+
 def test_workers_drop_privileges_and_unix_socket_gets_owner_and_mode(
     server_factory: ServerFactory, public_dir: Path, short_tmp: Path
 ) -> None:
-    (public_dir / "app.py").write_text(PID_APP)
     sock_path = short_tmp / "priv.sock"
     server = server_factory(
-        config_text=(
-            "app: app:application\n"
-            f"pythonpath: ['{public_dir}']\n"
-            "user: nobody\n"
-            "group: nogroup\n"
-            "workers: {count: 2}\n"
-            "bind:\n"
-            "  - 127.0.0.1:0\n"
-            f"  - {{address: 'unix:{sock_path}', mode: 0660, owner: nobody}}\n"
+        config_text=privileged_config(
+            public_dir, "user: nobody\ngroup: nogroup\n", "{count: 2}",
+            f"{{address: 'unix:{sock_path}', mode: 0660, owner: nobody}}",
         ),
         env={"PYTHONDONTWRITEBYTECODE": "1"},
     )
@@ -358,17 +366,11 @@ def test_a_numeric_user_without_a_passwd_entry_runs_the_workers(
     """Containers run with arbitrary uids (OpenShift): a numeric user or socket owner need
     not be in /etc/passwd. Without a group, the workers take the same number as group,
     never the master's (root's)."""
-    (public_dir / "app.py").write_text(PID_APP)
     sock_path = short_tmp / "numeric.sock"
     server = server_factory(
-        config_text=(
-            "app: app:application\n"
-            f"pythonpath: ['{public_dir}']\n"
-            f"user: {ANONYMOUS}\n"
-            "workers: {count: 1}\n"
-            "bind:\n"
-            "  - 127.0.0.1:0\n"
-            f"  - {{address: 'unix:{sock_path}', owner: {ANONYMOUS}, group: {ANONYMOUS}}}\n"
+        config_text=privileged_config(
+            public_dir, f"user: {ANONYMOUS}\n", "{count: 1}",
+            f"{{address: 'unix:{sock_path}', owner: {ANONYMOUS}, group: {ANONYMOUS}}}",
         ),
         env={"PYTHONDONTWRITEBYTECODE": "1"},
     )
@@ -505,18 +507,12 @@ def test_the_units_capabilities_cover_socket_owners_and_memory_limits(
     of another user max_memory silently did nothing (their USS could not be read)."""
     setpriv = shutil.which("setpriv")
     assert setpriv is not None, "setpriv (util-linux) is missing"
-    (public_dir / "app.py").write_text(PID_APP)
     sock_path = short_tmp / "caps.sock"
     server = server_factory(
-        config_text=(
-            "app: app:application\n"
-            f"pythonpath: ['{public_dir}']\n"
-            "user: nobody\n"
-            "group: nogroup\n"
-            "workers: {count: 1, max_memory: 1, memory_check_interval: 0.2}\n"
-            "bind:\n"
-            "  - 127.0.0.1:0\n"
-            f"  - {{address: 'unix:{sock_path}', mode: 0660, owner: nobody}}\n"
+        config_text=privileged_config(
+            public_dir, "user: nobody\ngroup: nogroup\n",
+            "{count: 1, max_memory: 1, memory_check_interval: 0.2}",
+            f"{{address: 'unix:{sock_path}', mode: 0660, owner: nobody}}",
         ),
         env={"PYTHONDONTWRITEBYTECODE": "1"},
         command=[setpriv, f"--bounding-set={unit_capabilities(without)}", *DEFAULT_COMMAND],

@@ -913,18 +913,22 @@ def test_hup_without_a_reloader_is_ignored(make_rig: Callable[..., Rig]) -> None
     assert rig.master.pending is None
 
 
+def fail_a_reload(rig: Rig) -> None:
+    """HUP, then the canary cannot import the app; a few ticks for the master to give up."""
+    rig.signal(signal.SIGHUP)
+    canary = rig.worker(1, generation=2)
+    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
+    for _ in range(3):
+        rig.kernel.advance(1)
+        rig.tick()
+
+
 def test_a_canary_that_cannot_boot_fails_the_reload(
     make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = make_rig(count=2, reloader=reload_to(make_config(2)))
     old = rig.start()
-    rig.signal(signal.SIGHUP)
-    canary = rig.worker(1, generation=2)
-
-    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
-    for _ in range(3):
-        rig.kernel.advance(1)
-        rig.tick()
+    fail_a_reload(rig)
 
     assert matching(caplog, "reload failed", logging.ERROR)
     assert matching(caplog, "still serving generation 1")
@@ -1010,12 +1014,7 @@ def test_a_failed_reload_leaves_the_old_generation_its_workers(
     already stopped (or added) workers of the old generation, for good."""
     rig = make_rig(count=2, reloader=reload_to(make_config(count)))
     old = rig.start()
-    rig.signal(signal.SIGHUP)
-    canary = rig.worker(1, generation=2)
-    rig.exit(canary.pid, exit_status(EXIT_APP_LOAD_ERROR))
-    for _ in range(3):
-        rig.kernel.advance(1)
-        rig.tick()
+    fail_a_reload(rig)
 
     assert rig.master.pending is None and rig.master.current.number == 1
     assert rig.master.target == 2
