@@ -497,12 +497,15 @@ class Startup:
 
 
 def check(config: Config) -> int:
-    """Validate (done by now), import the app in a forked child, and test-bind every address."""
+    """Validate (done by now), import the app in a forked child with the configured `env:`
+    (as a worker would), and test-bind every address -- unless the pidfile names a running
+    server, which holds them: checking a file before `preforkd reload` is the usual use."""
     print(f"configuration OK: {config.source or '(command line)'}")
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            apply_env(config.env)
             prepare(config.pythonpath, config.chdir)
             load_app(config.app)
             code = 0
@@ -515,6 +518,11 @@ def check(config: Config) -> int:
     if os.waitstatus_to_exitcode(status) != 0:
         return EXIT_APP_FAILED
     print(f"application OK: {config.app}")
+    running = read_pid(config.pidfile) if config.pidfile else None
+    if running is not None and is_preforkd(running):
+        print(f"not test-binding: preforkd runs as pid {running} (from {config.pidfile}) and "
+              "holds the addresses; a reload keeps those that did not change")
+        return 0
     try:
         listeners = bind_all(bind_specs(config), config.backlog)
     except BindError as exc:

@@ -129,6 +129,31 @@ def test_check_success(tmp_path: Path) -> None:
     assert "listening" not in result.stderr
 
 
+def test_check_imports_the_app_with_the_configured_env(tmp_path: Path) -> None:
+    """Defect: the app was imported without `env:`, so an app that reads its settings at
+    import (DJANGO_SETTINGS_MODULE) failed `check` yet served fine."""
+    (tmp_path / "pf_env_app.py").write_text(
+        "import os\nSETTING = os.environ['PF_CHECK_SETTING']\n"
+        "def app(environ, start_response):\n    return []\n"
+    )
+    config = write_config(tmp_path, {"app": "pf_env_app:app", "env": {"PF_CHECK_SETTING": "x"}})
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "application OK: pf_env_app:app" in result.stdout
+
+
+def test_check_against_the_running_server_does_not_fail_on_its_addresses(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """Defect: `check` before a reload failed with "Address already in use": it test-bound
+    the addresses the running server holds."""
+    pidfile = tmp_path / "check.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    result = run_cli(["check", "-c", str(server.config)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"not test-binding: preforkd runs as pid {server.pid}" in result.stdout
+
+
 def test_check_reports_a_config_error_with_status_2(tmp_path: Path) -> None:
     config = write_config(tmp_path, settings(workers={"count": 0}))
     result = run_cli(["check", "-c", str(config)], tmp_path)
