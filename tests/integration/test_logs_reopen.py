@@ -201,8 +201,10 @@ def test_each_log_file_is_reopened_even_when_the_other_cannot_be(
     server.signal(signal.SIGUSR1)
 
     wait_for_text(server, old_error, f"cannot reopen the log files: error log {error_log}: ", 5)
-    wait_access_line(where, access_log, "/after-usr1")
-    assert "/after-usr1" not in text(old_access)
+    wait_access_line(where, access_log, "/after-usr1")  # the worker has reopened by now
+    assert fetch(where, "GET", "/last").status == 200
+    wait_for_text(server, access_log, "GET /last HTTP/1.1", 5)
+    assert "/last" not in text(old_access)
     assert "cannot reopen the log files: access log" not in text(old_error)
     assert not error_dir.exists()
     assert server.running()
