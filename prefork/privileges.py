@@ -37,29 +37,32 @@ def user_entry(user: str) -> pwd.struct_passwd | None:
         raise
 
 
+def _resolve(user: str | None, group: str | None) -> tuple[pwd.struct_passwd | None, int, int]:
+    """`user`'s passwd entry (if any) and the (uid, gid) of credentials()."""
+    if user is None and group is None:
+        return None, -1, -1
+    pw = user_entry(user) if user is not None else None
+    uid = -1 if user is None else (pw.pw_uid if pw is not None else int(user))
+    if group is not None:
+        return pw, uid, resolve_gid(group)
+    return pw, uid, (pw.pw_gid if pw is not None else uid)
+
+
 def credentials(user: str | None, group: str | None) -> tuple[int, int]:
     """The (uid, gid) the workers run as; -1 where they keep the master's. The group is
     `group`, else the user's primary group, else, for a numeric uid without a passwd
     entry, the same number (never the master's group, root's)."""
-    if user is None and group is None:
-        return -1, -1
-    pw = user_entry(user) if user is not None else None
-    uid = -1 if user is None else (pw.pw_uid if pw is not None else int(user))
-    if group is not None:
-        return uid, resolve_gid(group)
-    return uid, (pw.pw_gid if pw is not None else uid)
+    _, uid, gid = _resolve(user, group)
+    return uid, gid
 
 
 def drop_privileges(user: str | None, group: str | None) -> None:
     """Become `user` (with its supplementary groups) and `group` (see credentials)."""
     if user is None and group is None:
         return
-    uid, gid = credentials(user, group)
-    if gid == -1:
-        gid = os.getgid()
+    pw, uid, gid = _resolve(user, group)  # a group or a user is given: gid is never -1
     if uid == os.getuid() and gid == os.getgid():
         return
-    pw = user_entry(user) if user is not None else None
     if pw is not None:
         os.initgroups(pw.pw_name, gid)
     else:
