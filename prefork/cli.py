@@ -29,7 +29,7 @@ from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import Logs
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
-from prefork.pidfile import PidFile, PidFileError, is_preforkd, read_pid
+from prefork.pidfile import PidFile, PidFileError, is_preforkd, running_pid
 from prefork.privileges import resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
@@ -518,8 +518,8 @@ def check(config: Config) -> int:
     if os.waitstatus_to_exitcode(status) != 0:
         return EXIT_APP_FAILED
     print(f"application OK: {config.app}")
-    running = read_pid(config.pidfile) if config.pidfile else None
-    if running is not None and is_preforkd(running):
+    running = running_pid(config.pidfile) if config.pidfile else None
+    if running is not None:
         print(f"not test-binding: preforkd runs as pid {running} (from {config.pidfile}) and "
               "holds the addresses; a reload keeps those that did not change")
         return 0
@@ -557,8 +557,8 @@ def reload_running(config: Config, wait: float) -> int:
         print("preforkd: reload needs `pidfile` in the configuration (or --pidfile) to find "
               "the running server", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    pid = read_pid(config.pidfile)
-    if pid is None or not is_preforkd(pid):
+    pid = running_pid(config.pidfile)
+    if pid is None:
         print(f"preforkd: not running (no live pid in {config.pidfile})", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     status_path = f"{config.pidfile}.status"

@@ -57,6 +57,12 @@ def is_preforkd(pid: int) -> bool:
     return b"prefork" in cmdline
 
 
+def running_pid(path: str) -> int | None:
+    """The pid in `path` if it is a live preforkd master, else None."""
+    pid = read_pid(path)
+    return pid if pid is not None and is_preforkd(pid) else None
+
+
 class PidFile:
     def __init__(self, path: str) -> None:
         self.path = path
