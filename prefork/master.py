@@ -512,14 +512,7 @@ class Master:
             # the one named first, then the others of its generation (same listeners and
             # settings), then the source itself, which waits for the answer about what it
             # passed whatever its state
-            same = [
-                h
-                for h in self.workers.values()
-                if h.generation == source.generation
-                and h is not source
-                and not h.recycle
-                and self.takes(h)
-            ]
+            same = [h for h in self.serving_for(source, source.generation) if not h.recycle]
             taker = self.deliver(conns, sorted(same, key=lambda h: h.pid != pid), MSG_FRESH)
             if taker is None and source.state in (WorkerState.READY, WorkerState.STOPPING):
                 taker = self.deliver(conns, [source], MSG_BACK)
@@ -561,12 +554,16 @@ class Master:
                 pass
         return ids
 
-    def serving_for(self, source: WorkerHandle) -> list[WorkerHandle]:
-        """The current generation's serving workers, other than `source`."""
+    def serving_for(
+        self, source: WorkerHandle, generation: int | None = None
+    ) -> list[WorkerHandle]:
+        """The serving workers of `generation` (default: the current one), other than
+        `source`."""
+        number = self.current.number if generation is None else generation
         return [
             h
             for h in self.workers.values()
-            if h.generation == self.current.number and h is not source and self.takes(h)
+            if h.generation == number and h is not source and self.takes(h)
         ]
 
     def takes(self, handle: WorkerHandle) -> bool:
