@@ -675,30 +675,24 @@ class Worker:
         if message is None:
             return
         data, fds = message
-        if not data:
-            # the master died: nobody will replace us or watch our deadlines
-            for fd in fds:
-                os.close(fd)
-            self.epoll.unregister(self.channel_fd)
-            self.begin_stop()
-            return
         if data.startswith(MSG_CONNS):
             self.adopt(chan.parse_conns(data, fds))
             return
-        if data.startswith(MSG_FRESH):
-            self.adopt(chan.parse_conns(data, fds), fresh=True)
-            return
-        if data.startswith(MSG_BACK):
-            conns = chan.parse_conns(data, fds)  # ours, which no other worker could take
-            self.unanswered = max(0, self.unanswered - len(conns))
+        if data.startswith((MSG_FRESH, MSG_BACK)):
+            conns = chan.parse_conns(data, fds)
+            if data.startswith(MSG_BACK):  # ours, which no other worker could take
+                self.unanswered = max(0, self.unanswered - len(conns))
             self.adopt(conns, fresh=True)
-            return
-        if data == MSG_TAKEN:
-            self.unanswered = max(0, self.unanswered - 1)
             return
         for fd in fds:  # no other message carries descriptors
             os.close(fd)
-        if data.startswith(MSG_HAND_OVER):
+        if not data:
+            # the master died: nobody will replace us or watch our deadlines
+            self.epoll.unregister(self.channel_fd)
+            self.begin_stop()
+        elif data == MSG_TAKEN:
+            self.unanswered = max(0, self.unanswered - 1)
+        elif data.startswith(MSG_HAND_OVER):
             self.begin_stop()
             self.hand_over(chan.parse_hand_over(data))
         elif data == MSG_STOP:
