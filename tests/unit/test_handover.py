@@ -24,7 +24,7 @@ from prefork.channel import (
     MSG_TAKEN,
 )
 from prefork.config import from_mapping
-from prefork.master import WorkerState
+from prefork.master import WorkerHandle, WorkerState
 from prefork.scoreboard import Activity
 from prefork.sockets import Listener
 from tests.unit.fakes import Rig
@@ -120,6 +120,15 @@ def test_a_listener_is_named_by_its_socket_not_its_descriptor_number(
         assert chan.listener_id(other.fileno()) != chan.listener_id(listener.fd)
 
 
+def serving(
+    make_rig: Callable[..., Rig], listener: Listener, count: int
+) -> tuple[Rig, list[WorkerHandle]]:
+    """A rig of `count` ready workers whose generation serves `listener`."""
+    rig = make_rig(count=count)
+    rig.master.current.listeners = [listener]
+    return rig, rig.start()
+
+
 def recycled(rig: Rig, number: int) -> tuple[int, int]:
     """Worker `number` reaches max_requests and its successor boots: (old pid, successor pid)."""
     old = rig.worker(number)
@@ -132,9 +141,7 @@ def recycled(rig: Rig, number: int) -> tuple[int, int]:
 def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=2)
-    rig.master.current.listeners = [listener]
-    rig.start()
+    rig, _ = serving(make_rig, listener, 2)
     old, successor = recycled(rig, 1)
     assert rig.kernel.received(old) == chan.hand_over_message([chan.listener_id(listener.fd)])
     # no 'last response' flag: the connections stay open to be passed on
@@ -167,9 +174,7 @@ def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
 def test_when_the_successor_just_died_another_serving_worker_takes_them(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=2)
-    rig.master.current.listeners = [listener]
-    rig.start()
+    rig, _ = serving(make_rig, listener, 2)
     old, successor = recycled(rig, 1)
     (other,) = [h.pid for h in rig.in_state(WorkerState.READY) if h.pid not in (old, successor)]
     rig.kernel.children[successor].close()  # it died; the master has not reaped it yet
@@ -227,9 +232,7 @@ def arrived_fresh(
 def test_the_master_passes_a_balanced_connection_to_the_worker_named(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=2)
-    rig.master.current.listeners = [listener]
-    busy, idle = rig.start()
+    rig, (busy, idle) = serving(make_rig, listener, 2)
     sock, client = connection(clients)
     lid = chan.listener_id(listener.fd)
     before = open_fds()
@@ -256,9 +259,7 @@ def test_the_master_passes_a_balanced_connection_to_the_worker_named(
 def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket], stop: str
 ) -> None:
-    rig = make_rig(count=3)
-    rig.master.current.listeners = [listener]
-    busy, named, other = rig.start()
+    rig, (busy, named, other) = serving(make_rig, listener, 3)
     if stop == "asked-by-the-master":
         rig.master.ask_to_stop(rig.handle(named.pid), "test")  # a stop began meanwhile
     else:
@@ -275,9 +276,7 @@ def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
 def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=1)
-    rig.master.current.listeners = [listener]
-    (busy,) = rig.start()
+    rig, (busy,) = serving(make_rig, listener, 1)
     client = balance(rig, listener, clients, busy.pid, 4242)  # that one exited meanwhile
     assert arrived_fresh(rig, busy.pid, client, MSG_BACK)
     assert rig.master.balanced == 0
@@ -286,9 +285,7 @@ def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
 def test_without_a_serving_worker_the_connections_are_closed(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
 ) -> None:
-    rig = make_rig(count=1)
-    rig.master.current.listeners = [listener]
-    (only,) = rig.start()
+    rig, (only,) = serving(make_rig, listener, 1)
     sock, client = connection(clients)
     lid = chan.listener_id(listener.fd)
     chan.send_conns(rig.kernel.children[only.pid], [(sock.fileno(), lid, 1.0)])
