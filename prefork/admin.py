@@ -7,18 +7,16 @@ socket is created with mode 0600. Rendering is pure: it turns a snapshot dict in
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from prefork.addresses import parse_address
 from prefork.scoreboard import DURATION_BUCKETS
-from prefork.sockets import recv_now
+from prefork.sockets import BindError, recv_now, remove_stale_unix_socket, unlink_if_ours
 
 log = logging.getLogger("prefork")
 
@@ -30,10 +28,12 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 class AdminServer:
     def __init__(self, listeners: list[socket.socket], respond: Responder,
-                 unix_path: str | None = None) -> None:
+                 unix_path: str | None = None,
+                 unix_inode: tuple[int, int] | None = None) -> None:
         self.listeners = {sock.fileno(): sock for sock in listeners}
         self.respond = respond
         self.unix_path = unix_path
+        self.unix_inode = unix_inode  # the socket file bound, removed at close if still ours
         self.conns: dict[int, tuple[socket.socket, bytes, float]] = {}
 
     def fds(self) -> list[int]:
@@ -110,11 +110,9 @@ class AdminServer:
         self.conns.clear()
         for sock in self.listeners.values():
             sock.close()
-        if self.unix_path is not None:
-            try:
-                os.unlink(self.unix_path)
-            except OSError:
-                pass
+        if self.unix_path is not None and self.unix_inode is not None:
+            unlink_if_ours(self.unix_path, self.unix_inode)
+            self.unix_inode = None
 
 
 def admin_socket_path(socket_path: str | None, pidfile: str | None) -> str | None:
@@ -123,26 +121,37 @@ def admin_socket_path(socket_path: str | None, pidfile: str | None) -> str | Non
     return f"{pidfile}.sock" if pidfile else None
 
 
-def open_admin(path: str | None, bind: str | None) -> list[socket.socket]:
-    """Bind the endpoint's sockets (raises OSError with the reason)."""
+def open_admin(
+    path: str | None, bind: str | None
+) -> tuple[list[socket.socket], tuple[int, int] | None]:
+    """Bind the endpoint's sockets (raises OSError with the reason). Returns them and the
+    unix socket file's (device, inode), for removing it at close only if it is still ours.
+    A socket file another live process listens on is refused, not replaced."""
     sockets = []
+    inode = None
     if path is not None:
+        what = f"cannot open the status socket {path}"
         try:
-            if os.path.exists(path):
-                if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                    raise OSError(errno.EEXIST, "the path exists and is not a socket")
-                os.unlink(path)  # ours from a previous run; the pidfile check guards liveness
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            remove_stale_unix_socket(path, what)
+        except BindError as exc:
+            raise OSError(str(exc)) from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
             old = os.umask(0o177)
             try:
                 sock.bind(path)
             finally:
                 os.umask(old)
+            st = os.stat(path)
+            inode = (st.st_dev, st.st_ino)
             sock.listen(16)
-            sock.setblocking(False)
-            sockets.append(sock)
         except OSError as exc:
-            raise OSError(f"cannot open the status socket {path}: {exc.strerror}") from None
+            sock.close()
+            if inode is not None:
+                unlink_if_ours(path, inode)
+            raise OSError(f"{what}: {exc.strerror}") from None
+        sock.setblocking(False)
+        sockets.append(sock)
     if bind is not None:
         address = parse_address(bind)
         family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
@@ -153,10 +162,14 @@ def open_admin(path: str | None, bind: str | None) -> list[socket.socket]:
             sock.listen(16)
         except OSError as exc:
             sock.close()
+            for opened in sockets:
+                opened.close()
+            if inode is not None and path is not None:
+                unlink_if_ours(path, inode)
             raise OSError(f"cannot open the status endpoint {bind}: {exc.strerror}") from None
         sock.setblocking(False)
         sockets.append(sock)
-    return sockets
+    return sockets, inode
 
 
 def fetch(path: str | None, bind: str | None, target: str, timeout: float = 5.0) -> bytes:

@@ -450,7 +450,7 @@ class Startup:
         config = self.config
         admin_path = admin_socket_path(config.admin.socket, config.pidfile)
         try:
-            admin_sockets = open_admin(admin_path, config.admin.bind)
+            admin_sockets, admin_inode = open_admin(admin_path, config.admin.bind)
         except OSError as exc:
             announce.failed(str(exc))
             return self.fail(str(exc))
@@ -473,7 +473,7 @@ class Startup:
         )
         if admin_sockets:
             master.admin = AdminServer(
-                admin_sockets, lambda path: status.respond(master, path), admin_path
+                admin_sockets, lambda path: status.respond(master, path), admin_path, admin_inode
             )
             where = [admin_path] if admin_path else []
             where += [config.admin.bind] if config.admin.bind else []

@@ -69,12 +69,7 @@ class Listener:
     def close(self) -> None:
         """Close; remove the socket file if it is still ours."""
         if self.unix_inode is not None and not self.inherited:
-            try:
-                st = os.stat(self.address.path)
-                if (st.st_dev, st.st_ino) == self.unix_inode:
-                    os.unlink(self.address.path)
-            except OSError:
-                pass
+            unlink_if_ours(self.address.path, self.unix_inode)
             self.unix_inode = None
         self.sock.close()
 
@@ -135,13 +130,27 @@ def _bind_tcp(address: Address, backlog: int) -> Listener:
     return Listener(sock, _address_of(sock))
 
 
-def _remove_stale_unix_socket(path: str) -> None:
+def unlink_if_ours(path: str, inode: tuple[int, int]) -> None:
+    """Remove the socket file at `path` if it is still the one we bound (device, inode): a
+    later instance may have replaced it, and its file is not ours to remove."""
+    try:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def remove_stale_unix_socket(path: str, what: str) -> None:
+    """Make way for binding `path`: remove a socket file nobody listens on (left by a process
+    that died); refuse one a live process listens on, and a path that is not a socket.
+    Raises BindError with `what` ("cannot bind unix:PATH") and the reason."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise BindError(f"cannot bind unix:{path}: the path exists and is not a socket")
+        raise BindError(f"{what}: the path exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -149,16 +158,16 @@ def _remove_stale_unix_socket(path: str) -> None:
         os.unlink(path)  # nobody listens: left behind by a process that died
         return
     except OSError as exc:
-        raise BindError(f"cannot bind unix:{path}: {exc.strerror}") from None
+        raise BindError(f"{what}: {exc.strerror}") from None
     finally:
         probe.close()
-    raise BindError(f"cannot bind unix:{path}: another process is listening on it")
+    raise BindError(f"{what}: another process is listening on it")
 
 
 def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
     address = spec.address
     path = address.path
-    _remove_stale_unix_socket(path)
+    remove_stale_unix_socket(path, f"cannot bind unix:{path}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
