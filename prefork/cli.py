@@ -344,7 +344,9 @@ class Startup:
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
             log.error("%s", message)
-        if self.logs is None or self.logs.syslog or self.logs.error_path:
+        if self.console.closed:
+            pass  # detached: the launcher prints what announce.failed sent it
+        elif self.logs is None or self.logs.syslog or self.logs.error_path:
             print(f"preforkd: {message}", file=self.console)
         return code
 

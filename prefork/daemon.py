@@ -35,7 +35,7 @@ def detach(
 ) -> int:
     """Become a daemon. Returns the ready pipe's write end, in the daemon only: the launching
     process never returns from here, it exits with the daemon's startup result, which it
-    prints on `console` (the terminal it was started from). `preserve`: the descriptors the
+    prints on `console` (the terminal it was started from; closed in the daemon). `preserve`: the descriptors the
     daemon keeps (listeners, logs, and whatever hooks or a preloaded app opened; closing
     those would let their numbers be reused); everything else is closed."""
     read_end, write_end = os.pipe()
@@ -44,6 +44,10 @@ def detach(
         os.close(write_end)
         sys.exit(wait_for_daemon(read_end, pid, timeout, console))
     os.close(read_end)
+    # The terminal is the launcher's: closed here through its file object (python-daemon
+    # would close the bare descriptor, leaving an object that writes to a dead or reused
+    # number); the daemon's failures reach the launcher through the pipe instead.
+    console.close()
     context = daemon.DaemonContext(
         working_directory="/",
         umask=umask,

@@ -249,6 +249,36 @@ def test_daemon_whose_app_fails_to_import_fails_the_launcher(
     assert not (tmp_path / "preforkd.pid").exists()
 
 
+def test_a_daemon_failing_after_it_detached_reports_once_and_cleanly(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """Defect: a failure after detaching (here the status socket, opened after the detach)
+    was printed to the launcher's terminal, whose descriptor the daemon had closed: the
+    daemon died on EBADF with a traceback in its log. The launcher must still report it."""
+    admin = tmp_path / "admin.sock"
+    config = daemon_config(tmp_path, admin={"socket": str(admin)})
+    daemons.watch(tmp_path / "preforkd.pid")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(admin))
+        live.listen()
+        result = daemons.launch(config)
+        output = result.stdout + result.stderr
+        log = (tmp_path / "error.log").read_text()
+        assert result.returncode != 0, output
+        assert (
+            f"preforkd: startup failed: cannot open the status socket {admin}: "
+            "another process is listening on it" in output
+        )
+        detached = re.search(r"detached: master pid (\d+)", log)
+        assert detached, log
+        wait_until(lambda: not alive(int(detached.group(1))), 10, message="the daemon lives on")
+        log = (tmp_path / "error.log").read_text()
+        assert "Traceback" not in log, log
+        assert "another process is listening on it" in log
+        assert admin.exists(), "the live server's status socket was removed"
+    assert not (tmp_path / "preforkd.pid").exists()
+
+
 def test_daemon_term_removes_pidfile_and_unix_socket(
     daemons: Daemons, tmp_path: Path, short_tmp: Path
 ) -> None:
