@@ -35,9 +35,10 @@ def detach(
 ) -> int:
     """Become a daemon. Returns the ready pipe's write end, in the daemon only: the launching
     process never returns from here, it exits with the daemon's startup result, which it
-    prints on `console` (the terminal it was started from; closed in the daemon). `preserve`: the descriptors the
-    daemon keeps (listeners, logs, and whatever hooks or a preloaded app opened; closing
-    those would let their numbers be reused); everything else is closed."""
+    prints on `console` (the terminal it was started from; closed in the daemon).
+    `preserve`: the descriptors the daemon keeps (listeners, logs, and whatever hooks or a
+    preloaded app opened; closing those would let their numbers be reused); everything else
+    is closed."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid > 0:
