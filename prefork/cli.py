@@ -39,6 +39,7 @@ from prefork.sockets import (
     Listener,
     bind_all,
     defer_accept,
+    passed_socket_match,
     systemd_listeners,
 )
 from prefork.system import System
@@ -190,17 +191,35 @@ def bind_specs(config: Config) -> list[BindSpec]:
 
 
 def tls_contexts(config: Config, listeners: list[Listener]) -> dict[int, ssl.SSLContext]:
-    """The TLS context of each listener whose bind entry has `tls` (systemd's sockets are
-    matched to bind entries by address)."""
-    by_address = {str(bind_address(b)): b for b in config.bind if b.tls is not None}
+    """The TLS context of each listener whose bind entry has `tls`. A socket systemd passed
+    takes the `tls` of the entry naming its address (`passed_socket_match`; the best match);
+    a `tls` entry that names none of them is an error (ValueError), not plain HTTP."""
+    wanted = [(b, bind_address(b)) for b in config.bind if b.tls is not None]
     contexts = {}
+    used: set[int] = set()
     for listener in listeners:
-        # as configured (port 0 stays 0); systemd's sockets by the address they have
-        configured = listener.configured.address if listener.configured else listener.address
-        bind = by_address.get(str(configured))
-        if bind is not None and bind.tls is not None:
+        if listener.configured is not None:  # bound by us: its own entry, port 0 included
+            entry = next(
+                (i for i, (_, a) in enumerate(wanted) if a == listener.configured.address),
+                None,
+            )
+        else:
+            scores = [passed_socket_match(listener.address, a) for _, a in wanted]
+            best = max(scores, default=0)
+            entry = scores.index(best) if best else None
+        if entry is not None:
+            tls = wanted[entry][0].tls
+            assert tls is not None
             listener.tls = True
-            contexts[listener.fd] = server_context(bind.tls)
+            contexts[listener.fd] = server_context(tls)
+            used.add(entry)
+    unmatched = [str(a) for i, (_, a) in enumerate(wanted) if i not in used]
+    if unmatched:
+        passed = ", ".join(str(listener.address) for listener in listeners)
+        raise ValueError(
+            f"bind {', '.join(unmatched)} has tls, but none of the sockets systemd passed "
+            f"({passed}) is at that address; name them alike, or drop tls from the entry"
+        )
     return contexts
 
 

@@ -820,7 +820,10 @@ class Config:
         default=(BindConfig("127.0.0.1:8000"),),
         metadata=_meta(
             "Sockets to listen on: a list of addresses or {address, mode} mappings (one bare "
-            "address is a one-item list). Duplicates are an error.",
+            "address is a one-item list). Duplicates are an error. Sockets passed by systemd "
+            "(socket activation) are served instead; each takes the `tls` of the entry for "
+            "its address, matched by meaning (`*:PORT` matches any address on PORT, a name "
+            "its addresses), and a `tls` entry that matches none of them stops the start.",
             nonempty=True,
             single=True,
         ),

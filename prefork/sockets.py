@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
 import socket
 import stat
@@ -282,3 +283,43 @@ def systemd_listeners(environ: MutableMapping[str, str]) -> list[Listener]:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         listeners.append(Listener(sock, _address_of(sock), inherited=True))
     return listeners
+
+
+_WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))
+
+
+def _ips(host: str, port: int) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses `host` stands for; IPv4-mapped IPv6 ones as plain IPv4 (a dual-stack
+    socket reports v4 peers that way). A name that does not resolve stands for nothing."""
+    try:
+        found = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return set()
+        found = {ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos}
+    return {
+        ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+        for ip in found
+    }
+
+
+def passed_socket_match(passed: Address, configured: Address) -> int:
+    """How well a configured address names a socket systemd passed: 2 the same address, 1 the
+    same port where either side listens on every address (`ListenStream=8443` is a
+    dual-stack `[::]:8443`, which `*:8443` means), 0 not at all. Unix paths must be the same
+    file path. Matched by meaning, not spelling: `localhost:8443` is `127.0.0.1:8443`."""
+    if passed.kind != configured.kind:
+        return 0
+    if passed.kind == "unix":
+        same = os.path.realpath(passed.path) == os.path.realpath(configured.path)
+        return 2 if same else 0
+    if passed.port != configured.port:
+        return 0
+    ours, theirs = _ips(configured.host, configured.port), _ips(passed.host, passed.port)
+    if ours & theirs:
+        return 2
+    if any(ip in _WILDCARDS for ip in ours | theirs):
+        return 1
+    return 0

@@ -6,6 +6,8 @@ then execs preforkd with LISTEN_FDS/LISTEN_PID set; curl is the client.
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +85,79 @@ def test_socket_activation_socket_survives_stop(
     server.signal(15)
     assert server.wait_exit(15) == 0
     assert sock_path.exists(), "preforkd removed a socket file it did not create"
+
+
+def _self_signed(require_tool: Any, directory: Path) -> tuple[Path, Path]:
+    openssl = require_tool("openssl")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def _activated_tcp(
+    server_factory: Any, require_tool: Any, bind: list[Any]
+) -> tuple[Any, int]:
+    """preforkd started by `systemd-socket-activate -l 127.0.0.1:PORT`, configured with
+    `bind`; returns the server and PORT once the activator listens."""
+    activator = require_tool("systemd-socket-activate")
+    with socket.socket() as probe:  # a free port for the activator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = (activator, "-l", f"127.0.0.1:{port}", sys.executable, "-m", "prefork")
+    settings = {"app": "app:application", "bind": [
+        {**b, "address": b["address"].format(port=port)} for b in bind
+    ], "workers": {"count": 1}}
+    server = server_factory(settings, app_source=APP, command=command, wait_ready=False)
+
+    def listening() -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0 or not server.running()
+
+    # the connect itself is what makes the activator exec preforkd
+    wait_until(listening, 10, message="the activator did not listen")
+    return server, port
+
+
+def test_socket_activation_matches_tls_by_address_meaning_not_spelling(
+    server_factory: Any, require_tool: Any, tmp_path: Path
+) -> None:
+    """Defect: a passed socket took the `tls` of the entry whose address text was the same:
+    `*:PORT` against systemd's 127.0.0.1:PORT (or `[::]:PORT`) served plain HTTP, silently."""
+    cert, key = _self_signed(require_tool, tmp_path)
+    tls = {"certificate": str(cert), "key": str(key)}
+    server, port = _activated_tcp(
+        server_factory, require_tool, [{"address": "*:{port}", "tls": tls}]
+    )
+    server.wait_ready(15)
+    assert f"listening at https://127.0.0.1:{port}" in server.log()
+    context = ssl.create_default_context(cafile=str(cert))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(b"GET /tls HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"/tls"), data
+
+
+def test_socket_activation_refuses_a_tls_entry_no_passed_socket_matches(
+    server_factory: Any, require_tool: Any, tmp_path: Path
+) -> None:
+    """A `tls` entry for an address systemd did not pass would leave that service without
+    its TLS port; starting plain on the passed one instead would serve it in the clear."""
+    cert, key = _self_signed(require_tool, tmp_path)
+    tls = {"certificate": str(cert), "key": str(key)}
+    server, port = _activated_tcp(
+        server_factory, require_tool,
+        [{"address": "127.0.0.1:{port}"}, {"address": "127.0.0.1:1", "tls": tls}],
+    )
+    assert server.wait_exit(15) != 0
+    assert (
+        f"bind 127.0.0.1:1 has tls, but none of the sockets systemd passed (127.0.0.1:{port})"
+        in server.log()
+    )

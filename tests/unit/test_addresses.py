@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prefork.addresses import Address, parse_address, resolve_relative
+from prefork.sockets import passed_socket_match
 
 
 @pytest.mark.parametrize(
@@ -133,3 +134,25 @@ def test_resolve_relative_too_long() -> None:
 )
 def test_str_round_trips(addr: Address) -> None:
     assert parse_address(str(addr)) == addr
+
+
+@pytest.mark.parametrize(
+    ("passed", "configured", "score"),
+    [
+        ("127.0.0.1:8443", "127.0.0.1:8443", 2),
+        ("127.0.0.1:8443", "localhost:8443", 2),  # by meaning: the name resolves to it
+        ("[::]:8443", "*:8443", 1),  # ListenStream=8443 is dual-stack [::]
+        ("[::]:8443", "127.0.0.1:8443", 1),
+        ("127.0.0.1:8443", "*:8443", 1),
+        ("[::ffff:127.0.0.1]:8443", "127.0.0.1:8443", 2),
+        ("[::]:8443", "*:8444", 0),
+        ("127.0.0.1:8443", "127.0.0.2:8443", 0),
+        ("unix:/run/app.sock", "unix:/run/app.sock", 2),
+        ("unix:/run/app.sock", "unix:/run/other.sock", 0),
+        ("unix:/run/app.sock", "127.0.0.1:8443", 0),
+    ],
+)
+def test_a_passed_socket_is_matched_to_a_bind_entry_by_address_meaning(
+    passed: str, configured: str, score: int
+) -> None:
+    assert passed_socket_match(parse_address(passed), parse_address(configured)) == score
