@@ -643,7 +643,11 @@ class SyslogConfig:
     address: str = field(
         default="/dev/log",
         metadata=_meta(
-            "The syslog socket: a path (/dev/log, unix:/path), udp://HOST:PORT or tcp://HOST:PORT.",
+            "The syslog socket: a path (/dev/log, unix:/path), udp://HOST:PORT or "
+            "tcp://HOST:PORT. Over TCP each process (master, every worker) has its own "
+            "connection, messages are octet-counted (RFC 6587, which rsyslog and syslog-ng "
+            "read), a lost connection is opened again at the next message (at most once a "
+            "second), and messages sent while the host is unreachable are dropped and counted.",
             check=_check_syslog_address,
         ),
     )

@@ -17,7 +17,7 @@ import socket
 import stat
 import sys
 import time
-from typing import IO, Any
+from typing import IO
 
 from prefork.privileges import credentials
 
@@ -31,21 +31,119 @@ access_log = logging.getLogger("prefork.access")
 def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
     """A SysLogHandler for `/path`, `unix:/path`, `udp://host:port` or `tcp://host:port`;
     messages are tagged `ident[pid]:` as syslog daemons expect."""
-    target: Any
-    socktype: socket.SocketKind | None = None
+    code = logging.handlers.SysLogHandler.facility_names[facility]
+    handler: logging.Handler
     if address.startswith(("udp://", "tcp://")):
         host, _, port = address[6:].rpartition(":")
         target = (host.strip("[]"), int(port))
-        socktype = socket.SOCK_DGRAM if address.startswith("udp") else socket.SOCK_STREAM
+        if address.startswith("tcp"):
+            handler = TcpSysLogHandler(target, code)
+        else:
+            handler = logging.handlers.SysLogHandler(target, code, socket.SOCK_DGRAM)
     else:
-        target = address.removeprefix("unix:")
-    handler = logging.handlers.SysLogHandler(
-        target,
-        logging.handlers.SysLogHandler.facility_names[facility],
-        socktype,
-    )
+        handler = logging.handlers.SysLogHandler(address.removeprefix("unix:"), code)
     handler.setFormatter(logging.Formatter(f"{ident}[%(process)d]: [%(levelname)s] %(message)s"))
     return handler
+
+
+class TcpSysLogHandler(logging.Handler):
+    """Syslog over TCP as rsyslog and syslog-ng read it: RFC 6587 octet counting (`LEN SP
+    MSG`), so a message with newlines (a traceback) stays one message. The standard
+    handler ends each message with a NUL, which those servers do not take as a frame
+    end: messages ran together until a newline split them somewhere else.
+
+    Each process has its own connection (opened at its first message, so workers never
+    share the master's stream and interleave frames). A lost connection is opened again
+    at the next message, at most once per RETRY seconds; connecting and each send wait at
+    most TIMEOUT seconds, so the master's loop cannot stall on the log host. Messages
+    are dropped, and counted, while it is unreachable; the count is reported in the first
+    message through after it answers again."""
+
+    TIMEOUT = 1.0
+    RETRY = 1.0
+
+    def __init__(self, address: tuple[str, int], facility: int) -> None:
+        super().__init__()
+        self.address = address
+        self.facility = facility
+        self.socket: socket.socket | None = None  # Logs.fds() keeps it across detaching
+        self._owner = 0  # the pid whose connection `self.socket` is
+        self._next_try = 0.0
+        self.dropped = 0
+
+    def _connect(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_try:
+            return False
+        self._next_try = now + self.RETRY
+        try:
+            self.socket = socket.create_connection(self.address, timeout=self.TIMEOUT)
+        except OSError:
+            return False
+        self._owner = os.getpid()
+        return True
+
+    def _drop_socket(self) -> None:
+        if self.socket is not None:
+            self.socket.close()  # in a child, its copy of another process's connection
+            self.socket = None
+
+    def _usable(self) -> bool:
+        """Whether this process holds a connection the log host has not closed: a server
+        restarted since the last message sent FIN, and a message written into that
+        connection would be lost without an error (the reset comes only after it)."""
+        if self._owner != os.getpid():
+            self._drop_socket()
+        if self.socket is None:
+            return False
+        try:
+            if self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                self._drop_socket()
+                return False
+        except BlockingIOError:
+            pass  # open, nothing to read: the normal case
+        except OSError:
+            self._drop_socket()
+            return False
+        return True
+
+    def _frame(self, record: logging.LogRecord) -> bytes:
+        names = logging.handlers.SysLogHandler
+        severity = names.priority_names[names.priority_map.get(record.levelname, "warning")]
+        message = f"<{self.facility << 3 | severity}>{self.format(record)}".encode()
+        return b"%d %s" % (len(message), message)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            frame = self._frame(record)
+            if not (self._usable() or self._connect()):
+                self.dropped += 1
+                return
+            if self.dropped:
+                note = logging.makeLogRecord({
+                    "name": record.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": "syslog: %d messages were dropped while %s:%d was unreachable",
+                    "args": (self.dropped, *self.address),
+                })
+                frame = self._frame(note) + frame
+            assert self.socket is not None
+            try:
+                self.socket.sendall(frame)
+            except OSError:
+                self._drop_socket()
+                self.dropped += 1
+                return
+            self.dropped = 0
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            self._drop_socket()
+        finally:
+            self.release()
+        super().close()
 
 
 class Logs:

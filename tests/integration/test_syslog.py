@@ -33,6 +33,7 @@ RSYSLOG_CONF = """\
 global(workDirectory="{work}")
 module(load="imuxsock" SysSock.Use="off")
 input(type="imuxsock" Socket="{socket}" CreatePath="on" RateLimit.Interval="0")
+{tcp}
 template(name="pftest" type="string"
          string="%syslogfacility-text% %syslogseverity-text% %programname% %procid% %msg%\\n")
 *.* action(type="omfile" file="{output}" template="pftest")
@@ -51,30 +52,55 @@ class Line(NamedTuple):
     message: str
 
 
-class Rsyslog:
-    """rsyslogd in the foreground, writing every message it gets to one file."""
+TCP_INPUT = """\
+module(load="imtcp")
+input(type="imtcp" address="127.0.0.1" port="{port}")
+"""
 
-    def __init__(self, directory: Path, rsyslogd: str) -> None:
+
+class Rsyslog:
+    """rsyslogd in the foreground, writing every message it gets to one file; with
+    `tcp_port`, it also listens on 127.0.0.1:tcp_port. `stop` and `start` restart it."""
+
+    def __init__(self, directory: Path, rsyslogd: str, tcp_port: int | None = None) -> None:
         self.socket = directory / "log.sock"
         self.output = directory / "messages"
+        self.tcp_port = tcp_port
         work = directory / "work"
         work.mkdir()
-        conf = directory / "rsyslog.conf"
-        conf.write_text(RSYSLOG_CONF.format(work=work, socket=self.socket, output=self.output))
+        self.conf = directory / "rsyslog.conf"
+        tcp = TCP_INPUT.format(port=tcp_port) if tcp_port else ""
+        self.conf.write_text(
+            RSYSLOG_CONF.format(work=work, socket=self.socket, output=self.output, tcp=tcp)
+        )
         self.stderr = directory / "rsyslogd.err"
-        with open(self.stderr, "wb") as err:
+        self.pidfile = directory / "rsyslogd.pid"
+        self.rsyslogd = rsyslogd
+        self.start()
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        with open(self.stderr, "ab") as err:
             self.proc = subprocess.Popen(
-                [rsyslogd, "-n", "-f", str(conf), "-i", str(directory / "rsyslogd.pid")],
+                [self.rsyslogd, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
                 start_new_session=True,
             )
-        wait_until(
-            lambda: self.socket.exists() or self.proc.poll() is not None,
-            10,
-            message="rsyslogd did not create its socket",
-        )
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                return True
+            if not self.socket.exists():
+                return False
+            if self.tcp_port is None:
+                return True
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.tcp_port)) == 0
+
+        wait_until(up, 10, message="rsyslogd did not open its sockets")
         assert self.proc.poll() is None, f"rsyslogd exited: {self.stderr.read_text()}"
 
     def lines(self) -> list[Line]:
@@ -248,6 +274,72 @@ def test_detached_daemon_logs_to_syslog_by_default(
 
     stopped = rsyslog.wait_for(lambda line: line.message.endswith("stopped"), "stopped")
     assert stopped.pid == pid
+
+
+ERROR_APP = """
+import os
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/boom":
+        raise RuntimeError("pftest: boom on purpose")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
+
+
+def test_syslog_over_tcp_frames_each_message_and_survives_a_restart(
+    server_factory: ServerFactory, require_tool: Any, short_tmp: Path
+) -> None:
+    """Defect: over tcp:// the standard handler ended each message with a NUL, which rsyslog
+    does not take as a frame end: messages ran together and a traceback was cut at its
+    newlines. And a connection lost to a restarted log host was never opened again."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"), tcp_port=port)
+    try:
+        server = server_factory(
+            settings(f"tcp://127.0.0.1:{port}"), app_source=ERROR_APP, wait_ready=False
+        )
+        ready = daemon.wait_for(lambda line: "[INFO] ready: 2 workers" in line.message, "ready")
+        assert (ready.pid, ready.facility, ready.severity) == (server.pid, "local3", "info")
+        listening = daemon.wait_for(lambda line: "listening at" in line.message, "listening")
+        address = parse_addresses(listening.message)[0]
+        workers = server.worker_pids()
+        for n in range(6):
+            body = fetch(address, target=f"/t{n}").body
+            access = daemon.wait_for(
+                lambda line, n=n: f'"GET /t{n} HTTP/1.1" 200' in line.message, f"for /t{n}"
+            )
+            assert access.pid == int(body) and access.pid in workers
+        assert fetch(address, target="/boom").status == 500
+        error = daemon.wait_for(lambda line: "Traceback" in line.message, "with the traceback")
+        assert "pftest: boom on purpose" in error.message, "the traceback was split"
+        assert error.severity == "err" and error.pid in workers
+        ours = [line for line in daemon.lines() if line.program == "pftest"]
+        # each message is whole and alone: it starts with its level, and no NUL or second
+        # header is inside it
+        assert all(re.match(r"\[[A-Z]+\] ", line.message) for line in ours), ours
+        assert not [line for line in ours if "#000" in line.message or "pftest[" in line.message]
+
+        daemon.stop()
+        fetch(address, target="/while-down")
+        daemon.start()
+
+        def delivered() -> Line | None:
+            fetch(address, target="/after")
+            return next(
+                (line for line in daemon.lines() if '"GET /after HTTP/1.1"' in line.message), None
+            )
+
+        after = wait_until(delivered, 15, message="no access line after rsyslog restarted")
+        assert after.pid in workers
+        dropped = daemon.wait_for(
+            lambda line: "messages were dropped while 127.0.0.1" in line.message, "of drops"
+        )
+        assert dropped.pid in workers and dropped.severity == "warning"
+    finally:
+        daemon.stop()
 
 
 def test_rsyslog_fixture_sees_only_its_socket(rsyslog: Rsyslog) -> None:
