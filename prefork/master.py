@@ -504,16 +504,27 @@ class Master:
     def rebalance(
         self, source: WorkerHandle, pid: int, conns: list[tuple[int, int, float]]
     ) -> None:
-        """Connections a worker holding more than its share has just accepted, for the
-        worker `pid` of its generation. Should that one no longer serve (a reload or a stop
-        began meanwhile, or it is being recycled): to another serving worker of that
-        generation, else back to the source. The master's copies are closed either way."""
+        """Connections a worker holding more than its share (or one replaced, draining its
+        accept queue) has just accepted, for the worker `pid` of its generation (0: any).
+        Should that one no longer serve (a reload or a stop began meanwhile, or it is being
+        recycled): to another serving worker of that generation. From a generation a reload
+        replaced: to the current one's first, when it serves the same sockets (it would
+        have accepted them itself). Else back to the source. The master's copies are closed either
+        way."""
         try:
             # the one named first, then the others of its generation (same listeners and
             # settings), then the source itself, which waits for the answer about what it
             # passed whatever its state
             same = [h for h in self.serving_for(source, source.generation) if not h.recycle]
-            taker = self.deliver(conns, sorted(same, key=lambda h: h.pid != pid), MSG_FRESH)
+            takers = sorted(same, key=lambda h: h.pid != pid)
+            if (
+                source.generation != self.current.number
+                and self.stop is Stop.NONE
+                and {lid for _, lid, _ in conns} <= self.listener_ids()
+            ):
+                # before the rest of the outgoing generation, which would only drain again
+                takers = self.hand_over_targets(source) + takers
+            taker = self.deliver(conns, takers, MSG_FRESH)
             if taker is None and source.state in (WorkerState.READY, WorkerState.STOPPING):
                 taker = self.deliver(conns, [source], MSG_BACK)
             if taker is None:

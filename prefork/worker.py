@@ -792,16 +792,23 @@ class Worker:
         now = time.monotonic()
         if now >= self.peers_until:
             self.look_at_peers(now)
-        if self.lightest is None or self.passes_left <= 0:
+        if self.passes_left <= 0:
             return False
-        pid, load, offset = self.lightest
-        held = len(self.conns)
-        if not anyone and load >= held - max(1, held // 4):
-            return False  # only to a worker clearly behind
-        if self.slot.held_by(pid, offset, now) is None:
-            del self.loads[pid]  # it stops, or it is stuck in a request: not a taker
-            self.lightest = _lightest(self.loads)
-            return False
+        if self.lightest is None:
+            if not anyone:
+                return False
+            # none of its generation can take one (they stop too: a reload): pid 0 lets the
+            # master choose, among the workers now serving this listener
+            pid, load, offset = 0, 0, 0
+        else:
+            pid, load, offset = self.lightest
+            held = len(self.conns)
+            if not anyone and load >= held - max(1, held // 4):
+                return False  # only to a worker clearly behind
+            if self.slot.held_by(pid, offset, now) is None:
+                del self.loads[pid]  # it stops, or it is stuck in a request: not a taker
+                self.lightest = _lightest(self.loads)
+                return False
         lid = self.id_of_listener.get(id(listener))
         if lid is None or not chan.send_conns(
             self.spec.channel,
@@ -814,8 +821,9 @@ class Worker:
         self.unanswered += 1
         self.unanswered_until = now + PASS_ANSWER_WAIT
         self.passes_left -= 1
-        self.loads[pid] = (load + 1, offset)
-        self.lightest = _lightest(self.loads)
+        if pid:
+            self.loads[pid] = (load + 1, offset)
+            self.lightest = _lightest(self.loads)
         return True
 
     def look_at_peers(self, now: float) -> None:

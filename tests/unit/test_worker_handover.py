@@ -369,3 +369,32 @@ def test_what_a_replaced_worker_drains_from_the_queue_goes_to_a_serving_peer(
     os.close(fd)
     assert queued.getsockname() not in [c.peer for c in old.conns.values()]
     assert old.unanswered == 1  # it waits for the master's answer before it exits
+
+
+def test_a_worker_replaced_by_a_reload_passes_what_it_drains_with_no_peer_named(
+    rig: WorkerRig,
+) -> None:
+    """In a reload every worker of its generation stops too: there is no peer to name, so
+    it names none (pid 0) and the master gives the connection to the new generation, which
+    serves the same socket. Before, it kept it and answered with Connection: close."""
+    old, old_master_end = rig.worker(number=1)
+    queued = rig.connect()
+    deadline = time.monotonic() + DEADLINE
+    while rig.listener.queued() != 1:
+        assert time.monotonic() < deadline, "the connection never reached the queue"
+    lid = next(iter(old.listener_ids))
+
+    old.begin_stop()
+    old.hand_over({lid})
+    old.finished()  # drains the queue
+
+    message = chan.receive(old_master_end)
+    assert message is not None, "the drained connection was not passed on"
+    data, fds = message
+    assert data.startswith(MSG_BALANCE)
+    pid, passed = chan.parse_balance(data, fds)
+    assert pid == 0
+    ((fd, passed_lid, _),) = passed
+    assert peer_of(fd) == queued.getsockname() and passed_lid == lid
+    os.close(fd)
+    assert old.unanswered == 1
