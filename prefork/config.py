@@ -278,7 +278,9 @@ class BindConfig:
 
     address: str = field(
         metadata=_meta(
-            "Where to listen: HOST:PORT, [V6]:PORT, *:PORT, PORT (= 127.0.0.1:PORT) or unix:PATH.",
+            "Where to listen: HOST:PORT, [V6]:PORT, *:PORT, PORT (= 127.0.0.1:PORT) or unix:PATH. "
+            "A host name listens on every address it resolves to (localhost: 127.0.0.1 and "
+            "::1 where /etc/hosts has both).",
             check=_check_address,
         )
     )

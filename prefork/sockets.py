@@ -10,13 +10,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import stat
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 from prefork.addresses import Address
+
+log = logging.getLogger("prefork")
 
 SD_LISTEN_FDS_START = 3
 
@@ -106,15 +110,46 @@ def defer_accept(listener: Listener, seconds: int) -> None:
             pass
 
 
-def _bind_tcp(address: Address, backlog: int) -> Listener:
+def _bind_tcp(address: Address, backlog: int) -> list[Listener]:
+    """Bind every address `address.host` stands for: a name such as `localhost` may resolve
+    to 127.0.0.1 and ::1, and a client may try either (nginx binds all of them too). With
+    port 0 the others take the port the first one got. An address this machine does not
+    have (::1 with IPv6 disabled) is skipped with a warning while another one binds."""
     try:
         infos = socket.getaddrinfo(
             address.host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
         raise BindError(f"cannot bind {address}: {exc.strerror}") from None
-    family, socktype, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, socktype, proto)
+    unique: list[tuple[int, tuple[Any, ...]]] = list(
+        dict.fromkeys((info[0], tuple(info[4])) for info in infos)
+    )
+    listeners: list[Listener] = []
+    skipped: list[str] = []
+    try:
+        for family, sockaddr in unique:
+            if listeners and address.port == 0:
+                sockaddr = (sockaddr[0], listeners[0].address.port, *sockaddr[2:])
+            try:
+                listeners.append(_bind_one(family, sockaddr, backlog))
+            except OSError as exc:
+                if len(unique) > 1 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    skipped.append(f"{sockaddr[0]} ({exc.strerror})")
+                    continue
+                raise BindError(f"cannot bind {address}: {exc.strerror or exc}") from None
+        if not listeners:
+            raise BindError(f"cannot bind {address}: {', '.join(skipped)}")
+    except BindError:
+        for listener in listeners:
+            listener.close()
+        raise
+    for what in skipped:
+        log.warning("bind %s: skipped %s", address, what)
+    return listeners
+
+
+def _bind_one(family: int, sockaddr: tuple[Any, ...], backlog: int) -> Listener:
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -124,9 +159,9 @@ def _bind_tcp(address: Address, backlog: int) -> Listener:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
-    except OSError as exc:
+    except OSError:
         sock.close()
-        raise BindError(f"cannot bind {address}: {exc.strerror or exc}") from None
+        raise
     sock.setblocking(False)
     return Listener(sock, _address_of(sock))
 
@@ -206,14 +241,16 @@ def _set_mode_and_owner(path: str, spec: BindSpec) -> None:
                  -1 if spec.group is None else spec.group)
 
 
-def bind(spec: BindSpec, backlog: int) -> Listener:
+def bind(spec: BindSpec, backlog: int) -> list[Listener]:
+    """The sockets of one bind entry: one, or one per address a host name stands for."""
     if spec.address.kind == "unix":
-        listener = _bind_unix(spec, backlog)
+        listeners = [_bind_unix(spec, backlog)]
     else:
-        listener = _bind_tcp(spec.address, backlog)
-    listener.configured = spec
-    listener.tls = spec.tls
-    return listener
+        listeners = _bind_tcp(spec.address, backlog)
+    for listener in listeners:
+        listener.configured = spec
+        listener.tls = spec.tls
+    return listeners
 
 
 def bind_all(
@@ -226,25 +263,30 @@ def bind_all(
     A listener in `reuse` whose configured address and mode match is taken as it is (a reload
     keeps the sockets whose addresses did not change, and with them their accept queues).
     """
-    available: dict[str, Listener] = {}
+    available: dict[str, list[Listener]] = {}
     for lst in reuse:
         if lst.configured is not None:
-            available.setdefault(str(lst.configured.address), lst)
-            available.setdefault(str(lst.address), lst)  # port 0 written as the real port
+            available.setdefault(str(lst.configured.address), []).append(lst)
+            if str(lst.address) != str(lst.configured.address):
+                # port 0 written as the real port
+                available.setdefault(str(lst.address), []).append(lst)
     listeners: list[Listener] = []
     fresh: list[Listener] = []
     try:
         for spec in specs:
-            existing = available.pop(str(spec.address), None)
-            if existing is not None and existing not in listeners:
-                update_unix(existing, spec)
-                existing.configured = spec
-                existing.tls = spec.tls
-                listeners.append(existing)
+            existing = [
+                lst for lst in available.pop(str(spec.address), []) if lst not in listeners
+            ]
+            if existing:
+                for lst in existing:
+                    update_unix(lst, spec)
+                    lst.configured = spec
+                    lst.tls = spec.tls
+                listeners += existing
                 continue
-            listener = bind(spec, backlog)
-            fresh.append(listener)
-            listeners.append(listener)
+            bound = bind(spec, backlog)
+            fresh += bound
+            listeners += bound
     except BindError:
         for listener in fresh:
             listener.close()

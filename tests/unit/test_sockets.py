@@ -1,0 +1,125 @@
+"""Binding TCP addresses: every address a host name stands for (real sockets on loopback;
+only name resolution is replaced, since /etc/hosts here maps localhost to 127.0.0.1 alone)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from prefork.addresses import parse_address
+from prefork.sockets import BindError, BindSpec, Listener, bind_all
+
+V4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
+V6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
+ELSEWHERE = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 0))  # TEST-NET-1
+
+
+@pytest.fixture
+def resolves_to(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Make host names resolve to the given getaddrinfo entries (port filled in)."""
+    real = socket.getaddrinfo
+
+    def use(*entries: tuple[Any, ...]) -> None:
+        def fake(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+            if host != "pf-two.test":
+                return real(host, port, *args, **kwargs)
+            return [(*e[:4], (e[4][0], port, *e[4][2:])) for e in entries]
+
+        monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+    yield use
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Listener]]:
+    made: list[Listener] = []
+    yield made
+    for listener in made:
+        listener.close()
+
+
+def spec(text: str) -> BindSpec:
+    return BindSpec(parse_address(text), None, None, None, False)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6) as probe:  # free on ::1; checked for 127.0.0.1 below
+        probe.bind(("::1", 0))
+        return int(probe.getsockname()[1])
+
+
+def connects(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        return sock.connect_ex((host, port)) == 0
+
+
+def test_a_name_with_two_addresses_listens_on_both(
+    resolves_to: Any, opened: list[Listener]
+) -> None:
+    """Defect: only the first address getaddrinfo returned was bound, so a client that
+    tried the other one (::1 for localhost, first in most resolvers) was refused."""
+    resolves_to(V4, V6)
+    port = free_port()
+    opened += bind_all([spec(f"pf-two.test:{port}")], 16)
+    assert sorted(str(lst.address) for lst in opened) == sorted(
+        [f"127.0.0.1:{port}", f"[::1]:{port}"]
+    )
+    assert all(lst.configured is not None for lst in opened)
+    assert connects("127.0.0.1", port) and connects("::1", port)
+
+
+def test_port_0_gives_every_address_of_a_name_the_same_port(
+    resolves_to: Any, opened: list[Listener]
+) -> None:
+    resolves_to(V4, V6)
+    opened += bind_all([spec("pf-two.test:0")], 16)
+    ports = {lst.address.port for lst in opened}
+    assert len(opened) == 2 and len(ports) == 1 and 0 not in ports
+
+
+def test_an_address_this_machine_lacks_is_skipped_with_a_warning(
+    resolves_to: Any, opened: list[Listener], caplog: pytest.LogCaptureFixture,
+    prefork_log_propagates: None,
+) -> None:
+    resolves_to(ELSEWHERE, V4)
+    port = free_port()
+    opened += bind_all([spec(f"pf-two.test:{port}")], 16)
+    assert [str(lst.address) for lst in opened] == [f"127.0.0.1:{port}"]
+    assert "skipped 192.0.2.1 (Cannot assign requested address)" in caplog.text
+
+
+def test_a_name_none_of_whose_addresses_binds_is_an_error(
+    resolves_to: Any, opened: list[Listener]
+) -> None:
+    resolves_to(ELSEWHERE)
+    with pytest.raises(BindError, match="cannot bind pf-two.test:80"):
+        bind_all([spec("pf-two.test:80")], 16)
+
+
+def test_an_address_in_use_fails_the_entry_and_closes_what_it_bound(
+    resolves_to: Any, opened: list[Listener]
+) -> None:
+    resolves_to(V4, V6)
+    port = free_port()
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        taken.bind(("::1", port))
+        taken.listen()
+        with pytest.raises(BindError, match="Address already in use"):
+            bind_all([spec(f"pf-two.test:{port}")], 16)
+    assert not connects("127.0.0.1", port), "the v4 socket bound before the failure was kept"
+
+
+def test_a_reload_keeps_every_socket_of_the_entry(
+    resolves_to: Any, opened: list[Listener]
+) -> None:
+    resolves_to(V4, V6)
+    port = free_port()
+    first = bind_all([spec(f"pf-two.test:{port}")], 16)
+    opened += first
+    again = bind_all([spec(f"pf-two.test:{port}")], 16, reuse=first)
+    assert again == first  # the same sockets, not a second bind (which would fail: in use)
