@@ -467,7 +467,8 @@ class WorkersConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """HTTP/1.1 limits and timeouts (``protocol: http`` only)."""
+    """HTTP/1.1 limits and timeouts (``protocol: http`` only, but for the PROXY protocol and
+    the trusted proxies, which apply to ``protocol: tcp`` too)."""
 
     keepalive_timeout: float = field(
         default=5.0,
@@ -597,7 +598,9 @@ class HttpConfig:
         default="off",
         metadata=_meta(
             "PROXY protocol header in front of each connection from a trusted peer: off, "
-            "v1, v2, or auto (either version, or none).",
+            "v1, v2, or auto (either version, or none). With protocol tcp too: the header "
+            "is consumed before the handler (and before a `tls` listener's handshake, as "
+            "behind a TLS-passthrough proxy), whose `addr` is then the client it names.",
             choices=("off", "v1", "v2", "auto"),
         ),
     )
@@ -737,6 +740,33 @@ class AdminConfig:
         default=5.0,
         metadata=_meta(
             "Seconds between summaries in systemd's STATUS line (under systemd).", lo=0.1, hi=3600
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    """Stream handler connections (``protocol: tcp`` only)."""
+
+    idle_timeout: float = field(
+        default=300.0,
+        metadata=_meta(
+            "Seconds one blocking call on the handler's socket (recv, send, ...) may wait "
+            "on the client before it raises TimeoutError in the handler; 0 = no limit. "
+            "Time spent waiting on the client never counts toward workers.timeout, which "
+            "bounds only the handler's own work between those calls.",
+            lo=0,
+            hi=86400,
+        ),
+    )
+    handshake_timeout: float = field(
+        default=10.0,
+        metadata=_meta(
+            "Seconds a connection has to complete its TLS handshake (a `tls` listener) and "
+            "its PROXY header (http.proxy_protocol) before the handler is called; a "
+            "connection that does not is closed.",
+            lo=0.1,
+            hi=3600,
         ),
     )
 
@@ -945,6 +975,10 @@ class Config:
     )
     http: HttpConfig = field(
         default_factory=HttpConfig, metadata=_meta("HTTP limits and timeouts (section).")
+    )
+    stream: StreamConfig = field(
+        default_factory=StreamConfig,
+        metadata=_meta("Stream handler connections (section, protocol tcp)."),
     )
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_meta("Logs (section)."))
     admin: AdminConfig = field(
@@ -1275,6 +1309,7 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
             raise entries[key].fail(_join(path, key), "max_spare must be at least min_spare")
     if (
         isinstance(obj, Config)
+        and obj.protocol == "http"
         and obj.http.proxy_protocol != "off"
         and any(b.tls is not None for b in obj.bind)
     ):
@@ -1571,7 +1606,15 @@ def _sections() -> list[tuple[str, str, type, str]]:
             WorkersConfig,
             "workers.",
         ),
-        ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http` only).", HttpConfig, "http."),
+        ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http` only, but for "
+         "`proxy_protocol` and `forwarded_allow_ips`, which apply to `protocol: tcp` too).",
+         HttpConfig, "http."),
+        (
+            "`stream`",
+            "Stream handler connections (`protocol: tcp` only).",
+            StreamConfig,
+            "stream.",
+        ),
         ("`logging`", "The error and access logs.", LoggingConfig, "logging."),
         (
             "`logging.syslog`",

@@ -119,9 +119,12 @@ def _mtime(path: str) -> float:
         return -1.0
 
 
-def error_app(exc: BaseException) -> tuple[Callable[..., Any], set[str]]:
+def error_app(
+    exc: BaseException, stream: bool = False
+) -> tuple[Callable[..., Any], set[str]]:
     """A WSGI app answering 500 with the traceback of `exc` (an import failure), and the
-    files it involves (so fixing the file is noticed even though it never imported)."""
+    files it involves (so fixing the file is noticed even though it never imported). With
+    `stream` (protocol tcp), a handler that sends the same text and closes."""
     text = "".join(traceback.format_exception(exc))
     files = {frame.filename for frame in traceback.extract_tb(exc.__traceback__)}
     cause: BaseException | None = exc
@@ -136,6 +139,12 @@ def error_app(exc: BaseException) -> tuple[Callable[..., Any], set[str]]:
         "Fix the code and save: the workers restart on their own.\n\n" + text
     ).encode("utf-8", "replace")
 
+    def handler(sock: Any, addr: Any) -> None:
+        sock.sendall(body)
+
+    if stream:
+        return handler, _files(files)
+
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response(
             "500 Internal Server Error",
@@ -143,4 +152,8 @@ def error_app(exc: BaseException) -> tuple[Callable[..., Any], set[str]]:
         )
         return [body]
 
-    return app, {os.path.abspath(f) for f in files if f and not f.startswith("<")}
+    return app, _files(files)
+
+
+def _files(files: set[str]) -> set[str]:
+    return {os.path.abspath(f) for f in files if f and not f.startswith("<")}

@@ -336,8 +336,11 @@ class Logs:
         user_agent: str,
         duration: float,
         worker: int,
+        protocol: str | None = None,
     ) -> None:
-        """One access-log line: Apache combined plus the duration in microseconds, or JSON."""
+        """One access-log line: Apache combined plus the duration in microseconds, or JSON.
+        `protocol` replaces `HTTP/{version}` (TCP or TLS for a stream connection)."""
+        protocol = protocol or f"HTTP/{version}"
         out = self._access_file
         if out is None and not self.syslog:
             return
@@ -349,7 +352,7 @@ class Logs:
                     "remote": remote,
                     "method": method,
                     "target": target,
-                    "protocol": f"HTTP/{version}",
+                    "protocol": protocol,
                     "status": status,
                     "bytes": size,
                     "referer": referer,
@@ -361,7 +364,7 @@ class Logs:
                 ensure_ascii=True,
             )
         else:
-            request_line = f"{method} {target} HTTP/{version}".replace('"', '\\"')
+            request_line = f"{method} {target} {protocol}".replace('"', '\\"')
             line = (
                 f'{remote or "-"} - - [{self._timestamp()}] "{request_line}" {status} '
                 f'{size or "-"} "{_quote(referer)}" "{_quote(user_agent)}" {micros}'

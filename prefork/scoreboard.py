@@ -62,10 +62,13 @@ class Activity(enum.IntEnum):
     DRAINING = 4  # stopping: finishing what it holds
     KEEPALIVE = 5  # waiting, holding idle keep-alive connections
     READING = 6  # inside a request, waiting for its body from the client
+    WAITING = 7  # protocol tcp: the handler is blocked on its client (not hung)
 
 
-_SERVING = frozenset((Activity.IDLE, Activity.BUSY, Activity.KEEPALIVE, Activity.READING))
-_IN_REQUEST = frozenset((Activity.BUSY, Activity.READING))
+_SERVING = frozenset(
+    (Activity.IDLE, Activity.BUSY, Activity.KEEPALIVE, Activity.READING, Activity.WAITING)
+)
+_IN_REQUEST = frozenset((Activity.BUSY, Activity.READING, Activity.WAITING))
 STUCK = 0.05  # seconds in one request after which a worker is not given new connections
 
 
@@ -266,6 +269,10 @@ class Slot:
     def reading(self, waiting: bool) -> None:
         """In a request, waiting for the client's body (or back to busy): one byte written."""
         self._memory[self._offset] = Activity.READING if waiting else Activity.BUSY
+
+    def set_activity(self, activity: Activity) -> None:
+        """Within a request, what it is doing now (the started time stays): one byte."""
+        self._memory[self._offset] = activity
 
     def stopping(self) -> None:
         """The worker began stopping: the slot says DRAINING from now on, between requests

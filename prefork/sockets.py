@@ -57,7 +57,7 @@ class Listener:
         if self.address.kind == "unix":
             return f"unix:{self.address.path}"
         if protocol != "http":
-            return f"tcp://{self.address}"
+            return f"{'tls' if self.tls else 'tcp'}://{self.address}"
         return f"{'https' if self.tls else 'http'}://{self.address}"
 
     def queued(self) -> int | None:

@@ -26,6 +26,7 @@ STATE_NAMES = {
     Activity.DRAINING: "draining",
     Activity.KEEPALIVE: "keepalive",
     Activity.READING: "reading",
+    Activity.WAITING: "waiting",
 }
 
 
@@ -36,7 +37,8 @@ def snapshot(master: Master) -> dict[str, Any]:
     totals = master.retired_counters
     workers = []
     by_state = {
-        name: 0 for name in ("booting", "idle", "keepalive", "reading", "busy", "draining")
+        name: 0
+        for name in ("booting", "idle", "keepalive", "reading", "waiting", "busy", "draining")
     }
     for handle in sorted(master.workers.values(), key=lambda h: (h.number, h.generation)):
         view = master.scoreboard.read(handle.slot)
@@ -48,7 +50,7 @@ def snapshot(master: Master) -> dict[str, Any]:
             activity = "draining"
         by_state[activity] += 1
         current = None
-        if view.activity in (Activity.BUSY, Activity.READING) and view.started:
+        if view.activity in (Activity.BUSY, Activity.READING, Activity.WAITING) and view.started:
             # the path only: query strings may carry tokens, and status is widely readable
             current = {"method": view.method, "target": view.target.split("?", 1)[0],
                        "age": round(now - view.started, 3)}

@@ -53,6 +53,7 @@ from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, set_mask
 from prefork.sockets import Listener
+from prefork.stream import StreamRefused, open_stream, sent_by, use_stream_sockets
 from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
@@ -134,12 +135,13 @@ def worker_main(spec: WorkerSpec) -> int:
             pass
     signals = SignalQueue(
         catch=(signal.SIGTERM, signal.SIGUSR1),
-        ignore=(signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH),
+        # USR2 too: the master ignores it, and a USR2 to the whole process group (a
+        # gunicorn habit) must not take every worker down at once
+        ignore=(signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2),
     )
     signal.signal(signal.SIGINT, _exit_now)
     signal.signal(signal.SIGQUIT, _exit_now)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     # the master blocked every signal around fork(); our own handlers are in place now
     set_mask(signal.SIG_SETMASK, ())
     faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
@@ -167,7 +169,8 @@ def worker_main(spec: WorkerSpec) -> int:
         except Exception as exc:
             log.exception("worker %d: cannot load the application %r", spec.number, config.app)
             if config.reload:
-                app, broken = error_app(exc)  # serve the traceback until the code is fixed
+                # serve the traceback until the code is fixed
+                app, broken = error_app(exc, stream=config.protocol == "tcp")
             else:
                 try:
                     why = str(exc).encode("utf-8", "replace")[-MAX_BOOT_ERROR:]
@@ -217,7 +220,8 @@ class Worker:
         self.stopping = False  # graceful stop: answer what is held and queued, then exit
         self.drained = False  # the accept queues were emptied once after the stop began
         self.idle_grace_until = 0.0
-        self.pending_streams: list[tuple[socket.socket, Any]] = []  # drained, protocol tcp
+        # drained, protocol tcp
+        self.pending_streams: list[tuple[socket.socket, Any, Listener]] = []
         self.max_requests = max_requests_for(config, spec.number)
         self.asked_to_recycle = False
         self.max_connections = config.workers.max_connections
@@ -253,6 +257,9 @@ class Worker:
         # ids of the listeners the serving workers take: set when this worker is replaced
         self.passing_to: set[int] = set()
         self.protocol: HttpProtocol | None = None
+        if config.protocol == "tcp":
+            for context in spec.tls.values():  # this process's copies, since the fork
+                use_stream_sockets(context)
         if config.protocol == "http":
             self.protocol = HttpProtocol(
                 app,
@@ -346,9 +353,9 @@ class Worker:
             return True
         if self.protocol is None:
             if serve:
-                self.serve_stream(sock, peer)
+                self.serve_stream(sock, peer, listener)
             else:
-                self.pending_streams.append((sock, peer))
+                self.pending_streams.append((sock, peer, listener))
             return True
         if (
             self.balance
@@ -541,12 +548,11 @@ class Worker:
 
     def drop(self, conn: Connection) -> None:
         self.slot.hold(len(self.conns) - (conn.fd in self.conns))
-        if (
-            self.conns.pop(conn.fd, None) is not None
-            and not self.accepting
-            and len(self.conns) < self.max_connections
-        ):
-            self.start_accepting()
+        if self.conns.pop(conn.fd, None) is not None:
+            if not self.accepting and len(self.conns) < self.max_connections:
+                self.start_accepting()
+            if not self.conns and not self.stopping:
+                self.slot.set(Activity.IDLE)  # its last keep-alive client is gone
         if conn.adopted:
             # another process may still hold the open file for a moment (it is closed there
             # right after the hand-over), and the epoll entry lives as long as the file
@@ -573,20 +579,68 @@ class Worker:
             elif now >= conn.head_deadline:
                 self.reject(conn, ProtocolError(408, "request head timed out"))
 
-    def serve_stream(self, sock: socket.socket, peer: Any) -> None:
-        """protocol: tcp — hand the connection to the handler, then close it."""
-        sock.setblocking(True)
-        self.slot.busy(b"TCP", _peer_text(peer).encode("latin-1", "replace")[:192])
+    def serve_stream(self, sock: socket.socket, peer: Any, listener: Listener) -> None:
+        """protocol: tcp -- hand the connection to the handler, then close it. It counts as
+        one request: 200 when the handler returns, 408 when it let a TimeoutError (the
+        client idle past stream.idle_timeout) escape, 500 when it raised anything else,
+        400 when it never reached the handler (handshake, PROXY header)."""
+        started = time.monotonic()
+        slot = self.slot
+        slot.busy(b"TCP", _peer_text(peer).encode("latin-1", "replace")[:192], started)
+        slot.hold(1)
+        slot.set_activity(Activity.WAITING)  # a handshake or PROXY header waits on the client
+        stream: socket.socket | None = None
+        status = 200
+        addr = peer
         try:
-            self.app(sock, peer)
+            trusted = self.proxies.enabled and self.proxies.trusts(peer)
+            proxy = self.proxy_protocol if trusted and self.proxy_protocol != "off" else None
+            stream, source = open_stream(
+                sock,
+                slot,
+                context=self.spec.tls.get(listener.fd),
+                proxy_mode=proxy,
+                handshake_timeout=self.spec.config.stream.handshake_timeout,
+                idle_timeout=self.spec.config.stream.idle_timeout,
+            )
+            addr = source or peer
+            slot.set_activity(Activity.BUSY)
+            self.app(stream, addr)
+        except StreamRefused as exc:
+            status = 400
+            log.debug("worker %d: closing %s: %s", self.spec.number, _peer_text(peer), exc)
+        except TimeoutError:
+            status = 408
+            log.info("stream handler for %s: the client was idle past stream.idle_timeout",
+                     _peer_text(addr))
         except Exception:
-            log.exception("stream handler failed for %s", _peer_text(peer))
+            status = 500
+            log.exception("stream handler failed for %s", _peer_text(addr))
         finally:
-            try:
-                sock.close()
-            except OSError:
-                pass
-            self.slot.done()
+            sent = 0
+            if stream is not None:
+                sent = sent_by(stream)
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            now = time.monotonic()
+            slot.hold(0)
+            slot.done(status, now - started, sent, now=now)
+        if self.spec.logs.access_enabled:
+            self.spec.logs.access(
+                _peer_text(addr).rpartition(":")[0] or "-",
+                "TCP",
+                str(listener.address),
+                "",
+                status,
+                sent,
+                "",
+                "",
+                now - started,
+                self.spec.number,
+                protocol="TLS" if listener.fd in self.spec.tls else "TCP",
+            )
         if self.max_requests and self.slot.requests >= self.max_requests:
             self.ask_to_be_replaced()
 
@@ -645,8 +699,8 @@ class Worker:
             for listener in self.listeners.values():
                 listener.sock.close()  # our copy only; the master owns paths and its own copy
             self.listeners.clear()
-            for sock, peer in self.pending_streams:
-                self.serve_stream(sock, peer)
+            for sock, peer, listener in self.pending_streams:
+                self.serve_stream(sock, peer, listener)
             self.pending_streams.clear()
         for _ in range(chan.MAX_PENDING):
             # a connection passed at the last moment is answered, not dropped unread

@@ -1064,7 +1064,8 @@ def test_field_docs() -> None:
     assert rows["bind[].owner"][0] == "name or numeric id, or null"
     documented = {key.rsplit(".", 1)[-1] for key in rows}
     for _, f in _all_fields():
-        sections = ("source", "workers", "http", "logging", "syslog", "admin", "hooks", "tls")
+        sections = ("source", "workers", "http", "logging", "syslog", "admin", "hooks", "tls",
+                    "stream")
         if f.name not in sections:
             assert f.name in documented
 

@@ -700,6 +700,7 @@ def test_the_snapshot_describes_each_worker(make_rig: Callable[..., Rig]) -> Non
     assert by_pid[successor.pid]["activity"] == "booting"
     assert snap["workers_by_state"] == {
         "reading": 0,
+        "waiting": 0,
         "booting": 1,
         "idle": 1,
         "keepalive": 1,

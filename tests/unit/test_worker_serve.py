@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from prefork.scoreboard import Activity
 from prefork.worker import Worker
 from tests.unit.worker_rig import (
     DEADLINE,
@@ -145,3 +146,23 @@ def test_closing_on_an_unread_body_half_closes_so_the_answer_is_not_reset(
         assert time.monotonic() < deadline, "the lingering connection was never closed"
         wait_readable(worker, conn.fd)
         worker.on_readable(conn)
+
+
+def test_a_worker_whose_last_keep_alive_client_left_is_idle_again(
+    worker_rig: WorkerRig,
+) -> None:
+    """Defect: after a keep-alive response the slot said KEEPALIVE, and only the count of
+    held connections followed the client's close: status and metrics showed a worker in
+    keep-alive, holding no connection, forever."""
+    rig = worker_rig
+    worker, _ = rig.worker(number=1)
+    client = served_connection(rig, worker)
+    assert rig.board.read(0).activity is Activity.KEEPALIVE  # worker 1's slot
+    client.close()
+    conn = next(iter(worker.conns.values()))
+    deadline = time.monotonic() + DEADLINE
+    while worker.conns:
+        assert time.monotonic() < deadline, "the close was never noticed"
+        wait_readable(worker, conn.fd)
+        worker.on_readable(conn)
+    assert rig.board.read(0).activity is Activity.IDLE
