@@ -1006,7 +1006,13 @@ class Master:
         log.info("USR1: log files reopened")
 
     def reload(self) -> None:
-        if self.stop is not Stop.NONE or self.reloader is None:
+        if self.reloader is None:
+            return
+        if self.stop is not Stop.NONE:
+            # said at once, so `preforkd reload` answers now, not when the stop ends
+            message = "HUP ignored: the server is stopping"
+            log.warning("%s", message)
+            self.announce.reload_refused(message)
             return
         log.info("HUP: reloading")
         self.announce.reloading()

@@ -106,6 +106,15 @@ class Announcer:
              "message": message}
         )
 
+    def reload_refused(self, message: str) -> None:
+        """A HUP that starts no reload (the server is stopping): the status file answers
+        `preforkd reload`; systemd hears nothing (it is stopping the service)."""
+        self.reloads += 1
+        self._write_status(
+            {"pid": os.getpid(), "serial": self.reloads, "state": "done", "ok": False,
+             "message": message}
+        )
+
     def stopping(self) -> None:
         if self.sd is not None:
             self.sd.send(STOPPING=1, STATUS="stopping")
