@@ -3,17 +3,26 @@
 Invariants: pure logic, no I/O; headers from a peer that is not trusted never change
 REMOTE_ADDR or wsgi.url_scheme. A forwarding chain is read from the right (the hop nearest to
 us) and trusted proxies are skipped, so a client cannot pick its own address by prepending
-entries (as nginx's real_ip_recursive does).
+entries (as nginx's real_ip_recursive does). With RFC 7239 Forwarded, a trusted proxy may hide
+the client behind "unknown", an obfuscated identifier or no `for` at all (section 6.3): that
+element still ends the chain and its `proto` still gives the scheme, but the address stays the
+one of the proxy that received the hidden client.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SCHEMES = ("http", "https")
+# RFC 7239 section 6: a node that names no address ("unknown", or an obfuscated identifier),
+# with an optional port (digits, or obfuscated too)
+_HIDDEN_NODE = re.compile(
+    r"(?:unknown|_[a-z0-9._-]+)(?::(?:[0-9]{1,5}|_[a-z0-9._-]+))?", re.IGNORECASE
+)
 
 
 def parse_ip(text: str) -> IPAddress | None:
@@ -88,11 +97,12 @@ class TrustedProxies:
             if forwarded is None:
                 return
             elements = forwarded_elements(forwarded)
-            chosen = self._client([e.get("for", "") for e in elements])
+            chosen = self._forwarded_client(elements)
             if chosen is not None:
                 index, address = chosen
-                env["REMOTE_ADDR"] = str(address)
-                env.pop("REMOTE_PORT", None)
+                if address is not None:
+                    env["REMOTE_ADDR"] = str(address)
+                    env.pop("REMOTE_PORT", None)
                 proto = elements[index].get("proto", "").lower()
                 if proto in _SCHEMES:
                     env["wsgi.url_scheme"] = proto
@@ -109,6 +119,34 @@ class TrustedProxies:
             scheme = forwarded_proto.split(",")[-1].strip().lower()
             if scheme in _SCHEMES:
                 env["wsgi.url_scheme"] = scheme
+
+    def _forwarded_client(
+        self, elements: list[dict[str, str]]
+    ) -> tuple[int, IPAddress | None] | None:
+        """The Forwarded element that describes the client, chosen as _client chooses a hop,
+        and the address to credit it with.
+
+        An element whose client is hidden ("unknown", an obfuscated identifier, or no `for`:
+        RFC 7239 6.3) is a hop that is not a trusted proxy, so it ends the chain like a client
+        address would: its `proto` is the scheme the client used, which the trusted proxy
+        that wrote the element knows as well as it knows an address. Its address, though, is
+        unknown: the one of the trusted hop to its right (None: the peer's) stays. Any other
+        `for` value is not one a proxy writes, and ends what can be believed before it, as in
+        _client.
+        """
+        last: tuple[int, IPAddress] | None = None
+        for index in range(len(elements) - 1, -1, -1):
+            element = elements[index]
+            node = element.get("for")
+            address = parse_ip(node) if node is not None else None
+            if address is None:
+                if element and (node is None or _HIDDEN_NODE.fullmatch(node)):
+                    return index, None if last is None else last[1]
+                return last
+            last = (index, address)
+            if not self._trusts_ip(address):
+                return last
+        return last
 
     def _client(self, hops: list[str]) -> tuple[int, IPAddress] | None:
         """The right-most hop that is not a trusted proxy (or the left-most if all are)."""
