@@ -11,13 +11,13 @@ import logging
 import math
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
 from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks
-from prefork.http import ProtocolError, Request
+from prefork.http import ProtocolError, Request, RequestParser
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
@@ -81,6 +81,38 @@ def remote_of(peer: object) -> tuple[str, str]:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return str(peer[0]), str(peer[1])
     return "", ""  # a unix socket peer has no address
+
+
+class RejectedHead(NamedTuple):
+    """What the access log can say about a rejected request: "-" for an unknown method or
+    target, "" for an unknown version (logged as protocol "-", not as a made-up HTTP/1.1)."""
+
+    method: str = "-"
+    target: str = "-"
+    version: str = ""
+    referer: str = ""
+    user_agent: str = ""
+
+
+def _field(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    """Header `name` (lower-case) as the environ would have it: repeats joined with ", "."""
+    return ", ".join(v.decode("latin-1") for k, v in headers if k.lower() == name)
+
+
+def rejected_head(parser: RequestParser) -> RejectedHead:
+    """What the access log says of a request the parser rejected (RequestParser.head_so_far):
+    its method, target, version, referer and user agent as far as they were read."""
+    head = parser.head_so_far()
+    if head is None:
+        return RejectedHead()
+    method, target, version, headers = head
+    return RejectedHead(
+        method or "-",
+        target.decode("latin-1") or "-",
+        version,
+        _field(headers, b"referer"),
+        _field(headers, b"user-agent"),
+    )
 
 
 class HttpProtocol:
@@ -223,7 +255,7 @@ class HttpProtocol:
             response.keep_alive = False
             if not response.head_sent:
                 response.status_code = exc.status
-                self._send_error(conn, exc.status)
+                response.bytes_sent = self._send_error(conn, exc.status)
         except Exception:
             log.exception(
                 "error handling %s %s", request.method, request.target.decode("latin-1")
@@ -231,7 +263,7 @@ class HttpProtocol:
             response.keep_alive = False
             if not response.head_sent:
                 response.status_code = 500
-                self._send_error(conn, 500)
+                response.bytes_sent = self._send_error(conn, 500)
         now = time.monotonic()
         duration = now - start
         self.slot.done(
@@ -282,21 +314,47 @@ class HttpProtocol:
         request.body.clear()
         return True
 
-    def _send_error(self, conn: Connection, status: int) -> None:
+    def _send_error(self, conn: Connection, status: int) -> int:
+        """Send the error page for `status`; the body bytes sent (0 if the client is gone),
+        which is what the access log and the scoreboard count of a response."""
+        data = error_response(status, self.server_line, self.dates.line())
         try:
-            conn.send(error_response(status, self.server_line, self.dates.line()), 1.0)
+            conn.send(data, 1.0)
         except OSError:
-            pass
+            return 0
+        return len(data) - data.index(b"\r\n\r\n") - 4
 
     def reject(self, conn: Connection, error: ProtocolError) -> None:
         """Answer a request that could not be parsed; the worker then closes the connection
-        (after a lingering half-close)."""
+        (after a lingering half-close).
+
+        The answer counts as a response, in the slot's counters and the access log, or a
+        flood of 408s or 413s would never show in /metrics. It is counted here only: the
+        request never reached the application (the worker answers the whole requests queued
+        before it, then drops it from the queue unanswered; a body that breaks while the
+        application reads it is respond()'s to answer and count). For the same reason it is
+        not one of the slot's `requests`, on which max_requests recycles the worker."""
+        start = time.monotonic()
         log.debug("rejecting request from %s: %s", conn.peer, error)
-        self._send_error(conn, error.status)
+        sent = self._send_error(conn, error.status)
+        now = time.monotonic()
+        # IDLE, as after any answer that ends its connection (DRAINING if the worker stops)
+        self.slot.done(error.status, now - start, sent, Activity.IDLE, now, served=False)
         if self.logs.access_enabled:
+            head = rejected_head(conn.parser)
             remote, _ = remote_of(conn.peer)
             self.logs.access(
-                remote, "-", "-", "1.1", error.status, 0, "", "", 0.0, self.worker_number
+                remote,
+                head.method,
+                head.target,
+                head.version,
+                error.status,
+                sent,
+                head.referer,
+                head.user_agent,
+                now - start,
+                self.worker_number,
+                protocol=None if head.version else "-",
             )
 
     def _access(

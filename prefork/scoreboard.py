@@ -238,11 +238,14 @@ class Slot:
         )
 
     def done(self, status: int = 0, duration: float = 0.0, sent: int = 0,
-             activity: Activity = Activity.IDLE, now: float | None = None) -> None:
+             activity: Activity = Activity.IDLE, now: float | None = None,
+             served: bool = True) -> None:
         """A request ended (at `now`, monotonic, if the caller has read the clock): back to
         `activity` (DRAINING once the worker began stopping), and its status, duration and
-        size counted."""
-        self.requests += 1
+        size counted; `served` False for one the application never saw (rejected by the
+        server), which is not one of the `requests` max_requests recycles on."""
+        if served:
+            self.requests += 1
         if self._stopping:
             activity = Activity.DRAINING
         counters = self._counters

@@ -154,6 +154,7 @@ class RequestParser:
         "_head_size",
         "_upgrade_body",
         "_last_done",
+        "_checking_head",
     )
 
     def __init__(self, limits: Limits) -> None:
@@ -170,6 +171,22 @@ class RequestParser:
         self._head_size = 0
         self._upgrade_body = False  # _parser now reads only the body of an upgrade request
         self._last_done: Request | None = None  # the request whose message ended last
+        self._checking_head = False  # inside on_headers_complete: True after it raised
+
+    def head_so_far(self) -> tuple[str, bytes, str, list[tuple[bytes, bytes]]] | None:
+        """After a ProtocolError, what is known of the head it rejected, for the access log:
+        (method, target, version, fields so far), or None when its request line was not
+        read whole (llhttp's version is the previous request's until then). A body that
+        broke leaves its request current; a head refused as a whole leaves its line and
+        fields here; a field refused leaves the line and the fields before it."""
+        request = self._current
+        if request is not None and not request.complete:
+            return request.method, request.target, request.version, request.headers
+        if self._checking_head or self._headers:
+            parser = self._parser
+            method = parser.get_method().decode("latin-1")
+            return method, self._url, parser.get_http_version(), self._headers
+        return None
 
     @property
     def idle(self) -> bool:
@@ -282,6 +299,7 @@ class RequestParser:
         headers.append((name, value.rstrip(_OWS)))
 
     def on_headers_complete(self) -> None:
+        self._checking_head = True  # stays True if a check below raises (head_so_far)
         parser = self._parser
         method = parser.get_method()
         if self._head_size + len(method) + len(self._url) > self.limits.max_header_size:
@@ -306,6 +324,7 @@ class RequestParser:
         self._head_bytes = 0
         self._url = b""
         self._headers = []
+        self._checking_head = False
 
     def on_body(self, body: bytes) -> None:
         request = self._current
