@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefork.addresses import parse_address
+from prefork.addresses import MAX_UNIX_PATH_BYTES, parse_address
 from prefork.scoreboard import DURATION_BUCKETS
 from prefork.sockets import BindError, recv_now, remove_stale_unix_socket, unlink_if_ours
 
@@ -121,6 +121,22 @@ def admin_socket_path(socket_path: str | None, pidfile: str | None) -> str | Non
     return f"{pidfile}.sock" if pidfile else None
 
 
+def unix_path_problem(path: str) -> str | None:
+    """Why `path` cannot name a unix socket, or None. Checked before bind() and connect(),
+    whose own error ("AF_UNIX path too long") has no errno, so its strerror is None: the
+    default PIDFILE.sock in a deep directory failed at start with "...: None"."""
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH_BYTES:
+        return f"path too long: {size} bytes, at most {MAX_UNIX_PATH_BYTES}"
+    return None
+
+
+def reason(exc: OSError) -> str:
+    """The text of an OSError for a message: its strerror when it has one (without the
+    "[Errno N]" prefix), else the whole message, never "None"."""
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 def open_admin(
     path: str | None, bind: str | None
 ) -> tuple[list[socket.socket], tuple[int, int] | None]:
@@ -131,6 +147,9 @@ def open_admin(
     inode = None
     if path is not None:
         what = f"cannot open the status socket {path}"
+        problem = unix_path_problem(path)
+        if problem is not None:
+            raise OSError(f"{what}: {problem}")
         try:
             remove_stale_unix_socket(path, what)
         except BindError as exc:
@@ -149,7 +168,7 @@ def open_admin(
             sock.close()
             if inode is not None:
                 unlink_if_ours(path, inode)
-            raise OSError(f"{what}: {exc.strerror}") from None
+            raise OSError(f"{what}: {reason(exc)}") from None
         sock.setblocking(False)
         sockets.append(sock)
     if bind is not None:
@@ -166,7 +185,7 @@ def open_admin(
                 opened.close()
             if inode is not None and path is not None:
                 unlink_if_ours(path, inode)
-            raise OSError(f"cannot open the status endpoint {bind}: {exc.strerror}") from None
+            raise OSError(f"cannot open the status endpoint {bind}: {reason(exc)}") from None
         sock.setblocking(False)
         sockets.append(sock)
     return sockets, inode
@@ -175,6 +194,9 @@ def open_admin(
 def fetch(path: str | None, bind: str | None, target: str, timeout: float = 5.0) -> bytes:
     """A client for `preforkd status`: GET `target`, return the body (raises OSError)."""
     if path is not None:
+        problem = unix_path_problem(path)
+        if problem is not None:
+            raise OSError(problem)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         where: Any = path
     elif bind is not None:

@@ -1,8 +1,17 @@
-"""The `preforkd` command: run the server, check a configuration, or reload a running one.
+"""The `preforkd` command: run the server, check a configuration, reload a running one, or
+show its status.
 
-Exit status: 0 success, 1 runtime failure (an address cannot be bound, a live instance holds
-the pidfile, a reload failed), 2 configuration error (nothing was bound or forked), 3 the
-application could not be loaded at startup.
+Exit status, the same for `run` and `check` (so that `check` predicts how a start fails):
+  0  success;
+  1  runtime failure: an address or the status endpoint cannot be bound, a hook cannot be
+     imported (it is imported in the master before anything is bound), a live instance holds
+     the pidfile; `reload`: the reload failed, no server runs, no outcome in time; `status`:
+     no server runs, or its status endpoint does not answer;
+  2  configuration error: the file or a flag is invalid, or a setting the command needs is
+     missing (`reload` and `status` without a pidfile); nothing was bound, forked or signalled;
+  3  the application could not be imported (`run`: by the workers, or the master with
+     preload_app; `check`: in a child process with the configured `env:`).
+`status` still works with a file that does not validate: it needs only `pidfile` and `admin`.
 """
 
 from __future__ import annotations
@@ -17,11 +26,21 @@ import ssl
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO
 
+import yaml
+
 from prefork import __version__, status
-from prefork.admin import AdminServer, admin_socket_path, fetch, open_admin, status_table
+from prefork.admin import (
+    AdminServer,
+    admin_socket_path,
+    fetch,
+    open_admin,
+    reason,
+    status_table,
+)
 from prefork.config import Config, ConfigError, bind_address, load
 from prefork.daemon import detach, under_systemd
 from prefork.hooks import HookError, Hooks, ServerInfo
@@ -29,7 +48,14 @@ from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import Logs
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
-from prefork.pidfile import PidFile, PidFileError, is_preforkd, running_pid
+from prefork.pidfile import (
+    PidFile,
+    PidFileError,
+    config_argument,
+    is_preforkd,
+    read_cmdline,
+    running_pid,
+)
 from prefork.privileges import resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
@@ -159,14 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(path, overrides)
     except ConfigError as exc:
+        if args.command == "status":
+            return show_status(degraded_endpoint(path, overrides, exc), args.json)
         print(f"preforkd: configuration error: {exc}", file=sys.stderr)
+        if args.command == "reload":
+            refuse_reload(path, overrides)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return check(config)
     if args.command == "reload":
         return reload_running(config, args.wait)
     if args.command == "status":
-        return show_status(config, args.json)
+        return show_status(Endpoint.of(config), args.json)
     started_in = os.getcwd()  # command-line paths mean the same on every reload
     return Startup(
         config, lambda: load(path, overrides, started_in), args.foreground, inherited,
@@ -363,11 +393,29 @@ class Startup:
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
             log.error("%s", message)
-        if self.console.closed:
-            pass  # detached: the launcher prints what announce.failed sent it
-        elif self.logs is None or self.logs.syslog or self.logs.error_path:
-            print(f"preforkd: {message}", file=self.console)
+        self.tell(message)
         return code
+
+    def tell(self, message: str) -> None:
+        """Say why the start failed on the launcher's terminal, as `preforkd: REASON`: with
+        the error log in a file or syslog, a foreground start that failed printed nothing
+        at all. Not when the error log is that terminal (it said so already), nor once the
+        terminal is closed (detached: the launcher prints what announce.failed sent it)."""
+        if self.console.closed or self.log_is_console():
+            return
+        print(f"preforkd: {message}", file=self.console)
+
+    def log_is_console(self) -> bool:
+        """Whether the error log is the launcher's terminal: fd 2 (which Logs points at an
+        error log file) is still the file the console is, and no syslog takes the log
+        instead. Compared as files, so `error_log: /dev/stderr` counts as the terminal."""
+        if self.logs is None or self.logs.syslog is not None:
+            return False
+        try:
+            err, console = os.fstat(2), os.fstat(self.console.fileno())
+        except (OSError, ValueError):
+            return False
+        return (err.st_dev, err.st_ino) == (console.st_dev, console.st_ino)
 
     def run(self) -> int:
         config = self.config
@@ -509,71 +557,290 @@ class Startup:
                 if listener.sock.fileno() >= 0:
                     listener.close()
         if not master.ever_ready:
-            announce.failed(master.failure or f"the server stopped before it was ready ({code})")
+            failure = master.failure or f"the server stopped before it was ready ({code})"
+            announce.failed(failure)
+            if code != 0:  # the master logged it; a stop asked for before ready is no failure
+                self.tell(failure)
         log.info("stopped")
         return code
 
 
 # --- other commands ----------------------------------------------------------------------------
 
+# How check's import child ends; the parent turns these into the exit status a start would have.
+CHECK_HOOKS_FAILED = 10
+CHECK_APP_FAILED = 11
+
 
 def check(config: Config) -> int:
-    """Validate (done by now), import the app in a forked child with the configured `env:`
-    (as a worker would), and test-bind every address -- unless the pidfile names a running
-    server, which holds them: checking a file before `preforkd reload` is the usual use."""
+    """Validate (done by now), import the hooks and the app in a forked child with the
+    configured `env:` (as the master and a worker would), test-bind every address and
+    test-open the status endpoint -- unless the pidfile names a running server, which holds
+    them: checking a file before `preforkd reload` is the usual use. Each step is one a start
+    takes, and fails with the status that start would exit with."""
     print(f"configuration OK: {config.source or '(command line)'}")
+    sys.stdout.flush()  # else the child's copy of the buffer prints it a second time
     pid = os.fork()
     if pid == 0:
-        code = 1
+        code = CHECK_APP_FAILED
         try:
-            apply_env(config.env)
-            prepare(config.pythonpath, config.chdir)
-            load_app(config.app)
-            code = 0
-        except AppLoadError as exc:
+            code = check_imports(config)
+        except BaseException as exc:  # SystemExit or worse from an import: never run on
             traceback.print_exc()
-            print(f"preforkd: cannot load the application: {exc}", file=sys.stderr)
+            print(f"preforkd: importing the hooks or the application raised {exc!r}",
+                  file=sys.stderr)
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    _, wait_status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code == CHECK_HOOKS_FAILED:
+        return EXIT_RUNTIME_ERROR  # as Startup.run: the hooks are imported before binding
+    if code != 0:
+        if code != CHECK_APP_FAILED:
+            how = f"signal {-code}" if code < 0 else f"status {code}"
+            print(f"preforkd: importing the application ended the check ({how})",
+                  file=sys.stderr)
         return EXIT_APP_FAILED
-    print(f"application OK: {config.app}")
     running = running_pid(config.pidfile) if config.pidfile else None
     if running is not None:
         print(f"not test-binding: preforkd runs as pid {running} (from {config.pidfile}) and "
               "holds the addresses; a reload keeps those that did not change")
+        if Endpoint.of(config).configured():
+            print(f"not test-opening the status endpoint: pid {running} holds it (a change "
+                  "to admin.* takes effect at the next start, not at a reload)")
         return 0
     try:
         listeners = bind_all(bind_specs(config), config.backlog)
     except BindError as exc:
         print(f"preforkd: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
-    for listener in listeners:
-        print(f"can bind {listener.url(config.protocol)}")
-        listener.close()
+    try:  # the addresses stay bound meanwhile, as when the master opens the endpoint
+        for listener in listeners:
+            print(f"can bind {listener.url(config.protocol)}")
+        return check_admin(config)
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def check_imports(config: Config) -> int:
+    """`check`'s child: import the hooks (after `env:` and `pythonpath`, before `chdir`, as
+    Startup.run does) and the application, printing what fails. Both are tried, so one run
+    names every broken import; CHECK_HOOKS_FAILED wins, as a start stops at the hooks."""
+    apply_env(config.env)
+    prepare(config.pythonpath, None)
+    hooks_failed = False
+    try:
+        hooks = Hooks(config.hooks)
+    except HookError as exc:
+        print(f"preforkd: {exc}", file=sys.stderr)
+        hooks_failed = True
+    else:
+        if hooks.functions:
+            print(f"hooks OK: {', '.join(hooks.functions)}")
+    prepare(config.pythonpath, config.chdir)
+    try:
+        load_app(config.app)
+    except AppLoadError as exc:
+        traceback.print_exc()
+        print(f"preforkd: cannot load the application: {exc}", file=sys.stderr)
+        return CHECK_HOOKS_FAILED if hooks_failed else CHECK_APP_FAILED
+    print(f"application OK: {config.app}")
+    return CHECK_HOOKS_FAILED if hooks_failed else 0
+
+
+def check_admin(config: Config) -> int:
+    """Open and close the status endpoint as serve() opens it (a failure stops the start):
+    a socket path too long, a directory that is not writable, a port in use or a live
+    process on the socket failed the start after `check` said OK. Closed through
+    AdminServer, which removes the socket file it made."""
+    endpoint = Endpoint.of(config)
+    if not endpoint.configured():
+        return 0
+    path = endpoint.socket_path
+    try:
+        sockets, inode = open_admin(path, endpoint.bind)
+    except OSError as exc:
+        print(f"preforkd: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    AdminServer(sockets, lambda _: (404, "text/plain", b""), path, inode).close()
+    print(f"can open the status endpoint at {', '.join(w for w in (path, endpoint.bind) if w)}")
     return 0
 
 
-def show_status(config: Config, as_json: bool) -> int:
-    """`preforkd status`: the running server's workers, from its status endpoint."""
-    path = admin_socket_path(config.admin.socket, config.pidfile)
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a running server is found: its pidfile and its status endpoint. All that
+    `status` needs of a configuration, so it can also come from a file that does not
+    validate (see degraded_endpoint)."""
+
+    pidfile: str | None = None
+    socket: str | None = None  # admin.socket; None: PIDFILE.sock
+    bind: str | None = None  # admin.bind
+
+    @classmethod
+    def of(cls, config: Config) -> Endpoint:
+        return cls(config.pidfile, config.admin.socket, config.admin.bind)
+
+    @property
+    def socket_path(self) -> str | None:
+        return admin_socket_path(self.socket, self.pidfile)
+
+    def configured(self) -> bool:
+        return self.socket_path is not None or self.bind is not None
+
+    def where(self) -> str:
+        """The endpoint `fetch` asks (the unix socket when there is one), for messages."""
+        return self.socket_path or self.bind or "(none)"
+
+
+def degraded_endpoint(
+    path: str | None, overrides: Mapping[str, object], error: ConfigError
+) -> Endpoint:
+    """For `status` when the configuration does not validate: warn in one line, naming the
+    error, and read only `pidfile` and `admin`. A bad edit (or `status -p PIDFILE` without
+    --app) must not hide the running server. Only a file is warned about: without one the
+    error is just the missing `app`, which `status` does not need."""
+    if path is not None:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"preforkd: warning: the configuration has errors, so only its pidfile and "
+              f"admin settings are used: {first}", file=sys.stderr)
+    return read_endpoint(path, overrides)
+
+
+def read_endpoint(path: str | None, overrides: Mapping[str, object]) -> Endpoint:
+    """`pidfile` and `admin.socket` / `admin.bind` from the YAML file at `path` (as much of
+    it as parses), then `--pidfile`. Relative paths are resolved as load() resolves them:
+    from the file against its directory, from the command line against the working one."""
+    top = yaml_mapping(path) if path is not None else {}
+    base = os.path.dirname(os.path.abspath(path)) if path is not None else os.getcwd()
+    admin = top.get("admin")
+    admin = admin if isinstance(admin, dict) else {}
+    pidfile = resolved(top.get("pidfile"), base)
+    if overrides.get("pidfile") is not None:
+        pidfile = resolved(overrides["pidfile"], os.getcwd())
+    bind = admin.get("bind")
+    bind = bind if isinstance(bind, str) and bind else None
+    return Endpoint(pidfile, resolved(admin.get("socket"), base), bind)
+
+
+def yaml_mapping(path: str) -> dict[str, object]:
+    """The top-level mapping of the YAML file at `path`, or {} if there is none. On a syntax
+    error the file is read again up to the line where the broken construct starts: the
+    settings above a bad edit (usually `pidfile:`) are still found."""
     try:
-        body = fetch(path, config.admin.bind, "/status")
-    except OSError as exc:
-        print(f"preforkd: cannot read the status: {exc}", file=sys.stderr)
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        marks = [m for m in (exc.context_mark, exc.problem_mark) if m is not None]
+        if not marks:
+            return {}
+        head = "".join(text.splitlines(keepends=True)[: min(m.line for m in marks)])
+        try:
+            data = yaml.safe_load(head)
+        except yaml.YAMLError:
+            return {}
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resolved(value: object, base: str) -> str | None:
+    """A path setting as load() makes it absolute; None for anything that is not a path."""
+    if not isinstance(value, str) or not value or "\0" in value:
+        return None
+    return value if os.path.isabs(value) else os.path.normpath(os.path.join(base, value))
+
+
+def show_status(endpoint: Endpoint, as_json: bool) -> int:
+    """`preforkd status`: the running server's workers, from its status endpoint. When that
+    does not answer, the pidfile tells a stopped server (the usual case) from one whose
+    endpoint fails; both name the endpoint tried."""
+    if not endpoint.configured():
+        print("preforkd: status needs `pidfile` (or `admin.socket` or `admin.bind`) in the "
+              "configuration, or --pidfile, to find the running server", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    where = endpoint.where()
+    try:
+        body = fetch(endpoint.socket_path, endpoint.bind, "/status")
+        table = "" if as_json else status_table(json.loads(body))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = reason(exc) if isinstance(exc, OSError) else f"unexpected answer: {exc!r}"
+        pid = running_pid(endpoint.pidfile) if endpoint.pidfile else None
+        if endpoint.pidfile and pid is None:
+            print(f"preforkd: not running (no live pid in {endpoint.pidfile}); tried the "
+                  f"status endpoint {where}: {why}", file=sys.stderr)
+        else:
+            runs = f" of preforkd (pid {pid})" if pid is not None else ""
+            print(f"preforkd: cannot read the status endpoint {where}{runs}: {why}",
+                  file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     if as_json:
         sys.stdout.write(body.decode())
     else:
-        print(status_table(json.loads(body)))
+        print(table)
     return 0
+
+
+def refuse_reload(path: str | None, overrides: Mapping[str, object]) -> None:
+    """`reload` with a configuration that does not validate (the error is printed by now):
+    say that no HUP was sent and why. The master would re-read the file and refuse it the
+    same way, so signalling only moves the error into its log."""
+    endpoint = read_endpoint(path, overrides)
+    pid = running_pid(endpoint.pidfile) if endpoint.pidfile else None
+    other = other_file(pid, path, endpoint) if pid is not None else None
+    if path is None:
+        why = "the settings given have errors"
+    elif other is not None:
+        why = f"{path} has errors (and the server reads {other}, the file it was started with)"
+    else:
+        why = f"it would read {path} again and refuse it the same way"
+    serving = f"; preforkd (pid {pid}) keeps serving as it was" if pid is not None else ""
+    print(f"preforkd: reload: nothing was sent to the server: {why}{serving}", file=sys.stderr)
+
+
+def started_config(pid: int, endpoint: Endpoint) -> str | None:
+    """The configuration file master `pid` reads again at a reload: the absolute -c of its
+    command line, else the one its status endpoint reports (a relative -c was made absolute
+    against the directory it started in, which /proc no longer shows once it has moved, as a
+    daemon does to /); None when neither tells."""
+    argv = read_cmdline(pid)
+    given = config_argument(argv) if argv else None
+    if given is not None and os.path.isabs(given):
+        return given
+    if not endpoint.configured():
+        return None
+    try:
+        body = fetch(endpoint.socket_path, endpoint.bind, "/status", timeout=2.0)
+        source = json.loads(body)["master"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return source if isinstance(source, str) and source else None
+
+
+def other_file(pid: int, checked: str | None, endpoint: Endpoint) -> str | None:
+    """The file master `pid` reads at a reload if it is not `checked` (compared as real
+    paths; None: no file was named), else None; None too when the master's is unknown."""
+    started = started_config(pid, endpoint)
+    if started is None:
+        return None
+    if checked is not None and os.path.realpath(started) == os.path.realpath(checked):
+        return None
+    return started
 
 
 def reload_running(config: Config, wait: float) -> int:
     """`preforkd reload`: HUP the master named by the pidfile and wait for the outcome it
     writes to PIDFILE.status. Exit 0 when the new generation serves, 1 with the reason if
-    the reload failed (the old generation keeps serving)."""
+    the reload failed (the old generation keeps serving), no server runs or no outcome came
+    within `wait`; 2 without a pidfile (and, from main, when the configuration does not
+    validate: refuse_reload, nothing is sent)."""
     if not config.pidfile:
         print("preforkd: reload needs `pidfile` in the configuration (or --pidfile) to find "
               "the running server", file=sys.stderr)
@@ -582,6 +849,14 @@ def reload_running(config: Config, wait: float) -> int:
     if pid is None:
         print(f"preforkd: not running (no live pid in {config.pidfile})", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
+    # the file validated here is the one named on this command line; the master reads the
+    # one it was started with, and applies that: checked and applied must be the same
+    other = other_file(pid, config.source or None, Endpoint.of(config))
+    if other is not None:
+        read = config.source or "no configuration file"
+        print(f"preforkd: warning: this command read {read}, but the server (pid {pid}) reads "
+              f"{other} again at a reload, the file it was started with: the reload applies "
+              "that file, which was not checked here", file=sys.stderr)
     status_path = f"{config.pidfile}.status"
     before = read_status(status_path) or {}
     # a file another master left (one that died without cleaning up) says nothing of this one

@@ -49,12 +49,45 @@ def is_preforkd(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # alive, another user's
+    cmdline = read_cmdline(pid)
+    if cmdline is None:
+        return True  # alive and unreadable: assume the worst
+    return any("prefork" in arg for arg in cmdline)
+
+
+def read_cmdline(pid: int) -> list[str] | None:
+    """The argument vector of process `pid` from /proc, or None if it cannot be read."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
+            raw = f.read()
     except OSError:
-        return True  # alive and unreadable: assume the worst
-    return b"prefork" in cmdline
+        return None
+    return [os.fsdecode(arg) for arg in raw.split(b"\0")[:-1]] if raw else []
+
+
+def config_argument(argv: list[str]) -> str | None:
+    """The -c/--config value a preforkd command line gives, as given (a relative path is
+    relative to where that process started), or None if it gives none.
+
+    The interpreter's own options are skipped first (`python -c CODE` is not ours): the
+    program's arguments follow `-m MODULE`, or the script after `python`. argparse keeps the
+    last of repeated options, and so does this."""
+    start = 1
+    if "-m" in argv:
+        start = argv.index("-m") + 2
+    elif argv and os.path.basename(argv[0]).startswith("python"):
+        start = 2
+    found = None
+    args = iter(argv[start:])
+    for arg in args:
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if name == "-c" or (name.startswith("--c") and "--config".startswith(name)):
+            found = value if equals else next(args, found)  # argparse takes "--conf" too
+        elif arg.startswith("-c"):
+            found = arg[2:]
+    return found
 
 
 def running_pid(path: str) -> int | None:

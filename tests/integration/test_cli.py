@@ -5,6 +5,7 @@ Short-lived commands run through `run_cli` with a deadline; servers through `ser
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -235,3 +236,273 @@ def test_config_error_text_is_exact_for_a_nested_key(tmp_path: Path) -> None:
         f"preforkd: configuration error: {config}:5: logging.acess_log: "
         "unknown key 'acess_log' (did you mean 'access_log'?)"
     )
+
+
+# --- preforkd check: hooks and the status endpoint -----------------------------------------
+
+
+def test_check_imports_the_hooks(tmp_path: Path) -> None:
+    """Defect: `check` never imported `hooks:`, so it said OK for a file whose hook could
+    not be imported, and the start then failed (exit 1, before binding). `check` now exits
+    as that start would, and still imports the app, so one run names every broken import."""
+    config = write_config(tmp_path, settings(hooks={"when_ready": "pf_hooks:no_such_function"}))
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "preforkd: hooks.when_ready: cannot load 'pf_hooks:no_such_function'" in result.stderr
+    assert "application OK: pf_testapp:app" in result.stdout
+    assert "can bind" not in result.stdout
+
+    start = run_cli(["-c", str(config)], tmp_path)
+    assert start.returncode == result.returncode, start.stderr
+
+
+def test_check_imports_the_hooks_with_the_configured_env(tmp_path: Path) -> None:
+    """Hook modules are imported in the master after `env:` is applied; `check` must import
+    them the same way (a hook module reading its settings at import is not broken)."""
+    (tmp_path / "pf_env_hooks.py").write_text(
+        "import os\nSETTING = os.environ['PF_CHECK_HOOK_SETTING']\n"
+        "def on_starting(server):\n    pass\n"
+    )
+    config = write_config(tmp_path, settings(
+        hooks={"on_starting": "pf_env_hooks:on_starting"},
+        env={"PF_CHECK_HOOK_SETTING": "x"},
+        pythonpath=[str(tmp_path), *settings()["pythonpath"]],
+    ))
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hooks OK: on_starting" in result.stdout
+
+
+def test_a_broken_app_and_a_broken_hook_both_reported_status_of_the_hook(tmp_path: Path) -> None:
+    config = write_config(tmp_path, settings(
+        app="pf_broken_app:app", hooks={"on_exit": "pf_no_such_hooks_module:on_exit"}
+    ))
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "hooks.on_exit: cannot load 'pf_no_such_hooks_module:on_exit'" in result.stderr
+    assert "pf_broken_app refuses to import" in result.stderr
+
+
+def test_check_test_opens_the_status_endpoint_and_removes_its_socket(
+    tmp_path: Path, short_tmp: Path
+) -> None:
+    pidfile = short_tmp / "check.pid"
+    config = write_config(tmp_path, settings(pidfile=str(pidfile)))
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"can open the status endpoint at {pidfile}.sock" in result.stdout
+    assert not Path(f"{pidfile}.sock").exists(), "check left the status socket behind"
+    assert not pidfile.exists()
+
+
+def test_check_reports_a_status_endpoint_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    """Defect: `check` never opened `admin.bind`, so it said OK and the start failed."""
+    config = write_config(tmp_path, settings(admin={"bind": f"127.0.0.1:{busy_port}"}))
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"preforkd: cannot open the status endpoint 127.0.0.1:{busy_port}:" in result.stderr
+    assert "can bind http://127.0.0.1:" in result.stdout  # the addresses themselves were fine
+
+
+def test_a_status_socket_path_too_long_is_reported_by_check_and_at_start(tmp_path: Path) -> None:
+    """Defect: PIDFILE.sock in a deep directory (over 107 bytes) passed `check` and failed
+    the start with "cannot open the status socket ...: None" (the error has no strerror)."""
+    deep = tmp_path / ("d" * max(1, 120 - len(str(tmp_path))))
+    deep.mkdir()
+    pidfile = deep / "p.pid"
+    socket_path = f"{pidfile}.sock"
+    size = len(os.fsencode(socket_path))
+    assert size > 107
+    config = write_config(tmp_path, settings(pidfile=str(pidfile)))
+    reason = (
+        f"cannot open the status socket {socket_path}: path too long: {size} bytes, at most 107"
+    )
+
+    result = run_cli(["check", "-c", str(config)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"preforkd: {reason}" in result.stderr
+
+    start = run_cli(["-c", str(config)], tmp_path)
+    assert start.returncode == 1, start.stderr
+    assert reason in start.stderr
+    assert ": None" not in start.stderr
+
+
+def test_check_leaves_a_running_servers_status_endpoint_alone(
+    server_factory: ServerFactory, tmp_path: Path, short_tmp: Path
+) -> None:
+    pidfile = short_tmp / "check.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    result = run_cli(["check", "-c", str(server.config)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"not test-opening the status endpoint: pid {server.pid} holds it" in result.stdout
+    assert fetch(f"{pidfile}.sock", target="/live").status == 200
+
+
+# --- preforkd status ---------------------------------------------------------------------------
+
+
+def test_status_of_a_stopped_server_says_it_is_not_running(
+    tmp_path: Path, short_tmp: Path
+) -> None:
+    """Defect: with the server stopped, `status` said only "cannot read the status: [Errno 2]
+    No such file or directory", not that the server is not running, nor where it looked."""
+    pidfile = short_tmp / "stopped.pid"
+    config = write_config(tmp_path, settings(pidfile=str(pidfile)))
+    result = run_cli(["status", "-c", str(config)], tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"preforkd: not running (no live pid in {pidfile})" in result.stderr
+    assert f"{pidfile}.sock" in result.stderr
+
+
+def test_status_and_reload_without_a_pidfile_are_configuration_errors(tmp_path: Path) -> None:
+    """Defect: without a pidfile `status` exited 1 and `reload` 2 for the same missing
+    setting; both are configuration errors (2) and name the setting."""
+    config = write_config(tmp_path, settings())
+    status = run_cli(["status", "-c", str(config)], tmp_path)
+    reload = run_cli(["reload", "-c", str(config)], tmp_path)
+    assert (status.returncode, reload.returncode) == (2, 2), status.stderr + reload.stderr
+    assert "status needs `pidfile`" in status.stderr
+    assert "reload needs `pidfile`" in reload.stderr
+
+
+def test_status_with_only_a_pidfile_on_the_command_line(
+    server_factory: ServerFactory, tmp_path: Path, short_tmp: Path
+) -> None:
+    """Defect: `status -p PIDFILE` failed with "app: required setting is missing"."""
+    pidfile = short_tmp / "status.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    result = run_cli(["status", "-p", str(pidfile)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"master pid {server.pid}" in result.stdout
+    assert result.stderr == ""
+
+    as_json = run_cli(["status", "--json", "-p", str(pidfile)], tmp_path)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["master"]["pid"] == server.pid
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        ("workers: [unclosed\n", "invalid YAML"),
+        ("workers:\n  count: 0\n", "workers.count: must be from 1 to 1024, got 0"),
+    ],
+    ids=["yaml-syntax", "invalid-value"],
+)
+def test_status_still_works_after_a_bad_edit_and_says_the_file_has_errors(
+    server_factory: ServerFactory, tmp_path: Path, short_tmp: Path, edit: str, error: str
+) -> None:
+    """Defect: `status` validated the whole file, so after a bad edit the operator could not
+    even see the running server's status. It now warns in one line and reads only
+    `pidfile` and `admin` from the file."""
+    pidfile = short_tmp / "status.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    server.config.write_text(server.config.read_text() + edit)
+
+    result = run_cli(["status", "-c", str(server.config)], tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"master pid {server.pid}" in result.stdout
+    warning = result.stderr.splitlines()
+    assert len(warning) == 1, warning
+    assert warning[0].startswith("preforkd: warning: the configuration has errors")
+    assert str(server.config) in warning[0]
+    assert error in warning[0]
+
+
+# --- preforkd reload ---------------------------------------------------------------------------
+
+
+def test_reload_with_an_invalid_file_says_nothing_was_sent(
+    server_factory: ServerFactory, tmp_path: Path, short_tmp: Path
+) -> None:
+    """Defect: `reload` with a bad file printed only the configuration error, leaving the
+    operator to guess whether the server was signalled; it exits 2 (not the 0 or 1 the
+    README promised)."""
+    pidfile = short_tmp / "reload.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    server.config.write_text(server.config.read_text() + "workers: [unclosed\n")
+
+    result = run_cli(["reload", "-c", str(server.config), "--wait", "30"], tmp_path)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "preforkd: configuration error: " in result.stderr
+    assert "preforkd: reload: nothing was sent to the server" in result.stderr
+    assert f"preforkd (pid {server.pid}) keeps serving as it was" in result.stderr
+    assert "HUP" not in server.log()
+    assert fetch(server.addresses()[0]).status == 200
+
+
+def test_reload_warns_when_the_server_reads_another_file(
+    server_factory: ServerFactory, tmp_path: Path, short_tmp: Path
+) -> None:
+    """Defect: `reload -c B` validated B and signalled a master started with `-c A`, which
+    re-reads A: what was checked was not what was applied, and nothing said so."""
+    pidfile = short_tmp / "reload.pid"
+    server = server_factory(settings(pidfile=str(pidfile)))
+    other = tmp_path / "elsewhere" / "copy.yaml"
+    other.parent.mkdir()
+    other.write_text(server.config.read_text())
+
+    result = run_cli(["reload", "-c", str(other), "--wait", "30"], tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (f"preforkd: warning: this command read {other}, but the server (pid {server.pid}) "
+            f"reads {server.config} again at a reload") in result.stderr
+    assert "reloaded: generation 2" in result.stdout
+
+    same = run_cli(["reload", "-c", str(server.config), "--wait", "30"], tmp_path)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "warning" not in same.stderr
+
+
+# --- a failed foreground start says why on the terminal -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("more", "code", "line"),
+    [
+        pytest.param(
+            {"app": "pf_broken_app:app"}, 3,
+            "preforkd: the application could not be loaded: cannot import 'pf_broken_app': "
+            "RuntimeError('pf_broken_app refuses to import')",
+            id="workers-cannot-import-the-app",
+        ),
+        pytest.param(
+            {"app": "pf_broken_app:app", "preload_app": True}, 3,
+            "preforkd: cannot import 'pf_broken_app': "
+            "RuntimeError('pf_broken_app refuses to import')",
+            id="preload",
+        ),
+        pytest.param(
+            {"app": "pf_testapp:app", "hooks": {"post_fork": "pf_hooks:failing_post_fork"}}, 1,
+            "preforkd: a worker cannot start: ",
+            id="workers-cannot-boot",
+        ),
+    ],
+)
+def test_a_failed_start_logging_to_a_file_says_why_on_the_terminal(
+    server_factory: ServerFactory, tmp_path: Path, more: dict[str, object], code: int, line: str
+) -> None:
+    """Defect: in the foreground with `logging.error_log: FILE`, an app the workers could
+    not import (or workers that could not boot) stopped the server with exit 3 (or 1) and
+    nothing at all on the terminal: the reason was only in the log file."""
+    error_log = tmp_path / "error.log"
+    server = server_factory(
+        {**settings(logging={"error_log": str(error_log)}), **more},
+        wait_ready=False,
+    )
+    assert server.wait_exit(30) == code
+    terminal = server.log().splitlines()
+    assert len(terminal) == 1, terminal
+    assert terminal[0].startswith(line), terminal
+    assert "[ERROR]" in error_log.read_text()  # the log file has it all, as before
+
+
+def test_a_failed_start_logging_to_the_terminal_says_it_once(server_factory: ServerFactory) -> None:
+    server = server_factory(settings("pf_broken_app:app"), wait_ready=False)
+    assert server.wait_exit(30) == 3
+    log = server.log()
+    assert "the application could not be loaded" in log
+    assert not [line for line in log.splitlines() if line.startswith("preforkd: ")], log

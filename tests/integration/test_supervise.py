@@ -400,7 +400,9 @@ def test_metrics_count_the_requests_made(server_factory: ServerFactory, short_tm
         for (name, labels), value in samples.items()
         if name == "preforkd_workers"
     }
-    assert set(by_state) == {"booting", "idle", "keepalive", "reading", "busy", "draining"}
+    assert set(by_state) == {
+        "booting", "idle", "keepalive", "reading", "waiting", "busy", "draining"
+    }
     assert by_state["idle"] + by_state["keepalive"] == 2
     assert counter(samples, "preforkd_degraded") == 0
     assert counter(samples, "preforkd_generation") == 1
@@ -493,8 +495,8 @@ def test_status_command_without_an_endpoint_says_why(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=20, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
-    assert done.returncode == 1
-    assert "no status endpoint configured" in done.stderr
+    assert done.returncode == 2  # a setting the command needs is missing, as for reload
+    assert "needs `pidfile` (or `admin.socket` or `admin.bind`)" in done.stderr
     assert done.stdout == ""
 
 
