@@ -11,12 +11,11 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from harness import ServerFactory, connect, fetch, require_tool, wait_until
+from harness import ServerFactory, connect, fetch, self_signed_cert, wait_until
 
 HANDLERS = """
 import os
@@ -168,24 +167,12 @@ def test_connections_are_counted_with_their_duration_and_bytes(
     assert 'preforkd_requests_total{class="2xx"} 1' in metrics
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    openssl = require_tool("openssl")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
 def test_a_tls_listener_gives_the_handler_a_tls_stream(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     """Defect: with protocol tcp a `tls` block was accepted, its certificate loaded, and the
     handler given the raw socket: the "TLS" port served plaintext, and the log said tcp://."""
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     server = server_factory(
         tcp_settings(
             "echo",
@@ -226,7 +213,7 @@ def test_a_proxy_header_names_the_client_and_leaves_its_bytes_to_the_handler(
 
 def test_a_proxy_header_in_front_of_tls(server_factory: ServerFactory, tmp_path: Path) -> None:
     """TLS passthrough behind HAProxy's send-proxy: the header, then the client's TLS."""
-    cert, key = self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     server = server_factory(
         tcp_settings(
             "whoami",

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harness import connect, read_response, wait_until
+from harness import connect, read_response, self_signed_cert, wait_until
 
 APP = """
 import os
@@ -87,18 +87,6 @@ def test_socket_activation_socket_survives_stop(
     assert sock_path.exists(), "preforkd removed a socket file it did not create"
 
 
-def _self_signed(require_tool: Any, directory: Path) -> tuple[Path, Path]:
-    openssl = require_tool("openssl")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )
-    return cert, key
-
-
 def _activated_tcp(
     server_factory: Any, require_tool: Any, bind: list[Any]
 ) -> tuple[Any, int]:
@@ -128,7 +116,7 @@ def test_socket_activation_matches_tls_by_address_meaning_not_spelling(
 ) -> None:
     """Defect: a passed socket took the `tls` of the entry whose address text was the same:
     `*:PORT` against systemd's 127.0.0.1:PORT (or `[::]:PORT`) served plain HTTP, silently."""
-    cert, key = _self_signed(require_tool, tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     tls = {"certificate": str(cert), "key": str(key)}
     server, port = _activated_tcp(
         server_factory, require_tool, [{"address": "*:{port}", "tls": tls}]
@@ -150,7 +138,7 @@ def test_socket_activation_refuses_a_tls_entry_no_passed_socket_matches(
 ) -> None:
     """A `tls` entry for an address systemd did not pass would leave that service without
     its TLS port; starting plain on the passed one instead would serve it in the clear."""
-    cert, key = _self_signed(require_tool, tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     tls = {"certificate": str(cert), "key": str(key)}
     server, port = _activated_tcp(
         server_factory, require_tool,

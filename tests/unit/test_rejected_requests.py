@@ -27,6 +27,7 @@ from tests.unit.worker_rig import (
     REQUEST,
     WorkerRig,
     conn_of,
+    read_until_closed,
     served_connection,
     wait_readable,
 )
@@ -56,15 +57,6 @@ def access_lines(capfd: pytest.CaptureFixture[str]) -> list[re.Match[str]]:
 def only_access_line(capfd: pytest.CaptureFixture[str]) -> re.Match[str]:
     (line,) = access_lines(capfd)
     return line
-
-
-def read_until_closed(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes; a reset fails the test."""
-    client.settimeout(DEADLINE)
-    data = b""
-    while chunk := client.recv(65536):
-        data += chunk
-    return data
 
 
 def body_length(response: bytes) -> int:

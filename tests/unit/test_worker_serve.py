@@ -19,6 +19,7 @@ from tests.unit.worker_rig import (
     DEADLINE,
     REQUEST,
     WorkerRig,
+    read_until_closed,
     served_connection,
     wait_readable,
 )
@@ -77,15 +78,6 @@ def test_a_plain_client_that_reset_before_accept_costs_only_its_connection(
         worker.on_readable(conn)
 
     assert [c.peer for c in worker.conns.values()] == [kept.getsockname()]
-
-
-def read_until_closed(client: socket.socket) -> bytes:
-    """Everything the server sends until it closes; a reset fails the test."""
-    client.settimeout(DEADLINE)
-    data = b""
-    while chunk := client.recv(65536):
-        data += chunk
-    return data
 
 
 def test_whole_requests_before_a_broken_one_are_answered_before_its_error(

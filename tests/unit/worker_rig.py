@@ -169,3 +169,10 @@ def closed_by_server(client: socket.socket) -> bool:
         return True
 
 
+def read_until_closed(client: socket.socket) -> bytes:
+    """Everything the server sends until it closes; a reset fails the test."""
+    client.settimeout(DEADLINE)
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    return data
