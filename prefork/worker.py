@@ -46,7 +46,7 @@ from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.http import Limits, ProtocolError
 from prefork.http.proxy import ProxyHeader
-from prefork.httpserve import ERROR_LINGER, HttpProtocol
+from prefork.httpserve import ERROR_LINGER, HttpProtocol, remote_of
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
 from prefork.privileges import drop_privileges
@@ -629,7 +629,7 @@ class Worker:
             slot.done(status, now - started, sent, now=now)
         if self.spec.logs.access_enabled:
             self.spec.logs.access(
-                _peer_text(addr).rpartition(":")[0] or "-",
+                remote_of(addr)[0],
                 "TCP",
                 str(listener.address),
                 "",
