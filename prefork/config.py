@@ -345,10 +345,10 @@ class WorkersConfig:
             "A worker busy in one request longer than this (seconds) is killed and replaced. "
             "A request that is only waiting on its client by then (a slow upload, a slow "
             "reader of the response) is cut a second earlier instead: its connection is "
-            "closed and the worker goes on.",
+            "closed and the worker goes on. 0 = no limit: no worker is ever killed as hung "
+            "(for long-polling or streaming apps; the other timeouts still apply).",
             lo=0,
             hi=86400,
-            lo_open=True,
         ),
     )
     timeout_grace: float = field(

@@ -253,7 +253,7 @@ class Master:
 
     def sleep(self) -> list[int]:
         now = self.kernel.monotonic()
-        wake_at = now + min(MAX_SLEEP, self.current.config.workers.timeout / 4)
+        wake_at = now + min(MAX_SLEEP, self.current.config.workers.timeout / 4 or MAX_SLEEP)
         for handle in self.workers.values():
             wake_at = min(wake_at, handle.deadline)
         if self.stop is Stop.NONE:
@@ -667,7 +667,7 @@ class Master:
         for handle in list(self.workers.values()):
             if now >= handle.deadline:
                 self.deadline_passed(handle, now)
-            elif handle.state in (WorkerState.READY, WorkerState.STOPPING):
+            elif timeout and handle.state in (WorkerState.READY, WorkerState.STOPPING):
                 view = self.scoreboard.read(handle.slot)
                 if (
                     view.activity in (Activity.BUSY, Activity.READING)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import faulthandler
 import logging
+import math
 import os
 import select
 import signal
@@ -269,7 +270,7 @@ class Worker:
                 body_timeout=http.body_timeout,
                 body_min_rate=http.body_min_rate,
                 send_timeout=http.send_timeout,
-                request_timeout=config.workers.timeout,
+                request_timeout=config.workers.timeout or math.inf,  # 0: no limit
                 server_header=http.server_header,
                 proxies=self.proxies,
                 hooks=spec.hooks,

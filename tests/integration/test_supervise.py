@@ -240,6 +240,18 @@ def test_a_hung_request_dumps_its_stack_and_the_worker_is_replaced(
     assert counter(samples, "preforkd_worker_recycles_total", reason="crash") == 0
 
 
+def test_timeout_zero_lets_a_long_request_finish(
+    server_factory: ServerFactory, short_tmp: Path
+) -> None:
+    """workers.timeout: 0 (no hang detection): a request far longer than the shortest
+    timeout a config could otherwise give is answered, and nothing is called hung."""
+    server = server_factory(settings(short_tmp, workers={"count": 1, "timeout": 0}))
+    response = fetch(address(server), target="/sleep?s=2&tag=long", timeout=15)
+    assert response.status == 200
+    assert "timed out" not in server.log()
+    assert counter(metrics(server), "preforkd_worker_recycles_total", reason="timeout") == 0
+
+
 # --- the dynamic pool ------------------------------------------------------------------------
 
 

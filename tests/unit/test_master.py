@@ -696,6 +696,19 @@ def test_a_hung_worker_is_aborted_then_killed_then_replaced(
     assert matching(caplog, "worker 2 (pid 1001) exited (timeout): killed by SIGKILL")
 
 
+def test_timeout_zero_never_kills_a_busy_worker(make_rig: Callable[..., Rig]) -> None:
+    """workers.timeout: 0 turns hang detection off (long polling, streaming apps), and the
+    master still sleeps its usual second rather than spinning on a zero quarter."""
+    rig = make_rig(count=2, timeout=0)
+    rig.start()
+    started = rig.busy(rig.worker(2))
+    rig.kernel.now = started + 86400
+    rig.tick()
+    assert rig.kernel.kills == []
+    assert rig.worker(2).state is WorkerState.READY
+    assert rig.kernel.waits[-1] == MAX_SLEEP
+
+
 def test_a_hung_worker_is_replaced_while_it_is_being_killed(
     make_rig: Callable[..., Rig],
 ) -> None:
