@@ -59,7 +59,7 @@ def parse_address(text: str) -> Address:
     if not text:
         raise ValueError("address is empty")
     if text.startswith("unix:"):
-        return Address("unix", path=_check_unix_path(text[len("unix:") :]))
+        return Address("unix", path=check_unix_path(text[len("unix:") :]))
     if _PORT_RE.fullmatch(text):
         return Address("tcp", host=DEFAULT_HOST, port=_parse_port(text, text))
     if text.startswith("["):
@@ -87,7 +87,7 @@ def resolve_relative(addr: Address, base_dir: str) -> Address:
     if addr.kind != "unix" or os.path.isabs(addr.path):
         return addr
     joined = os.path.normpath(os.path.join(base_dir, addr.path))
-    return replace(addr, path=_check_unix_path(joined))
+    return replace(addr, path=check_unix_path(joined))
 
 
 def _parse_bracketed(text: str) -> Address:
@@ -149,14 +149,22 @@ def _is_ipv6(text: str) -> bool:
     return True
 
 
-def _check_unix_path(path: str) -> str:
+def unix_path_length_problem(path: str) -> str | None:
+    """"N bytes, at most 107" when `path` is too long for a unix socket address, else None:
+    bind() and connect() fail on it with "AF_UNIX path too long" and no errno."""
+    size = len(os.fsencode(path))
+    if size > MAX_UNIX_PATH_BYTES:
+        return f"{size} bytes, at most {MAX_UNIX_PATH_BYTES}"
+    return None
+
+
+def check_unix_path(path: str) -> str:
+    """`path` if it can name a unix socket, else ValueError with the reason."""
     if not path:
         raise ValueError("unix socket path is empty (use unix:PATH)")
     if "\0" in path:
         raise ValueError(f"unix socket path contains a NUL byte: {path!r}")
-    size = len(os.fsencode(path))
-    if size > MAX_UNIX_PATH_BYTES:
-        raise ValueError(
-            f"unix socket path is too long ({size} bytes, at most {MAX_UNIX_PATH_BYTES}): {path!r}"
-        )
+    problem = unix_path_length_problem(path)
+    if problem is not None:
+        raise ValueError(f"unix socket path is too long ({problem}): {path!r}")
     return path

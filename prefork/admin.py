@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefork.addresses import MAX_UNIX_PATH_BYTES, parse_address
+from prefork.addresses import parse_address, unix_path_length_problem
 from prefork.scoreboard import DURATION_BUCKETS
 from prefork.sockets import BindError, recv_now, remove_stale_unix_socket, unlink_if_ours
 
@@ -125,10 +125,8 @@ def unix_path_problem(path: str) -> str | None:
     """Why `path` cannot name a unix socket, or None. Checked before bind() and connect(),
     whose own error ("AF_UNIX path too long") has no errno, so its strerror is None: the
     default PIDFILE.sock in a deep directory failed at start with "...: None"."""
-    size = len(os.fsencode(path))
-    if size > MAX_UNIX_PATH_BYTES:
-        return f"path too long: {size} bytes, at most {MAX_UNIX_PATH_BYTES}"
-    return None
+    problem = unix_path_length_problem(path)
+    return None if problem is None else f"path too long: {problem}"
 
 
 def reason(exc: OSError) -> str:

@@ -27,7 +27,13 @@ from typing import Any, TypeVar
 
 import yaml
 
-from prefork.addresses import Address, parse_address, resolve_relative
+from prefork.addresses import (
+    Address,
+    check_unix_path,
+    parse_address,
+    resolve_relative,
+    unix_path_length_problem,
+)
 from prefork.loader import parse_app_ref
 from prefork.privileges import resolve_gid, resolve_user
 
@@ -198,6 +204,11 @@ def _check_file_directory(value: str, base_dir: str) -> str:
     if problem is not None:
         raise ValueError(f"{problem} (the directory of {value})")
     return value
+
+
+def _check_socket_file(value: str, base_dir: str) -> str:
+    """A unix socket the server binds: as a file it creates, and short enough to bind."""
+    return check_unix_path(_check_file_directory(value, base_dir))
 
 
 def _check_syslog_address(value: str, base_dir: str) -> str:
@@ -726,7 +737,7 @@ class AdminConfig:
             "Unix socket of the status endpoint (mode 0600); its directory must exist. "
             "null = PIDFILE.sock when a pidfile is set, else no unix endpoint.",
             path=True,
-            check=_check_file_directory,
+            check=_check_socket_file,
         ),
     )
     bind: str | None = field(
@@ -1319,6 +1330,14 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
             "PROXY protocol on a TLS listener is not supported (terminate TLS at the proxy, "
             "or use TCP passthrough without PROXY protocol)",
         )
+    if isinstance(obj, Config) and obj.admin.socket is None and obj.pidfile is not None:
+        problem = unix_path_length_problem(obj.pidfile + ".sock")
+        if problem is not None:  # the status endpoint's default socket could not be bound
+            raise entries["pidfile"].fail(
+                "pidfile",
+                f"the status socket beside it, {obj.pidfile}.sock, would be too long for a "
+                f"unix socket ({problem}): set admin.socket to a shorter path",
+            )
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value

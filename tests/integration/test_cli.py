@@ -304,9 +304,10 @@ def test_check_reports_a_status_endpoint_port_in_use(tmp_path: Path, busy_port: 
     assert "can bind http://127.0.0.1:" in result.stdout  # the addresses themselves were fine
 
 
-def test_a_status_socket_path_too_long_is_reported_by_check_and_at_start(tmp_path: Path) -> None:
+def test_a_status_socket_path_too_long_is_a_config_error(tmp_path: Path) -> None:
     """Defect: PIDFILE.sock in a deep directory (over 107 bytes) passed `check` and failed
-    the start with "cannot open the status socket ...: None" (the error has no strerror)."""
+    the start with "cannot open the status socket ...: None" (the error has no strerror).
+    It is now refused at load, with the file, line and key, before anything starts."""
     deep = tmp_path / ("d" * max(1, 120 - len(str(tmp_path))))
     deep.mkdir()
     pidfile = deep / "p.pid"
@@ -314,18 +315,28 @@ def test_a_status_socket_path_too_long_is_reported_by_check_and_at_start(tmp_pat
     size = len(os.fsencode(socket_path))
     assert size > 107
     config = write_config(tmp_path, settings(pidfile=str(pidfile)))
-    reason = (
-        f"cannot open the status socket {socket_path}: path too long: {size} bytes, at most 107"
+    line = next(
+        n for n, text in enumerate(config.read_text().splitlines(), 1)
+        if text.startswith("pidfile:")
     )
+    reason = (
+        f"{config}:{line}: pidfile: the status socket beside it, {socket_path}, would be too "
+        f"long for a unix socket ({size} bytes, at most 107): set admin.socket to a shorter path"
+    )
+    for command in (["check", "-c", str(config)], ["-c", str(config)]):
+        result = run_cli(command, tmp_path)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert reason in result.stderr
+        assert not pidfile.exists()
 
+    config = write_config(tmp_path, settings(admin={"socket": str(deep / "status.sock")}))
+    line = next(
+        n for n, text in enumerate(config.read_text().splitlines(), 1)
+        if text.strip().startswith("socket:")
+    )
     result = run_cli(["check", "-c", str(config)], tmp_path)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert f"preforkd: {reason}" in result.stderr
-
-    start = run_cli(["-c", str(config)], tmp_path)
-    assert start.returncode == 1, start.stderr
-    assert reason in start.stderr
-    assert ": None" not in start.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{config}:{line}: admin.socket: unix socket path is too long (" in result.stderr
 
 
 def test_check_leaves_a_running_servers_status_endpoint_alone(
