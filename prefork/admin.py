@@ -290,11 +290,15 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
     out.append(_line("preforkd_degraded", int(master["degraded"])))
     family("preforkd_generation", "gauge", "The configuration generation being served.")
     out.append(_line("preforkd_generation", master["generation"]))
-    family("preforkd_worker_memory_uss_bytes", "gauge", "Unique memory of each worker.")
-    for worker in snapshot["workers"]:
-        if worker.get("uss") is not None:
+    for kind, doc in (("uss", "Unique memory of each worker."),
+                      ("rss", "Resident memory of each worker, where USS cannot be read.")):
+        name = f"preforkd_worker_memory_{kind}_bytes"
+        measured = [w for w in snapshot["workers"] if w.get(kind) is not None]
+        if kind == "uss" or measured:
+            family(name, "gauge", doc)
+        for worker in measured:
             out.append(
-                _line("preforkd_worker_memory_uss_bytes", worker["uss"],
+                _line(name, worker[kind],
                       {"worker": str(worker["number"]), "pid": str(worker["pid"])})
             )
     family(
@@ -316,6 +320,8 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
     """The `preforkd status` table, like Apache's server-status."""
     master = snapshot["master"]
     totals = snapshot["totals"]
+    # RSS where USS cannot be read (a worker of another user, without CAP_SYS_PTRACE)
+    memory_kind = "RSS" if any(w.get("rss") is not None for w in snapshot["workers"]) else "USS"
     lines = [
         f"preforkd {master['version']}  master pid {master['pid']}  generation "
         f"{master['generation']}  {master['state']}  up {_duration(master['uptime'])}",
@@ -324,16 +330,17 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         + f"; {totals['requests']} requests",
         "",
         f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'CONNS':>6} "
-        f"{'USS':>9}  {'AGE':>7}  CURRENT REQUEST",
+        f"{memory_kind:>9}  {'AGE':>7}  CURRENT REQUEST",
     ]
     for w in snapshot["workers"]:
         current = w.get("current")
         request = f"{current['method']} {current['target']}" if current else ""
         age = _duration(current["age"]) if current else ""
-        uss = f"{w['uss'] / 1048576:.1f}M" if w.get("uss") is not None else "-"
+        memory = w.get("uss") if w.get("uss") is not None else w.get("rss")
+        shown = f"{memory / 1048576:.1f}M" if memory is not None else "-"
         lines.append(
             f"{w['number']:>6} {w['pid']:>7} {w['generation']:>3} {w['activity']:<9} "
-            f"{w['requests']:>8} {w['connections']:>6} {uss:>9}  {age:>7}  {request}"
+            f"{w['requests']:>8} {w['connections']:>6} {shown:>9}  {age:>7}  {request}"
         )
     return "\n".join(lines)
 

@@ -54,7 +54,8 @@ def snapshot(master: Master) -> dict[str, Any]:
             # the path only: query strings may carry tokens, and status is widely readable
             current = {"method": view.method, "target": view.target.split("?", 1)[0],
                        "age": round(now - view.started, 3)}
-        uss = master.kernel.memory(handle.pid) if handle.state in LIVE else None
+        memory = master.kernel.memory(handle.pid) if handle.state in LIVE else None
+        uss_readable = master.kernel.uss_readable  # read after memory(), which may learn it
         workers.append({
             "number": handle.number,
             "pid": handle.pid,
@@ -64,7 +65,8 @@ def snapshot(master: Master) -> dict[str, Any]:
             "requests": view.requests,
             "connections": view.connections,
             "current": current,
-            "uss": uss,
+            "uss": memory if uss_readable else None,
+            "rss": None if uss_readable else memory,  # only where USS cannot be read
             "age": round(now - handle.started, 3),
             "recycle": handle.recycle or None,
         })

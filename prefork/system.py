@@ -43,6 +43,9 @@ class Kernel(Protocol):
 
     def memory(self, pid: int) -> int | None: ...
 
+    # what memory() answers: unique memory, or resident memory where USS cannot be read
+    uss_readable: bool
+
 
 class System:
     """The real thing."""

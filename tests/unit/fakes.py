@@ -46,6 +46,7 @@ class FakeKernel:
         self.exits: deque[tuple[int, int]] = deque()
         self.uss: dict[int, int] = {}  # pid -> what memory() answers (None when absent)
         self.memory_calls: list[int] = []
+        self.uss_readable = True  # False: memory() answers resident sizes (RSS)
         self.waits: list[float] = []  # the timeout of every wait(): how long the master sleeps
 
     # Kernel

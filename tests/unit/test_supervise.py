@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefork import status
+from prefork.admin import status_table
 from prefork.channel import MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.master import (
     BACKOFF_FIRST,
@@ -770,6 +771,38 @@ def test_status_route_is_the_snapshot_as_json(make_rig: Callable[..., Rig]) -> N
     doc = json.loads(body)
     assert doc["master"]["target_workers"] == 2
     assert [w["number"] for w in doc["workers"]] == [1, 2]
+
+
+def test_resident_memory_is_named_rss_where_uss_cannot_be_read(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Defect: where USS could not be read, /status, /metrics and the table showed the
+    resident size under the USS name."""
+    rig = make_rig(count=2)
+    one, two = rig.start()
+    rig.kernel.uss[one.pid] = 3 * MIB
+    rig.kernel.uss_readable = False  # memory() now answers RSS
+
+    worker = next(w for w in rig.snapshot()["workers"] if w["pid"] == one.pid)
+    assert (worker["uss"], worker["rss"]) == (None, 3 * MIB)
+    body = status.respond(rig.master, "/metrics")[2].decode()
+    names = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+    assert names["preforkd_worker_memory_rss_bytes"] == 3 * MIB
+    assert "preforkd_worker_memory_uss_bytes" not in names
+    table = status_table(rig.snapshot())
+    assert " RSS " in table and " USS " not in table
+    assert "3.0M" in table
+
+    rig.kernel.uss_readable = True
+    worker = next(w for w in rig.snapshot()["workers"] if w["pid"] == one.pid)
+    assert (worker["uss"], worker["rss"]) == (3 * MIB, None)
+    assert " USS " in status_table(rig.snapshot())
+    metrics = status.respond(rig.master, "/metrics")[2].decode()
+    assert "preforkd_worker_memory_rss_bytes" not in metrics
 
 
 def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) -> None:
