@@ -286,6 +286,19 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
     for result, count in totals["reloads"].items():
         out.append(_line("preforkd_reloads_total", count, {"result": result}))
     master = snapshot["master"]
+    listeners = snapshot.get("listeners", [])
+    for name, key, kind, doc in (
+        ("preforkd_listen_queue", "queued", "gauge",
+         "Connections waiting in a listener's accept queue for a worker to take them."),
+        ("preforkd_listen_queue_limit", "queue_limit", "gauge",
+         "The most connections a listener's accept queue holds (the listen backlog)."),
+        ("preforkd_listen_queue_full_total", "queue_full_seen", "counter",
+         "Checks (one a second) that found a listener's accept queue full."),
+    ):
+        family(name, kind, doc)
+        for entry in listeners:
+            if entry[key] is not None:
+                out.append(_line(name, entry[key], {"listener": entry["url"]}))
     family("preforkd_degraded", "gauge", "1 while too many workers fail to boot.")
     out.append(_line("preforkd_degraded", int(master["degraded"])))
     family("preforkd_generation", "gauge", "The configuration generation being served.")
@@ -332,6 +345,13 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'CONNS':>6} "
         f"{memory_kind:>9}  {'AGE':>7}  CURRENT REQUEST",
     ]
+    queues = [
+        f"{entry['url']} {entry['queued']}/{entry['queue_limit']}"
+        for entry in snapshot.get("listeners", [])
+        if entry["queued"] is not None
+    ]
+    if queues:
+        lines[2:2] = [f"listen queues: {', '.join(queues)}"]
     for w in snapshot["workers"]:
         current = w.get("current")
         request = f"{current['method']} {current['target']}" if current else ""

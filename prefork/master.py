@@ -58,6 +58,8 @@ YOUNG_DEATH = 5.0
 # A worker that has served this long clears its number's failure count.
 HEALTHY_AFTER = 10.0
 MAX_SLEEP = 1.0  # the scoreboard is read at least this often
+QUEUE_CHECK_INTERVAL = 1.0  # how often the listen queues are looked at
+QUEUE_WARN_INTERVAL = 10.0  # at most one "queue is full" line per listener this often
 CHANNEL_READS = 64  # messages read from one worker per tick, at most
 
 
@@ -190,6 +192,9 @@ class Master:
     next_memory_check: float = 0.0
     next_pool_check: float = 0.0
     next_status: float = 0.0
+    next_queue_check: float = 0.0
+    queue_full: dict[str, int] = field(default_factory=dict)  # listener -> checks found full
+    queue_warned: dict[str, float] = field(default_factory=dict)  # listener -> last warning
     growth: int = 1  # dynamic pool: workers added per second while idle ones are short
     # metrics
     retired_counters: Counters = field(default_factory=Counters.zero)
@@ -819,6 +824,29 @@ class Master:
         if self.announce.sd is not None and self.ever_ready and now >= self.next_status:
             self.next_status = now + config.admin.status_interval
             self.announce.status(self.summary())
+        if now >= self.next_queue_check:
+            self.next_queue_check = now + QUEUE_CHECK_INTERVAL
+            self.check_queues(now)
+
+    def check_queues(self, now: float) -> None:
+        """Count, and say (at most every QUEUE_WARN_INTERVAL), when a listener's accept queue
+        is full: every worker is busy, and the kernel makes new clients wait (TCP retries
+        the handshake) or refuses them (unix sockets) -- uWSGI's "listen queue full"."""
+        protocol = self.current.config.protocol
+        for listener in self.current.listeners:
+            queue = listener.queue()
+            if queue is None or queue[0] < queue[1]:
+                continue
+            url = listener.url(protocol)
+            self.queue_full[url] = self.queue_full.get(url, 0) + 1
+            if now - self.queue_warned.get(url, -math.inf) >= QUEUE_WARN_INTERVAL:
+                self.queue_warned[url] = now
+                log.warning(
+                    "listen queue of %s is full (%d/%d): every worker is busy and new clients "
+                    "wait or are refused; %d workers serve it (more: workers.count or max, "
+                    "or look for slow requests in the status)",
+                    url, queue[0], queue[1], self.ready_count(),
+                )
 
     def check_memory(self) -> None:
         workers = self.current.config.workers

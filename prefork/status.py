@@ -94,8 +94,26 @@ def snapshot(master: Master) -> dict[str, Any]:
         },
         "workers": workers,
         "workers_by_state": by_state,
+        "listeners": listeners(master),
         "totals": totals_dict(master, totals),
     }
+
+
+def listeners(master: Master) -> list[dict[str, Any]]:
+    """Each listener of the serving generation and its accept queue now: connections the
+    kernel holds that no worker has taken yet (null where the kernel does not say)."""
+    protocol = master.current.config.protocol
+    out = []
+    for listener in master.current.listeners:
+        url = listener.url(protocol)
+        queue = listener.queue()
+        out.append({
+            "url": url,
+            "queued": None if queue is None else queue[0],
+            "queue_limit": None if queue is None else queue[1],
+            "queue_full_seen": master.queue_full.get(url, 0),
+        })
+    return out
 
 
 def totals_dict(master: Master, counters: Counters) -> dict[str, Any]:

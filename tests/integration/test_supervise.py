@@ -252,6 +252,42 @@ def test_timeout_zero_lets_a_long_request_finish(
     assert counter(metrics(server), "preforkd_worker_recycles_total", reason="timeout") == 0
 
 
+def test_a_full_listen_queue_shows_in_metrics_and_the_log(
+    server_factory: ServerFactory, short_tmp: Path
+) -> None:
+    """The only worker is busy; connections pile up in the kernel's accept queue (backlog 2)
+    until it is full: /metrics and /status show the queue, the log says it is full, and
+    once the worker is free it serves what waited."""
+    server = server_factory(settings(short_tmp, workers={"count": 1}, backlog=2))
+    where = address(server)
+    url = f"http://{where[1]}:{where[2]}"
+    waiting: list[socket.socket] = []
+    with start_request(server, "/sleep?s=3&tag=q", "pf_supervise: sleeping q") as busy:
+        try:
+            for _ in range(2):
+                sock = connect(where, timeout=5)
+                sock.sendall(http_request("GET", "/"))
+                waiting.append(sock)
+
+            def full() -> bool:
+                samples = metrics(server)
+                return counter(samples, "preforkd_listen_queue", listener=url) >= 2
+            wait_until(full, 5, message="the accept queue never showed 2 waiting")
+            samples = metrics(server)
+            assert counter(samples, "preforkd_listen_queue_limit", listener=url) == 2
+            server.wait_for_log(f"listen queue of {url} is full (2/2)", timeout=5)
+            (entry,) = status(server)["listeners"]
+            assert entry["queue_limit"] == 2 and entry["queue_full_seen"] >= 1
+
+            assert read_response(busy).status == 200
+            for sock in waiting:  # served once the worker is free: nothing was lost
+                assert read_response(sock).status == 200
+        finally:
+            for sock in waiting:
+                sock.close()
+    wait_until(lambda: counter(metrics(server), "preforkd_listen_queue", listener=url) == 0, 5)
+
+
 # --- the dynamic pool ------------------------------------------------------------------------
 
 

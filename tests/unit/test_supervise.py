@@ -9,13 +9,17 @@ slots are written with the worker's own Slot methods.
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import socket
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from prefork import status
+from prefork.addresses import parse_address
 from prefork.admin import status_table
 from prefork.channel import MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
 from prefork.master import (
@@ -27,6 +31,7 @@ from prefork.master import (
     WorkerState,
 )
 from prefork.scoreboard import Activity
+from prefork.sockets import Listener
 from prefork.worker import EXIT_APP_LOAD_ERROR
 from tests.unit.fakes import Rig, exit_status, make_config, matching
 
@@ -803,6 +808,66 @@ def test_resident_memory_is_named_rss_where_uss_cannot_be_read(
     assert " USS " in status_table(rig.snapshot())
     metrics = status.respond(rig.master, "/metrics")[2].decode()
     assert "preforkd_worker_memory_rss_bytes" not in metrics
+
+
+def test_a_full_listen_queue_is_counted_shown_and_said(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """uWSGI's "listen queue full": a real TCP and a real unix listener, whose accept queues
+    the test fills itself (nobody accepts here)."""
+    rig = make_rig(count=1)
+    rig.start()
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(2)
+    unix_path = str(tmp_path / "q.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(unix_path)
+    unix.listen(3)
+    port = tcp.getsockname()[1]
+    rig.master.current.listeners.extend([
+        Listener(tcp, parse_address(f"127.0.0.1:{port}")),
+        Listener(unix, parse_address(f"unix:{unix_path}")),
+    ])
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+        clients.append(socket.socket(socket.AF_UNIX))
+        clients[-1].connect(unix_path)
+
+        rig.kernel.advance(1.0)
+        rig.tick()
+        doc = rig.snapshot()["listeners"]
+        assert doc == [
+            {"url": f"http://127.0.0.1:{port}", "queued": 2, "queue_limit": 2,
+             "queue_full_seen": 1},
+            {"url": f"unix:{unix_path}", "queued": 1, "queue_limit": 3, "queue_full_seen": 0},
+        ]
+        (line,) = matching(caplog, "listen queue of", logging.WARNING)
+        assert f"listen queue of http://127.0.0.1:{port} is full (2/2)" in line
+
+        rig.kernel.advance(1.0)
+        rig.tick()  # still full: counted again, but said only every 10 s
+        assert rig.snapshot()["listeners"][0]["queue_full_seen"] == 2
+        assert len(matching(caplog, "listen queue of", logging.WARNING)) == 1
+
+        body = status.respond(rig.master, "/metrics")[2].decode()
+        samples = {
+            (sample.name, sample.labels.get("listener")): sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+        }
+        assert samples[("preforkd_listen_queue", f"unix:{unix_path}")] == 1
+        assert samples[("preforkd_listen_queue_limit", f"http://127.0.0.1:{port}")] == 2
+        assert samples[("preforkd_listen_queue_full_total", f"http://127.0.0.1:{port}")] == 2
+        assert f"listen queues: http://127.0.0.1:{port} 2/2, unix:{unix_path} 1/3" in (
+            status_table(rig.snapshot())
+        )
+    finally:
+        rig.master.current.listeners.clear()
+        for sock in (*clients, tcp, unix):
+            sock.close()
 
 
 def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) -> None:
