@@ -18,6 +18,7 @@ import errno
 import ipaddress
 import keyword
 import os
+import re
 import stat
 import types
 import typing
@@ -782,6 +783,64 @@ class StreamConfig:
     )
 
 
+def _check_statsd_address(value: str, base_dir: str) -> str:
+    address = parse_address(value)
+    if address.kind == "unix":
+        return f"unix:{resolve_relative(address, base_dir).path}"
+    if address.port == 0:
+        raise ValueError(f"needs a port (statsd listens on 8125), got {value!r}")
+    return value
+
+
+_STATSD_TAG = re.compile(r"[A-Za-z0-9_.\-/]+(:[A-Za-z0-9_.\-/:]+)?")
+
+
+def _check_statsd_tag(value: str, base_dir: str) -> str:
+    if not _STATSD_TAG.fullmatch(value):
+        raise ValueError(f"must be NAME or NAME:VALUE (letters, digits, _.-/), got {value!r}")
+    return value
+
+
+def _check_statsd_prefix(value: str, base_dir: str) -> str:
+    if value and not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", value):
+        raise ValueError(f"must be dot-separated names (letters, digits, _-), got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class StatsdConfig:
+    """Sending the metrics to a statsd (or DogStatsD, Telegraf) daemon. The master sends
+    them every `interval`, from the same counters as /metrics: workers send nothing, so a
+    request costs nothing more."""
+
+    address: str | None = field(
+        default=None,
+        metadata=_meta(
+            "HOST:PORT of the statsd daemon (UDP), or unix:PATH (a datagram socket); "
+            "null = off. A host name is resolved at start and at each reload.",
+            check=_check_statsd_address,
+        ),
+    )
+    prefix: str = field(
+        default="preforkd",
+        metadata=_meta(
+            "Prefix of every metric name (dot-separated names; \"\" = none).",
+            check=_check_statsd_prefix,
+        ),
+    )
+    interval: float = field(
+        default=10.0,
+        metadata=_meta("Seconds between sends.", lo=0.1, hi=3600),
+    )
+    tags: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "DogStatsD tags added to every metric (NAME or NAME:VALUE); [] = plain statsd.",
+            check=_check_statsd_tag,
+        ),
+    )
+
+
 HOOKS = (
     "on_starting",
     "when_ready",
@@ -994,6 +1053,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata=_meta("Logs (section)."))
     admin: AdminConfig = field(
         default_factory=AdminConfig, metadata=_meta("Status endpoint (section).")
+    )
+    statsd: StatsdConfig = field(
+        default_factory=StatsdConfig, metadata=_meta("Metrics to statsd (section).")
     )
     source: str = field(
         default="",
@@ -1647,6 +1709,17 @@ def _sections() -> list[tuple[str, str, type, str]]:
             "`/ready`, `/live`; `preforkd status -c FILE` reads it.",
             AdminConfig,
             "admin.",
+        ),
+        (
+            "`statsd`",
+            "Metrics to a statsd daemon (statsd, DogStatsD, Telegraf), sent by the master every "
+            "`interval`: counters (`requests`, `requests.2xx`, `response_bytes`, "
+            "`workers.recycled.REASON`, `workers.restarts`, `reloads.ok`, "
+            "`listen_queue.full`, ...) as their increase since the last send, gauges "
+            "(`workers`, `workers.STATE`, `listen_queue`, `request.duration_avg_ms`, "
+            "`degraded`, `generation`) as their value.",
+            StatsdConfig,
+            "statsd.",
         ),
     ]
 

@@ -36,11 +36,13 @@ from prefork.channel import (
     MSG_STOP,
     MSG_TAKEN,
 )
-from prefork.config import Config
+from prefork.config import Config, StatsdConfig
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Counters, Scoreboard
 from prefork.sockets import Listener
+from prefork.statsd import StatsdSink
+from prefork.status import snapshot
 from prefork.system import Kernel, describe_status
 from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, WorkerSpec, worker_main
 
@@ -193,6 +195,9 @@ class Master:
     next_pool_check: float = 0.0
     next_status: float = 0.0
     next_queue_check: float = 0.0
+    next_statsd: float = 0.0
+    statsd: StatsdSink | None = None
+    statsd_refused: StatsdConfig | None = None  # settings whose sink could not be made
     queue_full: dict[str, int] = field(default_factory=dict)  # listener -> checks found full
     queue_warned: dict[str, float] = field(default_factory=dict)  # listener -> last warning
     growth: int = 1  # dynamic pool: workers added per second while idle ones are short
@@ -231,6 +236,8 @@ class Master:
         self.maintain()  # fork the pool now, not after the first sleep
         while self.tick():
             pass
+        if self.current.config.statsd.address:
+            self.send_statsd(self.current.config.statsd)  # what the last interval counted
         return self.exit_code
 
     def tick(self) -> bool:
@@ -267,6 +274,8 @@ class Master:
                     wake_at = min(wake_at, when)
         if self.announce.watchdog_interval:
             wake_at = min(wake_at, max(self.next_watchdog, now))
+        if self.current.config.statsd.address:
+            wake_at = min(wake_at, max(self.next_statsd, now))
         workers = self.current.config.workers
         if self.stop is Stop.NONE:
             if workers.max_memory or workers.max_memory_hard:
@@ -805,10 +814,15 @@ class Master:
     # supervision -------------------------------------------------------------------------
 
     def supervise(self) -> None:
-        """The periodic checks: memory, the dynamic pool, systemd's STATUS line."""
+        """The periodic checks: memory, the dynamic pool, systemd's STATUS line, the listen
+        queues; and the statsd send (which goes on while the server stops)."""
+        now = self.kernel.monotonic()
+        statsd = self.current.config.statsd
+        if statsd.address and now >= self.next_statsd:
+            self.next_statsd = now + statsd.interval
+            self.send_statsd(statsd)
         if self.stop is not Stop.NONE:
             return
-        now = self.kernel.monotonic()
         if self.failures:
             for handle in self.workers.values():
                 if handle.state is WorkerState.READY and now - handle.ready_at > HEALTHY_AFTER:
@@ -827,6 +841,28 @@ class Master:
         if now >= self.next_queue_check:
             self.next_queue_check = now + QUEUE_CHECK_INTERVAL
             self.check_queues(now)
+
+    def send_statsd(self, settings: StatsdConfig) -> None:
+        """Send the metrics to statsd; (re)make the sink when the settings changed (a
+        reload), keeping what was already counted so no counter is sent twice."""
+        sink = self.statsd
+        if sink is None or sink.config != settings:
+            if settings == self.statsd_refused:
+                return
+            try:
+                new = StatsdSink(settings)
+            except OSError as exc:
+                log.error("statsd: cannot send to %s: %s; no metrics go to statsd until a "
+                          "reload changes statsd.address", settings.address, exc)
+                self.statsd_refused = settings
+                return
+            if sink is not None:
+                new.previous = sink.previous
+                sink.close()
+            self.statsd = sink = new
+            log.info("statsd: sending metrics to %s every %gs", settings.address,
+                     settings.interval)
+        sink.send(sink.lines(snapshot(self, memory=False)))
 
     def check_queues(self, now: float) -> None:
         """Count, and say (at most every QUEUE_WARN_INTERVAL), when a listener's accept queue

@@ -30,7 +30,9 @@ STATE_NAMES = {
 }
 
 
-def snapshot(master: Master) -> dict[str, Any]:
+def snapshot(master: Master, memory: bool = True) -> dict[str, Any]:
+    """Everything the master reports; `memory=False` leaves out the per-worker memory (one
+    psutil read each), for the periodic statsd send."""
     from prefork.master import LIVE, Stop, WorkerState
 
     now = master.kernel.monotonic()
@@ -54,7 +56,7 @@ def snapshot(master: Master) -> dict[str, Any]:
             # the path only: query strings may carry tokens, and status is widely readable
             current = {"method": view.method, "target": view.target.split("?", 1)[0],
                        "age": round(now - view.started, 3)}
-        memory = master.kernel.memory(handle.pid) if handle.state in LIVE else None
+        used = master.kernel.memory(handle.pid) if memory and handle.state in LIVE else None
         uss_readable = master.kernel.uss_readable  # read after memory(), which may learn it
         workers.append({
             "number": handle.number,
@@ -65,8 +67,8 @@ def snapshot(master: Master) -> dict[str, Any]:
             "requests": view.requests,
             "connections": view.connections,
             "current": current,
-            "uss": memory if uss_readable else None,
-            "rss": None if uss_readable else memory,  # only where USS cannot be read
+            "uss": used if uss_readable else None,
+            "rss": None if uss_readable else used,  # only where USS cannot be read
             "age": round(now - handle.started, 3),
             "recycle": handle.recycle or None,
         })

@@ -1064,7 +1064,7 @@ def test_field_docs() -> None:
     documented = {key.rsplit(".", 1)[-1] for key in rows}
     for _, f in _all_fields():
         sections = ("source", "workers", "http", "logging", "syslog", "admin", "hooks", "tls",
-                    "stream")
+                    "stream", "statsd")
         if f.name not in sections:
             assert f.name in documented
 
