@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from prefork.accessformat import BUILTIN_FORMATS, compile_format
 from prefork.addresses import (
     Address,
     check_unix_path,
@@ -677,6 +678,14 @@ class SyslogConfig:
     )
 
 
+def _check_access_log_format(value: str, base_dir: str) -> str:
+    """combined or json (any case), or a custom format that compiles."""
+    if value.lower() in BUILTIN_FORMATS:
+        return value.lower()
+    compile_format(value)  # ValueError saying what is wrong
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Where the error and access logs go, and how much they say."""
@@ -705,9 +714,20 @@ class LoggingConfig:
     access_log_format: str = field(
         default="combined",
         metadata=_meta(
-            "Access log line format: Apache combined plus the duration in microseconds, or "
-            "one JSON object per line.",
-            choices=("combined", "json"),
+            "Access log line format: `combined` (Apache combined plus the duration in "
+            "microseconds), `json` (one JSON object per line; `time` is ISO 8601 with "
+            "milliseconds and UTC offset), or a custom format with gunicorn's atoms, e.g. "
+            "`'%(h)s %(l)s %(u)s %(t)s \"%(r)s\" %(s)s %(b)s \"%(f)s\" \"%(a)s\" %(D)s'`: "
+            "h remote address, l `-`, u user (REMOTE_USER, else the Basic auth name), "
+            "t `[time]`, r request line, m method, U path, q query string, H protocol, "
+            "s status, B body bytes, b body bytes or `-`, f referer, a user agent, "
+            "T/M/D seconds/milliseconds/microseconds taken, L seconds as a decimal, "
+            "p `<pid>`, `%({name}i)s` request header, `%({name}o)s` the application's "
+            "response header, `%({name}e)s` environ variable; `%%` is a literal %. Missing "
+            "or empty values are `-` (i, o, e and u always are for the server's own error "
+            "responses and for TCP connections); quotes, backslashes and control characters "
+            "are escaped. An unknown atom is an error.",
+            check=_check_access_log_format,
         ),
     )
     syslog: SyslogConfig = field(

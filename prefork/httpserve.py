@@ -360,7 +360,8 @@ class HttpProtocol:
     def _access(
         self, env: dict[str, Any], request: Request, response: Response, duration: float
     ) -> None:
-        self.logs.access(
+        logs = self.logs
+        logs.access(
             env["REMOTE_ADDR"],
             request.method,
             env["RAW_URI"],
@@ -371,4 +372,13 @@ class HttpProtocol:
             env.get("HTTP_USER_AGENT", ""),
             duration,
             self.worker_number,
+            environ=env,
+            # Response.headers: the application's header lines as start_response encoded
+            # them (hop-by-hop ones dropped, none of the server's), a reference, not a copy.
+            # Only for a format that logs them, and only if they went out: not when an
+            # error page replaced the application's response before its head was sent.
+            response_headers=(
+                response.headers if logs.access_response_headers and response.head_sent
+                else None
+            ),
         )

@@ -17,8 +17,10 @@ import socket
 import stat
 import sys
 import time
-from typing import IO
+from collections.abc import Mapping
+from typing import IO, Any
 
+from prefork.accessformat import BUILTIN_FORMATS, AccessFormat, AccessRecord, compile_format
 from prefork.privileges import credentials
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -178,9 +180,21 @@ class Logs:
         self.access_path = None if access_log in (None, "-") else access_log
         self.access_enabled = access_log is not None
         self.access_json = access_format == "json"
+        # a custom format (prefork.accessformat), compiled once here: None for the built-in ones
+        self.access_custom: AccessFormat | None = (
+            None if access_format in BUILTIN_FORMATS else compile_format(access_format)
+        )
+        # whether access() wants the application's response headers: only a format that
+        # logs one, so that no other pays for handing them over
+        self.access_response_headers = (
+            self.access_custom is not None and self.access_custom.response_headers
+        )
         self._access_file: IO[str] | None = None
         self._second = -1
         self._stamp = ""
+        self._iso_second = -1
+        self._iso_stamp = ""
+        self._iso_offset = ""
         self.open()
 
     def open(self) -> None:
@@ -324,6 +338,21 @@ class Logs:
             self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
         return self._stamp
 
+    def _iso_timestamp(self) -> str:
+        """ISO 8601 local time with milliseconds and UTC offset, as JSON lines carry it
+        (2026-11-21T13:05:02.123+00:00); all but the milliseconds made once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._iso_second:
+            self._iso_second = second
+            local = time.localtime(second)
+            self._iso_stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+            offset = local.tm_gmtoff
+            sign = "-" if offset < 0 else "+"
+            hours, minutes = divmod(abs(offset) // 60, 60)
+            self._iso_offset = f"{sign}{hours:02d}:{minutes:02d}"
+        return f"{self._iso_stamp}.{int((now - second) * 1000):03d}{self._iso_offset}"
+
     def access(
         self,
         remote: str,
@@ -337,9 +366,15 @@ class Logs:
         duration: float,
         worker: int,
         protocol: str | None = None,
+        *,
+        environ: Mapping[str, Any] | None = None,
+        response_headers: bytes | None = None,
     ) -> None:
-        """One access-log line: Apache combined plus the duration in microseconds, or JSON.
-        `protocol` replaces `HTTP/{version}` (TCP or TLS for a stream connection)."""
+        """One access-log line: Apache combined plus the duration in microseconds, JSON, or
+        the custom format. `protocol` replaces `HTTP/{version}` (TCP or TLS for a stream
+        connection). `environ` (the request's, if it has one) and `response_headers` (the
+        application's header lines, given only when `access_response_headers` asks for
+        them) are read by a custom format only."""
         protocol = protocol or f"HTTP/{version}"
         out = self._access_file
         if out is None and not self.syslog:
@@ -348,7 +383,7 @@ class Logs:
         if self.access_json:
             line = json.dumps(
                 {
-                    "time": self._timestamp(),
+                    "time": self._iso_timestamp(),
                     "remote": remote,
                     "method": method,
                     "target": target,
@@ -363,11 +398,18 @@ class Logs:
                 },
                 ensure_ascii=True,
             )
-        else:
+        elif self.access_custom is None:
             request_line = f"{method} {target} {protocol}".replace('"', '\\"')
             line = (
                 f'{remote or "-"} - - [{self._timestamp()}] "{request_line}" {status} '
                 f'{size or "-"} "{_quote(referer)}" "{_quote(user_agent)}" {micros}'
+            )
+        else:
+            line = self.access_custom.render(
+                AccessRecord(
+                    remote, method, target, protocol, status, size, referer, user_agent,
+                    duration, environ, response_headers,
+                )
             )
         if out is None:
             access_log.info("%s", line)

@@ -897,7 +897,10 @@ def test_json_access_log(server_factory: ServerFactory) -> None:
     entries = [json.loads(line) for line in lines]
     for entry in entries:
         assert set(entry) == JSON_FIELDS, entry
-        assert re.fullmatch(r"\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} [+-]\d{4}", entry["time"])
+        # ISO 8601, milliseconds and UTC offset: 2026-11-21T13:05:02.123+00:00
+        assert re.fullmatch(
+            r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}[+-]\d{2}:\d{2}", entry["time"]
+        ), entry["time"]
         assert isinstance(entry["duration_us"], int) and entry["duration_us"] >= 0
         assert isinstance(entry["bytes"], int) and isinstance(entry["status"], int)
         assert entry["pid"] in server.worker_pids()

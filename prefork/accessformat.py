@@ -1,0 +1,287 @@
+"""Custom access-log formats with gunicorn's atoms (`%(h)s "%(r)s" %({x-id}i)s ...`).
+
+Invariants: a format string is parsed only by `compile_format`, once (at config load and when
+Logs is built), into a %-template and one getter per atom; a line is then one tuple of getter
+calls and one `%`. Every text value is escaped (`"`, `\\`, and control characters as \\xHH),
+so a line stays one line whatever a client, the application or the environ put in it; a
+missing or empty value is "-". No I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+BUILTIN_FORMATS = ("combined", "json")
+
+
+class AccessRecord(NamedTuple):
+    """What one access-log line may say. `environ` is None where no WSGI environ exists (a
+    response the server made itself, a TCP stream connection); `headers` are the
+    application's response header lines as sent (`Name: value\\r\\n`...), None when the
+    format does not log them or the application's head never went out."""
+
+    remote: str
+    method: str
+    target: str
+    protocol: str
+    status: int
+    size: int
+    referer: str
+    user_agent: str
+    duration: float
+    environ: Mapping[str, Any] | None = None
+    headers: bytes | None = None
+
+
+Getter = Callable[[AccessRecord], str]
+
+# Everything that could end or garble a line (C0, DEL, C1 -- U+0085 is a line break to
+# str.splitlines -- and the Unicode line and paragraph separators), and the quote and
+# backslash that the combined format escapes too.
+_SPECIAL = re.compile('["\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+# %% or %(NAME)C; a lone % is found by the loop in compile_format
+_DIRECTIVE = re.compile(r"%(?:%|\((?P<name>[^)]*)\)(?P<conv>.?))?", re.DOTALL)
+_KEYED = re.compile(r"\{(?P<key>[^{}]+)\}(?P<kind>[ioe])")
+# RFC 9110 token: a header name
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+KNOWN_ATOMS = "h l u t r m U q H s B b f a T M D L p {header}i {header}o {variable}e"
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in '"\\':
+        return "\\" + char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(value: str) -> str:
+    """`value` as one log field: "-" if empty, special characters escaped."""
+    if not value:
+        return "-"
+    if _SPECIAL.search(value) is None:
+        return value
+    return _SPECIAL.sub(_escape_one, value)
+
+
+def _text(value: object) -> str:
+    """An environ value as text; anything the application stored there may be logged."""
+    if type(value) is str:
+        return value
+    try:
+        return str(value)
+    except Exception:  # a broken __str__ must not take the request loop down with it
+        return ""
+
+
+def _user(record: AccessRecord) -> str:
+    """REMOTE_USER (set by the application or a middleware), else the Basic auth user name."""
+    env = record.environ
+    if env is None:
+        return "-"
+    user = env.get("REMOTE_USER")
+    if user:
+        return escape(_text(user))
+    auth = env.get("HTTP_AUTHORIZATION")
+    if not auth or type(auth) is not str:
+        return "-"
+    scheme, _, credentials = auth.partition(" ")
+    if scheme.lower() != "basic":
+        return "-"
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+        return escape(decoded.partition(b":")[0].decode("utf-8"))
+    except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII text
+        return "-"
+
+
+def _path(record: AccessRecord) -> str:
+    env = record.environ
+    if env is None:
+        return escape(record.target.partition("?")[0])
+    return escape(_text(env.get("PATH_INFO", "")))
+
+
+def _query(record: AccessRecord) -> str:
+    env = record.environ
+    if env is None:
+        return escape(record.target.partition("?")[2])
+    return escape(_text(env.get("QUERY_STRING", "")))
+
+
+_SIMPLE: dict[str, Getter] = {
+    "h": lambda r: escape(r.remote),
+    "l": lambda r: "-",
+    "u": _user,
+    "r": lambda r: escape(f"{r.method} {r.target} {r.protocol}"),
+    "m": lambda r: escape(r.method),
+    "U": _path,
+    "q": _query,
+    "H": lambda r: escape(r.protocol),
+    "s": lambda r: str(r.status),
+    "B": lambda r: str(r.size),
+    "b": lambda r: str(r.size) if r.size else "-",
+    "f": lambda r: escape(r.referer),
+    "a": lambda r: escape(r.user_agent),
+    "T": lambda r: str(int(r.duration)),
+    "M": lambda r: str(int(r.duration * 1_000)),
+    "D": lambda r: str(int(r.duration * 1_000_000)),
+    "L": lambda r: f"{r.duration:.6f}",
+    # at each line, not at compile time: the format is compiled in the master
+    "p": lambda r: f"<{os.getpid()}>",
+}
+
+
+def _environ_getter(keys: tuple[str, ...]) -> Getter:
+    """The first of `keys` present in the environ; "-" without one."""
+
+    def get(record: AccessRecord) -> str:
+        env = record.environ
+        if env is None:
+            return "-"
+        for key in keys:
+            value = env.get(key)
+            if value is not None:
+                return escape(_text(value))
+        return "-"
+
+    return get
+
+
+def _request_header(name: str) -> Getter:
+    """Request header `name` as the application saw it: its environ key (as
+    wsgi.environ_key makes it), repeats joined with ", "."""
+    if "_" in name:
+        raise ValueError(
+            f"%({{{name}}}i)s can never have a value: request headers whose name has '_' "
+            "are dropped (a client could spoof a proxy's header with them)"
+        )
+    key = name.upper().replace("-", "_")
+    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        key = "HTTP_" + key
+    return _environ_getter((key,))
+
+
+def _environ_variable(name: str) -> Getter:
+    # gunicorn matches environ keys case-insensitively; the key as written, then in upper
+    # case (CGI keys) and lower case (wsgi.*) covers every key a server or framework sets
+    keys = tuple(dict.fromkeys((name, name.upper(), name.lower())))
+    return _environ_getter(keys)
+
+
+def _response_header(name: str) -> Getter:
+    wanted = name.lower().encode("latin-1")
+
+    def get(record: AccessRecord) -> str:
+        headers = record.headers
+        if not headers:
+            return "-"
+        values = []
+        for line in headers.split(b"\r\n"):
+            field, _, value = line.partition(b":")
+            if field.lower() == wanted:
+                values.append(value.strip().decode("latin-1"))
+        return escape(", ".join(values)) if values else "-"
+
+    return get
+
+
+def _keyed(name: str) -> tuple[Getter, bool] | None:
+    """The getter for `{key}i`, `{key}o` or `{key}e`, and whether it reads response
+    headers; None if `name` is not of that shape."""
+    match = _KEYED.fullmatch(name)
+    if match is None:
+        return None
+    key, kind = match.group("key"), match.group("kind")
+    if kind == "e":
+        return _environ_variable(key), False
+    if not _TOKEN.fullmatch(key):
+        raise ValueError(f"%({name})s: {key!r} is not a header name")
+    if kind == "i":
+        return _request_header(key), False
+    return _response_header(key), True
+
+
+class _Stamp:
+    """The `t` atom: `[21/Nov/2026:13:05:02 +0000]`, formatted once a second (as Logs does
+    for the combined format)."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, record: AccessRecord) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._text = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+        return self._text
+
+
+@dataclass(frozen=True, slots=True)
+class AccessFormat:
+    """A compiled custom format: `render(record)` is the line (without its newline)."""
+
+    source: str
+    template: str  # the literal text, with %s for each atom
+    getters: tuple[Getter, ...]
+    # whether an atom is a response header: only then does the server hand them over
+    response_headers: bool
+
+    def render(self, record: AccessRecord) -> str:
+        return self.template % tuple([get(record) for get in self.getters])
+
+
+def compile_format(source: str) -> AccessFormat:
+    """Compile a gunicorn-style format; ValueError saying what is wrong (and where)."""
+    bad = next((c for c in source if c != "\t" and not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(
+            f"must not contain control characters (tab aside), got {bad!r} in {source!r}"
+        )
+    template: list[str] = []
+    getters: list[Getter] = []
+    headers = False
+    position = 0
+    for match in _DIRECTIVE.finditer(source):
+        template.append(source[position : match.start()])
+        position = match.end()
+        directive, name, conv = match.group(), match.group("name"), match.group("conv")
+        column = match.start() + 1
+        if directive == "%%":
+            template.append("%%")
+            continue
+        if name is None:
+            if source.startswith("%(", match.start()):
+                raise ValueError(f"unclosed '%(' at column {column} of {source!r}")
+            raise ValueError(
+                f"a lone '%' at column {column} of {source!r}: write %% for a literal %, "
+                "%(NAME)s for an atom"
+            )
+        if conv != "s":
+            got = f"%({name}){conv}" if conv else f"%({name}) at the end"
+            raise ValueError(f"{got}: atoms are written %({name})s (column {column})")
+        getter = _Stamp() if name == "t" else _SIMPLE.get(name)
+        if getter is None:
+            keyed = _keyed(name)
+            if keyed is None:
+                raise ValueError(f"unknown atom %({name})s; the atoms are {KNOWN_ATOMS}")
+            getter, reads_headers = keyed
+            headers = headers or reads_headers
+        template.append("%s")
+        getters.append(getter)
+    template.append(source[position:])
+    if not getters:
+        raise ValueError(
+            f"must be {', '.join(BUILTIN_FORMATS)}, or a format with gunicorn's %(NAME)s "
+            f"atoms ({KNOWN_ATOMS}), got {source!r}"
+        )
+    return AccessFormat(source, "".join(template), tuple(getters), headers)
