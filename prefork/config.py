@@ -577,9 +577,10 @@ class HttpConfig:
         default=("127.0.0.1", "::1", "unix"),
         metadata=_meta(
             "Peers trusted as proxies: addresses, networks (10.0.0.0/8), 'unix' for "
-            "unix-socket peers, '*' for all. Only from these do Forwarded / X-Forwarded-For / "
-            "X-Forwarded-Proto set REMOTE_ADDR and wsgi.url_scheme, and only these may send a "
-            "PROXY protocol header. [] trusts nobody.",
+            "unix-socket peers, '*' for all. Only from these do the headers of "
+            "forwarded_header set REMOTE_ADDR, wsgi.url_scheme, the host (HTTP_HOST, "
+            "SERVER_NAME, SERVER_PORT) and the prefix (SCRIPT_NAME), and only these may send "
+            "a PROXY protocol header. [] trusts nobody.",
             check=_check_proxy_entry,
         ),
     )
@@ -601,10 +602,45 @@ class HttpConfig:
     forwarded_header: str = field(
         default="x-forwarded",
         metadata=_meta(
-            "Which headers a trusted proxy sets: x-forwarded (X-Forwarded-For and "
-            "X-Forwarded-Proto, as nginx and most proxies do) or forwarded (RFC 7239). Only "
-            "that family is read: the other may come from the client, passed through.",
+            "Which headers a trusted proxy sets: x-forwarded (X-Forwarded-For, "
+            "X-Forwarded-Proto, as nginx and most proxies do, and X-Forwarded-Host, "
+            "X-Forwarded-Port, X-Forwarded-Prefix, and X-Forwarded-Ssl: on or "
+            "X-Forwarded-Protocol: ssl for https, as werkzeug's ProxyFix and gunicorn read "
+            "them) or forwarded (RFC 7239: for, proto and host). Only that family is read: "
+            "the other may come from the client, passed through. The client address is the "
+            "right-most one that is not a trusted proxy; of the other headers' lists, the "
+            "right-most value counts (the nearest proxy's); a malformed value, or scheme "
+            "headers that disagree, are ignored.",
             choices=("x-forwarded", "forwarded"),
+        ),
+    )
+
+    @staticmethod
+    def _check_script_name(value: str, base_dir: str) -> str:
+        if value and not (
+            value.startswith("/")
+            and not value.endswith("/")
+            and value.isprintable()
+            and not any(c in value for c in "?#")
+        ):
+            raise ValueError(
+                f'must be "" or a path that starts with "/" and does not end with "/" (no '
+                f"?, # or control characters), got {value!r}"
+            )
+        return value
+
+    script_name: str = field(
+        default="",
+        metadata=_meta(
+            "The path prefix the application is mounted at, as gunicorn's SCRIPT_NAME "
+            "environment variable or uWSGI's mount: every request gets it as SCRIPT_NAME, "
+            "and PATH_INFO without it. It is matched on whole segments of the decoded path "
+            "('/app' covers /app and /app/x, not /application). As in gunicorn, a request "
+            "outside it is answered 400 without calling the application. Behind a trusted "
+            "proxy that sends X-Forwarded-Prefix, that prefix comes first (SCRIPT_NAME is "
+            "the proxy's prefix followed by this one). \"\" (no prefix) or a path that starts "
+            "with '/' and does not end with '/'.",
+            check=_check_script_name,
         ),
     )
     proxy_protocol: str = field(

@@ -12,6 +12,8 @@ import math
 import select
 import socket
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 from prefork.http import Limits, RequestParser
 from prefork.http.proxy import ProxyHeader
@@ -85,6 +87,9 @@ class Connection:
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
     handshaken = True  # no TLS handshake to wait for
+    # the SSL_* environ keys of a TLS connection (tls.TLSConnection sets its own, once per
+    # connection); a plain connection has none, and its requests never read this
+    tls_environ: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self, sock: socket.socket, peer: object, listener: object, limits: Limits) -> None:
         self.sock = sock

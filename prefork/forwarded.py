@@ -1,12 +1,19 @@
 """Which peers are trusted proxies, and what the client address and scheme are behind them.
 
 Invariants: pure logic, no I/O; headers from a peer that is not trusted never change
-REMOTE_ADDR or wsgi.url_scheme. A forwarding chain is read from the right (the hop nearest to
-us) and trusted proxies are skipped, so a client cannot pick its own address by prepending
-entries (as nginx's real_ip_recursive does). With RFC 7239 Forwarded, a trusted proxy may hide
-the client behind "unknown", an obfuscated identifier or no `for` at all (section 6.3): that
-element still ends the chain and its `proto` still gives the scheme, but the address stays the
-one of the proxy that received the hidden client.
+REMOTE_ADDR, wsgi.url_scheme, the host or SCRIPT_NAME (resolve() is not called for it). A
+forwarding chain is read from the right (the hop nearest to us) and trusted proxies are
+skipped, so a client cannot pick its own address by prepending entries (as nginx's
+real_ip_recursive does). With RFC 7239 Forwarded, a trusted proxy may hide the client behind
+"unknown", an obfuscated identifier or no `for` at all (section 6.3): that element still ends
+the chain and its `proto` still gives the scheme, but the address stays the one of the proxy
+that received the hidden client.
+
+Besides the address and scheme, a trusted proxy may name the host the client asked for
+(X-Forwarded-Host / X-Forwarded-Port, or `host=` in the Forwarded element chosen for the
+client), which sets HTTP_HOST, SERVER_NAME and SERVER_PORT, and the path prefix it stripped
+(X-Forwarded-Prefix), which goes in front of SCRIPT_NAME. A value that is malformed, or scheme
+headers that disagree, are ignored: the request keeps what the socket says.
 """
 
 from __future__ import annotations
@@ -15,9 +22,33 @@ import ipaddress
 import re
 from collections.abc import MutableMapping, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SCHEMES = ("http", "https")
+# The x-forwarded headers that name the scheme, and what their values mean; gunicorn's default
+# secure_scheme_headers besides X-Forwarded-Proto. Other values say nothing; two that disagree
+# are all ignored.
+_SCHEME_HEADERS = (
+    ("HTTP_X_FORWARDED_PROTO", {"http": "http", "https": "https"}),
+    ("HTTP_X_FORWARDED_SSL", {"on": "https", "off": "http"}),
+    ("HTTP_X_FORWARDED_PROTOCOL", {"ssl": "https", "https": "https", "http": "http"}),
+)
+# The environ keys resolve() reads with `forwarded_header: x-forwarded`: a request from a
+# trusted proxy that carries none of them needs no resolve() (httpserve checks them inline,
+# on its hot path; a test holds the two lists together).
+X_FORWARDED_KEYS = (
+    "HTTP_X_FORWARDED_FOR",
+    *(key for key, _ in _SCHEME_HEADERS),
+    "HTTP_X_FORWARDED_HOST",
+    "HTTP_X_FORWARDED_PORT",
+    "HTTP_X_FORWARDED_PREFIX",
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+# host[:port] as a proxy passes it on: a name or IPv4 address, or an IPv6 literal in brackets
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::([0-9]{1,5}))?")
+# a path prefix: absolute, no query or fragment, no whitespace or control characters
+_PREFIX = re.compile(r"/[^?#\s\x00-\x1f\x7f]*")
 # RFC 7239 section 6: a node that names no address ("unknown", or an obfuscated identifier),
 # with an optional port (digits, or obfuscated too)
 _HIDDEN_NODE = re.compile(
@@ -88,24 +119,18 @@ class TrustedProxies:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The environ keys (request headers) that resolve() reads."""
+        return ("HTTP_FORWARDED",) if self.rfc7239 else X_FORWARDED_KEYS
+
     def resolve(self, env: MutableMapping[str, Any]) -> None:
-        """Set REMOTE_ADDR (and drop REMOTE_PORT, which belonged to the proxy) and
-        wsgi.url_scheme from the header family the proxy sets: Forwarded, or X-Forwarded-For /
-        X-Forwarded-Proto. The other family is ignored: the client may have sent it."""
+        """Set REMOTE_ADDR (and drop REMOTE_PORT, which belonged to the proxy), wsgi.url_scheme,
+        the host (HTTP_HOST, SERVER_NAME, SERVER_PORT) and the prefix (SCRIPT_NAME, PATH_INFO)
+        from the header family the proxy sets: Forwarded, or X-Forwarded-*. The other family
+        is ignored: the client may have sent it."""
         if self.rfc7239:
-            forwarded = env.get("HTTP_FORWARDED")
-            if forwarded is None:
-                return
-            elements = forwarded_elements(forwarded)
-            chosen = self._forwarded_client(elements)
-            if chosen is not None:
-                index, address = chosen
-                if address is not None:
-                    env["REMOTE_ADDR"] = str(address)
-                    env.pop("REMOTE_PORT", None)
-                proto = elements[index].get("proto", "").lower()
-                if proto in _SCHEMES:
-                    env["wsgi.url_scheme"] = proto
+            self._resolve_rfc7239(env)
             return
         chain = env.get("HTTP_X_FORWARDED_FOR")
         if chain is not None:
@@ -113,12 +138,38 @@ class TrustedProxies:
             if chosen is not None:
                 env["REMOTE_ADDR"] = str(chosen[1])
                 env.pop("REMOTE_PORT", None)
-        forwarded_proto = env.get("HTTP_X_FORWARDED_PROTO")
-        if forwarded_proto is not None:
-            # the right-most value: the one our (trusted) proxy set or appended
-            scheme = forwarded_proto.split(",")[-1].strip().lower()
-            if scheme in _SCHEMES:
-                env["wsgi.url_scheme"] = scheme
+        scheme = x_forwarded_scheme(env)
+        if scheme is not None:
+            env["wsgi.url_scheme"] = scheme
+        host = env.get("HTTP_X_FORWARDED_HOST")
+        if host is not None:
+            set_host(env, _last(host))
+        port = env.get("HTTP_X_FORWARDED_PORT")
+        if port is not None:
+            set_port(env, _last(port))
+        prefix = env.get("HTTP_X_FORWARDED_PREFIX")
+        if prefix is not None:
+            set_prefix(env, _last(prefix))
+
+    def _resolve_rfc7239(self, env: MutableMapping[str, Any]) -> None:
+        forwarded = env.get("HTTP_FORWARDED")
+        if forwarded is None:
+            return
+        elements = forwarded_elements(forwarded)
+        chosen = self._forwarded_client(elements)
+        if chosen is None:
+            return
+        index, address = chosen
+        if address is not None:
+            env["REMOTE_ADDR"] = str(address)
+            env.pop("REMOTE_PORT", None)
+        element = elements[index]
+        proto = element.get("proto", "").lower()
+        if proto in _SCHEMES:
+            env["wsgi.url_scheme"] = proto
+        host = element.get("host")
+        if host is not None:
+            set_host(env, host)
 
     def _forwarded_client(
         self, elements: list[dict[str, str]]
@@ -159,3 +210,82 @@ class TrustedProxies:
             if not self._trusts_ip(address):
                 return last
         return last
+
+
+def _last(value: str) -> str:
+    """The right-most of comma-separated values: the one our (trusted) proxy set or appended."""
+    return value.rpartition(",")[2].strip()
+
+
+def x_forwarded_scheme(env: MutableMapping[str, Any]) -> str | None:
+    """The scheme X-Forwarded-Proto, X-Forwarded-Ssl and X-Forwarded-Protocol agree on; None if
+    none of them names one, or two of them disagree (the socket's scheme stays)."""
+    found = None
+    for key, meanings in _SCHEME_HEADERS:
+        value = env.get(key)
+        if value is None:
+            continue
+        scheme = meanings.get(_last(value).lower())
+        if scheme is None:
+            continue  # a value we do not know says nothing
+        if found is not None and scheme != found:
+            return None
+        found = scheme
+    return found
+
+
+def set_host(env: MutableMapping[str, Any], value: str) -> None:
+    """The client asked for `value` (host[:port]): HTTP_HOST, SERVER_NAME and SERVER_PORT (the
+    scheme's default port if none is given). A malformed value changes nothing."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return
+    name, port = match.groups()
+    if name.startswith("[") and not _is_ipv6(name[1:-1]):
+        return
+    if port is None:
+        port = _DEFAULT_PORTS.get(env.get("wsgi.url_scheme", "http"), "80")
+    elif 0 < int(port) < 65536:
+        port = str(int(port))
+    else:
+        return
+    env["HTTP_HOST"] = value
+    env["SERVER_NAME"], env["SERVER_PORT"] = name, port
+
+
+def set_port(env: MutableMapping[str, Any], value: str) -> None:
+    """The client connected to port `value` (of the proxy): SERVER_PORT, and the port of
+    HTTP_HOST (left out if it is the scheme's default). A malformed value changes nothing."""
+    if not (value.isdigit() and len(value) <= 5 and 0 < int(value) < 65536):
+        return
+    port = str(int(value))
+    env["SERVER_PORT"] = port
+    match = _HOST.fullmatch(env.get("HTTP_HOST", ""))
+    if match is not None:  # no Host, or one we cannot take apart: left as it is
+        name = match.group(1)
+        default = _DEFAULT_PORTS.get(env.get("wsgi.url_scheme", "http"))
+        env["HTTP_HOST"] = name if port == default else f"{name}:{port}"
+
+
+def set_prefix(env: MutableMapping[str, Any], value: str) -> None:
+    """The proxy serves us under path prefix `value` (percent-encoded, as in a URL): it goes
+    in front of SCRIPT_NAME, and comes off the front of PATH_INFO when PATH_INFO starts with it
+    (a proxy that did not strip it); on whole segments only. "/" or "" is no prefix; a value
+    that is not an absolute path changes nothing."""
+    if _PREFIX.fullmatch(value) is None:
+        return
+    prefix = unquote_to_bytes(value.encode("latin-1")).decode("latin-1").rstrip("/")
+    if not prefix:
+        return
+    env["SCRIPT_NAME"] = prefix + env.get("SCRIPT_NAME", "")
+    path = env.get("PATH_INFO", "")
+    if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
+        env["PATH_INFO"] = path[len(prefix) :]
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True

@@ -11,6 +11,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from prefork import __version__
@@ -28,6 +29,7 @@ from prefork.wsgi import (
     HeadCache,
     Input,
     Response,
+    StartResponse,
     WSGIApp,
     decode_path,
     environ_key,
@@ -48,7 +50,20 @@ CLIENT_WAIT_MARGIN = 1.0
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the parser admits only these two
 
 
-def base_environ(listener: Listener) -> dict[str, Any]:
+# Set by environ() on a request outside http.script_name, which mounted() answers with 400.
+OUTSIDE_SCRIPT_NAME = "preforkd.outside_script_name"
+
+
+class ListenerExtras(NamedTuple):
+    """What a request on a listener needs beyond its base environ and the plain path: any of
+    these, and environ() takes the slower path (HttpProtocol.listener_keys)."""
+
+    unix: bool  # SERVER_NAME and SERVER_PORT come from the Host header
+    tls: bool  # the connection's SSL_* keys
+    mount: str  # http.script_name, stripped from PATH_INFO
+
+
+def base_environ(listener: Listener, script_name: str = "") -> dict[str, Any]:
     """The environ keys that are the same for every request on `listener`."""
     address = listener.address
     if address.kind == "unix":
@@ -67,7 +82,7 @@ def base_environ(listener: Listener) -> dict[str, Any]:
         "wsgi.input_terminated": True,
         "wsgi.file_wrapper": FileWrapper,
         "SERVER_SOFTWARE": f"preforkd/{__version__}",
-        "SCRIPT_NAME": "",
+        "SCRIPT_NAME": script_name,
         "SERVER_NAME": server_name,
         "SERVER_PORT": server_port,
         "REMOTE_ADDR": "",
@@ -75,6 +90,18 @@ def base_environ(listener: Listener) -> dict[str, Any]:
     if listener.tls:
         environ["HTTPS"] = "on"
     return environ
+
+
+def mounted(app: WSGIApp) -> WSGIApp:
+    """`app` behind http.script_name: a request outside it (environ() marks it) is answered
+    400 without calling the application, as gunicorn does."""
+
+    def guarded(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.pop(OUTSIDE_SCRIPT_NAME, False):
+            raise ProtocolError(400, "the request path is outside http.script_name")
+        return app(environ, start_response)
+
+    return guarded
 
 
 def remote_of(peer: object) -> tuple[str, str]:
@@ -133,13 +160,15 @@ class HttpProtocol:
         proxies: TrustedProxies | None = None,
         hooks: Hooks | None = None,
         worker_info: object = None,
+        script_name: str = "",
     ) -> None:
         self.proxies = proxies
+        self.script_name = script_name
         self.pre_request = hooks.get("pre_request") if hooks is not None else None
         self.post_request = hooks.get("post_request") if hooks is not None else None
         self.hooks = hooks
         self.worker_info = worker_info
-        self.app = app
+        self.app = mounted(app) if script_name else app
         self.slot = slot
         self.logs = logs
         self.worker_number = worker_number
@@ -154,19 +183,22 @@ class HttpProtocol:
         )
         self.dates = DateCache()
         # per listener (by id: a worker's listeners live as long as it does): the environ
-        # keys common to its requests, and whether it is a unix socket
-        self._bases: dict[int, tuple[dict[str, Any], bool]] = {}
+        # keys common to its requests, and what else they need (None: nothing, plain TCP)
+        self._bases: dict[int, tuple[dict[str, Any], ListenerExtras | None]] = {}
         self.heads: HeadCache = {}  # start_response arguments already checked
 
     def environ(self, conn: Connection, request: Request) -> dict[str, Any]:
         listener: Listener = conn.listener  # type: ignore[assignment]
         known = self._bases.get(id(listener))
         if known is None:
-            known = self._bases[id(listener)] = (
-                base_environ(listener),
-                listener.address.kind == "unix",
+            needs = ListenerExtras(
+                listener.address.kind == "unix", bool(listener.tls), self.script_name
             )
-        base, unix = known
+            known = self._bases[id(listener)] = (
+                base_environ(listener, self.script_name),
+                needs if any(needs) else None,
+            )
+        base, extras = known
         env = base.copy()
         remote = conn.remote
         if remote is None:
@@ -188,22 +220,51 @@ class HttpProtocol:
                 env[key] += ("; " if key == "HTTP_COOKIE" else ", ") + text
             else:
                 env[key] = text
-        if unix and "HTTP_HOST" in env:
-            host, _, port = env["HTTP_HOST"].rpartition(":")
-            if host and port.isdigit():
-                env["SERVER_NAME"], env["SERVER_PORT"] = host, port
-            else:
-                env["SERVER_NAME"], env["SERVER_PORT"] = env["HTTP_HOST"], "80"
-        if conn.trusted and self.proxies is not None and (
-            "HTTP_FORWARDED" in env
-            or "HTTP_X_FORWARDED_FOR" in env
+        # plain TCP without script_name (the hot path) costs one test of `extras`, and calls
+        # resolve() only for a trusted proxy's request carrying what it reads (.keys)
+        if extras:
+            self.listener_keys(conn, env, extras)
+        elif conn.trusted and self.proxies is not None and (
+            "HTTP_X_FORWARDED_FOR" in env
+            or "HTTP_FORWARDED" in env
             or "HTTP_X_FORWARDED_PROTO" in env
+            or "HTTP_X_FORWARDED_HOST" in env
+            or "HTTP_X_FORWARDED_PORT" in env
+            or "HTTP_X_FORWARDED_PREFIX" in env
+            or "HTTP_X_FORWARDED_SSL" in env
+            or "HTTP_X_FORWARDED_PROTOCOL" in env
         ):
             self.proxies.resolve(env)
         env["wsgi.input"] = Input(
             conn, request, self.body_timeout, self.body_min_rate, self.slot.reading
         )
         return env
+
+    def listener_keys(
+        self, conn: Connection, env: dict[str, Any], extras: ListenerExtras
+    ) -> None:
+        """environ() for a unix or TLS listener, or with http.script_name, in this order: a
+        unix socket's SERVER_NAME and SERVER_PORT from Host; the connection's SSL_* keys
+        (computed at its handshake); a trusted proxy's headers; then the script_name mount,
+        under the prefix the proxy stripped (X-Forwarded-Prefix)."""
+        if extras.unix and "HTTP_HOST" in env:
+            host, _, port = env["HTTP_HOST"].rpartition(":")
+            if host and port.isdigit():
+                env["SERVER_NAME"], env["SERVER_PORT"] = host, port
+            else:
+                env["SERVER_NAME"], env["SERVER_PORT"] = env["HTTP_HOST"], "80"
+        if extras.tls:
+            env.update(conn.tls_environ)
+        if conn.trusted and self.proxies is not None:
+            self.proxies.resolve(env)
+        mount = extras.mount
+        if mount:
+            path = env["PATH_INFO"]
+            if path.startswith(mount) and (len(path) == len(mount) or path[len(mount)] == "/"):
+                env["PATH_INFO"] = path[len(mount) :]
+            else:  # not under the mount: the application will not see it (see mounted())
+                env["SCRIPT_NAME"] = env["SCRIPT_NAME"][: -len(mount)]
+                env[OUTSIDE_SCRIPT_NAME] = True
 
     def serve(self, conn: Connection, keep_alive: bool) -> bool:
         """Answer every complete request head the parser holds; False if the connection must

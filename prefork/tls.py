@@ -3,7 +3,9 @@ TLS connection (non-blocking handshake, reads and writes).
 
 Invariants: certificate and key files are read once, in the master, before privileges are
 dropped; a handshake never blocks the worker loop (it waits in epoll like an incomplete request
-head, under the same header_timeout); file bodies are never sent with sendfile on TLS.
+head, under the same header_timeout); file bodies are never sent with sendfile on TLS. The SSL_*
+environ keys (the client certificate's identity, protocol and cipher) are computed once per
+connection, when its handshake completes, and never on a plain connection.
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ if TYPE_CHECKING:
 
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+# getpeercert() names attributes by OpenSSL's long names; mod_ssl's DN strings (OpenSSL's
+# X509_NAME_print_ex, XN_FLAG_RFC2253) use its short ones. Others stay as Python gives them
+# (a long name, or the dotted OID of an attribute OpenSSL does not know).
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "streetAddress": "street",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "domainComponent": "DC",
+    "userId": "UID",
+    "surname": "SN",
+    "givenName": "GN",
+    "jurisdictionCountryName": "jurisdictionC",
+    "jurisdictionStateOrProvinceName": "jurisdictionST",
+    "jurisdictionLocalityName": "jurisdictionL",
+}
+_DN_SPECIAL = frozenset(',+"\\<>;')  # escaped with a backslash anywhere (RFC 4514 2.4)
 
 
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -39,11 +61,75 @@ def server_context(tls: TLSConfig) -> ssl.SSLContext:
     return context
 
 
+def distinguished_name(name: Any) -> str:
+    """A name from getpeercert() (its RDNs in certificate order, each a tuple of (attribute,
+    value) pairs) as mod_ssl's SSL_CLIENT_S_DN: RFC 4514, most specific first
+    ("CN=client,O=Example\\, Inc.,C=DE"), exactly as OpenSSL's RFC 2253 printing orders,
+    names and escapes it (without escaping non-ASCII, as mod_ssl asks)."""
+    return ",".join(
+        "+".join(f"{_SHORT_NAMES.get(key, key)}={_escape(value)}" for key, value in reversed(rdn))
+        for rdn in reversed(name)
+    )
+
+
+def _escape(value: str) -> str:
+    out = []
+    last = len(value) - 1
+    for index, char in enumerate(value):
+        if char in _DN_SPECIAL or (char == "#" and index == 0) or (
+            char == " " and index in (0, last)
+        ):
+            out.append("\\" + char)
+        elif char < " " or char == "\x7f":
+            out.append(f"\\{ord(char):02X}")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def _wsgi(text: str) -> str:
+    """A CGI value as PEP 3333 has it: its UTF-8 bytes, one character each (as PATH_INFO,
+    and as mod_wsgi and uWSGI give these keys)."""
+    return text.encode("utf-8").decode("latin-1")
+
+
+def client_environ(sock: ssl.SSLSocket) -> dict[str, str]:
+    """The SSL_* environ keys of a connection whose handshake is complete, with mod_ssl's
+    names and formats: SSL_PROTOCOL, SSL_CIPHER, SSL_CLIENT_VERIFY (SUCCESS, or NONE without
+    a client certificate), and for a client certificate its subject and issuer (S_DN, I_DN),
+    serial number (M_SERIAL, hex), validity (V_START, V_END, as "Jun  1 12:00:00 2026 GMT")
+    and the certificate itself (CERT, PEM).
+
+    A client certificate is only ever asked for with verify_client optional or required, and
+    a handshake whose certificate fails verification fails: so a certificate here is a
+    verified one, which is also the only kind getpeercert() decodes (CERT_NONE: no
+    certificate is requested, and getpeercert() returns None).
+    """
+    cipher = sock.cipher()
+    environ = {
+        "SSL_PROTOCOL": sock.version() or "",
+        "SSL_CIPHER": cipher[0] if cipher is not None else "",
+        "SSL_CLIENT_VERIFY": "NONE",
+    }
+    der = sock.getpeercert(binary_form=True)
+    cert: Any = sock.getpeercert()
+    if der is None or not cert:
+        return environ
+    environ["SSL_CLIENT_VERIFY"] = "SUCCESS"
+    environ["SSL_CLIENT_S_DN"] = _wsgi(distinguished_name(cert.get("subject", ())))
+    environ["SSL_CLIENT_I_DN"] = _wsgi(distinguished_name(cert.get("issuer", ())))
+    environ["SSL_CLIENT_M_SERIAL"] = str(cert.get("serialNumber", ""))
+    environ["SSL_CLIENT_V_START"] = str(cert.get("notBefore", ""))
+    environ["SSL_CLIENT_V_END"] = str(cert.get("notAfter", ""))
+    environ["SSL_CLIENT_CERT"] = ssl.DER_cert_to_PEM_cert(der)
+    return environ
+
+
 class TLSConnection(Connection):
     """A Connection over an SSLSocket in non-blocking mode (MSG_DONTWAIT is not allowed on
     SSL sockets, so the socket itself is non-blocking)."""
 
-    __slots__ = ("handshaken",)
+    __slots__ = ("handshaken", "tls_environ")
 
     sendfile_ok = False
 
@@ -51,12 +137,14 @@ class TLSConnection(Connection):
                  limits: Limits) -> None:
         super().__init__(sock, peer, listener, limits)
         self.handshaken = False
+        self.tls_environ = {}  # client_environ(), once handshaken
 
     def handshake(self) -> bool | None:
         """Advance the handshake: True done, None wait for more bytes, False failed."""
         sock: Any = self.sock
         try:
             sock.do_handshake()
+            self.tls_environ = client_environ(sock)  # once: every request copies it
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLWantWriteError:

@@ -272,6 +272,7 @@ class Worker:
                 send_timeout=http.send_timeout,
                 request_timeout=config.workers.timeout or math.inf,  # 0: no limit
                 server_header=http.server_header,
+                script_name=http.script_name,
                 proxies=self.proxies,
                 hooks=spec.hooks,
                 worker_info=info,
