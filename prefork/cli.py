@@ -229,7 +229,8 @@ def tls_contexts(config: Config, listeners: list[Listener]) -> dict[int, ssl.SSL
     used: set[int] = set()
     for listener in listeners:
         if listener.configured is not None:  # bound by us: its own entry, port 0 included
-            entry = next(
+            # only a TLS entry's: a plain entry may have the same address text (port 0)
+            entry = None if not listener.configured.tls else next(
                 (i for i, (_, a) in enumerate(wanted) if a == listener.configured.address),
                 None,
             )
