@@ -1,22 +1,29 @@
-"""The `preforkd` command: run the server, check a configuration, reload a running one, or
-show its status.
+"""The `preforkd` command: run the server, check a configuration, reload or stop a running
+one, or show its status.
 
 Exit status, the same for `run` and `check` (so that `check` predicts how a start fails):
   0  success;
   1  runtime failure: an address or the status endpoint cannot be bound, a hook cannot be
      imported (it is imported in the master before anything is bound), a live instance holds
      the pidfile; `reload`: the reload failed, no server runs, no outcome in time; `status`:
-     no server runs, or its status endpoint does not answer;
+     no server runs, or its status endpoint does not answer; `stop`: the master still runs
+     at the deadline;
   2  configuration error: the file or a flag is invalid, or a setting the command needs is
-     missing (`reload` and `status` without a pidfile); nothing was bound, forked or signalled;
+     missing (`reload`, `status` and `stop` without a pidfile); nothing was bound, forked or
+     signalled; `stop`: also no server runs (nothing to stop), or the pidfile names a
+     process that is not a preforkd master (a stale file, its pid reused): not signalled;
   3  the application could not be imported (`run`: by the workers, or the master with
      preload_app; `check`: in a child process with the configured `env:`).
-`status` still works with a file that does not validate: it needs only `pidfile` and `admin`.
+`status` and `stop` still work with a file that does not validate: they need only `pidfile`
+and `admin`; `reload -p PIDFILE` with no file validates nothing (the master validates the file
+it reads). A reader that closes stdout early (`preforkd status | head -1`) changes neither
+what a command does nor its exit status, and prints no traceback (see main).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +48,7 @@ from prefork.admin import (
     reason,
     status_table,
 )
-from prefork.config import Config, ConfigError, bind_address, load
+from prefork.config import OVERRIDE_SOURCE, Config, ConfigError, bind_address, load
 from prefork.daemon import detach, under_systemd
 from prefork.hooks import HookError, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
@@ -51,9 +58,13 @@ from prefork.notify import Announcer, SdNotify, read_status
 from prefork.pidfile import (
     PidFile,
     PidFileError,
+    alive,
     config_argument,
+    is_master,
+    is_master_command,
     is_preforkd,
     read_cmdline,
+    read_pid,
     running_pid,
 )
 from prefork.privileges import resolve_gid, uid_of
@@ -75,6 +86,11 @@ log = logging.getLogger("prefork")
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_CONFIG = "/etc/preforkd.yaml"
+COMMANDS = ("run", "check", "reload", "status", "stop")
+# The worker count platforms (Heroku, Render, ...) give gunicorn (see with_web_concurrency).
+WEB_CONCURRENCY = "WEB_CONCURRENCY"
+# How long `stop --force` waits for the master to die of SIGKILL (it cannot refuse).
+KILL_TIMEOUT = 5.0
 MASTER_SIGNALS = (
     signal.SIGHUP,
     signal.SIGTERM,
@@ -98,11 +114,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         nargs="?",
-        choices=("run", "check", "reload", "status"),
-        default="run",
+        metavar="COMMAND",
         help="run the server (default); check the configuration and exit; reload the "
-        "running server (HUP to the pid in the pidfile) and report the outcome; or show the "
-        "running server's workers",
+        "running server (HUP to the pid in the pidfile) and report the outcome; show the "
+        "running server's workers (status); or stop it gracefully (TERM) and wait until it "
+        "has exited (stop)",
+    )
+    p.add_argument(
+        "positional_app",
+        nargs="?",
+        metavar="MODULE:CALLABLE",
+        help="run, check: the app, as --app (`preforkd myproject.wsgi:application`)",
     )
     p.add_argument("-c", "--config", metavar="FILE",
                    help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)")
@@ -130,11 +152,15 @@ def parser() -> argparse.ArgumentParser:
                    help="detach into the background")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground even if the configuration says daemon: true")
-    p.add_argument("-p", "--pidfile", metavar="PATH", help="write the master's pid here")
+    p.add_argument("-p", "--pidfile", metavar="PATH",
+                   help="write the master's pid here (reload, status, stop: find it here)")
     p.add_argument("-u", "--user", metavar="USER", help="run the workers as this user")
     p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
     p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
-                   help="reload: how long to wait for the outcome (default 300)")
+                   help="reload: how long to wait for the outcome; stop: for the master to "
+                        "exit (default 300)")
+    p.add_argument("--force", action="store_true",
+                   help="stop: KILL the master if it still runs after --wait")
     p.add_argument("--json", action="store_true", help="status: print the JSON document")
     p.add_argument("--version", action="version", version=f"preforkd {__version__}")
     return p
@@ -177,31 +203,151 @@ def config_path(args: argparse.Namespace) -> str | None:
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with `command` one of COMMANDS and a positional app (as gunicorn
+    takes it: `preforkd [run] [options] MODULE:CALLABLE`) moved to `app`. Options may come
+    before, between or after the words. The first word is the command if it is one, else
+    the app, which must then contain a colon (so that a mistyped command is not imported as
+    a module); after a command any app reference is taken. Errors exit 2 with the usage."""
+    p = parser()
+    args = p.parse_intermixed_args(argv)
+    words = [w for w in (args.command, args.positional_app) if w is not None]
+    del args.positional_app
+    named = bool(words) and words[0] in COMMANDS
+    args.command = words.pop(0) if named else "run"
+    if not words:
+        return args
+    if not named and ":" not in words[0]:
+        p.error(f"invalid command {words[0]!r} (choose from {', '.join(COMMANDS)}); an "
+                "application is given as MODULE:CALLABLE")
+    if len(words) > 1:
+        p.error(f"unexpected argument {words[1]!r}")
+    app = words[0]
+    if args.command not in ("run", "check"):
+        p.error(f"{args.command} takes no application (got {app!r})")
+    if args.app is not None and args.app != app:
+        p.error(f"the application is given twice: {app} and --app {args.app}")
+    args.app = app
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Its lines go out through say(), so a reader that closes stdout
+    early (`preforkd status | head -1`) neither stops it nor changes its exit status; output
+    that bypasses say() (argparse's --help) ends it quietly with 1."""
+    code = EXIT_RUNTIME_ERROR
+    try:
+        try:
+            code = command(argv)
+        finally:  # here, not at exit: --help and --version leave through SystemExit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    return code
+
+
+def say(text: str = "", end: str = "\n") -> None:
+    """Print a line on stdout, which a reader may have closed (`preforkd status | head -1`):
+    then stdout becomes /dev/null and the command carries on, with no traceback."""
+    try:
+        print(text, end=end)
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that what is still buffered (flushed at exit) goes
+    nowhere instead of failing again: the note on SIGPIPE in the `signal` module's docs."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def command(argv: Sequence[str] | None) -> int:
     inherited = open_fds()  # whatever our caller left open is not ours to keep as a daemon
-    args = parser().parse_args(argv)
+    args = parse(argv)
     path = config_path(args)
     overrides = overrides_from(args)
+    if args.command == "status":
+        return show_status(found_endpoint(path, overrides), args.json)
+    if args.command == "stop":
+        return stop_running(found_endpoint(path, overrides), args.wait, args.force)
+    if args.command == "reload" and path is None:
+        # nothing to validate: the master reads its own file (and its own flags) again
+        return reload_running(read_endpoint(None, overrides), None, args.wait)
+    environ = dict(os.environ)  # as started: a reload reads WEB_CONCURRENCY from it again
+
+    def settings() -> dict[str, object]:
+        if args.command not in ("run", "check"):
+            return overrides  # `reload` validates the file the master reads, with its own
+        return with_web_concurrency(path, overrides, environ)
+
     try:
-        config = load(path, overrides)
+        config = load(path, settings())
     except ConfigError as exc:
-        if args.command == "status":
-            return show_status(degraded_endpoint(path, overrides, exc), args.json)
-        print(f"preforkd: configuration error: {exc}", file=sys.stderr)
+        print(f"preforkd: configuration error: {from_environment(exc, overrides)}",
+              file=sys.stderr)
         if args.command == "reload":
             refuse_reload(path, overrides)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return check(config)
     if args.command == "reload":
-        return reload_running(config, args.wait)
-    if args.command == "status":
-        return show_status(Endpoint.of(config), args.json)
+        return reload_running(Endpoint.of(config), config.source or None, args.wait)
     started_in = os.getcwd()  # command-line paths mean the same on every reload
     return Startup(
-        config, lambda: load(path, overrides, started_in), args.foreground, inherited,
+        config, lambda: load(path, settings(), started_in), args.foreground, inherited,
         daemon_flag=bool(args.daemon),
     ).run()
+
+
+def with_web_concurrency(
+    path: str | None, overrides: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, object]:
+    """`overrides` plus workers.count from WEB_CONCURRENCY when neither -w nor the file at
+    `path` sets it (as gunicorn, whose default worker count it is). Validated by load() as
+    the setting, so a bad value fails as one would in the file (from_environment names the
+    variable); an empty value counts as unset."""
+    text = environ.get(WEB_CONCURRENCY, "")
+    if not text or "workers.count" in overrides:
+        return dict(overrides)
+    workers = yaml_mapping(path).get("workers") if path is not None else None
+    if isinstance(workers, dict) and "count" in workers:
+        return dict(overrides)
+    value: object
+    try:
+        value = int(text)
+    except ValueError:
+        value = text  # refused by load(), which shows it
+    return {**overrides, "workers.count": value}
+
+
+def from_environment(error: ConfigError, overrides: Mapping[str, object]) -> ConfigError:
+    """`error` naming WEB_CONCURRENCY when it is about the workers.count that variable gave
+    (with_web_concurrency), not -w; else `error` itself."""
+    if (
+        error.key == "workers.count"
+        and error.source == OVERRIDE_SOURCE
+        and "workers.count" not in overrides
+    ):
+        return ConfigError(error.message, key=WEB_CONCURRENCY)
+    return error
+
+
+def found_endpoint(path: str | None, overrides: Mapping[str, object]) -> Endpoint:
+    """Where the running server is, for `status` and `stop`: from the configuration if it
+    validates, else from what can be read of it (degraded_endpoint warns)."""
+    try:
+        return Endpoint.of(load(path, overrides))
+    except ConfigError as exc:
+        return degraded_endpoint(path, overrides, exc)
 
 
 # --- sockets ---------------------------------------------------------------------------------
@@ -579,8 +725,8 @@ def check(config: Config) -> int:
     test-open the status endpoint -- unless the pidfile names a running server, which holds
     them: checking a file before `preforkd reload` is the usual use. Each step is one a start
     takes, and fails with the status that start would exit with."""
-    print(f"configuration OK: {config.source or '(command line)'}")
-    sys.stdout.flush()  # else the child's copy of the buffer prints it a second time
+    say(f"configuration OK: {config.source or '(command line)'}")
+    flush_stdout()  # else the child's copy of the buffer prints it a second time
     pid = os.fork()
     if pid == 0:
         code = CHECK_APP_FAILED
@@ -591,9 +737,11 @@ def check(config: Config) -> int:
             print(f"preforkd: importing the hooks or the application raised {exc!r}",
                   file=sys.stderr)
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            try:
+                flush_stdout()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
     _, wait_status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(wait_status)
     if code == CHECK_HOOKS_FAILED:
@@ -606,11 +754,11 @@ def check(config: Config) -> int:
         return EXIT_APP_FAILED
     running = running_pid(config.pidfile) if config.pidfile else None
     if running is not None:
-        print(f"not test-binding: preforkd runs as pid {running} (from {config.pidfile}) and "
-              "holds the addresses; a reload keeps those that did not change")
+        say(f"not test-binding: preforkd runs as pid {running} (from {config.pidfile}) and "
+            "holds the addresses; a reload keeps those that did not change")
         if Endpoint.of(config).configured():
-            print(f"not test-opening the status endpoint: pid {running} holds it (a change "
-                  "to admin.* takes effect at the next start, not at a reload)")
+            say(f"not test-opening the status endpoint: pid {running} holds it (a change "
+                "to admin.* takes effect at the next start, not at a reload)")
         return 0
     try:
         listeners = bind_all(bind_specs(config), config.backlog)
@@ -619,7 +767,7 @@ def check(config: Config) -> int:
         return EXIT_RUNTIME_ERROR
     try:  # the addresses stay bound meanwhile, as when the master opens the endpoint
         for listener in listeners:
-            print(f"can bind {listener.url(config.protocol)}")
+            say(f"can bind {listener.url(config.protocol)}")
         return check_admin(config)
     finally:
         for listener in listeners:
@@ -640,7 +788,7 @@ def check_imports(config: Config) -> int:
         hooks_failed = True
     else:
         if hooks.functions:
-            print(f"hooks OK: {', '.join(hooks.functions)}")
+            say(f"hooks OK: {', '.join(hooks.functions)}")
     prepare(config.pythonpath, config.chdir)
     try:
         load_app(config.app)
@@ -648,7 +796,7 @@ def check_imports(config: Config) -> int:
         traceback.print_exc()
         print(f"preforkd: cannot load the application: {exc}", file=sys.stderr)
         return CHECK_HOOKS_FAILED if hooks_failed else CHECK_APP_FAILED
-    print(f"application OK: {config.app}")
+    say(f"application OK: {config.app}")
     return CHECK_HOOKS_FAILED if hooks_failed else 0
 
 
@@ -667,7 +815,7 @@ def check_admin(config: Config) -> int:
         print(f"preforkd: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     AdminServer(sockets, lambda _: (404, "text/plain", b""), path, inode).close()
-    print(f"can open the status endpoint at {', '.join(w for w in (path, endpoint.bind) if w)}")
+    say(f"can open the status endpoint at {', '.join(w for w in (path, endpoint.bind) if w)}")
     return 0
 
 
@@ -783,9 +931,9 @@ def show_status(endpoint: Endpoint, as_json: bool) -> int:
                   file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     if as_json:
-        sys.stdout.write(body.decode())
+        say(body.decode(), end="")
     else:
-        print(table)
+        say(table)
     return 0
 
 
@@ -836,29 +984,34 @@ def other_file(pid: int, checked: str | None, endpoint: Endpoint) -> str | None:
     return started
 
 
-def reload_running(config: Config, wait: float) -> int:
+def reload_running(endpoint: Endpoint, source: str | None, wait: float) -> int:
     """`preforkd reload`: HUP the master named by the pidfile and wait for the outcome it
-    writes to PIDFILE.status. Exit 0 when the new generation serves, 1 with the reason if
-    the reload failed (the old generation keeps serving), no server runs or no outcome came
-    within `wait`; 2 without a pidfile (and, from main, when the configuration does not
-    validate: refuse_reload, nothing is sent)."""
-    if not config.pidfile:
+    writes to PIDFILE.status. `source`: the configuration file validated by this command,
+    None when none was named (`reload -p PIDFILE`: nothing validated here, the master's
+    own validation is the outcome). Exit 0 when the new generation serves, 1 with the
+    reason if the reload failed (the old generation keeps serving), no server runs or no
+    outcome came within `wait`; 2 without a pidfile (and, from main, when the configuration
+    does not validate: refuse_reload, nothing is sent)."""
+    if not endpoint.pidfile:
         print("preforkd: reload needs `pidfile` in the configuration (or --pidfile) to find "
               "the running server", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    pid = running_pid(config.pidfile)
-    if pid is None:
-        print(f"preforkd: not running (no live pid in {config.pidfile})", file=sys.stderr)
+    pid = read_pid(endpoint.pidfile)
+    if pid is None or not alive(pid):
+        print(f"preforkd: not running (no live pid in {endpoint.pidfile})", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    if not is_master(pid):  # a stale pidfile whose pid another program now has
+        print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a "
+              "preforkd master; the pidfile is stale; nothing was sent", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     # the file validated here is the one named on this command line; the master reads the
     # one it was started with, and applies that: checked and applied must be the same
-    other = other_file(pid, config.source or None, Endpoint.of(config))
+    other = other_file(pid, source, endpoint) if source is not None else None
     if other is not None:
-        read = config.source or "no configuration file"
-        print(f"preforkd: warning: this command read {read}, but the server (pid {pid}) reads "
-              f"{other} again at a reload, the file it was started with: the reload applies "
-              "that file, which was not checked here", file=sys.stderr)
-    status_path = f"{config.pidfile}.status"
+        print(f"preforkd: warning: this command read {source}, but the server (pid {pid}) "
+              f"reads {other} again at a reload, the file it was started with: the reload "
+              "applies that file, which was not checked here", file=sys.stderr)
+    status_path = f"{endpoint.pidfile}.status"
     before = read_status(status_path) or {}
     # a file another master left (one that died without cleaning up) says nothing of this one
     serial = before.get("serial", 0) if before.get("pid") == pid else 0
@@ -873,12 +1026,79 @@ def reload_running(config: Config, wait: float) -> int:
             and status["serial"] > serial  # type: ignore[operator]
             and status.get("state") == "done"
         ):
-            ok = status.get("ok") is True
-            print(f"preforkd: {status.get('message', '')}", file=sys.stdout if ok else sys.stderr)
-            return 0 if ok else EXIT_RUNTIME_ERROR
+            message = f"preforkd: {status.get('message', '')}"
+            if status.get("ok") is True:
+                say(message)
+                return 0
+            print(message, file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
         if not is_preforkd(pid):
             print(f"preforkd: the server (pid {pid}) exited during the reload", file=sys.stderr)
             return EXIT_RUNTIME_ERROR
         time.sleep(0.05)
     print(f"preforkd: no reload result within {wait:.0f}s", file=sys.stderr)
     return EXIT_RUNTIME_ERROR
+
+
+def stop_running(endpoint: Endpoint, wait: float, force: bool) -> int:
+    """`preforkd stop`: TERM (a graceful stop) to the master named by the pidfile, then wait
+    up to `wait` seconds for it to exit. Exit 0 once it has exited; 1 if it still runs then
+    (with `force`: KILL to the master alone, whose workers follow it, and 0 once it is
+    gone); 2, nothing sent, without a pidfile, when no server runs, or when the pid is not
+    a preforkd master's: a stale pidfile whose pid another program now has must not get
+    the signal."""
+    if not endpoint.pidfile:
+        print("preforkd: stop needs `pidfile` in the configuration (or --pidfile) to find "
+              "the running server", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    pid = read_pid(endpoint.pidfile)
+    if pid is None or not alive(pid):
+        what = "no pid in" if pid is None else f"pid {pid} has exited, from"
+        print(f"preforkd: not running ({what} {endpoint.pidfile}); nothing to stop",
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    cmdline = read_cmdline(pid)
+    if cmdline is None or not is_master_command(cmdline):
+        runs = " ".join(arg for arg in cmdline or [] if arg)
+        how = f"it runs {runs!r}" if runs else "its command line cannot be read"
+        print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a preforkd "
+              f"master ({how}), so the pidfile is stale; nothing was sent", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        print(f"preforkd: not running (pid {pid} exited meanwhile)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except PermissionError:
+        print(f"preforkd: cannot signal preforkd (pid {pid}): not permitted (run as its "
+              "user, or as root)", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    if exited(pid, wait):
+        say(f"preforkd: stopped (pid {pid})")
+        return 0
+    if not force:
+        print(f"preforkd: still running (pid {pid}) {wait:g}s after TERM: its workers may be "
+              "finishing long requests (workers.graceful_timeout); --force kills it then",
+              file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not exited(pid, KILL_TIMEOUT):
+        print(f"preforkd: still running (pid {pid}) {KILL_TIMEOUT:g}s after KILL",
+              file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    print(f"preforkd: killed (pid {pid}): still running {wait:g}s after TERM; its workers "
+          "exit when they see the master gone", file=sys.stderr)
+    return 0
+
+
+def exited(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for master `pid` to exit; whether it has. A pid that is
+    no longer a master (is_master: exited, reaped and reused) counts as exited."""
+    deadline = time.monotonic() + timeout
+    while is_master(pid):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(0.05, remaining))
+    return True

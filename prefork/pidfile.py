@@ -55,6 +55,46 @@ def is_preforkd(pid: int) -> bool:
     return any("prefork" in arg for arg in cmdline)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited: a zombie (exited, not yet reaped by
+    its parent) counts as exited."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # gone meanwhile
+    # the state follows the command name, which is in parentheses and may contain any byte
+    return stat[stat.rfind(b")") + 2 :][:1] != b"Z"
+
+
+def is_master_command(argv: list[str]) -> bool:
+    """Whether a command line (as read_cmdline gives it) is a preforkd master's: its process
+    title once it runs (`preforkd: master [...]`), or before that the command that started
+    it: `preforkd ...` (the script, run by its interpreter or not) or `python -m prefork`.
+    Stricter than is_preforkd, for what signals a pid from a pidfile that may be stale: an
+    editor or `tail -f` of a preforkd file, or a worker, is not a master."""
+    if not argv:
+        return False  # a zombie, or a kernel thread
+    if argv[0].startswith("preforkd: "):
+        return argv[0].startswith("preforkd: master ")
+    if any(argv[i : i + 2] == ["-m", "prefork"] for i in range(len(argv) - 1)):
+        return True
+    program = argv[1:2] if os.path.basename(argv[0]).startswith("python") else argv[:1]
+    return [os.path.basename(arg) for arg in program] == ["preforkd"]
+
+
+def is_master(pid: int) -> bool:
+    """Whether `pid` is alive and a preforkd master (is_master_command)."""
+    cmdline = read_cmdline(pid) if alive(pid) else None
+    return cmdline is not None and is_master_command(cmdline)
+
+
 def read_cmdline(pid: int) -> list[str] | None:
     """The argument vector of process `pid` from /proc, or None if it cannot be read."""
     try:

@@ -135,6 +135,20 @@ def test_reload_with_a_broken_file_says_nothing_was_sent(
     )
 
 
+def test_reload_with_only_a_pidfile_needs_no_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect: `reload -p PIDFILE` failed with "app: required setting is missing" and sent
+    nothing: with no file to validate it needs only the pid (the master validates its own)."""
+    monkeypatch.chdir(tmp_path)
+    pidfile = tmp_path / "x.pid"
+    pidfile.write_text("999999999\n")  # no such process
+    assert main(["reload", "-p", str(pidfile)]) == 1
+    err = capsys.readouterr().err
+    assert "configuration error" not in err
+    assert err == f"preforkd: not running (no live pid in {pidfile})\n"
+
+
 # --- the master's configuration file, from its command line -----------------------------------
 
 
