@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -498,12 +499,61 @@ def reloader(
         for listener in listeners:
             if listener not in held:
                 log.info("listening at %s", listener.url(config.protocol))
+        fixed = fixed_at_start(current.config, config)
+        if fixed:
+            log.warning("reload: %s changed; the running server keeps the old value until "
+                        "it is restarted", ", ".join(fixed))
         generation = Generation(0, config, listeners, app, contexts, hooks)
         generation.environ = dict(os.environ)
         generation.env_undo = lambda: undo_env(undo)
         return generation
 
     return reload
+
+
+# Settings the master applies once, at start: a reload reads them, checks them, and says
+# that a change waits for a restart (the pidfile and status endpoint hold open state; the
+# log destinations are the master's and every worker's open files; `listen()`'s backlog
+# belongs to sockets a reload keeps).
+FIXED_AT_START = ("pidfile", "daemon", "umask", "backlog", "logging", "admin.socket",
+                  "admin.bind")
+
+
+def fixed_at_start(old: Config, new: Config) -> list[str]:
+    """The FIXED_AT_START settings whose value differs between `old` and `new` (a section
+    by its changed keys: logging.level, logging.syslog.address)."""
+    changed: list[str] = []
+    for name in FIXED_AT_START:
+        before, after = _setting(old, name), _setting(new, name)
+        if before == after:
+            continue
+        if dataclasses.is_dataclass(before) and not isinstance(before, type):
+            changed.extend(
+                f"{name}.{key}" for key in _changed_keys(before, after)
+            )
+        else:
+            changed.append(name)
+    return changed
+
+
+def _setting(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _changed_keys(before: Any, after: Any) -> list[str]:
+    keys: list[str] = []
+    for f in dataclasses.fields(before):
+        a, b = getattr(before, f.name), getattr(after, f.name)
+        if a == b:
+            continue
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            keys.extend(f"{f.name}.{key}" for key in _changed_keys(a, b))
+        else:
+            keys.append(f.name)
+    return keys
 
 
 # --- running ---------------------------------------------------------------------------------
