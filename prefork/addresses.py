@@ -102,7 +102,7 @@ def _parse_bracketed(text: str) -> Address:
     port = _parse_port(rest[1:], text)
     if ":" not in host:
         raise ValueError(f"brackets are only for IPv6 addresses, got {text!r} (use {host}:{port})")
-    if not _is_ipv6(host):
+    if not is_ipv6(host):
         raise ValueError(f"{host!r} is not a valid IPv6 address (in {text!r})")
     return Address("tcp", host=host, port=port)
 
@@ -134,14 +134,15 @@ def _check_host(host: str, text: str) -> str:
 
 def _unbracketed_v6_message(text: str) -> str:
     host, _, port_text = text.rpartition(":")
-    if _PORT_RE.fullmatch(port_text) and _is_ipv6(host):
+    if _PORT_RE.fullmatch(port_text) and is_ipv6(host):
         return f"IPv6 addresses need brackets: use [{host}]:{port_text} instead of {text!r}"
-    if _is_ipv6(text):
+    if is_ipv6(text):
         return f"missing port in IPv6 address {text!r} (use [{text}]:PORT)"
     return f"too many ':' in address {text!r} (IPv6 addresses go in brackets: [V6]:PORT)"
 
 
-def _is_ipv6(text: str) -> bool:
+def is_ipv6(text: str) -> bool:
+    """Whether `text` is an IPv6 address (without brackets)."""
     try:
         ipaddress.IPv6Address(text)
     except ValueError:

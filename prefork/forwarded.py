@@ -24,6 +24,8 @@ from collections.abc import MutableMapping, Sequence
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from prefork.addresses import is_ipv6
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _SCHEMES = ("http", "https")
 # The x-forwarded headers that name the scheme, and what their values mean; gunicorn's default
@@ -241,7 +243,7 @@ def set_host(env: MutableMapping[str, Any], value: str) -> None:
     if match is None:
         return
     name, port = match.groups()
-    if name.startswith("[") and not _is_ipv6(name[1:-1]):
+    if name.startswith("[") and not is_ipv6(name[1:-1]):
         return
     if port is None:
         port = _DEFAULT_PORTS.get(env.get("wsgi.url_scheme", "http"), "80")
@@ -282,10 +284,3 @@ def set_prefix(env: MutableMapping[str, Any], value: str) -> None:
     if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
         env["PATH_INFO"] = path[len(prefix) :]
 
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        ipaddress.IPv6Address(text)
-    except ValueError:
-        return False
-    return True

@@ -43,12 +43,8 @@ def read_pid(path: str) -> int | None:
 
 def is_preforkd(pid: int) -> bool:
     """Whether `pid` is alive and looks like a preforkd master (not a recycled pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not alive(pid):
         return False
-    except PermissionError:
-        pass  # alive, another user's
     cmdline = read_cmdline(pid)
     if cmdline is None:
         return True  # alive and unreadable: assume the worst
