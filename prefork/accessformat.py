@@ -208,9 +208,9 @@ def _keyed(name: str) -> tuple[Getter, bool] | None:
     return _response_header(key), True
 
 
-class _Stamp:
-    """The `t` atom: `[21/Nov/2026:13:05:02 +0000]`, formatted once a second (as Logs does
-    for the combined format)."""
+class ApacheClock:
+    """The time as Apache's logs give it, `21/Nov/2026:13:05:02 +0000`, formatted once a
+    second: the combined format's and the `t` atom's."""
 
     __slots__ = ("_second", "_text")
 
@@ -218,12 +218,18 @@ class _Stamp:
         self._second = -1
         self._text = ""
 
-    def __call__(self, record: AccessRecord) -> str:
+    def __call__(self) -> str:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._text = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(now))
+            self._text = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
         return self._text
+
+
+def _stamp() -> Getter:
+    """The `t` atom: `[21/Nov/2026:13:05:02 +0000]`."""
+    clock = ApacheClock()
+    return lambda record: f"[{clock()}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +275,7 @@ def compile_format(source: str) -> AccessFormat:
         if conv != "s":
             got = f"%({name}){conv}" if conv else f"%({name}) at the end"
             raise ValueError(f"{got}: atoms are written %({name})s (column {column})")
-        getter = _Stamp() if name == "t" else _SIMPLE.get(name)
+        getter = _stamp() if name == "t" else _SIMPLE.get(name)
         if getter is None:
             keyed = _keyed(name)
             if keyed is None:

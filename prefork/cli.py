@@ -296,6 +296,7 @@ def command(argv: Sequence[str] | None) -> int:
         print(f"preforkd: configuration error: {from_environment(exc, overrides)}",
               file=sys.stderr)
         if args.command == "reload":
+            assert path is not None  # a reload without a file validates nothing (above)
             refuse_reload(path, overrides)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
@@ -522,18 +523,11 @@ FIXED_AT_START = ("pidfile", "daemon", "umask", "backlog", "logging", "admin.soc
 def fixed_at_start(old: Config, new: Config) -> list[str]:
     """The FIXED_AT_START settings whose value differs between `old` and `new` (a section
     by its changed keys: logging.level, logging.syslog.address)."""
-    changed: list[str] = []
-    for name in FIXED_AT_START:
-        before, after = _setting(old, name), _setting(new, name)
-        if before == after:
-            continue
-        if dataclasses.is_dataclass(before) and not isinstance(before, type):
-            changed.extend(
-                f"{name}.{key}" for key in _changed_keys(before, after)
-            )
-        else:
-            changed.append(name)
-    return changed
+    return [
+        key
+        for name in FIXED_AT_START
+        for key in _differences(name, _setting(old, name), _setting(new, name))
+    ]
 
 
 def _setting(config: Config, dotted: str) -> Any:
@@ -543,17 +537,19 @@ def _setting(config: Config, dotted: str) -> Any:
     return value
 
 
-def _changed_keys(before: Any, after: Any) -> list[str]:
-    keys: list[str] = []
-    for f in dataclasses.fields(before):
-        a, b = getattr(before, f.name), getattr(after, f.name)
-        if a == b:
-            continue
-        if dataclasses.is_dataclass(a) and not isinstance(a, type):
-            keys.extend(f"{f.name}.{key}" for key in _changed_keys(a, b))
-        else:
-            keys.append(f.name)
-    return keys
+def _differences(name: str, before: Any, after: Any) -> list[str]:
+    """The dotted keys under `name` whose values differ: `name` itself, or for a section,
+    each changed key in it."""
+    if before == after:
+        return []
+    if not dataclasses.is_dataclass(before) or isinstance(before, type):
+        return [name]
+    return [
+        key
+        for f in dataclasses.fields(before)
+        for key in _differences(f"{name}.{f.name}", getattr(before, f.name),
+                                getattr(after, f.name))
+    ]
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -987,16 +983,14 @@ def show_status(endpoint: Endpoint, as_json: bool) -> int:
     return 0
 
 
-def refuse_reload(path: str | None, overrides: Mapping[str, object]) -> None:
+def refuse_reload(path: str, overrides: Mapping[str, object]) -> None:
     """`reload` with a configuration that does not validate (the error is printed by now):
     say that no HUP was sent and why. The master would re-read the file and refuse it the
     same way, so signalling only moves the error into its log."""
     endpoint = read_endpoint(path, overrides)
     pid = running_pid(endpoint.pidfile) if endpoint.pidfile else None
     other = other_file(pid, path, endpoint) if pid is not None else None
-    if path is None:
-        why = "the settings given have errors"
-    elif other is not None:
+    if other is not None:
         why = f"{path} has errors (and the server reads {other}, the file it was started with)"
     else:
         why = f"it would read {path} again and refuse it the same way"

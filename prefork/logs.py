@@ -20,7 +20,13 @@ import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from prefork.accessformat import BUILTIN_FORMATS, AccessFormat, AccessRecord, compile_format
+from prefork.accessformat import (
+    BUILTIN_FORMATS,
+    AccessFormat,
+    AccessRecord,
+    ApacheClock,
+    compile_format,
+)
 from prefork.privileges import credentials
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
@@ -190,8 +196,7 @@ class Logs:
             self.access_custom is not None and self.access_custom.response_headers
         )
         self._access_file: IO[str] | None = None
-        self._second = -1
-        self._stamp = ""
+        self._timestamp = ApacheClock()
         self._iso_second = -1
         self._iso_stamp = ""
         self._iso_offset = ""
@@ -330,13 +335,6 @@ class Logs:
             else:
                 old, self._access_file = self._access_file, new
                 old.close()
-
-    def _timestamp(self) -> str:
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
-        return self._stamp
 
     def _iso_timestamp(self) -> str:
         """ISO 8601 local time with milliseconds and UTC offset, as JSON lines carry it
