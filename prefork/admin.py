@@ -39,6 +39,27 @@ class AdminServer:
     def fds(self) -> list[int]:
         return [*self.listeners, *self.conns]
 
+    def tcp_sockets(self) -> list[socket.socket]:
+        """The listening sockets of admin.bind (what a USR2 passes to the new master)."""
+        return [sock for sock in self.listeners.values() if sock.family != socket.AF_UNIX]
+
+    def close_tcp(self) -> None:
+        for sock in self.tcp_sockets():
+            del self.listeners[sock.fileno()]
+            sock.close()
+
+    def close_unix(self) -> None:
+        for sock in list(self.listeners.values()):
+            if sock.family == socket.AF_UNIX:
+                del self.listeners[sock.fileno()]
+                sock.close()
+        if self.unix_path is not None and self.unix_inode is not None:
+            unlink_if_ours(self.unix_path, self.unix_inode)
+        self.unix_path = self.unix_inode = None
+
+    def add(self, sockets: list[socket.socket]) -> None:
+        self.listeners.update((sock.fileno(), sock) for sock in sockets)
+
     def handle(self, ready: set[int], now: float) -> None:
         for fd in ready:
             listener = self.listeners.get(fd)
@@ -136,11 +157,12 @@ def reason(exc: OSError) -> str:
 
 
 def open_admin(
-    path: str | None, bind: str | None
+    path: str | None, bind: str | None, passed: list[socket.socket] | None = None
 ) -> tuple[list[socket.socket], tuple[int, int] | None]:
     """Bind the endpoint's sockets (raises OSError with the reason). Returns them and the
     unix socket file's (device, inode), for removing it at close only if it is still ours.
-    A socket file another live process listens on is refused, not replaced."""
+    A socket file another live process listens on is refused, not replaced. `passed`: the
+    TCP sockets of `bind` the master this one replaces (USR2) listened on, taken instead."""
     sockets = []
     inode = None
     if path is not None:
@@ -169,7 +191,9 @@ def open_admin(
             raise OSError(f"{what}: {reason(exc)}") from None
         sock.setblocking(False)
         sockets.append(sock)
-    if bind is not None:
+    if passed:
+        sockets.extend(passed)
+    elif bind is not None:
         address = parse_address(bind)
         family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

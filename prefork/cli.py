@@ -82,12 +82,13 @@ from prefork.sockets import (
 )
 from prefork.system import System
 from prefork.tls import server_context
+from prefork.upgrade import Handover, Upgrader, new_master_command
 
 log = logging.getLogger("prefork")
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_CONFIG = "/etc/preforkd.yaml"
-COMMANDS = ("run", "check", "reload", "status", "stop")
+COMMANDS = ("run", "check", "reload", "status", "stop", "upgrade")
 # The worker count platforms (Heroku, Render, ...) give gunicorn (see with_web_concurrency).
 WEB_CONCURRENCY = "WEB_CONCURRENCY"
 # How long `stop --force` waits for the master to die of SIGKILL (it cannot refuse).
@@ -100,7 +101,7 @@ MASTER_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
-    signal.SIGUSR2,  # caught only to say it does nothing: its default action kills
+    signal.SIGUSR2,
     signal.SIGCHLD,
 )
 # Slots for every worker of two generations at the largest allowed pool (reload overlap).
@@ -118,8 +119,10 @@ def parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
         help="run the server (default); check the configuration and exit; reload the "
         "running server (HUP to the pid in the pidfile) and report the outcome; show the "
-        "running server's workers (status); or stop it gracefully (TERM) and wait until it "
-        "has exited (stop)",
+        "running server's workers (status); stop it gracefully (TERM) and wait until it "
+        "has exited (stop); or replace the running master by one started from the code "
+        "installed now, on the same sockets, and stop the old one once the new one is "
+        "ready (upgrade: USR2, then TERM)",
     )
     p.add_argument(
         "positional_app",
@@ -159,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
     p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
                    help="reload: how long to wait for the outcome; stop: for the master to "
-                        "exit (default 300)")
+                        "exit; upgrade: for both (default 300)")
     p.add_argument("--force", action="store_true",
                    help="stop: KILL the master if it still runs after --wait")
     p.add_argument("--json", action="store_true", help="status: print the JSON document")
@@ -241,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             code = command(argv)
         finally:  # here, not at exit: --help and --version leave through SystemExit
-            sys.stdout.flush()
+            if sys.stdout is not None:  # None: started without a file descriptor 1
+                sys.stdout.flush()
     except BrokenPipeError:
         silence_stdout()
     return code
@@ -280,6 +284,8 @@ def command(argv: Sequence[str] | None) -> int:
         return show_status(found_endpoint(path, overrides), args.json)
     if args.command == "stop":
         return stop_running(found_endpoint(path, overrides), args.wait, args.force)
+    if args.command == "upgrade":
+        return upgrade_running(found_endpoint(path, overrides), args.wait)
     if args.command == "reload" and path is None:
         # nothing to validate: the master reads its own file (and its own flags) again
         return reload_running(read_endpoint(None, overrides), None, args.wait)
@@ -402,16 +408,36 @@ def tls_contexts(config: Config, listeners: list[Listener]) -> dict[int, ssl.SSL
     return contexts
 
 
-def open_listeners(config: Config) -> list[Listener]:
+def open_listeners(config: Config, handover: Handover | None = None) -> list[Listener]:
+    """The server's sockets: those systemd passed, else those of the master this one
+    replaces (USR2) whose addresses the configuration still names, plus new ones bound for
+    the addresses it adds."""
     listeners = systemd_listeners(os.environ)
     if listeners:
         log.info("using %d socket(s) passed by systemd", len(listeners))
+    elif handover is not None:
+        specs = bind_specs(config)
+        passed = handover.listeners(specs)
+        try:
+            listeners = bind_all(specs, config.backlog, reuse=passed)
+        finally:
+            for listener in passed:
+                if listener not in listeners:
+                    listener.close()  # an address the configuration dropped
     else:
         listeners = bind_all(bind_specs(config), config.backlog)
     if config.protocol == "http":
         for listener in listeners:
             defer_accept(listener, config.http.defer_accept)
     return listeners
+
+
+def without_handed_on(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without what systemd gave this process alone (its sockets, its notify
+    socket): the environment a master started by USR2 gets."""
+    names = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_PID",
+             "WATCHDOG_USEC")
+    return {name: value for name, value in environ.items() if name not in names}
 
 
 def open_fds() -> set[int]:
@@ -571,9 +597,21 @@ class Startup:
         self.inherited_fds = inherited_fds or set()
         self.config = config
         self.reread = reread
+        self.started_in = os.getcwd()
+        # started by a master's USR2 (None: a plain start)
+        self.handover: Handover | None = None
+        self.handover_error = ""
+        try:
+            self.handover = Handover.from_environ(os.environ)
+        except ValueError as exc:
+            self.handover_error = str(exc)
         # `daemon_flag`: -D on the command line, which a Type=forking unit's ExecStart gives
         self.stays = under_systemd(os.environ, daemon_flag) if config.daemon else ""
-        self.detach = config.daemon and not foreground and not self.stays
+        # a new master started by USR2 is already where the old one was: detached or not
+        self.detach = (
+            config.daemon and not foreground and not self.stays and self.handover is None
+        )
+        self.detached = self.detach or (self.handover is not None and self.handover.detached)
         # The terminal, kept before logging may re-point fd 2 at a file.
         self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
         self.pidfile = PidFile(config.pidfile) if config.pidfile else None
@@ -612,6 +650,8 @@ class Startup:
 
     def run(self) -> int:
         config = self.config
+        if self.handover_error:
+            return self.fail(self.handover_error)
         if self.pidfile is not None:
             try:
                 self.pidfile.check()
@@ -626,6 +666,9 @@ class Startup:
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
         if self.stays:
             log.info("daemon: staying in the foreground: %s", self.stays)
+        if self.handover is not None:
+            log.info("upgrade: taking over the sockets of the master pid %d",
+                     self.handover.from_pid)
         raise_fd_limit(config.workers.max_connections)
         self.inherited_env = dict(os.environ)
         apply_env(config.env)
@@ -644,7 +687,7 @@ class Startup:
                 log.error("cannot load the application:\n%s", traceback.format_exc())
                 return self.fail(str(exc), EXIT_APP_FAILED)
         try:
-            listeners = open_listeners(config)
+            listeners = open_listeners(config, self.handover)
             self.tls = tls_contexts(config, listeners)
         except BindError as exc:
             return self.fail(str(exc))
@@ -690,7 +733,7 @@ class Startup:
 
     def open_logs(self) -> Logs:
         cfg = self.config.logging
-        use_syslog = cfg.syslog.enabled or (self.detach and cfg.error_log == "-")
+        use_syslog = cfg.syslog.enabled or (self.detached and cfg.error_log == "-")
         return Logs(
             cfg.level,
             cfg.error_log,
@@ -711,8 +754,9 @@ class Startup:
     def serve(self, listeners: list[Listener], app: object, announce: Announcer) -> int:
         config = self.config
         admin_path = admin_socket_path(config.admin.socket, config.pidfile)
+        passed = None if self.handover is None else self.handover.admin_sockets(config.admin.bind)
         try:
-            admin_sockets, admin_inode = open_admin(admin_path, config.admin.bind)
+            admin_sockets, admin_inode = open_admin(admin_path, config.admin.bind, passed)
         except OSError as exc:
             announce.failed(str(exc))
             return self.fail(str(exc))
@@ -732,11 +776,29 @@ class Startup:
             reloader=reloader(self.reread, self.reimport, self.inherited_env),
             announce=announce,
             close_in_child=close_in_child,
+            upgrader=Upgrader(
+                new_master_command(),
+                self.started_in,
+                without_handed_on(self.inherited_env),
+                self.detached,
+                MASTER_SIGNALS,
+                under_systemd=announce.sd is not None,
+                pidfile=self.pidfile,
+                announce=announce,
+                admin_implied=not config.admin.socket,
+                admin_bind=config.admin.bind,
+                replaced=None if self.handover is None else self.handover.from_pid,
+            ),
         )
+        handover = self.handover
+        if handover is not None and handover.configured_workers == config.workers.count:
+            master.target = handover.workers  # TTIN/TTOU outlive an upgrade, as a reload
         if admin_sockets:
             master.admin = AdminServer(
                 admin_sockets, lambda path: status.respond(master, path), admin_path, admin_inode
             )
+            assert master.upgrader is not None
+            master.upgrader.admin = master.admin
             where = [admin_path] if admin_path else []
             where += [config.admin.bind] if config.admin.bind else []
             log.info("status endpoint at %s", ", ".join(str(w) for w in where))
@@ -1088,35 +1150,10 @@ def stop_running(endpoint: Endpoint, wait: float, force: bool) -> int:
     """`preforkd stop`: TERM (a graceful stop) to the master named by the pidfile, then wait
     up to `wait` seconds for it to exit. Exit 0 once it has exited; 1 if it still runs then
     (with `force`: KILL to the master alone, whose workers follow it, and 0 once it is
-    gone); 2, nothing sent, without a pidfile, when no server runs, or when the pid is not
-    a preforkd master's: a stale pidfile whose pid another program now has must not get
-    the signal."""
-    if not endpoint.pidfile:
-        print("preforkd: stop needs `pidfile` in the configuration (or --pidfile) to find "
-              "the running server", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    pid = read_pid(endpoint.pidfile)
-    if pid is None or not alive(pid):
-        what = "no pid in" if pid is None else f"pid {pid} has exited, from"
-        print(f"preforkd: not running ({what} {endpoint.pidfile}); nothing to stop",
-              file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    cmdline = read_cmdline(pid)
-    if cmdline is None or not is_master_command(cmdline):
-        runs = " ".join(arg for arg in cmdline or [] if arg)
-        how = f"it runs {runs!r}" if runs else "its command line cannot be read"
-        print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a preforkd "
-              f"master ({how}), so the pidfile is stale; nothing was sent", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        print(f"preforkd: not running (pid {pid} exited meanwhile)", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except PermissionError:
-        print(f"preforkd: cannot signal preforkd (pid {pid}): not permitted (run as its "
-              "user, or as root)", file=sys.stderr)
-        return EXIT_RUNTIME_ERROR
+    gone); 2, nothing sent, as signal_master says."""
+    pid, code = signal_master(endpoint, "stop", signal.SIGTERM)
+    if pid is None:
+        return code
     if exited(pid, wait):
         say(f"preforkd: stopped (pid {pid})")
         return 0
@@ -1133,6 +1170,97 @@ def stop_running(endpoint: Endpoint, wait: float, force: bool) -> int:
         return EXIT_RUNTIME_ERROR
     print(f"preforkd: killed (pid {pid}): still running {wait:g}s after TERM; its workers "
           "exit when they see the master gone", file=sys.stderr)
+    return 0
+
+
+def signal_master(
+    endpoint: Endpoint, command: str, sig: signal.Signals, before: Callable[[int], object] = id
+) -> tuple[int | None, int]:
+    """Send `sig` to the master named by the pidfile (calling `before(pid)` just before);
+    (its pid, 0), or (None, exit status) with the reason on stderr: 2, nothing sent, without
+    a pidfile, when no server runs, or when the pid is not a preforkd master's (a stale
+    pidfile whose pid another program now has must not get the signal); 1 when the signal
+    is not permitted."""
+    if not endpoint.pidfile:
+        print(f"preforkd: {command} needs `pidfile` in the configuration (or --pidfile) to "
+              "find the running server", file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
+    pid = read_pid(endpoint.pidfile)
+    if pid is None or not alive(pid):
+        what = "no pid in" if pid is None else f"pid {pid} has exited, from"
+        print(f"preforkd: not running ({what} {endpoint.pidfile}); nothing to {command}",
+              file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
+    cmdline = read_cmdline(pid)
+    if cmdline is None or not is_master_command(cmdline):
+        runs = " ".join(arg for arg in cmdline or [] if arg)
+        how = f"it runs {runs!r}" if runs else "its command line cannot be read"
+        print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a preforkd "
+              f"master ({how}), so the pidfile is stale; nothing was sent", file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
+    before(pid)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        print(f"preforkd: not running (pid {pid} exited meanwhile)", file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
+    except PermissionError:
+        print(f"preforkd: cannot signal preforkd (pid {pid}): not permitted (run as its "
+              "user, or as root)", file=sys.stderr)
+        return None, EXIT_RUNTIME_ERROR
+    return pid, 0
+
+
+def upgrade_running(endpoint: Endpoint, wait: float) -> int:
+    """`preforkd upgrade`: USR2 to the master named by the pidfile, which starts a new master
+    from the code installed now on the same sockets; once that one reports ready (its
+    PIDFILE.status), TERM to the old one, and wait until it has exited. Exit 0 when the new
+    master serves alone; 1 if the old master refused (why is printed), the new one exited
+    before it was ready (the old one serves on), or either step took longer than `wait`;
+    2, nothing sent, as signal_master says."""
+    status_path = f"{endpoint.pidfile}.status"
+    serial = 0
+
+    def note_serial(pid: int) -> None:
+        nonlocal serial
+        before = read_status(status_path) or {}
+        found = before.get("serial", 0) if before.get("pid") == pid else 0
+        serial = found if isinstance(found, int) else 0
+
+    old, code = signal_master(endpoint, "upgrade", signal.SIGUSR2, note_serial)
+    if old is None:
+        return code
+    assert endpoint.pidfile is not None
+    deadline = time.monotonic() + wait
+    while True:
+        status = read_status(status_path) or {}
+        new = read_pid(endpoint.pidfile)
+        if status.get("pid") == old and status.get("state") == "done" and isinstance(
+            status.get("serial"), int
+        ) and status["serial"] > serial:  # type: ignore[operator]
+            print(f"preforkd: {status.get('message', '')}", file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
+        if new is not None and new != old and status.get("pid") == new and status.get(
+            "state"
+        ) == "ready":
+            break
+        if not is_master(old):
+            print(f"preforkd: the server (pid {old}) exited during the upgrade",
+                  file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
+        if time.monotonic() >= deadline:
+            print(f"preforkd: no new master was ready within {wait:g}s; the old one (pid "
+                  f"{old}) still serves", file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
+        time.sleep(0.05)
+    say(f"preforkd: the new master (pid {new}) is ready; stopping the old one (pid {old})")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(old, signal.SIGTERM)
+    if not exited(old, max(0.0, deadline - time.monotonic())):
+        print(f"preforkd: the old master (pid {old}) still runs {wait:g}s after the upgrade "
+              "began; its workers may be finishing long requests", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    say(f"preforkd: upgraded: master pid {old} -> {new}")
     return 0
 
 

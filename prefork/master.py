@@ -44,6 +44,7 @@ from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
 from prefork.system import Kernel, describe_status
+from prefork.upgrade import Upgrader
 from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, WorkerSpec, worker_main
 
 log = logging.getLogger("prefork")
@@ -171,6 +172,7 @@ class Master:
     current: Generation
     logs: Any
     reloader: Callable[[Generation, list[Listener]], Generation] | None = None
+    upgrader: Upgrader | None = None  # USR2 (None: not offered, as in unit tests)
     announce: Announcer = field(default_factory=Announcer)
     close_in_child: list[int] = field(default_factory=list)
     workers: dict[int, WorkerHandle] = field(default_factory=dict)  # by pid
@@ -223,7 +225,7 @@ class Master:
             signal.SIGTTIN: self.more_workers,
             signal.SIGTTOU: self.fewer_workers,
             signal.SIGUSR1: self.reopen_logs,
-            signal.SIGUSR2: self.no_upgrade,
+            signal.SIGUSR2: self.upgrade,
             signal.SIGCHLD: lambda: None,  # it woke us; reaping is every tick's first step
             0: lambda: None,  # an explicit wake-up
         }
@@ -231,14 +233,18 @@ class Master:
     # the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        name = self.current.config.proc_name or self.current.config.app
-        setproctitle.setproctitle(f"preforkd: master [{name}]")
+        self.set_title()
         self.maintain()  # fork the pool now, not after the first sleep
         while self.tick():
             pass
         if self.current.config.statsd.address:
             self.send_statsd(self.current.config.statsd)  # what the last interval counted
         return self.exit_code
+
+    def set_title(self) -> None:
+        name = self.current.config.proc_name or self.current.config.app
+        old = "(old) " if self.upgrader is not None and self.upgrader.pid is not None else ""
+        setproctitle.setproctitle(f"preforkd: master {old}[{name}]")
 
     def tick(self) -> bool:
         """One pass of the loop; False once the master should exit."""
@@ -357,6 +363,8 @@ class Master:
             handle = self.workers.pop(pid, None)
             if handle is not None:
                 self.exited(handle, status)
+            elif self.upgrader is not None and self.upgrader.ended(pid):
+                self.upgrade_ended(pid, status)
 
     def exited(self, handle: WorkerHandle, status: int) -> None:
         if handle.channel is not None:
@@ -1053,11 +1061,41 @@ class Master:
             self.target -= 1
             log.info("TTOU: %d workers", self.target)
 
-    def no_upgrade(self) -> None:
-        """gunicorn's and unicorn's binary upgrade; its default action would kill the master
-        on the spot (no graceful stop, pidfile and sockets left behind)."""
-        log.warning("USR2: ignored: there is no binary upgrade; HUP reloads the code and "
-                    "the configuration in place, keeping the sockets")
+    def upgrade(self) -> None:
+        """USR2: start a new master from the code installed now, on the same sockets; this
+        one serves on until it is stopped (prefork/upgrade.py)."""
+        upgrader = self.upgrader
+        if upgrader is None:
+            refusal: str | None = "this master cannot start another"
+        elif self.stop is not Stop.NONE:
+            refusal = "the server is stopping"
+        elif self.pending is not None:
+            refusal = "a reload is under way"
+        else:
+            refusal = upgrader.refusal(self.current.listeners)
+        if refusal is None:
+            assert upgrader is not None
+            try:
+                pid = upgrader.start(
+                    self.current.listeners, (self.target, self.current.config.workers.count)
+                )
+            except OSError as exc:
+                refusal = f"cannot start the new master: {exc}"
+        if refusal is not None:
+            message = f"USR2 ignored: {refusal}"
+            log.warning("%s", message)
+            self.announce.refused(message)
+            return
+        self.set_title()
+        log.info("USR2: started a new master (pid %d) on the same sockets; this one (pid %d) "
+                 "serves until it is stopped", pid, os.getpid())
+
+    def upgrade_ended(self, pid: int, status: int) -> None:
+        self.set_title()
+        message = (f"upgrade: the new master (pid {pid}) exited ({describe_status(status)}); "
+                   f"this master (pid {os.getpid()}) serves alone again")
+        log.warning("%s", message)
+        self.announce.refused(message)
 
     def reopen_logs(self) -> None:
         # The master (root) creates the new files first, owned by the user the current
@@ -1076,7 +1114,7 @@ class Master:
             # said at once, so `preforkd reload` answers now, not when the stop ends
             message = "HUP ignored: the server is stopping"
             log.warning("%s", message)
-            self.announce.reload_refused(message)
+            self.announce.refused(message)
             return
         log.info("HUP: reloading")
         self.announce.reloading()

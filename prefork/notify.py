@@ -82,6 +82,8 @@ class Announcer:
         if self.sd is not None:
             self.sd.send(READY=1, STATUS=status, MAINPID=os.getpid())
         self._tell_launcher(b"READY %d\n" % os.getpid())
+        # what `preforkd upgrade` waits for from the new master
+        self._write_status({"pid": os.getpid(), "serial": self.reloads, "state": "ready"})
 
     def failed(self, reason: str) -> None:
         """Startup did not reach ready: the launcher exits non-zero with `reason`."""
@@ -106,9 +108,11 @@ class Announcer:
              "message": message}
         )
 
-    def reload_refused(self, message: str) -> None:
-        """A HUP that starts no reload (the server is stopping): the status file answers
-        `preforkd reload`; systemd hears nothing (it is stopping the service)."""
+    def refused(self, message: str) -> None:
+        """A HUP that starts no reload (the server is stopping), a USR2 that starts no new
+        master, or a new master that exited: the status file answers `preforkd reload` and
+        `preforkd upgrade`; systemd hears nothing (it is stopping the service, or has no
+        say in an upgrade)."""
         self.reloads += 1
         self._write_status(
             {"pid": os.getpid(), "serial": self.reloads, "state": "done", "ok": False,

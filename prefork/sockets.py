@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefork.addresses import Address
+from prefork.pidfile import alive
 
 log = logging.getLogger("prefork")
 
@@ -92,6 +93,8 @@ class Listener:
     inherited: bool = False  # handed over by systemd
     configured: BindSpec | None = None  # what was asked for (None: handed over by systemd)
     tls: bool = False  # HTTPS on this socket (the context lives in the Generation)
+    # another master serving on the same socket (USR2): its file is left to the last to exit
+    shared_with: int | None = None
 
     @property
     def fd(self) -> int:
@@ -126,7 +129,9 @@ class Listener:
 
     def close(self) -> None:
         """Close; remove the socket file if it is still ours."""
-        if self.unix_inode is not None and not self.inherited:
+        if self.unix_inode is not None and not self.inherited and not (
+            self.shared_with is not None and alive(self.shared_with)
+        ):
             unlink_if_ours(self.address.path, self.unix_inode)
             self.unix_inode = None
         self.sock.close()
@@ -366,18 +371,26 @@ def systemd_listeners(environ: MutableMapping[str, str]) -> list[Listener]:
     listeners = []
     for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + n):
         try:
-            sock = socket.socket(fileno=fd)
+            listener = adopt_socket(fd)
         except OSError as exc:
             if exc.errno == errno.ENOTSOCK:
                 raise BindError(f"systemd passed fd {fd}, which is not a socket") from None
             raise
-        os.set_inheritable(fd, False)
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        listeners.append(Listener(sock, _address_of(sock), inherited=True))
+        listener.inherited = True
+        listeners.append(listener)
     return listeners
+
+
+def adopt_socket(fd: int) -> Listener:
+    """A listening socket this process was started with (from systemd, or from the master
+    it replaces), made ours: not inherited by what we fork or exec, non-blocking."""
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return Listener(sock, _address_of(sock))
 
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))

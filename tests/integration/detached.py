@@ -13,10 +13,19 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import psutil
 
-from harness import DEFAULT_COMMAND, REPO_ROOT, kill_group, live_group_members, wait_until
+from harness import (
+    DEFAULT_COMMAND,
+    REPO_ROOT,
+    kill_group,
+    live_group_members,
+    settings,
+    wait_until,
+    write_config,
+)
 
 # Variables that make preforkd believe it runs under systemd (and so never detach).
 SYSTEMD_VARIABLES = (
@@ -148,3 +157,35 @@ class Daemons:
             )
         if errors:
             raise errors[0]
+
+
+def launch_daemon(daemons: Daemons, directory: Path, **more: Any) -> tuple[Path, int]:
+    """Start a detached daemon (pidfile and error log in `directory`); return its config and
+    master pid. The launcher's stdout and stderr are files, not pipes, so that waiting for it
+    does not depend on who else holds them open (see test_the_daemon_does_not_keep_...)."""
+    pidfile = directory / "preforkd.pid"
+    config = write_config(
+        directory,
+        settings(
+            daemon=True,
+            pidfile=str(pidfile),
+            logging={"error_log": str(directory / "error.log")},
+            **more,
+        ),
+    )
+    daemons.watch(pidfile)  # the fixture stops it by this pid (TERM, then KILL its group)
+    out, err = directory / "launcher.out", directory / "launcher.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        launcher = subprocess.run(
+            [*DEFAULT_COMMAND, "-c", str(config)],
+            env=preforkd_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=LAUNCH_TIMEOUT,
+        )
+    output = out.read_text() + err.read_text()
+    assert launcher.returncode == 0, output + (directory / "error.log").read_text()
+    master = read_pid(pidfile)
+    assert master is not None, output
+    return config, master

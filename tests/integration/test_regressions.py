@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ import psutil
 import yaml
 
 import harness
-from detached import LAUNCH_TIMEOUT, Daemons, preforkd, preforkd_env, read_pid
+from detached import Daemons, launch_daemon, preforkd, read_pid
 from harness import (
     Address,
     ServerFactory,
@@ -118,38 +117,6 @@ def test_a_second_hup_during_a_reload_keeps_the_sockets_the_new_generation_reuse
 
 
 # --- 2: daemon mode, then a reload that adds a socket ----------------------------------------
-
-
-def launch_daemon(daemons: Daemons, directory: Path, **more: Any) -> tuple[Path, int]:
-    """Start a detached daemon (pidfile and error log in `directory`); return its config and
-    master pid. The launcher's stdout and stderr are files, not pipes, so that waiting for it
-    does not depend on who else holds them open (see test_the_daemon_does_not_keep_...)."""
-    pidfile = directory / "preforkd.pid"
-    config = harness.write_config(
-        directory,
-        settings(
-            daemon=True,
-            pidfile=str(pidfile),
-            logging={"error_log": str(directory / "error.log")},
-            **more,
-        ),
-    )
-    daemons.watch(pidfile)  # the fixture stops it by this pid (TERM, then KILL its group)
-    out, err = directory / "launcher.out", directory / "launcher.err"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        launcher = subprocess.run(
-            [*harness.DEFAULT_COMMAND, "-c", str(config)],
-            env=preforkd_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            timeout=LAUNCH_TIMEOUT,
-        )
-    output = out.read_text() + err.read_text()
-    assert launcher.returncode == 0, output + (directory / "error.log").read_text()
-    master = read_pid(pidfile)
-    assert master is not None, output
-    return config, master
 
 
 def answer(where: Address | str) -> int | str:

@@ -717,17 +717,6 @@ def test_reload_command_ignores_a_status_file_another_master_left(
     assert "reloaded: generation 2" in result.stdout
 
 
-def test_usr2_is_ignored_not_fatal(server_factory: ServerFactory, tmp_path: Path) -> None:
-    """gunicorn's binary-upgrade signal: its default action killed the master on the spot."""
-    server, pidfile = reload_server(server_factory, tmp_path)
-    server.signal(signal.SIGUSR2)
-    server.wait_for_log("USR2: ignored")
-    assert server.running()
-    assert int(fetch(server.addresses()[0]).body) in server.worker_pids()
-    assert server.stop() == 0
-    assert not pidfile.exists()
-
-
 def test_reload_command_reports_failure_and_old_workers_serve(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:

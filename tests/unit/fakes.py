@@ -138,8 +138,8 @@ class RecordingAnnouncer(Announcer):
     def reloaded(self, ok: bool, message: str) -> None:
         self.calls.append(("reloaded", ok, message))
 
-    def reload_refused(self, message: str) -> None:
-        self.calls.append(("reload_refused", message))
+    def refused(self, message: str) -> None:
+        self.calls.append(("refused", message))
 
     def stopping(self) -> None:
         self.calls.append(("stopping",))

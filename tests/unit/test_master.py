@@ -567,8 +567,8 @@ def test_a_stopped_master_ignores_ttin_ttou_and_hup(make_rig: Callable[..., Rig]
     assert calls == []
     assert rig.kernel.spawned == [1000, 1001]
     # but the HUP is answered at once: `preforkd reload` waited for the whole stop before
-    assert rig.announce.named("reload_refused") == [
-        ("reload_refused", "HUP ignored: the server is stopping")
+    assert rig.announce.named("refused") == [
+        ("refused", "HUP ignored: the server is stopping")
     ]
 
 

@@ -1,0 +1,316 @@
+"""USR2: replace the running master by a new one started from the code installed now (a new
+preforkd, a new Python, a new virtualenv), with no listening socket closed and no
+connection refused in between.
+
+The old master forks a child that executes the command line it was started with; the
+listening sockets (and the status endpoint's TCP socket) stay open across exec and are named
+in PREFORKD_UPGRADE. The new master adopts them instead of binding, starts its own workers
+and serves beside the old generation on the same accept queues. The operator (or `preforkd
+upgrade`) then stops the old master gracefully; if the new master exits before that, the old
+one takes its files back and keeps serving alone.
+
+Invariants: the old master renames its pidfile, status file and status socket to `.oldbin`
+names before the new master starts, so the new one finds none of them taken; a unix socket
+file both masters serve on is removed only by the last of them to exit (`Listener.shared_with`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from prefork.addresses import unix_path_length_problem
+from prefork.admin import AdminServer, open_admin
+from prefork.notify import Announcer
+from prefork.pidfile import PidFile, is_master
+from prefork.signals import set_mask
+from prefork.sockets import BindError, BindSpec, Listener, adopt_socket
+
+log = logging.getLogger("prefork")
+
+ENV = "PREFORKD_UPGRADE"
+OLD = ".oldbin"
+
+
+@dataclass(frozen=True)
+class PassedSocket:
+    fd: int
+    bind: str  # the configured address it was bound for, as `str(Address)`
+    unix_inode: tuple[int, int] | None = None  # the socket file's (device, inode)
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What the old master tells the new one through PREFORKD_UPGRADE."""
+
+    from_pid: int
+    detached: bool  # the old master was a daemon: so is the new one (no terminal, syslog)
+    sockets: tuple[PassedSocket, ...] = ()
+    admin_fds: tuple[int, ...] = ()  # the status endpoint's TCP sockets (admin.bind)
+    admin_bind: str | None = None  # the admin.bind they were bound for
+    workers: int = 0  # the old master's pool size (TTIN/TTOU survive an upgrade)
+    configured_workers: int = 0  # workers.count in the old master's configuration
+
+    def encode(self) -> str:
+        return json.dumps({
+            "from": self.from_pid,
+            "detached": self.detached,
+            "sockets": [[s.fd, s.bind, s.unix_inode] for s in self.sockets],
+            "admin": [list(self.admin_fds), self.admin_bind],
+            "workers": [self.workers, self.configured_workers],
+        })
+
+    @classmethod
+    def decode(cls, text: str) -> Handover:
+        """Raises ValueError on anything but what encode() writes."""
+        try:
+            data = json.loads(text)
+            sockets = tuple(
+                PassedSocket(int(fd), str(bind), None if inode is None else
+                             (int(inode[0]), int(inode[1])))
+                for fd, bind, inode in data["sockets"]
+            )
+            workers, configured = data["workers"]
+            admin_fds, admin_bind = data["admin"]
+            return cls(int(data["from"]), bool(data["detached"]), sockets,
+                       tuple(int(fd) for fd in admin_fds),
+                       None if admin_bind is None else str(admin_bind),
+                       int(workers), int(configured))
+        except (TypeError, KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"{ENV} is not what a preforkd master passes: {exc}") from None
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str]) -> Handover | None:
+        """The handover this process was started with (removed from `environ`, so that
+        nothing forked later takes it for its own), or None for a plain start."""
+        text = environ.pop(ENV, None)
+        return None if text is None else cls.decode(text)
+
+    def listeners(self, specs: Iterable[BindSpec]) -> list[Listener]:
+        """The passed listening sockets, shared with the old master until it exits; each
+        takes the bind entry of `specs` it was bound for (`configured`, as bind_all reuses
+        sockets at a reload), or none if the new configuration dropped that address."""
+        by_address = {str(spec.address): spec for spec in specs}
+        adopted = []
+        try:
+            for passed in self.sockets:
+                try:
+                    listener = adopt_socket(passed.fd)
+                except OSError as exc:
+                    raise BindError(f"upgrade: the socket for {passed.bind} (fd {passed.fd}) "
+                                    f"was not passed on: {exc.strerror or exc}") from None
+                listener.unix_inode = passed.unix_inode
+                listener.shared_with = self.from_pid
+                listener.configured = by_address.get(passed.bind)
+                adopted.append(listener)
+        except BindError:
+            for listener in adopted:
+                listener.close()
+            raise
+        return adopted
+
+    def admin_sockets(self, bind: str | None) -> list[socket.socket]:
+        """The status endpoint's TCP sockets, if the new configuration's admin.bind is the
+        one they were bound for; else they are closed and [] (admin.bind binds anew)."""
+        sockets = []
+        for fd in self.admin_fds:
+            sock = socket.socket(fileno=fd)
+            os.set_inheritable(fd, False)
+            sock.setblocking(False)
+            sockets.append(sock)
+        if bind != self.admin_bind:
+            for sock in sockets:
+                sock.close()
+            return []
+        return sockets
+
+
+def new_master_command(orig_argv: Sequence[str] | None = None) -> list[str]:
+    """The command line that started this process, run by this interpreter: the console
+    script (or `-m prefork`) and its arguments as given. Whatever is installed at those paths
+    now is what the new master runs."""
+    argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+    return [sys.executable, *argv[1:]]
+
+
+@dataclass
+class Upgrader:
+    """The old master's side of USR2: start the new master, and take everything back if it
+    exits while this master still runs."""
+
+    command: list[str]
+    cwd: str  # where the master was started: its command line's relative paths mean that
+    environ: Mapping[str, str]  # the environment the master was started with
+    detached: bool
+    caught: Iterable[int]  # the signals the master catches: the new master starts with none
+    under_systemd: bool = False
+    pidfile: PidFile | None = None
+    announce: Announcer | None = None
+    admin: AdminServer | None = None
+    admin_implied: bool = True  # the status socket is PIDFILE.sock, not admin.socket
+    admin_bind: str | None = None
+    replaced: int | None = None  # the master this one replaced (started by USR2)
+    pid: int | None = None  # the new master, while it has not exited
+    moved: list[tuple[str, str]] = field(default_factory=list)  # (from, to), for a rollback
+
+    def refusal(self, listeners: list[Listener]) -> str | None:
+        """Why an upgrade cannot start now, or None."""
+        if self.pid is not None:
+            return f"an upgrade is under way (new master pid {self.pid})"
+        if self.under_systemd:
+            return ("under systemd the service's main process cannot hand over to another: "
+                    "`systemctl restart` (with socket activation no connection is refused "
+                    "meanwhile), or HUP to reload the application")
+        if self.replaced is not None and is_master(self.replaced):
+            return f"the master this one replaced (pid {self.replaced}) still runs; stop it first"
+        if any(listener.inherited for listener in listeners):
+            return ("the sockets belong to systemd: restart the service instead (with socket "
+                    "activation no connection is refused meanwhile)")
+        return None
+
+    def start(self, listeners: list[Listener], workers: tuple[int, int]) -> int:
+        """Move this master's files aside, fork and exec the new master; its pid. Raises
+        OSError (files put back) if it cannot be started."""
+        self.moved = []
+        try:
+            if self.pidfile is not None:
+                path = self.pidfile.path
+                self._move(path, path + OLD)
+                self._move(f"{path}.status", f"{path}{OLD}.status")
+            self._move_admin_socket()
+        except OSError:
+            self.put_back()
+            raise
+        admin_tcp = self.admin.tcp_sockets() if self.admin is not None else []
+        handover = Handover(
+            os.getpid(),
+            self.detached,
+            tuple(
+                PassedSocket(lst.fd, str(lst.configured.address), lst.unix_inode)
+                for lst in listeners
+                if lst.configured is not None
+            ),
+            tuple(sock.fileno() for sock in admin_tcp),
+            self.admin_bind,
+            *workers,
+        )
+        environ = dict(self.environ)
+        environ[ENV] = handover.encode()
+        fds = [lst.fd for lst in listeners] + [sock.fileno() for sock in admin_tcp]
+        old_mask = set_mask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _exec(self.command, self.cwd, environ, fds, self.caught)
+        except OSError:
+            self.put_back()
+            raise
+        finally:
+            set_mask(signal.SIG_SETMASK, old_mask)
+        self.pid = pid
+        for listener in listeners:
+            listener.shared_with = pid
+        if self.admin is not None:
+            self.admin.close_tcp()  # the new master's now: one port, one master
+        return pid
+
+    def _move_admin_socket(self) -> None:
+        """The status socket goes to PIDFILE.oldbin.sock (or ADMIN.SOCKET.oldbin), where
+        `preforkd status -p PIDFILE.oldbin` finds it; it is closed if that name is too long."""
+        admin = self.admin
+        if admin is None or admin.unix_path is None:
+            return
+        if self.admin_implied and self.pidfile is not None:
+            target = f"{self.pidfile.path}.sock"  # moved already: PIDFILE.oldbin
+        else:
+            target = admin.unix_path + OLD
+        if unix_path_length_problem(target):
+            log.warning("upgrade: the status socket %s is closed (%s would be too long a "
+                        "name)", admin.unix_path, target)
+            admin.close_unix()
+            return
+        self._move(admin.unix_path, target)
+
+    def _move(self, source: str, target: str) -> None:
+        """Rename `source` (which may not exist yet: the name changes all the same)."""
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:
+            pass
+        self.moved.append((source, target))
+        self._renamed(source, target)
+
+    def _renamed(self, source: str, target: str) -> None:
+        """Whatever this master keeps open or writes under `source` goes by `target` now."""
+        if self.pidfile is not None and self.pidfile.path == source:
+            self.pidfile.path = target
+        if self.announce is not None and self.announce.status_path == source:
+            self.announce.status_path = target
+        if self.admin is not None and self.admin.unix_path == source:
+            self.admin.unix_path = target
+
+    def put_back(self) -> None:
+        """The new master is gone: this master's files take their names again (a name the
+        new master left behind, dead, is replaced)."""
+        for source, target in reversed(self.moved):
+            try:
+                os.replace(target, source)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("upgrade: cannot move %s back to %s: %s", target, source, exc)
+                continue
+            self._renamed(target, source)
+        self.moved = []
+        if self.admin is not None and self.admin_bind is not None and not self.admin.tcp_sockets():
+            try:
+                sockets, _ = open_admin(None, self.admin_bind)
+            except OSError as exc:
+                log.warning("upgrade: %s", exc)
+            else:
+                self.admin.add(sockets)
+
+    def ended(self, pid: int) -> bool:
+        """Whether `pid` was the new master; if so, this master is the only one again."""
+        if pid != self.pid:
+            return False
+        self.pid = None
+        self.put_back()
+        return True
+
+
+def _exec(command: list[str], cwd: str, environ: Mapping[str, str], fds: list[int],
+          caught: Iterable[int]) -> NoReturn:
+    """In the forked child: the new master starts as a fresh process would, with default
+    signal handlers, an empty signal mask, and only the passed sockets beyond stdio."""
+    try:
+        signal.set_wakeup_fd(-1)
+        for signum in caught:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in (0, 1, 2):  # a daemon's stdio may be close-on-exec (python-daemon's are)
+            try:
+                os.set_inheritable(fd, True)
+            except OSError:
+                null = os.open(os.devnull, os.O_RDWR)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        os.chdir(cwd)
+        set_mask(signal.SIG_SETMASK, ())
+        os.execve(command[0], command, environ)
+    except BaseException as exc:  # noqa: BLE001 - reported, and the child leaves below
+        try:
+            os.write(2, f"preforkd: upgrade: cannot start {command[0]}: {exc}\n".encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(127)

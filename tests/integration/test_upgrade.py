@@ -1,0 +1,277 @@
+"""USR2 and `preforkd upgrade`: a new master, started from the code installed now, takes over
+the running master's sockets; requests keep being answered throughout, and a new master that
+fails leaves the old one serving with its files back in place.
+
+Daemons are launched (detached.launch_daemon) and stopped by pid at teardown (`daemons`),
+the new masters included (adopted as soon as they are seen).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from detached import Daemons, launch_daemon, preforkd, read_pid
+from harness import (
+    ServerFactory,
+    fetch,
+    gone,
+    parse_addresses,
+    settings,
+    wait_until,
+)
+
+APP_V1 = '''
+import os
+def app(environ, start_response):
+    body = b"v1 %d" % os.getpid()
+    start_response("200 OK", [("Content-Type", "text/plain"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+APP_V2 = APP_V1.replace('b"v1 %d"', 'b"v2 %d"')
+APP_BROKEN = APP_V1 + '\nraise RuntimeError("this release does not import")\n'
+
+
+def title(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+
+
+def version_and_pid(where: object) -> tuple[str, int]:
+    version, pid = fetch(where, timeout=5).body.decode().split()  # type: ignore[arg-type]
+    return version, int(pid)
+
+
+class Hammer:
+    """Requests on new connections, one after another, until stopped: every answer is
+    counted, and so is every failure (a refused or reset connection, a non-200)."""
+
+    def __init__(self, where: list[object]) -> None:
+        self.where = where
+        self.answers: dict[str, int] = {}
+        self.failures: list[str] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        turn = 0
+        while not self.done.is_set():
+            where = self.where[turn % len(self.where)]
+            turn += 1
+            try:
+                response = fetch(where, timeout=10)  # type: ignore[arg-type]
+            except (OSError, EOFError) as exc:
+                self.failures.append(f"{where}: {exc!r}")
+                continue
+            if response.status != 200:
+                self.failures.append(f"{where}: status {response.status}")
+                continue
+            version = response.body.decode().split()[0]
+            self.answers[version] = self.answers.get(version, 0) + 1
+
+    def __enter__(self) -> Hammer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(15)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "upapp.py").write_text(APP_V1)
+    yield tmp_path
+
+
+def launch(daemons: Daemons, directory: Path, sock: Path, **more: object) -> tuple[Path, int]:
+    return launch_daemon(
+        daemons,
+        directory,
+        app="upapp:app",
+        pythonpath=[str(directory)],
+        bind=["127.0.0.1:0", f"unix:{sock}"],
+        workers={"count": 2},
+        preload_app=True,  # the code is in the master's memory: only a new master reloads it
+        **more,
+    )
+
+
+def test_upgrade_replaces_the_master_and_no_request_fails(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    sock = short_tmp / "up.sock"
+    config, old = launch(daemons, app_dir, sock)
+    pidfile = app_dir / "preforkd.pid"
+    error_log = app_dir / "error.log"
+    tcp = parse_addresses(error_log.read_text())[0]
+    assert version_and_pid(tcp)[0] == "v1"
+
+    (app_dir / "upapp.py").write_text(APP_V2)  # the new release, installed
+    with Hammer([tcp, str(sock)]) as hammer:
+        wait_until(lambda: sum(hammer.answers.values()) >= 20, 10, message="no answers")
+        result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+        new = read_pid(pidfile)
+        if new is not None:
+            daemons.adopt(new)
+        settled = sum(hammer.answers.values())
+        wait_until(lambda: sum(hammer.answers.values()) >= settled + 20, 10,
+                   message="no answers after the upgrade")
+
+    assert result.returncode == 0, result.stdout + result.stderr + error_log.read_text()
+    assert new is not None and new != old
+    assert result.stdout.splitlines() == [
+        f"preforkd: the new master (pid {new}) is ready; stopping the old one (pid {old})",
+        f"preforkd: upgraded: master pid {old} -> {new}",
+    ]
+    assert hammer.failures == [], hammer.failures[:5]
+    assert hammer.answers.get("v1", 0) > 0 and hammer.answers.get("v2", 0) > 0, hammer.answers
+    assert gone(old)
+    log = error_log.read_text()
+    assert f"[{old}] [INFO] USR2: started a new master (pid {new})" in log
+    assert f"[{new}] [INFO] upgrade: taking over the sockets of the master pid {old}" in log
+
+    # the new master serves alone, on the same sockets, under the old names
+    for where in (tcp, str(sock)):
+        version, worker = version_and_pid(where)
+        assert version == "v2"
+        assert parent_of(worker) == new
+    assert title(new).startswith("preforkd: master [")
+    assert sorted(p.name for p in app_dir.iterdir() if "oldbin" in p.name) == []
+    assert sock.exists()
+
+    # the last master to go removes the socket file
+    stopped = preforkd("stop", "-p", str(pidfile), "--wait", "30")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not sock.exists()
+    assert not pidfile.exists()
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def test_an_upgrade_whose_new_master_fails_keeps_the_old_one(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    sock = short_tmp / "up.sock"
+    config, old = launch(daemons, app_dir, sock)
+    pidfile = app_dir / "preforkd.pid"
+    error_log = app_dir / "error.log"
+    tcp = parse_addresses(error_log.read_text())[0]
+
+    (app_dir / "upapp.py").write_text(APP_BROKEN)
+    result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.startswith("preforkd: upgrade: the new master (pid "), result.stderr
+    assert f"exited (exit code 3); this master (pid {old}) serves alone again" in result.stderr
+    assert read_pid(pidfile) == old
+    assert not (app_dir / "preforkd.pid.oldbin").exists()
+    assert (app_dir / "preforkd.pid.sock").exists()  # the status socket has its name back
+    assert title(old).startswith("preforkd: master [")
+    for where in (tcp, str(sock)):
+        assert version_and_pid(where)[0] == "v1"
+    status = preforkd("status", "-p", str(pidfile))
+    assert status.returncode == 0 and f"master pid {old}" in status.stdout, status.stderr
+
+
+def test_usr2_by_hand_then_term_to_the_new_master_rolls_back(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """unicorn's and gunicorn's sequence: USR2, look at the new master, and stop it if it is
+    no good: the old one takes its pidfile back and is the master again."""
+    sock = short_tmp / "up.sock"
+    _, old = launch(daemons, app_dir, sock)
+    pidfile = app_dir / "preforkd.pid"
+    oldbin = app_dir / "preforkd.pid.oldbin"
+    error_log = app_dir / "error.log"
+    tcp = parse_addresses(error_log.read_text())[0]
+
+    os.kill(old, signal.SIGUSR2)
+    new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
+                     message="no new pidfile")
+    daemons.adopt(new)
+    wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 15,
+               message="the new master is not ready")
+    assert read_pid(oldbin) == old
+    assert title(old).startswith("preforkd: master (old) [")
+    # the old master answers on its own status socket, found through its own pidfile
+    status = preforkd("status", "-p", str(oldbin))
+    assert status.returncode == 0 and f"master pid {old}" in status.stdout, status.stderr
+    status = preforkd("status", "-p", str(pidfile))
+    assert status.returncode == 0 and f"master pid {new}" in status.stdout, status.stderr
+    # a second USR2 to the new master is refused while the old one runs
+    os.kill(new, signal.SIGUSR2)
+    wait_until(
+        lambda: f"USR2 ignored: the master this one replaced (pid {old}) still runs"
+        in error_log.read_text(), 10, message="a second upgrade was not refused",
+    )
+
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: gone(new), 30, message="the new master did not stop")
+    wait_until(lambda: read_pid(pidfile) == old, 10, message="the pidfile is not back")
+    wait_until(lambda: title(old).startswith("preforkd: master ["), 10,
+               message="the old master still calls itself old")
+    assert not oldbin.exists()
+    assert f"upgrade: the new master (pid {new}) exited (exit code 0)" in error_log.read_text()
+    assert sock.exists()  # the new master left the socket file to the one still serving
+    for where in (tcp, str(sock)):
+        assert version_and_pid(where)[0] == "v1"
+
+
+def test_an_upgrade_keeps_the_status_port_and_a_resized_pool(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    config, old = launch(daemons, app_dir, short_tmp / "up.sock",
+                         admin={"bind": f"127.0.0.1:{port}"})
+    pidfile = app_dir / "preforkd.pid"
+    error_log = app_dir / "error.log"
+    os.kill(old, signal.SIGTTIN)
+    wait_until(lambda: error_log.read_text().count(" booted") >= 3, 15,
+               message="TTIN added no worker")
+
+    result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+    new = read_pid(pidfile)
+    if new is not None:
+        daemons.adopt(new)
+    assert result.returncode == 0, result.stdout + result.stderr + error_log.read_text()
+    assert new != old
+    status = fetch(("127.0.0.1", port), target="/status")  # type: ignore[arg-type]
+    assert status.status == 200
+    assert json.loads(status.body)["master"]["pid"] == new
+    assert f"[{new}] [INFO] ready: 3 workers" in error_log.read_text()
+
+
+def test_usr2_is_refused_under_systemd(
+    server_factory: ServerFactory, short_tmp: Path
+) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_tmp / "notify.sock"))
+    try:
+        pidfile = short_tmp / "app.pid"
+        server = server_factory(
+            settings(pidfile=str(pidfile)),
+            env={"NOTIFY_SOCKET": str(short_tmp / "notify.sock")},
+        )
+        result = preforkd("upgrade", "-p", str(pidfile), "--wait", "20", timeout=40)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert result.stderr.startswith("preforkd: USR2 ignored: under systemd"), result.stderr
+        assert read_pid(pidfile) == server.pid
+        assert server.running()
+        assert fetch(server.addresses()[0]).status == 200
+    finally:
+        notify.close()
