@@ -53,7 +53,7 @@ from prefork.config import OVERRIDE_SOURCE, Config, ConfigError, bind_address, l
 from prefork.daemon import detach, under_systemd
 from prefork.hooks import HookError, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
-from prefork.logs import Logs
+from prefork.logs import Logs, for_reload
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
 from prefork.pidfile import (
@@ -494,9 +494,11 @@ def reloader(
     reread: Callable[[], Config], reimport: Reimport, inherited: dict[str, str]
 ) -> Callable[[Generation, list[Listener]], Generation]:
     """HUP: read and validate the configuration again, keep the sockets whose addresses did
-    not change (`held`: every socket the master has open), bind the new ones, load the hooks
-    and, with preload_app, import the application afresh. Raises (and the master keeps
-    serving the old generation, its environment and its sockets) on any error."""
+    not change (`held`: every socket the master has open), bind the new ones, load the hooks,
+    open the new logging setup when `logging` changed (logs.for_reload: installed by the new
+    workers after fork, by the master when the generation takes over) and, with
+    preload_app, import the application afresh. Raises (and the master keeps serving the
+    old generation, its environment, its sockets and its logs) on any error."""
 
     def reload(current: Generation, held: list[Listener]) -> Generation:
         config = reread()
@@ -508,9 +510,13 @@ def reloader(
             for listener in listeners:
                 defer_accept(listener, config.http.defer_accept)
         undo = apply_env(config.env, current.config.env, inherited)
+        logs = current.logs
+        changed = _differences("logging", current.config.logging, config.logging)
         try:
             contexts = tls_contexts(config, listeners)
             hooks = Hooks(config.hooks)
+            if changed:  # before the import, which a failure here must not have replaced
+                logs = for_reload(current.logs, config.logging, (config.user, config.group))
             app = None
             if config.preload_app:
                 prepare(config.pythonpath, config.chdir)
@@ -522,15 +528,20 @@ def reloader(
             for listener in listeners:
                 if listener not in held:
                     listener.close()
+            if logs is not current.logs:
+                logs.close()
             raise
         for listener in listeners:
             if listener not in held:
                 log.info("listening at %s", listener.url(config.protocol))
+        if changed:
+            log.info("reload: %s changed; the new generation logs with it (%s), the master "
+                     "from when that generation serves", ", ".join(changed), logs.describe())
         fixed = fixed_at_start(current.config, config)
         if fixed:
             log.warning("reload: %s changed; the running server keeps the old value until "
                         "it is restarted", ", ".join(fixed))
-        generation = Generation(0, config, listeners, app, contexts, hooks)
+        generation = Generation(0, config, listeners, app, contexts, hooks, logs=logs)
         generation.environ = dict(os.environ)
         generation.env_undo = lambda: undo_env(undo)
         return generation
@@ -539,16 +550,15 @@ def reloader(
 
 
 # Settings the master applies once, at start: a reload reads them, checks them, and says
-# that a change waits for a restart (the pidfile and status endpoint hold open state; the
-# log destinations are the master's and every worker's open files; `listen()`'s backlog
-# belongs to sockets a reload keeps).
-FIXED_AT_START = ("pidfile", "daemon", "umask", "backlog", "logging", "admin.socket",
-                  "admin.bind")
+# that a change waits for a restart (the pidfile and status endpoint hold open state;
+# `listen()`'s backlog belongs to sockets a reload keeps). `logging` is not one: a reload
+# opens the new destinations and each generation logs with its own (logs.for_reload).
+FIXED_AT_START = ("pidfile", "daemon", "umask", "backlog", "admin.socket", "admin.bind")
 
 
 def fixed_at_start(old: Config, new: Config) -> list[str]:
     """The FIXED_AT_START settings whose value differs between `old` and `new` (a section
-    by its changed keys: logging.level, logging.syslog.address)."""
+    by its changed keys)."""
     return [
         key
         for name in FIXED_AT_START

@@ -5,6 +5,9 @@ faulthandler stack dumps and the application's own stderr land in the same place
 records; reopening (USR1) re-points fd 2 and the access log file without losing a line.
 When the server runs as root with a `user`/`group` for its workers, every log file the master
 opens is owned by that user and group, so that the workers can reopen it after a rotation.
+A reload (HUP) opens its generation's setup aside (`for_reload`) and nothing changes until it
+is installed: by each of that generation's workers right after fork, by the master when the
+generation takes over. One process has one setup installed at a time.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Mapping
-from typing import IO, Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 from prefork.accessformat import (
     BUILTIN_FORMATS,
@@ -28,6 +32,9 @@ from prefork.accessformat import (
     compile_format,
 )
 from prefork.privileges import credentials
+
+if TYPE_CHECKING:
+    from prefork.config import LoggingConfig
 
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
@@ -41,15 +48,20 @@ def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
     messages are tagged `ident[pid]:` as syslog daemons expect."""
     code = logging.handlers.SysLogHandler.facility_names[facility]
     handler: logging.Handler
-    if address.startswith(("udp://", "tcp://")):
-        host, _, port = address[6:].rpartition(":")
-        target = (host.strip("[]"), int(port))
-        if address.startswith("tcp"):
-            handler = TcpSysLogHandler(target, code)
+    try:
+        if address.startswith(("udp://", "tcp://")):
+            host, _, port = address[6:].rpartition(":")
+            target = (host.strip("[]"), int(port))
+            if address.startswith("tcp"):
+                handler = TcpSysLogHandler(target, code)
+            else:
+                handler = logging.handlers.SysLogHandler(target, code, socket.SOCK_DGRAM)
         else:
-            handler = logging.handlers.SysLogHandler(target, code, socket.SOCK_DGRAM)
-    else:
-        handler = logging.handlers.SysLogHandler(address.removeprefix("unix:"), code)
+            handler = logging.handlers.SysLogHandler(address.removeprefix("unix:"), code)
+    except OSError as exc:  # a host that does not resolve: say which
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), f"syslog {address}") from exc
     handler.setFormatter(logging.Formatter(f"{ident}[%(process)d]: [%(levelname)s] %(message)s"))
     return handler
 
@@ -154,6 +166,18 @@ class TcpSysLogHandler(logging.Handler):
         super().close()
 
 
+@dataclass(frozen=True, slots=True)
+class Stderr:
+    """What `error_log: "-"` means to the logging setup a reload makes: the standard error
+    the server was started with (`fd`, a descriptor to duplicate), or syslog (`syslog`: a
+    detached daemon, whose stderr is /dev/null, sends its error log there, as at the start).
+    Neither when that is not known: the first setup pointed fd 2 at a file, and the stderr
+    it replaced is gone (keeping a copy would keep a daemon's launching terminal open)."""
+
+    fd: int | None = None
+    syslog: bool = False
+
+
 class Logs:
     """Owns the log destinations. `access_enabled` is checked before any access work.
 
@@ -174,14 +198,29 @@ class Logs:
         access_format: str = "combined",
         syslog: tuple[str, str, str] | None = None,
         workers_as: tuple[str | None, str | None] = (None, None),
+        *,
+        stderr: Stderr | None = None,
+        install: bool = True,
     ) -> None:
         """`syslog`: (address, facility, ident) to send both logs there instead.
         `workers_as`: the configuration's (user, group) for the workers; the master updates
-        it on USR1 (a reload may have changed them)."""
+        it on USR1 (a reload may have changed them).
+        `stderr`: what "-" means, for a setup a reload makes (see for_reload); None for the
+        first one, whose fd 2 is the server's stderr.
+        `install`: make it this process's at once (the start); else everything is opened now
+        and kept aside until install(). Raises OSError, with nothing left open, if a file
+        cannot be opened."""
         self.level = level
         self.workers_as = workers_as
         self.syslog = syslog
-        self._syslog_handlers: list[logging.Handler] = []
+        self._error_handlers: list[logging.Handler] = []
+        self._access_handlers: list[logging.Handler] = []
+        # the error log while this setup is not installed; install() moves it to fd 2
+        self._error_fd: int | None = None
+        # this setup's own copy of the server's original stderr, for the next setup's "-"
+        # (stderr()); only in one a reload made, so it never reaches a daemon's detaching
+        self._stderr_fd: int | None = None
+        self._given_stderr = stderr
         self.error_path = None if error_log == "-" else error_log
         self.access_path = None if access_log in (None, "-") else access_log
         self.access_enabled = access_log is not None
@@ -200,33 +239,43 @@ class Logs:
         self._iso_second = -1
         self._iso_stamp = ""
         self._iso_offset = ""
-        self.open()
+        try:
+            self._open(install)
+        except BaseException:
+            self.close()
+            raise
 
-    def open(self) -> None:
-        for logger in (log, access_log):
-            for old in list(logger.handlers):
-                logger.removeHandler(old)
-                old.close()
-            logger.propagate = False
-        log.setLevel(self.level.upper())
-        access_log.setLevel(logging.INFO)
+    def _open(self, installing: bool) -> None:
+        """Open every destination; `installing`: make each this process's as it opens."""
+        if self._given_stderr is not None and self._given_stderr.fd is not None:
+            self._stderr_fd = os.dup(self._given_stderr.fd)
         if self.syslog is not None:
-            handler = syslog_handler(*self.syslog)
-            log.addHandler(handler)
-            self._syslog_handlers = [handler]
+            self._error_handlers = [syslog_handler(*self.syslog)]
             if self.access_enabled:
-                access_handler = syslog_handler(*self.syslog)
-                access_log.addHandler(access_handler)
-                self._syslog_handlers.append(access_handler)
+                self._access_handlers = [syslog_handler(*self.syslog)]
+            if installing:
+                self.install()
             return
-        # The handler writes to whatever fd 2 is, so adding it before fd 2 is re-pointed puts
-        # a warning about the new file's owner into that file itself.
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
-        log.addHandler(handler)
+        self._error_handlers = [handler]
+        if installing:
+            # The handler writes to whatever fd 2 is, so adding it before fd 2 is re-pointed
+            # puts a warning about the new file's owner into that file itself.
+            self.install()
         owner = self._owner()
         if self.error_path is not None:
-            self._open_error_log(self.error_path, owner)
+            self._error_fd = os.open(
+                self.error_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640
+            )
+            if not installing:
+                self._give(self._error_fd, self.error_path, "error log", owner)
+        elif self._stderr_fd is not None:
+            self._error_fd = os.dup(self._stderr_fd)  # "-": the stderr the server started with
+        if installing:
+            self.install()  # fd 2 is the error log from here on
+            if self.error_path is not None:
+                self._give(2, self.error_path, "error log", owner)
         if self.access_enabled:
             if self.access_path is None:  # "-"
                 # line-buffered: one write per line, so workers sharing stdout (journald)
@@ -277,8 +326,14 @@ class Logs:
             )
 
     def _open_error_log(self, path: str, owner: tuple[int, int] | None) -> None:
-        """Point fd 2 at `path` (created if need be), owned by `owner`."""
+        """Point the error log at `path` (created if need be), owned by `owner`: fd 2, or,
+        while this setup is not installed, the descriptor it keeps for install()."""
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if self._error_fd is not None:
+            old, self._error_fd = self._error_fd, fd
+            os.close(old)
+            self._give(fd, path, "error log", owner)
+            return
         try:
             sys.stderr.flush()  # what was written before the reopen goes to the old file
             os.dup2(fd, 2)
@@ -298,15 +353,92 @@ class Logs:
             raise
 
     def fds(self) -> list[int]:
-        """Descriptors that must survive daemonizing (syslog sockets, the access log file)."""
+        """Descriptors this setup holds, which must survive daemonizing: syslog sockets, the
+        access log file, and in a setup a reload made, the error log until it is installed
+        and the copy of the original stderr."""
+        fds = self.worker_fds()
+        if self._stderr_fd is not None:
+            fds.append(self._stderr_fd)
+        return fds
+
+    def worker_fds(self) -> list[int]:
+        """The descriptors of fds() that a worker logging with this setup uses: all but the
+        copy of the original stderr, which only the master hands on (see unused_fds)."""
         fds = []
-        for handler in self._syslog_handlers:
+        for handler in (*self._error_handlers, *self._access_handlers):
             sock = getattr(handler, "socket", None)
-            if sock is not None:
+            if sock is not None and sock.fileno() >= 0:
                 fds.append(sock.fileno())
         if self._access_file is not None and self._access_file is not sys.stdout:
             fds.append(self._access_file.fileno())
+        if self._error_fd is not None:
+            fds.append(self._error_fd)
         return fds
+
+    def install(self) -> None:
+        """Make this setup the process's own: its handlers on the two loggers (any other
+        setup's are taken off, not closed: they are that setup's to close), its level, and
+        its error log on fd 2. At the start; in the master when its generation takes over
+        (Master.promote); in each of its workers right after fork. Installing it again
+        changes nothing."""
+        for logger, mine in ((log, self._error_handlers), (access_log, self._access_handlers)):
+            for other in list(logger.handlers):
+                if other not in mine:
+                    logger.removeHandler(other)
+            for handler in mine:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
+            logger.propagate = False
+        log.setLevel(self.level.upper())
+        access_log.setLevel(logging.INFO)
+        if self._error_fd is not None:
+            sys.stderr.flush()  # what was written before goes to the old error log
+            os.dup2(self._error_fd, 2)
+            os.close(self._error_fd)
+            self._error_fd = None
+
+    def close(self) -> None:
+        """Close what this setup holds in this process: the master's copies, once no
+        generation logs with it (its workers keep their own). Its handlers leave the
+        loggers if they are on them."""
+        for handler in (*self._error_handlers, *self._access_handlers):
+            log.removeHandler(handler)
+            access_log.removeHandler(handler)
+            handler.close()
+        self._error_handlers = []
+        self._access_handlers = []
+        if self._access_file is not None:
+            try:
+                self._access_file.close()  # "-" (fd 1) was opened with closefd=False
+            except (OSError, ValueError):
+                pass
+            self._access_file = None
+        for fd in (self._error_fd, self._stderr_fd):
+            if fd is not None:
+                os.close(fd)
+        self._error_fd = self._stderr_fd = None
+
+    def stderr(self) -> Stderr:
+        """What "-" means to the setup a reload makes next (for_reload). Asked of the one
+        the master has installed, whose fd 2 is, for the first setup, still the stderr the
+        server started with unless it pointed it at its error log file."""
+        if self._given_stderr is not None:  # made by a reload: hand on what it was given
+            return Stderr(self._stderr_fd, self._given_stderr.syslog)
+        if self.syslog is None:
+            return Stderr(2 if self.error_path is None else None)
+        # syslog took the error log: at a daemon's start "-" meant syslog, its fd 2 being
+        # /dev/null; in the foreground fd 2 is the stderr it was started with
+        return Stderr(syslog=True) if _is_devnull(2) else Stderr(2)
+
+    def describe(self) -> str:
+        """Where the logs go, for the log: `error log X, access log Y, level Z`."""
+        if self.syslog is not None:
+            error = f"syslog {self.syslog[0]}"
+            access = error if self.access_enabled else "off"
+        else:
+            error = self.error_path or "stderr"
+            access = self.access_path or ("stdout" if self.access_enabled else "off")
+        return f"error log {error}, access log {access}, level {self.level}"
 
     def reopen(self) -> None:
         """USR1: point fd 2 and the access log at freshly opened files (after rotation), each
@@ -422,3 +554,105 @@ def _quote(value: str) -> str:
     if not value:
         return "-"
     return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _is_devnull(fd: int) -> bool:
+    """Whether `fd` is /dev/null (or closed: nothing to write to either)."""
+    try:
+        st, null = os.fstat(fd), os.stat(os.devnull)
+    except OSError:
+        return True
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
+
+
+def unused_fds(mine: object, setups: Iterable[object]) -> list[int]:
+    """What a worker logging with `mine` closes right after fork: the descriptors of the
+    master's other logging setups in `setups` (another generation's files and sockets),
+    and the copy of the original stderr `mine` keeps for the next generation. Never 0, 1
+    or 2 (an access log on "-" is fd 1). What is not a Logs (a test's fake) holds none."""
+    keep = set(mine.worker_fds()) if isinstance(mine, Logs) else set()
+    drop = set(mine.fds()) if isinstance(mine, Logs) else set()
+    for setup in setups:
+        if isinstance(setup, Logs) and setup is not mine:
+            drop.update(setup.fds())
+    return sorted(fd for fd in drop - keep if fd > 2)
+
+
+def _reach_unix_syslog(path: str) -> None:
+    """Connect to the syslog socket at `path` as SysLogHandler does (datagram, else
+    stream), and close again; OSError if nothing answers there. SysLogHandler itself keeps
+    quiet about it and tries again at each message."""
+    error: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                error = error or exc
+                continue
+            return
+    assert error is not None
+    raise error
+
+
+def _error_file(logs: Logs | None) -> str | None:
+    """The file `logs` points fd 2 at, if it does."""
+    return None if logs is None or logs.syslog is not None else logs.error_path
+
+
+def for_reload(
+    previous: Logs | None,
+    settings: LoggingConfig,
+    workers_as: tuple[str | None, str | None],
+) -> Logs:
+    """The logging setup of a reload's generation, opened now (files created and given to
+    `workers_as`, a new syslog socket reached) and not installed: nothing changes until its
+    workers install it after fork and the master when it takes over. `previous` (the
+    master's setup) says what "-" means (Logs.stderr). Raises OSError, naming what could
+    not be opened, with nothing left open: the reload fails and everything stays as it was.
+
+    A syslog unix socket must answer when its address is new (a typo would lose every
+    line); the address in use is not judged again (its daemon may be restarting). TCP
+    syslog connects at the first message, in each process, as at the start."""
+    given = previous.stderr() if previous is not None else Stderr(2)
+    error_log = settings.error_log
+    syslog = settings.syslog
+    use_syslog = syslog.enabled
+    if error_log == "-" and not use_syslog:
+        if given.syslog:
+            use_syslog = True  # a detached daemon: as at the start (cli.Startup.open_logs)
+        elif given.fd is None and (kept := _error_file(previous)) is not None:
+            log.warning(
+                'reload: logging.error_log is "-", but the standard error the server was '
+                "started with was replaced by the error log file at the start: the error log "
+                "stays %s until a restart", kept
+            )
+            error_log = kept
+    target = (syslog.address, syslog.facility, syslog.ident) if use_syslog else None
+    try:
+        logs = Logs(
+            settings.level,
+            error_log,
+            settings.access_log,
+            settings.access_log_format,
+            target,
+            workers_as,
+            stderr=given,
+            install=False,
+        )
+    except OSError as exc:
+        raise OSError(f"cannot open the logs: {exc}") from exc
+    address = syslog.address
+    path = address.removeprefix("unix:")
+    in_use = previous is not None and previous.syslog is not None and (
+        previous.syslog[0].removeprefix("unix:") == path
+    )
+    if target is not None and not address.startswith(("udp://", "tcp://")) and not in_use:
+        try:
+            _reach_unix_syslog(path)
+        except OSError as exc:
+            logs.close()
+            raise OSError(
+                f"cannot open the logs: syslog {address}: {exc.strerror or exc}"
+            ) from exc
+    return logs

@@ -38,6 +38,7 @@ from prefork.channel import (
 )
 from prefork.config import Config, StatsdConfig
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
+from prefork.logs import unused_fds
 from prefork.notify import Announcer
 from prefork.scoreboard import Activity, Counters, Scoreboard
 from prefork.sockets import Listener
@@ -123,7 +124,7 @@ class WorkerHandle:
 
 @dataclass(slots=True)
 class Generation:
-    """A configuration and the listeners its workers serve."""
+    """A configuration and the listeners its workers serve, and the logging they do."""
 
     number: int
     config: Config
@@ -133,6 +134,10 @@ class Generation:
     hooks: Hooks = field(default_factory=Hooks)
     environ: dict[str, str] | None = None  # what its workers get (None: the master's)
     env_undo: Callable[[], None] | None = None  # puts back the master's env if abandoned
+    # its logging setup (prefork.logs.Logs; Any as Master.logs, for the tests' fakes): the
+    # reloader opens it aside, its workers install it after fork, the master at promote();
+    # None: the master's (Master.__post_init__ gives it to the first generation)
+    logs: Any = None
 
     def undo_env(self) -> None:
         if self.env_undo is not None:
@@ -215,6 +220,8 @@ class Master:
     hand_over_turn: int = 0  # spreads them when no successor is named
 
     def __post_init__(self) -> None:
+        if self.current.logs is None:
+            self.current.logs = self.logs  # the first generation logs as the master started
         self.target = self.current.config.workers.count
         self.free_slots = list(range(self.scoreboard.capacity - 1, -1, -1))
         self.handlers: dict[int, Callable[[], None]] = {
@@ -312,6 +319,9 @@ class Master:
     def _spawn(self, number: int, generation: Generation, slot: int) -> WorkerHandle:
         parent_end, child_end = chan.pair()
         parent_end.setblocking(False)
+        # the generation's own logging setup, which the worker installs (its error log on fd
+        # 2) before anything else; the other generation's files it closes
+        logs = generation.logs if generation.logs is not None else self.logs
         spec = WorkerSpec(
             number=number,
             generation=generation.number,
@@ -319,7 +329,7 @@ class Master:
             listeners=generation.listeners,
             channel=child_end,
             slot=self.scoreboard.slot(slot),
-            logs=self.logs,
+            logs=logs,
             app=generation.app,
             tls=generation.tls,
             hooks=generation.hooks,
@@ -336,6 +346,7 @@ class Master:
                     for listener in self.all_listeners()
                     if listener not in generation.listeners
                 ),
+                *unused_fds(logs, self.logging_setups()),
             ],
         )
         generation.hooks.call(
@@ -1103,6 +1114,11 @@ class Master:
         # them by path.
         self.logs.workers_as = (self.current.config.user, self.current.config.group)
         self.logs.reopen()
+        pending = self.pending
+        if pending is not None and pending.logs is not None and pending.logs is not self.logs:
+            # a reload's own files (its canary logs there), kept aside until it takes over
+            pending.logs.workers_as = (pending.config.user, pending.config.group)
+            pending.logs.reopen()
         for handle in self.workers.values():
             self.tell(handle, MSG_REOPEN)
         log.info("USR1: log files reopened")
@@ -1154,6 +1170,17 @@ class Master:
         # the workers it had, and a reload that fails changes nothing
         self.target = pool_size(old.config, self.current.config, self.target)
         self.close_listeners(old.listeners)
+        logs = self.current.logs
+        if logs is None:
+            self.current.logs = self.logs
+        elif logs is not self.logs:
+            # from here the master logs as its new generation does; the old setup is no
+            # one's: the old workers hold their own copies of its files
+            log.info("reload: the master logs as generation %d from now on (%s)",
+                     self.current.number, logs.describe())
+            retired, self.logs = self.logs, logs
+            logs.install()
+            retired.close()
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)
 
@@ -1164,13 +1191,24 @@ class Master:
             self.abandon(pending)
 
     def abandon(self, generation: Generation) -> None:
-        """Stop a generation that never took over, close the sockets only it used, and give
-        the master back the environment it had."""
+        """Stop a generation that never took over, close the sockets and the log files only
+        it used, and give the master back the environment it had."""
         for handle in list(self.workers.values()):
             if handle.generation == generation.number and handle.state in LIVE:
                 self.ask_to_stop(handle, "reload abandoned")
         generation.undo_env()
         self.close_listeners(generation.listeners)
+        logs = generation.logs
+        if logs is not None and all(logs is not held for held in self.logging_setups()):
+            logs.close()  # never installed here: the master logs on as it did
+
+    def logging_setups(self) -> list[Any]:
+        """The logging setups the master holds: its own (the serving generation's) and the
+        pending generation's, which may be the same (a reload that left `logging` alone)."""
+        setups = [self.logs, self.current.logs]
+        if self.pending is not None:
+            setups.append(self.pending.logs)
+        return [setup for setup in setups if setup is not None]
 
     # listeners -------------------------------------------------------------------------
 

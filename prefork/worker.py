@@ -134,10 +134,14 @@ def worker_main(spec: WorkerSpec) -> int:
             os.close(fd)
         except OSError:
             pass
+    # the generation's logging setup, before anything is logged: its error log on fd 2 (a
+    # reload's canary and replacements get the new one while the master still has the old),
+    # its level and its access log
+    spec.logs.install()
     signals = SignalQueue(
         catch=(signal.SIGTERM, signal.SIGUSR1),
-        # USR2 too: the master ignores it, and a USR2 to the whole process group (a
-        # gunicorn habit) must not take every worker down at once
+        # USR2 too: it is the master's (an upgrade), and a USR2 to the whole process group
+        # (a gunicorn habit) must not take every worker down at once
         ignore=(signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2),
     )
     signal.signal(signal.SIGINT, _exit_now)

@@ -417,15 +417,14 @@ def test_ttin_survives_a_reload_unless_the_file_changes_the_count(
 
 
 def test_a_reload_says_which_settings_wait_for_a_restart(server_factory: ServerFactory) -> None:
-    """The log level, the backlog and the like are the master's open state: a reload that
-    changes them serves on, and says they keep their old value until a restart."""
+    """The backlog, the umask and the like are the master's open state: a reload that
+    changes them serves on, and says they keep their old value until a restart. (The
+    `logging` section is applied by a reload: test_reload_logging.py.)"""
     server = server_factory(settings(), app_source=APP, env=NO_PYC)
-    server.config.write_text(
-        server.config.read_text() + "backlog: 64\nlogging:\n  level: debug\n"
-    )
+    server.config.write_text(server.config.read_text() + "backlog: 64\numask: '027'\n")
     assert hup(server).startswith("reloaded: generation 2 ")
     server.wait_for_log(
-        "reload: backlog, logging.level changed; the running server keeps the old value "
+        "reload: umask, backlog changed; the running server keeps the old value "
         "until it is restarted", timeout=5,
     )
     assert hup(server).startswith("reloaded: generation 3 ")
