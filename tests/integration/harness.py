@@ -398,7 +398,7 @@ def gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, reading
         return True
     return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 
