@@ -906,6 +906,7 @@ HOOKS = (
     "worker_exit",
     "child_exit",
     "on_reload",
+    "pre_exec",
     "pre_request",
     "post_request",
     "on_exit",
@@ -947,6 +948,11 @@ class HooksConfig:
     )
     on_reload: str | None = _hook(
         "on_reload(server): master, when a HUP has produced a valid new configuration."
+    )
+    pre_exec: str | None = _hook(
+        "pre_exec(server): the child a USR2 forks, just before it executes the new master "
+        "(its environment is os.environ there). Raising stops the upgrade: the child "
+        "exits and the old master serves on."
     )
     pre_request: str | None = _hook(
         "pre_request(worker, environ): the worker, before the app is called. Raising "

@@ -1086,9 +1086,12 @@ class Master:
             refusal = upgrader.refusal(self.current.listeners)
         if refusal is None:
             assert upgrader is not None
+            info = self.server_info()  # this master, as the hook sees it in the child
             try:
                 pid = upgrader.start(
-                    self.current.listeners, (self.target, self.current.config.workers.count)
+                    self.current.listeners,
+                    (self.target, self.current.config.workers.count),
+                    lambda: self.current.hooks.call("pre_exec", info),
                 )
             except OSError as exc:
                 refusal = f"cannot start the new master: {exc}"

@@ -22,7 +22,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -175,9 +175,15 @@ class Upgrader:
                     "activation no connection is refused meanwhile)")
         return None
 
-    def start(self, listeners: list[Listener], workers: tuple[int, int]) -> int:
+    def start(
+        self,
+        listeners: list[Listener],
+        workers: tuple[int, int],
+        pre_exec: Callable[[], bool] = lambda: True,
+    ) -> int:
         """Move this master's files aside, fork and exec the new master; its pid. Raises
-        OSError (files put back) if it cannot be started."""
+        OSError (files put back) if it cannot be started. `pre_exec()` runs in the child
+        before exec, with os.environ the new master's; False stops it there."""
         self.moved = []
         try:
             if self.pidfile is not None:
@@ -208,7 +214,7 @@ class Upgrader:
         try:
             pid = os.fork()
             if pid == 0:
-                _exec(self.command, self.cwd, environ, fds, self.caught)
+                _exec(self.command, self.cwd, environ, fds, self.caught, pre_exec)
         except OSError:
             self.put_back()
             raise
@@ -286,14 +292,19 @@ class Upgrader:
         return True
 
 
-def _exec(command: list[str], cwd: str, environ: Mapping[str, str], fds: list[int],
-          caught: Iterable[int]) -> NoReturn:
+def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
+          caught: Iterable[int], pre_exec: Callable[[], bool]) -> NoReturn:
     """In the forked child: the new master starts as a fresh process would, with default
     signal handlers, an empty signal mask, and only the passed sockets beyond stdio."""
     try:
         signal.set_wakeup_fd(-1)
         for signum in caught:
             signal.signal(signum, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(environ)
+        if not pre_exec():
+            os._exit(127)
+        environ = dict(os.environ)  # as the hook left it
         for fd in (0, 1, 2):  # a daemon's stdio may be close-on-exec (python-daemon's are)
             try:
                 os.set_inheritable(fd, True)

@@ -275,3 +275,44 @@ def test_usr2_is_refused_under_systemd(
         assert fetch(server.addresses()[0]).status == 200
     finally:
         notify.close()
+
+
+HOOKS = '''
+import os
+def pre_exec(server):
+    if os.path.exists(os.path.join(os.path.dirname(__file__), "refuse")):
+        raise RuntimeError("pre_exec refuses")
+    os.environ["PF_SET_BY_PRE_EXEC"] = "%d" % server.pid
+'''
+APP_ENV = APP_V1.replace('b"v1 %d" % os.getpid()',
+                         'os.environ.get("PF_SET_BY_PRE_EXEC", "none").encode() + b" 0"')
+
+
+def test_the_pre_exec_hook_runs_in_the_child_and_can_stop_the_upgrade(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    (app_dir / "uphooks.py").write_text(HOOKS)
+    (app_dir / "upapp.py").write_text(APP_ENV)
+    (app_dir / "refuse").write_text("")
+    config, old = launch(daemons, app_dir, short_tmp / "up.sock",
+                         hooks={"pre_exec": "uphooks:pre_exec"})
+    pidfile = app_dir / "preforkd.pid"
+    error_log = app_dir / "error.log"
+    tcp = parse_addresses(error_log.read_text())[0]
+
+    refused = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "exited (exit code 127)" in refused.stderr
+    log = error_log.read_text()
+    assert "hook pre_exec (uphooks:pre_exec) failed" in log and "pre_exec refuses" in log
+    assert read_pid(pidfile) == old
+    assert fetch(tcp).body.split()[0] == b"none"
+
+    (app_dir / "refuse").unlink()
+    result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+    new = read_pid(pidfile)
+    if new is not None:
+        daemons.adopt(new)
+    assert result.returncode == 0, result.stdout + result.stderr + error_log.read_text()
+    # set in the child, by the old master's hook: the new master and its workers have it
+    assert fetch(tcp).body.split()[0] == str(old).encode()

@@ -195,7 +195,9 @@ class StubUpgrader:
     def refusal(self, listeners: list[Listener]) -> str | None:
         return self.why
 
-    def start(self, listeners: list[Listener], workers: tuple[int, int]) -> int:
+    def start(self, listeners: list[Listener], workers: tuple[int, int],
+              pre_exec: Callable[[], bool]) -> int:
+        assert pre_exec() is True  # no pre_exec hook configured: nothing stops it
         self.started.append(workers)
         self.pid = 4242
         return 4242
