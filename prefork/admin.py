@@ -48,15 +48,6 @@ class AdminServer:
             del self.listeners[sock.fileno()]
             sock.close()
 
-    def close_unix(self) -> None:
-        for sock in list(self.listeners.values()):
-            if sock.family == socket.AF_UNIX:
-                del self.listeners[sock.fileno()]
-                sock.close()
-        if self.unix_path is not None and self.unix_inode is not None:
-            unlink_if_ours(self.unix_path, self.unix_inode)
-        self.unix_path = self.unix_inode = None
-
     def add(self, sockets: list[socket.socket]) -> None:
         self.listeners.update((sock.fileno(), sock) for sock in sockets)
 

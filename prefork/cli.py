@@ -82,7 +82,7 @@ from prefork.sockets import (
 )
 from prefork.system import System
 from prefork.tls import server_context
-from prefork.upgrade import Handover, Upgrader, new_master_command
+from prefork.upgrade import Handover, Upgrader, new_master_command, started_in
 
 log = logging.getLogger("prefork")
 
@@ -423,7 +423,9 @@ def open_listeners(config: Config, handover: Handover | None = None) -> list[Lis
         finally:
             for listener in passed:
                 if listener not in listeners:
-                    listener.close()  # an address the configuration dropped
+                    # an address the configuration dropped: its file goes now, as at a reload
+                    listener.shared_with = None
+                    listener.close()
     else:
         listeners = bind_all(bind_specs(config), config.backlog)
     if config.protocol == "http":
@@ -607,7 +609,9 @@ class Startup:
         self.inherited_fds = inherited_fds or set()
         self.config = config
         self.reread = reread
-        self.started_in = os.getcwd()
+        self.started_in = started_in()
+        # a unit's main process cannot hand over to another: USR2 is refused (upgrade.py)
+        self.systemd_unit = under_systemd(os.environ)
         # started by a master's USR2 (None: a plain start)
         self.handover: Handover | None = None
         self.handover_error = ""
@@ -764,8 +768,10 @@ class Startup:
     def serve(self, listeners: list[Listener], app: object, announce: Announcer) -> int:
         config = self.config
         admin_path = admin_socket_path(config.admin.socket, config.pidfile)
-        passed = None if self.handover is None else self.handover.admin_sockets(config.admin.bind)
         try:
+            passed = None if self.handover is None else self.handover.admin_sockets(
+                config.admin.bind
+            )
             admin_sockets, admin_inode = open_admin(admin_path, config.admin.bind, passed)
         except OSError as exc:
             announce.failed(str(exc))
@@ -792,7 +798,7 @@ class Startup:
                 without_handed_on(self.inherited_env),
                 self.detached,
                 MASTER_SIGNALS,
-                under_systemd=announce.sd is not None,
+                under_systemd=bool(self.systemd_unit) or announce.sd is not None,
                 pidfile=self.pidfile,
                 announce=announce,
                 admin_implied=not config.admin.socket,
@@ -1226,18 +1232,18 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     from the code installed now on the same sockets; once that one reports ready (its
     PIDFILE.status), TERM to the old one, and wait until it has exited. Exit 0 when the new
     master serves alone; 1 if the old master refused (why is printed), the new one exited
-    before it was ready (the old one serves on), or either step took longer than `wait`;
+    (before it was ready: the old one serves on), or either step took longer than `wait`;
     2, nothing sent, as signal_master says."""
     status_path = f"{endpoint.pidfile}.status"
-    serial = 0
+    upgrades = 0
 
-    def note_serial(pid: int) -> None:
-        nonlocal serial
+    def note_upgrades(pid: int) -> None:
+        nonlocal upgrades
         before = read_status(status_path) or {}
-        found = before.get("serial", 0) if before.get("pid") == pid else 0
-        serial = found if isinstance(found, int) else 0
+        found = before.get("upgrades", 0) if before.get("pid") == pid else 0
+        upgrades = found if isinstance(found, int) else 0
 
-    old, code = signal_master(endpoint, "upgrade", signal.SIGUSR2, note_serial)
+    old, code = signal_master(endpoint, "upgrade", signal.SIGUSR2, note_upgrades)
     if old is None:
         return code
     assert endpoint.pidfile is not None
@@ -1245,14 +1251,14 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     while True:
         status = read_status(status_path) or {}
         new = read_pid(endpoint.pidfile)
-        if status.get("pid") == old and status.get("state") == "done" and isinstance(
-            status.get("serial"), int
-        ) and status["serial"] > serial:  # type: ignore[operator]
+        count = status.get("upgrades")
+        if status.get("pid") == old and isinstance(count, int) and count > upgrades:
             print(f"preforkd: {status.get('message', '')}", file=sys.stderr)
             return EXIT_RUNTIME_ERROR
-        if new is not None and new != old and status.get("pid") == new and status.get(
-            "state"
-        ) == "ready":
+        # "ready", or anything it wrote after (a reload's state): it was ready first
+        if new not in (None, old) and status.get("pid") == new and status.get("state") in (
+            "ready", "reloading", "done"
+        ):
             break
         if not is_master(old):
             print(f"preforkd: the server (pid {old}) exited during the upgrade",
@@ -1263,12 +1269,17 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
                   f"{old}) still serves", file=sys.stderr)
             return EXIT_RUNTIME_ERROR
         time.sleep(0.05)
+    assert new is not None
     say(f"preforkd: the new master (pid {new}) is ready; stopping the old one (pid {old})")
     with contextlib.suppress(ProcessLookupError):
         os.kill(old, signal.SIGTERM)
     if not exited(old, max(0.0, deadline - time.monotonic())):
         print(f"preforkd: the old master (pid {old}) still runs {wait:g}s after the upgrade "
               "began; its workers may be finishing long requests", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
+    if not is_master(new):
+        print(f"preforkd: the new master (pid {new}) exited while the old one stopped; "
+              "nothing serves now: start the server again", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
     say(f"preforkd: upgraded: master pid {old} -> {new}")
     return 0

@@ -374,7 +374,9 @@ class Master:
             handle = self.workers.pop(pid, None)
             if handle is not None:
                 self.exited(handle, status)
-            elif self.upgrader is not None and self.upgrader.ended(pid):
+            elif self.upgrader is not None and self.upgrader.ended(
+                pid, take_back=self.stop is Stop.NONE
+            ):
                 self.upgrade_ended(pid, status)
 
     def exited(self, handle: WorkerHandle, status: int) -> None:
@@ -1080,7 +1082,9 @@ class Master:
             refusal: str | None = "this master cannot start another"
         elif self.stop is not Stop.NONE:
             refusal = "the server is stopping"
-        elif self.pending is not None:
+        elif not self.ever_ready:
+            refusal = "the server is not ready yet"
+        elif self.pending is not None or self.reloading:
             refusal = "a reload is under way"
         else:
             refusal = upgrader.refusal(self.current.listeners)
@@ -1098,7 +1102,7 @@ class Master:
         if refusal is not None:
             message = f"USR2 ignored: {refusal}"
             log.warning("%s", message)
-            self.announce.refused(message)
+            self.announce.upgrade_failed(message)
             return
         self.set_title()
         log.info("USR2: started a new master (pid %d) on the same sockets; this one (pid %d) "
@@ -1106,10 +1110,15 @@ class Master:
 
     def upgrade_ended(self, pid: int, status: int) -> None:
         self.set_title()
-        message = (f"upgrade: the new master (pid {pid}) exited ({describe_status(status)}); "
-                   f"this master (pid {os.getpid()}) serves alone again")
+        how = describe_status(status)
+        if self.stop is not Stop.NONE:
+            log.error("upgrade: the new master (pid %d) exited (%s) while this one is "
+                      "stopping: nothing will serve", pid, how)
+            return
+        message = (f"upgrade: the new master (pid {pid}) exited ({how}); this master "
+                   f"(pid {os.getpid()}) serves alone again")
         log.warning("%s", message)
-        self.announce.refused(message)
+        self.announce.upgrade_failed(message)
 
     def reopen_logs(self) -> None:
         # The master (root) creates the new files first, owned by the user the current

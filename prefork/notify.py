@@ -70,6 +70,7 @@ class Announcer:
         self.ready_fd = ready_fd
         self.status_path = status_path
         self.reloads = 0
+        self.upgrades = 0
 
     def fds(self) -> list[int]:
         """What a worker must not inherit: the master's notify socket and the ready pipe."""
@@ -109,14 +110,22 @@ class Announcer:
         )
 
     def refused(self, message: str) -> None:
-        """A HUP that starts no reload (the server is stopping), a USR2 that starts no new
-        master, or a new master that exited: the status file answers `preforkd reload` and
-        `preforkd upgrade`; systemd hears nothing (it is stopping the service, or has no
-        say in an upgrade)."""
+        """A HUP that starts no reload (the server is stopping): the status file answers
+        `preforkd reload`; systemd hears nothing (it is stopping the service)."""
         self.reloads += 1
         self._write_status(
             {"pid": os.getpid(), "serial": self.reloads, "state": "done", "ok": False,
              "message": message}
+        )
+
+    def upgrade_failed(self, message: str) -> None:
+        """A USR2 that started no new master, or a new master that exited: what `preforkd
+        upgrade` waits for. Counted apart from reloads (`upgrades`), so that neither command
+        takes the other's outcome for its own."""
+        self.upgrades += 1
+        self._write_status(
+            {"pid": os.getpid(), "serial": self.reloads, "upgrades": self.upgrades,
+             "state": "upgrade failed", "message": message}
         )
 
     def stopping(self) -> None:

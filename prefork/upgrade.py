@@ -16,6 +16,7 @@ file both masters serve on is removed only by the last of them to exit (`Listene
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -91,7 +92,14 @@ class Handover:
         """The handover this process was started with (removed from `environ`, so that
         nothing forked later takes it for its own), or None for a plain start."""
         text = environ.pop(ENV, None)
-        return None if text is None else cls.decode(text)
+        if text is None:
+            return None
+        handover = cls.decode(text)
+        for fd in (*(s.fd for s in handover.sockets), *handover.admin_fds):
+            # at once: nothing a hook or a preloaded app starts may inherit them
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        return handover
 
     def listeners(self, specs: Iterable[BindSpec]) -> list[Listener]:
         """The passed listening sockets, shared with the old master until it exits; each
@@ -132,12 +140,33 @@ class Handover:
         return sockets
 
 
-def new_master_command(orig_argv: Sequence[str] | None = None) -> list[str]:
-    """The command line that started this process, run by this interpreter: the console
-    script (or `-m prefork`) and its arguments as given. Whatever is installed at those paths
-    now is what the new master runs."""
+def new_master_command(
+    orig_argv: Sequence[str] | None = None, script: str | None = None
+) -> list[str]:
+    """The command line that started this process. A console script (`preforkd ...`, the
+    interpreter's first argument) is executed itself, so that its first line picks the
+    interpreter installed now (a new virtualenv, a new Python); anything else (`python -m
+    prefork ...`, interpreter options) runs again under this interpreter. Whatever is
+    installed at those paths now is what the new master runs."""
     argv = list(sys.orig_argv if orig_argv is None else orig_argv)
+    script = sys.argv[0] if script is None else script
+    if len(argv) > 1 and argv[1] == script and os.access(script, os.X_OK):
+        return [script, *argv[2:]]
     return [sys.executable, *argv[1:]]
+
+
+def started_in() -> str:
+    """The working directory as the shell named it: $PWD when it is the same directory as
+    getcwd() (which resolves symbolic links), so that a new master started in `current/`
+    after a deploy moved that link runs in the new release (as gunicorn's util.getcwd)."""
+    cwd = os.getcwd()
+    pwd = os.environ.get("PWD")
+    try:
+        if pwd and os.path.samefile(pwd, cwd):
+            return pwd
+    except OSError:
+        pass
+    return cwd
 
 
 @dataclass
@@ -173,7 +202,21 @@ class Upgrader:
         if any(listener.inherited for listener in listeners):
             return ("the sockets belong to systemd: restart the service instead (with socket "
                     "activation no connection is refused meanwhile)")
+        moved = self.old_admin_path()
+        if moved is not None and unix_path_length_problem(moved):
+            return (f"the status socket's name while the new master runs, {moved}, would be "
+                    "too long for a unix socket: set a shorter admin.socket")
         return None
+
+    def old_admin_path(self) -> str | None:
+        """Where the status socket goes while the new master runs: PIDFILE.oldbin.sock,
+        where `preforkd status -p PIDFILE.oldbin` finds it, or ADMIN.SOCKET.oldbin."""
+        admin = self.admin
+        if admin is None or admin.unix_path is None:
+            return None
+        if self.admin_implied and self.pidfile is not None:
+            return f"{self.pidfile.path}{OLD}.sock"
+        return admin.unix_path + OLD
 
     def start(
         self,
@@ -185,12 +228,13 @@ class Upgrader:
         OSError (files put back) if it cannot be started. `pre_exec()` runs in the child
         before exec, with os.environ the new master's; False stops it there."""
         self.moved = []
+        admin_target = self.old_admin_path()  # named before the pidfile's name changes
         try:
             if self.pidfile is not None:
                 path = self.pidfile.path
                 self._move(path, path + OLD)
                 self._move(f"{path}.status", f"{path}{OLD}.status")
-            self._move_admin_socket()
+            self._move_admin_socket(admin_target)
         except OSError:
             self.put_back()
             raise
@@ -227,22 +271,9 @@ class Upgrader:
             self.admin.close_tcp()  # the new master's now: one port, one master
         return pid
 
-    def _move_admin_socket(self) -> None:
-        """The status socket goes to PIDFILE.oldbin.sock (or ADMIN.SOCKET.oldbin), where
-        `preforkd status -p PIDFILE.oldbin` finds it; it is closed if that name is too long."""
-        admin = self.admin
-        if admin is None or admin.unix_path is None:
-            return
-        if self.admin_implied and self.pidfile is not None:
-            target = f"{self.pidfile.path}.sock"  # moved already: PIDFILE.oldbin
-        else:
-            target = admin.unix_path + OLD
-        if unix_path_length_problem(target):
-            log.warning("upgrade: the status socket %s is closed (%s would be too long a "
-                        "name)", admin.unix_path, target)
-            admin.close_unix()
-            return
-        self._move(admin.unix_path, target)
+    def _move_admin_socket(self, target: str | None) -> None:
+        if target is not None and self.admin is not None and self.admin.unix_path is not None:
+            self._move(self.admin.unix_path, target)
 
     def _move(self, source: str, target: str) -> None:
         """Rename `source` (which may not exist yet: the name changes all the same)."""
@@ -283,12 +314,17 @@ class Upgrader:
             else:
                 self.admin.add(sockets)
 
-    def ended(self, pid: int) -> bool:
-        """Whether `pid` was the new master; if so, this master is the only one again."""
+    def ended(self, pid: int, take_back: bool = True) -> bool:
+        """Whether `pid` was the new master; if so, this master is the only one again, and
+        takes its file names back (`take_back`; not when it is stopping: its files go with
+        it under the names they have)."""
         if pid != self.pid:
             return False
         self.pid = None
-        self.put_back()
+        if take_back:
+            self.put_back()
+        else:
+            self.moved = []
         return True
 
 
@@ -313,6 +349,8 @@ def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
                 if null != fd:
                     os.dup2(null, fd)
                     os.close(null)
+                else:
+                    os.set_inheritable(fd, True)  # os.open made it close-on-exec
         for fd in fds:
             os.set_inheritable(fd, True)
         os.chdir(cwd)

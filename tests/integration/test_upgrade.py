@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from detached import Daemons, launch_daemon, preforkd, read_pid
 from harness import (
@@ -256,17 +257,20 @@ def test_an_upgrade_keeps_the_status_port_and_a_resized_pool(
     assert f"[{new}] [INFO] ready: 3 workers" in error_log.read_text()
 
 
+@pytest.mark.parametrize("unit", ["notify", "simple"])
 def test_usr2_is_refused_under_systemd(
-    server_factory: ServerFactory, short_tmp: Path
+    server_factory: ServerFactory, short_tmp: Path, unit: str
 ) -> None:
+    """The unit's main process would exit for good: systemd ends the service, and with it
+    the new master (any unit type: INVOCATION_ID is set in all of them)."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(short_tmp / "notify.sock"))
+    env = {"INVOCATION_ID": "0123456789abcdef"}
+    if unit == "notify":
+        env["NOTIFY_SOCKET"] = str(short_tmp / "notify.sock")
     try:
         pidfile = short_tmp / "app.pid"
-        server = server_factory(
-            settings(pidfile=str(pidfile)),
-            env={"NOTIFY_SOCKET": str(short_tmp / "notify.sock")},
-        )
+        server = server_factory(settings(pidfile=str(pidfile)), env=env)
         result = preforkd("upgrade", "-p", str(pidfile), "--wait", "20", timeout=40)
         assert result.returncode == 1, result.stdout + result.stderr
         assert result.stderr.startswith("preforkd: USR2 ignored: under systemd"), result.stderr
@@ -316,3 +320,25 @@ def test_the_pre_exec_hook_runs_in_the_child_and_can_stop_the_upgrade(
     assert result.returncode == 0, result.stdout + result.stderr + error_log.read_text()
     # set in the child, by the old master's hook: the new master and its workers have it
     assert fetch(tcp).body.split()[0] == str(old).encode()
+
+
+def test_an_upgrade_that_drops_a_unix_address_removes_its_file(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    first, second = short_tmp / "a.sock", short_tmp / "b.sock"
+    config, old = launch(daemons, app_dir, first)
+    pidfile = app_dir / "preforkd.pid"
+    data = yaml.safe_load(config.read_text())
+    data["bind"] = ["127.0.0.1:0", f"unix:{second}"]
+    config.write_text(yaml.safe_dump(data))
+
+    result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
+    new = read_pid(pidfile)
+    if new is not None:
+        daemons.adopt(new)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not first.exists()  # as a reload that drops it: the path goes at once
+    assert version_and_pid(str(second))[0] == "v1"
+    stopped = preforkd("stop", "-p", str(pidfile), "--wait", "30")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not second.exists()

@@ -141,6 +141,9 @@ class RecordingAnnouncer(Announcer):
     def refused(self, message: str) -> None:
         self.calls.append(("refused", message))
 
+    def upgrade_failed(self, message: str) -> None:
+        self.calls.append(("upgrade_failed", message))
+
     def stopping(self) -> None:
         self.calls.append(("stopping",))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,15 @@ from prefork.addresses import Address
 from prefork.notify import Announcer
 from prefork.pidfile import PidFile
 from prefork.sockets import BindSpec, Listener, bind
-from prefork.upgrade import ENV, Handover, PassedSocket, Upgrader, new_master_command
+from prefork.upgrade import (
+    ENV,
+    Handover,
+    PassedSocket,
+    Upgrader,
+    _exec,
+    new_master_command,
+    started_in,
+)
 from tests.unit.fakes import Rig, exit_status, matching
 
 pytestmark = pytest.mark.usefixtures("prefork_log_propagates")
@@ -42,13 +51,45 @@ def test_a_garbled_handover_is_refused(text: str) -> None:
         Handover.decode(text)
 
 
-def test_the_new_master_runs_the_same_command_with_this_interpreter() -> None:
-    assert new_master_command(["python3", "-m", "prefork", "-c", "a.yaml"]) == [
+def test_the_new_master_runs_the_same_command(tmp_path: Path) -> None:
+    assert new_master_command(["python3", "-m", "prefork", "-c", "a.yaml"], "x/__main__.py") == [
         sys.executable, "-m", "prefork", "-c", "a.yaml",
     ]
-    assert new_master_command(["/usr/bin/python3", "/venv/bin/preforkd", "-D"]) == [
-        sys.executable, "/venv/bin/preforkd", "-D",
+    # a console script runs itself: its first line names the interpreter installed now
+    script = tmp_path / "preforkd"
+    script.write_text("#!/new/venv/bin/python\n")
+    script.chmod(0o755)
+    assert new_master_command(["/old/bin/python3", str(script), "-D"], str(script)) == [
+        str(script), "-D",
     ]
+    # interpreter options before it: run again as it was, under this interpreter
+    assert new_master_command(["python3", "-X", "dev", str(script)], str(script)) == [
+        sys.executable, "-X", "dev", str(script),
+    ]
+
+
+def test_started_in_keeps_the_symbolic_link_the_shell_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "rel1").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "rel1")
+    monkeypatch.chdir(tmp_path / "current")
+    monkeypatch.setenv("PWD", str(tmp_path / "current"))
+    assert started_in() == str(tmp_path / "current")
+    monkeypatch.setenv("PWD", str(tmp_path))  # stale: another directory
+    assert started_in() == os.getcwd() == str(tmp_path / "rel1")
+
+
+def test_the_passed_descriptors_are_not_inherited_from_the_start() -> None:
+    a, b = socket.socketpair()
+    try:
+        os.set_inheritable(a.fileno(), True)
+        handover = Handover(1, False, (PassedSocket(a.fileno(), "127.0.0.1:1"),))
+        Handover.from_environ({ENV: handover.encode()})
+        assert os.get_inheritable(a.fileno()) is False
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.fixture
@@ -175,6 +216,36 @@ def test_start_moves_the_files_aside_execs_and_puts_them_back(
     assert (tmp_path / "p.pid.status").read_text() == "{}"
 
 
+def test_closed_stdio_is_opened_on_dev_null_for_the_new_master(tmp_path: Path) -> None:
+    """A daemon's stdio may be closed: the new master must not start without fds 0-2 (its
+    first sockets would take those numbers)."""
+    report = tmp_path / "report.json"
+    probe = ("import json, os, sys; json.dump([os.readlink(f'/proc/self/fd/{fd}') "
+             "for fd in (0, 1)], open(sys.argv[1], 'w'))")
+    pid = os.fork()
+    if pid == 0:
+        os.close(0)
+        os.close(1)
+        _exec([sys.executable, "-c", probe, str(report)], str(tmp_path), dict(os.environ),
+              [], [], lambda: True)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert json.loads(report.read_text()) == ["/dev/null", "/dev/null"]
+
+
+def test_a_status_socket_name_too_long_once_moved_refuses_the_upgrade(
+    unix_listener: Listener, tmp_path: Path
+) -> None:
+    class Admin:
+        unix_path = "/tmp/" + "a" * 97 + ".sock"  # 107 bytes: fits; with .oldbin it does not
+
+    up = upgrader(tmp_path, ["x"], admin=Admin(), admin_implied=False)
+    assert (up.refusal([unix_listener]) or "").startswith(
+        f"the status socket's name while the new master runs, {Admin.unix_path}.oldbin, "
+        "would be too long"
+    )
+
+
 def test_a_command_that_cannot_run_exits_127(unix_listener: Listener, tmp_path: Path) -> None:
     unix_listener.configured = BindSpec(unix_listener.address)
     up = upgrader(tmp_path, [str(tmp_path / "no-such-program")])
@@ -191,6 +262,7 @@ class StubUpgrader:
         self.pid: int | None = None
         self.why = refusal
         self.started: list[tuple[int, int]] = []
+        self.taken_back: list[bool] = []
 
     def refusal(self, listeners: list[Listener]) -> str | None:
         return self.why
@@ -202,10 +274,11 @@ class StubUpgrader:
         self.pid = 4242
         return 4242
 
-    def ended(self, pid: int) -> bool:
+    def ended(self, pid: int, take_back: bool = True) -> bool:
         if pid != self.pid:
             return False
         self.pid = None
+        self.taken_back.append(take_back)
         return True
 
 
@@ -213,8 +286,8 @@ def test_usr2_without_an_upgrader_is_refused(make_rig: Callable[..., Rig]) -> No
     rig = make_rig(count=2)
     rig.start()
     rig.signal(signal.SIGUSR2)
-    assert rig.announce.named("refused") == [
-        ("refused", "USR2 ignored: this master cannot start another")
+    assert rig.announce.named("upgrade_failed") == [
+        ("upgrade_failed", "USR2 ignored: this master cannot start another")
     ]
 
 
@@ -229,14 +302,14 @@ def test_usr2_starts_a_new_master_and_its_exit_is_reported(
     rig.signal(signal.SIGUSR2)
     assert stub.started == [(3, 2)]  # the pool as resized, and the configured count
     assert matching(caplog, "USR2: started a new master (pid 4242)")
-    assert rig.announce.named("refused") == []
+    assert rig.announce.named("upgrade_failed") == []
     workers = len(rig.master.workers)
 
     rig.exit(4242, exit_status(3))
     assert stub.pid is None
     assert matching(caplog, "upgrade: the new master (pid 4242) exited (exit code 3); this "
                             "master")
-    assert [m for _, m in rig.announce.named("refused")] == [
+    assert [m for _, m in rig.announce.named("upgrade_failed")] == [
         matching(caplog, "upgrade: the new master")[0]
     ]
     assert len(rig.master.workers) == workers  # its own workers are untouched
@@ -249,6 +322,38 @@ def test_usr2_while_stopping_is_refused(make_rig: Callable[..., Rig]) -> None:
     rig.start()
     rig.signal(signal.SIGTERM, signal.SIGUSR2)
     assert stub.started == []
-    assert rig.announce.named("refused") == [
-        ("refused", "USR2 ignored: the server is stopping")
+    assert rig.announce.named("upgrade_failed") == [
+        ("upgrade_failed", "USR2 ignored: the server is stopping")
     ]
+    assert rig.announce.named("refused") == []  # a reload's outcome is not touched
+
+
+def test_usr2_before_ready_or_during_a_reload_is_refused(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=1)
+    stub = StubUpgrader()
+    rig.master.upgrader = stub  # type: ignore[assignment]
+    rig.tick()  # the worker is booting: not ready yet
+    rig.signal(signal.SIGUSR2)
+    rig.boot_all()
+    rig.master.reloading = True  # promoted, old workers still being replaced
+    rig.signal(signal.SIGUSR2)
+    assert stub.started == []
+    assert [m for _, m in rig.announce.named("upgrade_failed")] == [
+        "USR2 ignored: the server is not ready yet",
+        "USR2 ignored: a reload is under way",
+    ]
+
+
+def test_a_new_master_that_exits_while_this_one_stops_leaves_the_files_as_they_are(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=1)
+    stub = StubUpgrader()
+    rig.master.upgrader = stub  # type: ignore[assignment]
+    rig.start()
+    rig.signal(signal.SIGUSR2)
+    rig.signal(signal.SIGTERM)
+    rig.exit(4242, exit_status(0))
+    assert stub.taken_back == [False]
+    assert matching(caplog, "while this one is stopping: nothing will serve")
+    assert rig.announce.named("upgrade_failed") == []
