@@ -403,6 +403,26 @@ def gone(pid: int) -> bool:
     return stat[stat.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
+class Datagrams:
+    """What a datagram socket (a stand-in syslog daemon) received: `received(pattern)`
+    searches the messages so far and, failing that, reads at most one more (0.2 s), so it
+    suits wait_until. SysLogHandler's trailing NUL is dropped."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.messages: list[str] = []
+
+    def received(self, pattern: str) -> re.Match[str] | None:
+        regex = re.compile(pattern)
+        for message in self.messages:
+            if match := regex.search(message):
+                return match
+        self.sock.settimeout(0.2)
+        with contextlib.suppress(TimeoutError):
+            self.messages.append(self.sock.recv(65536).decode(errors="replace").rstrip("\x00"))
+        return None
+
+
 def kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)

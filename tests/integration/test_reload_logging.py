@@ -9,7 +9,6 @@ runs with shows in the error log; its body is the worker's pid.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
@@ -21,6 +20,7 @@ import psutil
 
 from detached import preforkd
 from harness import (
+    Datagrams,
     Server,
     ServerFactory,
     fetch,
@@ -338,17 +338,8 @@ def test_a_reload_to_syslog_needs_a_socket_that_answers(
 
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
         receiver.bind(str(path))
-        receiver.settimeout(0.2)
-        messages: list[str] = []
-
-        def received(pattern: str) -> re.Match[str] | None:
-            regex = re.compile(pattern)
-            for message in messages:
-                if match := regex.search(message):
-                    return match
-            with contextlib.suppress(TimeoutError):
-                messages.append(receiver.recv(65536).decode(errors="replace"))
-            return None
+        inbox = Datagrams(receiver)
+        received, messages = inbox.received, inbox.messages
 
         since = len(server.log())
         server.signal(signal.SIGHUP)

@@ -21,6 +21,7 @@ import pytest
 from detached import Daemons, read_pid
 from harness import (
     PID_APP,
+    Datagrams,
     ServerFactory,
     fetch,
     parse_address,
@@ -208,18 +209,8 @@ def test_syslog_over_udp(server_factory: ServerFactory) -> None:
         server = server_factory(
             settings(f"udp://127.0.0.1:{port}"), app_source=PID_APP, wait_ready=False
         )
-        messages: list[str] = []
-
-        def received(pattern: str) -> re.Match[str] | None:
-            regex = re.compile(pattern)
-            for message in messages:
-                if match := regex.search(message):
-                    return match
-            receiver.settimeout(0.2)
-            with contextlib.suppress(TimeoutError):
-                # Python's SysLogHandler ends each message with a NUL byte.
-                messages.append(receiver.recv(65536).decode(errors="replace").rstrip("\x00"))
-            return None
+        inbox = Datagrams(receiver)
+        received, messages = inbox.received, inbox.messages
 
         ready = wait_until(
             lambda: received(r"^<(\d+)>pftest\[(\d+)\]: \[INFO\] ready: 2 "),

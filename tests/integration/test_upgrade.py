@@ -15,12 +15,14 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
 
 from detached import Daemons, launch_daemon, preforkd, read_pid
 from harness import (
+    Address,
     ServerFactory,
     fetch,
     gone,
@@ -92,8 +94,16 @@ def app_dir(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-def launch(daemons: Daemons, directory: Path, sock: Path, **more: object) -> tuple[Path, int]:
-    return launch_daemon(
+class Launched(NamedTuple):
+    config: Path
+    old: int  # the master's pid
+    pidfile: Path
+    error_log: Path
+    tcp: Address  # its TCP address
+
+
+def launch(daemons: Daemons, directory: Path, sock: Path, **more: object) -> Launched:
+    config, pid = launch_daemon(
         daemons,
         directory,
         app="upapp:app",
@@ -103,16 +113,16 @@ def launch(daemons: Daemons, directory: Path, sock: Path, **more: object) -> tup
         preload_app=True,  # the code is in the master's memory: only a new master reloads it
         **more,
     )
+    error_log = directory / "error.log"
+    tcp = parse_addresses(error_log.read_text())[0]
+    return Launched(config, pid, directory / "preforkd.pid", error_log, tcp)
 
 
 def test_upgrade_replaces_the_master_and_no_request_fails(
     daemons: Daemons, app_dir: Path, short_tmp: Path
 ) -> None:
     sock = short_tmp / "up.sock"
-    config, old = launch(daemons, app_dir, sock)
-    pidfile = app_dir / "preforkd.pid"
-    error_log = app_dir / "error.log"
-    tcp = parse_addresses(error_log.read_text())[0]
+    config, old, pidfile, error_log, tcp = launch(daemons, app_dir, sock)
     assert version_and_pid(tcp)[0] == "v1"
 
     (app_dir / "upapp.py").write_text(APP_V2)  # the new release, installed
@@ -164,10 +174,7 @@ def test_an_upgrade_whose_new_master_fails_keeps_the_old_one(
     daemons: Daemons, app_dir: Path, short_tmp: Path
 ) -> None:
     sock = short_tmp / "up.sock"
-    config, old = launch(daemons, app_dir, sock)
-    pidfile = app_dir / "preforkd.pid"
-    error_log = app_dir / "error.log"
-    tcp = parse_addresses(error_log.read_text())[0]
+    config, old, pidfile, error_log, tcp = launch(daemons, app_dir, sock)
 
     (app_dir / "upapp.py").write_text(APP_BROKEN)
     result = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
@@ -192,11 +199,8 @@ def test_usr2_by_hand_then_term_to_the_new_master_rolls_back(
     """unicorn's and gunicorn's sequence: USR2, look at the new master, and stop it if it is
     no good: the old one takes its pidfile back and is the master again."""
     sock = short_tmp / "up.sock"
-    _, old = launch(daemons, app_dir, sock)
-    pidfile = app_dir / "preforkd.pid"
+    _, old, pidfile, error_log, tcp = launch(daemons, app_dir, sock)
     oldbin = app_dir / "preforkd.pid.oldbin"
-    error_log = app_dir / "error.log"
-    tcp = parse_addresses(error_log.read_text())[0]
 
     os.kill(old, signal.SIGUSR2)
     new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
@@ -237,10 +241,8 @@ def test_an_upgrade_keeps_the_status_port_and_a_resized_pool(
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
-    config, old = launch(daemons, app_dir, short_tmp / "up.sock",
-                         admin={"bind": f"127.0.0.1:{port}"})
-    pidfile = app_dir / "preforkd.pid"
-    error_log = app_dir / "error.log"
+    config, old, pidfile, error_log, _ = launch(daemons, app_dir, short_tmp / "up.sock",
+                                                admin={"bind": f"127.0.0.1:{port}"})
     os.kill(old, signal.SIGTTIN)
     wait_until(lambda: error_log.read_text().count(" booted") >= 3, 15,
                message="TTIN added no worker")
@@ -298,11 +300,9 @@ def test_the_pre_exec_hook_runs_in_the_child_and_can_stop_the_upgrade(
     (app_dir / "uphooks.py").write_text(HOOKS)
     (app_dir / "upapp.py").write_text(APP_ENV)
     (app_dir / "refuse").write_text("")
-    config, old = launch(daemons, app_dir, short_tmp / "up.sock",
-                         hooks={"pre_exec": "uphooks:pre_exec"})
-    pidfile = app_dir / "preforkd.pid"
-    error_log = app_dir / "error.log"
-    tcp = parse_addresses(error_log.read_text())[0]
+    config, old, pidfile, error_log, tcp = launch(
+        daemons, app_dir, short_tmp / "up.sock", hooks={"pre_exec": "uphooks:pre_exec"}
+    )
 
     refused = preforkd("upgrade", "-c", str(config), "--wait", "60", timeout=90)
     assert refused.returncode == 1, refused.stdout + refused.stderr
@@ -326,8 +326,7 @@ def test_an_upgrade_that_drops_a_unix_address_removes_its_file(
     daemons: Daemons, app_dir: Path, short_tmp: Path
 ) -> None:
     first, second = short_tmp / "a.sock", short_tmp / "b.sock"
-    config, old = launch(daemons, app_dir, first)
-    pidfile = app_dir / "preforkd.pid"
+    config, _, pidfile, _, _ = launch(daemons, app_dir, first)
     data = yaml.safe_load(config.read_text())
     data["bind"] = ["127.0.0.1:0", f"unix:{second}"]
     config.write_text(yaml.safe_dump(data))
