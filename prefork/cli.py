@@ -798,7 +798,7 @@ class Startup:
                 without_handed_on(self.inherited_env),
                 self.detached,
                 MASTER_SIGNALS,
-                under_systemd=bool(self.systemd_unit) or announce.sd is not None,
+                under_systemd=bool(self.systemd_unit),  # NOTIFY_SOCKET included
                 pidfile=self.pidfile,
                 announce=announce,
                 admin_implied=not config.admin.socket,
@@ -1134,20 +1134,12 @@ def reload_running(endpoint: Endpoint, source: str | None, wait: float) -> int:
               f"reads {other} again at a reload, the file it was started with: the reload "
               "applies that file, which was not checked here", file=sys.stderr)
     status_path = f"{endpoint.pidfile}.status"
-    before = read_status(status_path) or {}
-    # a file another master left (one that died without cleaning up) says nothing of this one
-    serial = before.get("serial", 0) if before.get("pid") == pid else 0
+    serial = count_of(read_status(status_path), pid, "serial")
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        status = read_status(status_path)
-        if (
-            status is not None
-            and status.get("pid") == pid
-            and isinstance(status.get("serial"), int)
-            and status["serial"] > serial  # type: ignore[operator]
-            and status.get("state") == "done"
-        ):
+        status = read_status(status_path) or {}
+        if count_of(status, pid, "serial") > serial and status.get("state") == "done":
             message = f"preforkd: {status.get('message', '')}"
             if status.get("ok") is True:
                 say(message)
@@ -1160,6 +1152,15 @@ def reload_running(endpoint: Endpoint, source: str | None, wait: float) -> int:
         time.sleep(0.05)
     print(f"preforkd: no reload result within {wait:.0f}s", file=sys.stderr)
     return EXIT_RUNTIME_ERROR
+
+
+def count_of(status: Mapping[str, object] | None, pid: int, key: str) -> int:
+    """The count `key` (reloads: "serial", failed upgrades: "upgrades") in a PIDFILE.status
+    that master `pid` wrote; 0 otherwise: a file another master left (one that died without
+    cleaning up) says nothing of this one."""
+    found = status or {}
+    value = found.get(key, 0) if found.get("pid") == pid else 0
+    return value if isinstance(value, int) else 0
 
 
 def stop_running(endpoint: Endpoint, wait: float, force: bool) -> int:
@@ -1239,9 +1240,7 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
 
     def note_upgrades(pid: int) -> None:
         nonlocal upgrades
-        before = read_status(status_path) or {}
-        found = before.get("upgrades", 0) if before.get("pid") == pid else 0
-        upgrades = found if isinstance(found, int) else 0
+        upgrades = count_of(read_status(status_path), pid, "upgrades")
 
     old, code = signal_master(endpoint, "upgrade", signal.SIGUSR2, note_upgrades)
     if old is None:
@@ -1251,8 +1250,7 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     while True:
         status = read_status(status_path) or {}
         new = read_pid(endpoint.pidfile)
-        count = status.get("upgrades")
-        if status.get("pid") == old and isinstance(count, int) and count > upgrades:
+        if count_of(status, old, "upgrades") > upgrades:
             print(f"preforkd: {status.get('message', '')}", file=sys.stderr)
             return EXIT_RUNTIME_ERROR
         # "ready", or anything it wrote after (a reload's state): it was ready first

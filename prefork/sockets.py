@@ -383,14 +383,21 @@ def systemd_listeners(environ: MutableMapping[str, str]) -> list[Listener]:
 
 def adopt_socket(fd: int) -> Listener:
     """A listening socket this process was started with (from systemd, or from the master
-    it replaces), made ours: not inherited by what we fork or exec, non-blocking."""
-    sock = socket.socket(fileno=fd)
-    os.set_inheritable(fd, False)
-    sock.setblocking(False)
+    it replaces), made ours (adopt_fd) as a Listener."""
+    sock = adopt_fd(fd)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return Listener(sock, _address_of(sock))
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """The socket at `fd`, inherited at start, made ours: not inherited by what we fork or
+    exec, non-blocking."""
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    return sock
 
 
 _WILDCARDS = (ipaddress.ip_address("0.0.0.0"), ipaddress.ip_address("::"))

@@ -32,7 +32,7 @@ from prefork.admin import AdminServer, open_admin
 from prefork.notify import Announcer
 from prefork.pidfile import PidFile, is_master
 from prefork.signals import set_mask
-from prefork.sockets import BindError, BindSpec, Listener, adopt_socket
+from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
 
 log = logging.getLogger("prefork")
 
@@ -127,12 +127,7 @@ class Handover:
     def admin_sockets(self, bind: str | None) -> list[socket.socket]:
         """The status endpoint's TCP sockets, if the new configuration's admin.bind is the
         one they were bound for; else they are closed and [] (admin.bind binds anew)."""
-        sockets = []
-        for fd in self.admin_fds:
-            sock = socket.socket(fileno=fd)
-            os.set_inheritable(fd, False)
-            sock.setblocking(False)
-            sockets.append(sock)
+        sockets = [adopt_fd(fd) for fd in self.admin_fds]
         if bind != self.admin_bind:
             for sock in sockets:
                 sock.close()
