@@ -102,6 +102,7 @@ MASTER_SIGNALS = (
     signal.SIGTTOU,
     signal.SIGUSR1,
     signal.SIGUSR2,
+    signal.SIGWINCH,
     signal.SIGCHLD,
 )
 # Slots for every worker of two generations at the largest allowed pool (reload overlap).

@@ -184,6 +184,7 @@ class Master:
     pending: Generation | None = None  # a reload whose first worker has not booted yet
     target: int = 0
     stop: Stop = Stop.NONE
+    paused: int | None = None  # WINCH stopped the workers: the pool size HUP or TTIN restores
     exit_code: int = 0
     ever_ready: bool = False
     backoff_until: dict[int, float] = field(default_factory=dict)
@@ -233,6 +234,7 @@ class Master:
             signal.SIGTTOU: self.fewer_workers,
             signal.SIGUSR1: self.reopen_logs,
             signal.SIGUSR2: self.upgrade,
+            signal.SIGWINCH: self.stop_workers,
             signal.SIGCHLD: lambda: None,  # it woke us; reaping is every tick's first step
             0: lambda: None,  # an explicit wake-up
         }
@@ -853,7 +855,7 @@ class Master:
         if (workers.max_memory or workers.max_memory_hard) and now >= self.next_memory_check:
             self.next_memory_check = now + workers.memory_check_interval
             self.check_memory()
-        if workers.max and self.ever_ready and now >= self.next_pool_check:
+        if workers.max and self.ever_ready and self.paused is None and now >= self.next_pool_check:
             self.next_pool_check = now + 1.0
             self.size_pool()
         if self.announce.sd is not None and self.ever_ready and now >= self.next_status:
@@ -969,6 +971,8 @@ class Master:
             total += view.requests
         parts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         text = f"{len(self.workers)} workers: {parts or 'none'}; {total} requests"
+        if self.paused is not None:
+            text += " (workers stopped by WINCH)"
         return text + (" (degraded)" if self.degraded else "")
 
     def outdated(self) -> list[WorkerHandle]:
@@ -1067,12 +1071,50 @@ class Master:
                 log.warning("TTIN: already at the maximum of %d workers", self.target)
                 return
             self.target += 1
+            self.paused = None  # after a WINCH: the pool grows from none
             log.info("TTIN: %d workers", self.target)
 
     def fewer_workers(self) -> None:
         if self.stop is Stop.NONE and self.target > 1:
             self.target -= 1
             log.info("TTOU: %d workers", self.target)
+
+    def stop_workers(self) -> None:
+        """WINCH (unicorn's, and gunicorn's when detached): every worker stops gracefully and
+        none is started; the master keeps its sockets, so another master on them (after a
+        USR2) serves alone. HUP or TTIN brings workers back, and so does the end of that
+        other master. Refused in a terminal's foreground, where a window resize sends it."""
+        if self.stop is not Stop.NONE:
+            refusal: str | None = "the server is stopping"
+        elif self.paused is not None:
+            refusal = "the workers are already stopped (HUP or TTIN starts them)"
+        elif not self.ever_ready:
+            refusal = "the server is not ready yet"
+        elif self.pending is not None or self.reloading:
+            refusal = "a reload is under way"
+        elif self.kernel.in_terminal_foreground():
+            refusal = ("the master runs in a terminal's foreground, where resizing the window "
+                       "sends WINCH (run it detached to use WINCH)")
+        else:
+            refusal = None
+        if refusal is not None:
+            log.warning("WINCH ignored: %s", refusal)
+            return
+        self.paused, self.target = self.target, 0
+        self.recycle_queue.clear()
+        for handle in list(self.workers.values()):
+            self.ask_to_stop(handle, "workers stopped (WINCH)")
+        others = (f"the master started by USR2 (pid {self.upgrader.pid}) serves alone"
+                  if self.upgrader is not None and self.upgrader.pid is not None
+                  else "nothing serves the sockets")
+        log.warning("WINCH: stopping all %d workers; %s until HUP or TTIN starts workers again",
+                    self.paused, others)
+
+    def resume_workers(self, why: str) -> None:
+        """After a WINCH: back to the pool size it stopped."""
+        if self.paused is not None:
+            self.target, self.paused = self.paused, None
+            log.info("%s: starting %d workers again", why, self.target)
 
     def upgrade(self) -> None:
         """USR2: start a new master from the code installed now, on the same sockets; this
@@ -1119,6 +1161,7 @@ class Master:
                    f"(pid {os.getpid()}) serves alone again")
         log.warning("%s", message)
         self.announce.upgrade_failed(message)
+        self.resume_workers("upgrade ended")  # after a WINCH, nothing else would serve
 
     def reopen_logs(self) -> None:
         # The master (root) creates the new files first, owned by the user the current
@@ -1144,6 +1187,7 @@ class Master:
             log.warning("%s", message)
             self.announce.refused(message)
             return
+        self.resume_workers("HUP")  # first, and whatever the reload's outcome
         log.info("HUP: reloading")
         self.announce.reloading()
         try:

@@ -40,11 +40,15 @@ class SignalQueue:
         # of bytes of buffer, a pipe holds 64 KiB of signal numbers before one is dropped.
         self._reader, self._writer = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._writer, warn_on_full_buffer=True)
+        catch = list(catch)
         for sig in catch:
             signal.signal(sig, _record)
             signal.siginterrupt(sig, False)
         for sig in ignore:
             signal.signal(sig, signal.SIG_IGN)
+        # Delivered from now on: a master started by USR2 comes out of exec with these
+        # blocked, so that one sent to the process group while it loaded waited for it here.
+        set_mask(signal.SIG_UNBLOCK, catch)
 
     def fileno(self) -> int:
         return self._reader

@@ -75,6 +75,8 @@ def snapshot(master: Master, memory: bool = True) -> dict[str, Any]:
     state = "running"
     if master.stop is not Stop.NONE:
         state = "stopping"
+    elif master.paused is not None:
+        state = "workers stopped"  # WINCH
     elif master.degraded:
         state = "degraded"
     elif master.reloading:

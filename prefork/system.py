@@ -43,6 +43,8 @@ class Kernel(Protocol):
 
     def memory(self, pid: int) -> int | None: ...
 
+    def in_terminal_foreground(self) -> bool: ...
+
     # what memory() answers: unique memory, or resident memory where USS cannot be read
     uss_readable: bool
 
@@ -136,6 +138,21 @@ class System:
             return int(process.memory_info().rss)
         except (psutil.Error, OSError):
             return None
+
+
+    def in_terminal_foreground(self) -> bool:
+        """Whether this process is in the foreground process group of its controlling
+        terminal (where the terminal sends it WINCH on a resize, INT on ^C)."""
+        try:
+            fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+        except OSError:
+            return False  # no controlling terminal: detached, or under a service manager
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def describe_status(status: int) -> str:

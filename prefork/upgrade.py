@@ -173,7 +173,7 @@ class Upgrader:
     cwd: str  # where the master was started: its command line's relative paths mean that
     environ: Mapping[str, str]  # the environment the master was started with
     detached: bool
-    caught: Iterable[int]  # the signals the master catches: the new master starts with none
+    caught: tuple[int, ...]  # the master's signals: default handlers, blocked, across exec
     under_systemd: bool = False
     pidfile: PidFile | None = None
     announce: Announcer | None = None
@@ -324,9 +324,10 @@ class Upgrader:
 
 
 def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
-          caught: Iterable[int], pre_exec: Callable[[], bool]) -> NoReturn:
+          caught: tuple[int, ...], pre_exec: Callable[[], bool]) -> NoReturn:
     """In the forked child: the new master starts as a fresh process would, with default
-    signal handlers, an empty signal mask, and only the passed sockets beyond stdio."""
+    signal handlers and only the passed sockets beyond stdio, but with the master's signals
+    (`caught`) blocked until it can handle them."""
     try:
         signal.set_wakeup_fd(-1)
         for signum in caught:
@@ -349,7 +350,10 @@ def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
         for fd in fds:
             os.set_inheritable(fd, True)
         os.chdir(cwd)
-        set_mask(signal.SIG_SETMASK, ())
+        # the master's signals stay blocked across exec, and pending: one sent to the process
+        # group (HUP, USR1, TTIN, ...) before the new master has its handlers would kill or
+        # suspend it; it unblocks them once they are in place (SignalQueue)
+        set_mask(signal.SIG_SETMASK, caught)
         os.execve(command[0], command, environ)
     except BaseException as exc:  # noqa: BLE001 - reported, and the child leaves below
         try:

@@ -166,8 +166,10 @@ class Server:
         *,
         env: Mapping[str, str] | None = None,
         command: Sequence[str] = DEFAULT_COMMAND,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.preexec_fn = preexec_fn  # runs in the child after setsid(), before exec
         self.config = config
         self.args = list(args)
         self.command = list(command)
@@ -201,6 +203,7 @@ class Server:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=self.preexec_fn,
             )
         return self
 
@@ -447,6 +450,7 @@ class ServerFactory:
         command: Sequence[str] = DEFAULT_COMMAND,
         wait_ready: bool = True,
         ready_timeout: float = 15.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> Server:
         """Write a config (from `settings`, or `config_text` verbatim) and start a server.
 
@@ -461,7 +465,7 @@ class ServerFactory:
             config.write_text(config_text)
         else:
             config = write_config(workdir, settings or {}, app_source=app_source, module=module)
-        server = Server(workdir, config, args, env=env, command=command)
+        server = Server(workdir, config, args, env=env, command=command, preexec_fn=preexec_fn)
         self.servers.append(server)
         server.start()
         if wait_ready:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
 import pytest
 import yaml
 
@@ -341,3 +342,77 @@ def test_an_upgrade_that_drops_a_unix_address_removes_its_file(
     stopped = preforkd("stop", "-p", str(pidfile), "--wait", "30")
     assert stopped.returncode == 0, stopped.stderr
     assert not second.exists()
+
+
+def test_winch_after_usr2_leaves_the_new_master_alone_and_its_end_brings_the_old_back(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """unicorn's sequence: USR2, then WINCH to the old master, so that only the new workers
+    serve while the old master waits, ready to take over again if the new one is no good."""
+    sock = short_tmp / "up.sock"
+    _, old, pidfile, error_log, tcp = launch(daemons, app_dir, sock)
+    old_workers = psutil.Process(old).children()
+    (app_dir / "upapp.py").write_text(APP_V2)
+
+    with Hammer([tcp, str(sock)]) as hammer:
+        os.kill(old, signal.SIGUSR2)
+        new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
+                         message="no new pidfile")
+        daemons.adopt(new)
+        wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 15,
+                   message="the new master is not ready")
+        os.kill(old, signal.SIGWINCH)
+        wait_until(lambda: all(gone(w.pid) for w in old_workers), 15,
+                   message="the old workers still run")
+        assert f"WINCH: stopping all 2 workers; the master started by USR2 (pid {new}) " \
+               "serves alone" in error_log.read_text()
+        for where in (tcp, str(sock)):
+            for _ in range(5):
+                assert version_and_pid(where)[0] == "v2"
+
+        # the new release turns out bad: stop it, and the old master serves again by itself
+        settled = hammer.answers.get("v1", 0)
+        os.kill(new, signal.SIGTERM)
+        wait_until(lambda: gone(new), 30, message="the new master did not stop")
+        wait_until(lambda: f"[{old}] [INFO] upgrade ended: starting 2 workers again"
+                   in error_log.read_text(), 15, message="the old master did not start workers")
+        wait_until(lambda: hammer.answers.get("v1", 0) >= settled + 20, 15,
+                   message="the old master does not answer")
+
+    assert hammer.failures == [], hammer.failures[:5]
+    assert read_pid(pidfile) == old
+    for where in (tcp, str(sock)):
+        assert version_and_pid(where)[0] == "v1"
+
+
+APP_SLOW_IMPORT = APP_V2 + '''
+import time
+with open(os.path.join(os.path.dirname(__file__), "loading"), "w") as marker:
+    marker.write(str(os.getpid()))
+time.sleep(2)
+'''
+
+
+def test_a_signal_to_the_group_while_the_new_master_loads_waits_for_it(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """USR1 (whose default action ends a process) sent to the whole process group, as log
+    rotation scripts do, while the new master is still importing the application: it is held
+    until the new master can handle it, and the upgrade goes on."""
+    config, old, pidfile, error_log, tcp = launch(daemons, app_dir, short_tmp / "up.sock")
+    (app_dir / "upapp.py").write_text(APP_SLOW_IMPORT)
+    marker = app_dir / "loading"
+
+    os.kill(old, signal.SIGUSR2)
+    new = wait_until(lambda: marker.exists() and marker.read_text().isdigit()
+                     and int(marker.read_text()), 15, message="the new master is not loading")
+    daemons.adopt(new)
+    assert parent_of(new) == old
+    os.killpg(os.getpgid(old), signal.SIGUSR1)
+
+    wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 20,
+               message="the new master is not ready:\n" + error_log.read_text()[-2000:])
+    wait_until(lambda: f"[{new}] [INFO] USR1: log files reopened" in error_log.read_text(), 10,
+               message="the new master did not act on the USR1 held for it")
+    assert "upgrade: the new master" not in error_log.read_text()  # it did not die
+    assert read_pid(pidfile) == new

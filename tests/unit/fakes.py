@@ -48,6 +48,7 @@ class FakeKernel:
         self.memory_calls: list[int] = []
         self.uss_readable = True  # False: memory() answers resident sizes (RSS)
         self.waits: list[float] = []  # the timeout of every wait(): how long the master sleeps
+        self.foreground = False  # what in_terminal_foreground() answers
 
     # Kernel
     def monotonic(self) -> float:
@@ -75,6 +76,9 @@ class FakeKernel:
     def memory(self, pid: int) -> int | None:
         self.memory_calls.append(pid)
         return self.uss.get(pid)
+
+    def in_terminal_foreground(self) -> bool:
+        return self.foreground
 
     # test controls
     def advance(self, seconds: float) -> None:

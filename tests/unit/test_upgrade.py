@@ -122,7 +122,7 @@ def test_a_shared_socket_file_is_left_to_the_last_master(unix_listener: Listener
 
 def upgrader(tmp_path: Path, command: list[str], **more: object) -> Upgrader:
     return Upgrader(command, str(tmp_path), {"PATH": os.environ.get("PATH", "")}, False,
-                    [signal.SIGUSR1], **more)  # type: ignore[arg-type]
+                    (signal.SIGUSR1,), **more)  # type: ignore[arg-type]
 
 
 def test_refusals(unix_listener: Listener, tmp_path: Path) -> None:
@@ -200,7 +200,8 @@ def test_start_moves_the_files_aside_execs_and_puts_them_back(
     assert inode == list(unix_listener.unix_inode or ())
     assert seen["listening"] == 1 and seen["name"] == unix_listener.address.path
     assert {0, 1, 2, fd} <= set(seen["fds"])  # stdio and the socket stay open across exec
-    assert seen["blocked"] == [] and seen["usr1"] is True
+    # the master's signals (here USR1) reach the new master only once it has its handlers
+    assert seen["blocked"] == [signal.SIGUSR1] and seen["usr1"] is True
     assert seen["cwd"] == str(workdir)
     # the environment given (the master's at its start), not this process's
     assert {"PATH", "PREFORKD_UPGRADE"} <= set(seen["env"])
