@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import resource
 import signal
 import ssl
@@ -161,6 +162,14 @@ def parser() -> argparse.ArgumentParser:
                    help="write the master's pid here (reload, status, stop: find it here)")
     p.add_argument("-u", "--user", metavar="USER", help="run the workers as this user")
     p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
+    p.add_argument("-s", "--set", action="append", dest="settings", metavar="KEY=VALUE",
+                   help="any setting, by its dotted name in docs/settings.md, the value read "
+                        "as YAML, repeatable: --set http.max_body_size=10485760 --set "
+                        "'http.forwarded_allow_ips=[\"10.0.0.0/8\"]' (the options above "
+                        "win over it)")
+    p.add_argument("-e", "--env", action="append", metavar="NAME=VALUE",
+                   help="environment variable for the app, repeatable (as env: NAME: VALUE "
+                        "in the file, added to its mapping)")
     p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
                    help="reload: how long to wait for the outcome; stop: for the master to "
                         "exit; upgrade: for both (default 300)")
@@ -194,11 +203,43 @@ OVERRIDES = {
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        key: getattr(args, dest)
+    """The settings the command line gives: --set and --env first, the options named for
+    one setting (-w, --timeout, ...) over them."""
+    overrides: dict[str, object] = dict(args.settings)
+    overrides.update((f"env.{name}", value) for name, value in args.env)
+    overrides.update(
+        (key, getattr(args, dest))
         for dest, key in OVERRIDES.items()
         if getattr(args, dest) is not None
-    }
+    )
+    return overrides
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def split_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--set KEY=VALUE and --env NAME=VALUE into (key, value) pairs; errors exit 2 with the
+    usage. A --set value is YAML, as in the file (`10`, `true`, `[a, b]`, `null`; an empty
+    value is null); an --env value is a string as it stands."""
+    settings: list[tuple[str, object]] = []
+    for item in args.settings or ():
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            p.error(f"--set {item!r}: expected KEY=VALUE, e.g. workers.max_requests=1000")
+        try:
+            settings.append((key.strip(), yaml.safe_load(text)))
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            p.error(f"--set {item!r}: the value is not YAML: {why}")
+    env: list[tuple[str, str]] = []
+    for item in args.env or ():
+        name, equals, value = item.partition("=")
+        if not equals or not ENV_NAME.fullmatch(name):
+            p.error(f"--env {item!r}: expected NAME=VALUE, NAME made of letters, digits and "
+                    "underscores")
+        env.append((name, value))
+    args.settings, args.env = settings, env
 
 
 def config_path(args: argparse.Namespace) -> str | None:
@@ -216,6 +257,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     a module); after a command any app reference is taken. Errors exit 2 with the usage."""
     p = parser()
     args = p.parse_intermixed_args(argv)
+    split_settings(p, args)
     words = [w for w in (args.command, args.positional_app) if w is not None]
     del args.positional_app
     named = bool(words) and words[0] in COMMANDS

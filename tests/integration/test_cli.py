@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import textwrap
@@ -219,6 +220,43 @@ def test_bind_override_replaces_the_files_list(
     assert not file_socket.exists()
     for where in addresses:
         assert fetch(where).status == 200
+
+
+ENV_APP = """
+import os
+def app(environ, start_response):
+    body = os.environ.get("PF_CLI_ENV", "unset").encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_set_and_env_options_apply_and_survive_a_reload(server_factory: ServerFactory) -> None:
+    server = server_factory(
+        settings(app="app:app", http={"server_header": "from-file"}),
+        app_source=ENV_APP,
+        args=["--set", "http.server_header=from-cli", "-e", "PF_CLI_ENV=yes",
+              "--set", "workers.count=3"],
+    )
+    assert "ready: 3 workers" in server.log()
+    response = fetch(server.addresses()[0])
+    assert (response.header("Server"), response.body) == ("from-cli", b"yes")
+
+    since = len(server.log())
+    server.signal(signal.SIGHUP)  # the file is read again, under the same command line
+    server.wait_for_log("reloaded: generation 2 serving with 3 workers", since=since,
+                        timeout=20)
+    response = fetch(server.addresses()[0])
+    assert (response.header("Server"), response.body) == ("from-cli", b"yes")
+
+
+def test_a_bad_set_stops_the_start_naming_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, settings())
+    result = run_cli(["-c", str(config), "--set", "http.max_body_size=lots"], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "preforkd: configuration error: command line: http.max_body_size: "
+    ), result.stderr
 
 
 def test_config_error_text_is_exact_for_a_nested_key(tmp_path: Path) -> None:
