@@ -829,9 +829,9 @@ class Startup:
             # to the master's before its canary boots, and an old worker forked meanwhile
             # (a crash, a recycle) must not inherit it, nor keep it if the reload fails
             current=Generation(
-                1, self.config, listeners, app, self.tls, self.hooks, dict(os.environ)
+                1, self.config, listeners, app, self.tls, self.hooks, dict(os.environ),
+                logs=self.logs,
             ),
-            logs=self.logs,
             reloader=reloader(self.reread, self.reimport, self.inherited_env),
             announce=announce,
             close_in_child=close_in_child,

@@ -134,9 +134,9 @@ class Generation:
     hooks: Hooks = field(default_factory=Hooks)
     environ: dict[str, str] | None = None  # what its workers get (None: the master's)
     env_undo: Callable[[], None] | None = None  # puts back the master's env if abandoned
-    # its logging setup (prefork.logs.Logs; Any as Master.logs, for the tests' fakes): the
-    # reloader opens it aside, its workers install it after fork, the master at promote();
-    # None: the master's (Master.__post_init__ gives it to the first generation)
+    # its logging setup (prefork.logs.Logs; Any for the tests' fakes): the reloader opens it
+    # aside, its workers install it after fork, the master at promote(); the master logs as
+    # the serving generation does (Master.logs). None: the serving generation's
     logs: Any = None
 
     def undo_env(self) -> None:
@@ -175,7 +175,6 @@ class Master:
     signals: SignalSource
     scoreboard: Scoreboard
     current: Generation
-    logs: Any
     reloader: Callable[[Generation, list[Listener]], Generation] | None = None
     upgrader: Upgrader | None = None  # USR2 (None: not offered, as in unit tests)
     announce: Announcer = field(default_factory=Announcer)
@@ -221,8 +220,6 @@ class Master:
     hand_over_turn: int = 0  # spreads them when no successor is named
 
     def __post_init__(self) -> None:
-        if self.current.logs is None:
-            self.current.logs = self.logs  # the first generation logs as the master started
         self.target = self.current.config.workers.count
         self.free_slots = list(range(self.scoreboard.capacity - 1, -1, -1))
         self.handlers: dict[int, Callable[[], None]] = {
@@ -238,6 +235,11 @@ class Master:
             signal.SIGCHLD: lambda: None,  # it woke us; reaping is every tick's first step
             0: lambda: None,  # an explicit wake-up
         }
+
+    @property
+    def logs(self) -> Any:
+        """The master's logging setup: the serving generation's."""
+        return self.current.logs
 
     # the loop ----------------------------------------------------------------------------
 
@@ -1228,15 +1230,14 @@ class Master:
         self.close_listeners(old.listeners)
         logs = self.current.logs
         if logs is None:
-            self.current.logs = self.logs
-        elif logs is not self.logs:
+            self.current.logs = old.logs
+        elif logs is not old.logs:
             # from here the master logs as its new generation does; the old setup is no
             # one's: the old workers hold their own copies of its files
             log.info("reload: the master logs as generation %d from now on (%s)",
                      self.current.number, logs.describe())
-            retired, self.logs = self.logs, logs
             logs.install()
-            retired.close()
+            old.logs.close()
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)
 
@@ -1261,7 +1262,7 @@ class Master:
     def logging_setups(self) -> list[Any]:
         """The logging setups the master holds: its own (the serving generation's) and the
         pending generation's, which may be the same (a reload that left `logging` alone)."""
-        setups = [self.logs, self.current.logs]
+        setups = [self.logs]
         if self.pending is not None:
             setups.append(self.pending.logs)
         return [setup for setup in setups if setup is not None]

@@ -189,8 +189,7 @@ class Rig:
             kernel=self.kernel,
             signals=self.signals,
             scoreboard=self.scoreboard,
-            current=Generation(1, config, []),
-            logs=self.logs,
+            current=Generation(1, config, [], logs=self.logs),
             reloader=reloader,
             announce=self.announce,
         )

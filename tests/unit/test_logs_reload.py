@@ -427,7 +427,7 @@ def rig_with_logs(
 ) -> tuple[Rig, RecordingLogs]:
     rig = make_rig(count=2, reloader=reload_with_logs(make_config(2), *setups))
     first = RecordingLogs("first")
-    rig.master.logs = rig.master.current.logs = first
+    rig.master.current.logs = first
     rig.start()
     return rig, first
 
@@ -492,7 +492,7 @@ def test_a_setup_shared_with_the_serving_generation_is_never_closed(
         return Generation(0, make_config(2), [], logs=current.logs)
 
     rig = make_rig(count=2, reloader=reloader)
-    rig.master.logs = rig.master.current.logs = first
+    rig.master.current.logs = first
     rig.start()
     rig.signal(signal.SIGHUP)
     rig.exit(rig.worker(1, generation=2).pid, exit_status(EXIT_APP_LOAD_ERROR))  # abandoned
