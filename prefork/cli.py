@@ -50,8 +50,16 @@ from prefork.admin import (
     reason,
     status_table,
 )
-from prefork.config import OVERRIDE_SOURCE, Config, ConfigError, bind_address, load
+from prefork.config import (
+    OVERRIDE_SOURCE,
+    Config,
+    ConfigError,
+    YamlText,
+    bind_address,
+    load,
+)
 from prefork.daemon import detach, under_systemd
+from prefork.effective import as_yaml
 from prefork.hooks import HookError, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import Logs, for_reload
@@ -89,7 +97,10 @@ log = logging.getLogger("prefork")
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_CONFIG = "/etc/preforkd.yaml"
-COMMANDS = ("run", "check", "reload", "status", "stop", "upgrade")
+COMMANDS = ("run", "check", "config", "reload", "status", "stop", "upgrade")
+# The commands that read the configuration as a start would (WEB_CONCURRENCY included) and
+# take an application on the command line.
+STARTING = ("run", "check", "config")
 # The worker count platforms (Heroku, Render, ...) give gunicorn (see with_web_concurrency).
 WEB_CONCURRENCY = "WEB_CONCURRENCY"
 # How long `stop --force` waits for the master to die of SIGKILL (it cannot refuse).
@@ -119,7 +130,8 @@ def parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         metavar="COMMAND",
-        help="run the server (default); check the configuration and exit; reload the "
+        help="run the server (default); check the configuration and exit; print it as "
+        "the server would run it, every setting, as YAML (config); reload the "
         "running server (HUP to the pid in the pidfile) and report the outcome; show the "
         "running server's workers (status); stop it gracefully (TERM) and wait until it "
         "has exited (stop); or replace the running master by one started from the code "
@@ -130,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
         "positional_app",
         nargs="?",
         metavar="MODULE:CALLABLE",
-        help="run, check: the app, as --app (`preforkd myproject.wsgi:application`)",
+        help="run, check, config: the app, as --app (`preforkd myproject.wsgi:application`)",
     )
     p.add_argument("-c", "--config", metavar="FILE",
                    help=f"configuration file (default: {DEFAULT_CONFIG} if it exists)")
@@ -220,18 +232,15 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def split_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--set KEY=VALUE and --env NAME=VALUE into (key, value) pairs; errors exit 2 with the
-    usage. A --set value is YAML, as in the file (`10`, `true`, `[a, b]`, `null`; an empty
-    value is null); an --env value is a string as it stands."""
+    usage. A --set value is YAML text, which the configuration reads as it reads the file's
+    values (`10`, `true`, `[a, b]`, a mode `660` in octal; an empty value is null), and
+    whose errors are configuration errors; an --env value is a string as it stands."""
     settings: list[tuple[str, object]] = []
     for item in args.settings or ():
         key, equals, text = item.partition("=")
         if not equals or not key.strip():
             p.error(f"--set {item!r}: expected KEY=VALUE, e.g. workers.max_requests=1000")
-        try:
-            settings.append((key.strip(), yaml.safe_load(text)))
-        except yaml.YAMLError as exc:
-            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            p.error(f"--set {item!r}: the value is not YAML: {why}")
+        settings.append((key.strip(), YamlText(text)))  # read where the file's values are
     env: list[tuple[str, str]] = []
     for item in args.env or ():
         name, equals, value = item.partition("=")
@@ -270,7 +279,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if len(words) > 1:
         p.error(f"unexpected argument {words[1]!r}")
     app = words[0]
-    if args.command not in ("run", "check"):
+    if args.command not in STARTING:
         p.error(f"{args.command} takes no application (got {app!r})")
     if args.app is not None and args.app != app:
         p.error(f"the application is given twice: {app} and --app {args.app}")
@@ -335,7 +344,7 @@ def command(argv: Sequence[str] | None) -> int:
     environ = dict(os.environ)  # as started: a reload reads WEB_CONCURRENCY from it again
 
     def settings() -> dict[str, object]:
-        if args.command not in ("run", "check"):
+        if args.command not in STARTING:
             return overrides  # `reload` validates the file the master reads, with its own
         return with_web_concurrency(path, overrides, environ)
 
@@ -350,6 +359,9 @@ def command(argv: Sequence[str] | None) -> int:
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return check(config)
+    if args.command == "config":
+        say(as_yaml(config), end="")
+        return 0
     if args.command == "reload":
         return reload_running(Endpoint.of(config), config.source or None, args.wait)
     started_in = os.getcwd()  # command-line paths mean the same on every reload

@@ -1306,7 +1306,37 @@ def _node_kind(node: yaml.Node) -> str:
     return f"the scalar {node.value!r}"
 
 
+class YamlText(str):
+    """An override given as YAML source text (`--set KEY=VALUE`): read as a value in the
+    file is (a mode written 660 is octal), not as the Python value YAML would make of it."""
+
+
+def _from_yaml_text(text: str, origin: _Origin, path: str) -> _Raw:
+    try:
+        node = yaml.compose(str(text), Loader=_LOADER)
+        if node is None:  # "" or only a comment: null, as in the file
+            return _Raw(None, origin)
+        raw = _from_node(node, origin, yaml.constructor.SafeConstructor(), path, set())
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(e, origin).message, source=origin.source, key=path) from e
+    except ConfigError as e:  # its line is the text's, not a file's
+        raise ConfigError(e.message, source=e.source, key=e.key or path) from e
+    return _unlined(raw)
+
+
+def _unlined(raw: _Raw) -> _Raw:
+    """`raw` without line numbers: those of a command-line value would point at no file."""
+    value = raw.value
+    if isinstance(value, dict):
+        value = {k: _unlined(v) for k, v in value.items()}
+    elif isinstance(value, list):
+        value = [_unlined(v) for v in value]
+    return dataclasses.replace(raw, value=value, line=None, key_line=None)
+
+
 def _from_python(value: object, origin: _Origin, path: str) -> _Raw:
+    if isinstance(value, YamlText):
+        return _from_yaml_text(value, origin, path)
     if isinstance(value, Mapping):
         entries: dict[str, _Raw] = {}
         for key, item in value.items():

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness import DEFAULT_COMMAND, REPO_ROOT, ServerFactory, fetch, settings, write_config
 
@@ -129,6 +130,42 @@ def test_check_success(tmp_path: Path) -> None:
     assert "application OK: pf_testapp:app" in lines
     assert any(line.startswith("can bind http://127.0.0.1:") for line in lines), lines
     assert "listening" not in result.stderr
+
+
+def test_config_prints_every_setting_as_a_file_that_serves_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gunicorn's --print-config: the file, the flags and WEB_CONCURRENCY, merged; the
+    printed file, given back to preforkd, checks out the same."""
+    config = write_config(tmp_path, settings(http={"max_body_size": 1000}))
+    monkeypatch.setenv("WEB_CONCURRENCY", "5")
+    result = run_cli(["config", "-c", str(config), "--set", "workers.max_requests=7",
+                      "-e", "PF_X=1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"# preforkd: the settings as the server runs them ({config}")
+    printed = yaml.safe_load(result.stdout)
+    assert printed["workers"]["count"] == 5 and printed["workers"]["max_requests"] == 7
+    assert printed["http"]["max_body_size"] == 1000 and printed["env"] == {"PF_X": "1"}
+    assert printed["app"] == "pf_testapp:app" and printed["workers"]["timeout"] == 30.0
+
+    again = tmp_path / "printed.yaml"
+    again.write_text(result.stdout)
+    monkeypatch.delenv("WEB_CONCURRENCY")
+    second = run_cli(["config", "-c", str(again)], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert yaml.safe_load(second.stdout) == printed
+    assert run_cli(["check", "-c", str(again)], tmp_path).returncode == 0
+
+
+def test_config_with_an_invalid_file_is_a_configuration_error(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("app: pf_testapp:app\nworkers: {count: 0}\n")
+    result = run_cli(["config", "-c", str(config)], tmp_path)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"preforkd: configuration error: {config}:2: workers.count: must be from 1 to 1024, "
+        "got 0\n"
+    )
 
 
 def test_check_imports_the_app_with_the_configured_env(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from prefork.cli import overrides_from, parse
-from prefork.config import ConfigError, load
+from prefork.config import ConfigError, YamlText, load
 
 
 def test_set_and_env_become_overrides_under_the_named_options() -> None:
@@ -18,26 +18,25 @@ def test_set_and_env_become_overrides_under_the_named_options() -> None:
         "-s", "logging.access_log=",  # empty: null
         "--set", "workers.count=9",
         "-w", "3",  # the option named for the setting wins over --set
+        "--set", "bind=[{address: 'unix:/run/app.sock', mode: 660}]",  # octal, as in a file
+        "--set", "umask=027",
         "-e", "DJANGO_SETTINGS_MODULE=site.settings",
         "--env", "EMPTY=",
         "--env", "WITH_EQUALS=a=b",
         "app:application",
     ])
     overrides = overrides_from(args)
-    assert overrides == {
-        "workers.max_requests": 1000,
-        "http.forwarded_allow_ips": ["10.0.0.0/8", "unix"],
-        "logging.access_log": None,
-        "workers.count": 3,
-        "env.DJANGO_SETTINGS_MODULE": "site.settings",
-        "env.EMPTY": "",
-        "env.WITH_EQUALS": "a=b",
-        "app": "app:application",
-    }
+    assert overrides["workers.count"] == 3
+    assert overrides["workers.max_requests"] == "1000"  # the text, read by the configuration
+    assert isinstance(overrides["workers.max_requests"], YamlText)
     config = load(None, overrides)
     assert (config.workers.count, config.workers.max_requests) == (3, 1000)
     assert config.http.forwarded_allow_ips == ("10.0.0.0/8", "unix")
-    assert dict(config.env)["WITH_EQUALS"] == "a=b" and dict(config.env)["EMPTY"] == ""
+    assert config.logging.access_log is None
+    assert config.bind[0].mode == 0o660 and config.umask == 0o027
+    assert dict(config.env) == {
+        "DJANGO_SETTINGS_MODULE": "site.settings", "EMPTY": "", "WITH_EQUALS": "a=b",
+    }
 
 
 def test_env_on_the_command_line_adds_to_the_files_mapping(tmp_path: Path) -> None:
@@ -52,7 +51,6 @@ def test_env_on_the_command_line_adds_to_the_files_mapping(tmp_path: Path) -> No
     [
         (["--set", "workers.count"], "--set 'workers.count': expected KEY=VALUE"),
         (["--set", "=3"], "--set '=3': expected KEY=VALUE"),
-        (["--set", "workers.count=[1,"], "--set 'workers.count=[1,': the value is not YAML"),
         (["-e", "NO_VALUE"], "--env 'NO_VALUE': expected NAME=VALUE"),
         (["-e", "A.B=1"], "--env 'A.B=1': expected NAME=VALUE"),
         (["-e", "1A=1"], "--env '1A=1': expected NAME=VALUE"),
@@ -68,12 +66,19 @@ def test_a_malformed_item_exits_2_with_the_usage(
     assert err.startswith("usage: preforkd") and f"preforkd: error: {message}" in err
 
 
-def test_a_set_that_names_no_setting_is_a_configuration_error_naming_it() -> None:
-    with pytest.raises(ConfigError) as error:
-        load(None, overrides_from(parse(["--set", "workers.cont=3", "app:application"])))
-    assert str(error.value) == (
-        "command line: workers.cont: unknown key 'cont' (did you mean 'count'?)"
-    )
-    with pytest.raises(ConfigError) as error:
-        load(None, overrides_from(parse(["--set", "http.max_body_size=-1", "app:application"])))
-    assert str(error.value).startswith("command line: http.max_body_size: must be")
+@pytest.mark.parametrize(
+    ("item", "error"),
+    [
+        ("workers.cont=3", "workers.cont: unknown key 'cont' (did you mean 'count'?)"),
+        ("http.max_body_size=-1", "http.max_body_size: must be from 0 to"),
+        ("workers.count=[1,", "workers.count: invalid YAML: while parsing a flow node"),
+        ("workers.count=!!int abc", "workers.count: invalid YAML: 'abc' is not a valid int"),
+        ("bind=[{address: 'unix:/x', mode: 9}]", "bind[0].mode: "),
+    ],
+)
+def test_a_bad_set_is_a_configuration_error_naming_the_command_line(
+    item: str, error: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(None, overrides_from(parse(["--set", item, "app:application"])))
+    assert str(raised.value).startswith(f"command line: {error}"), str(raised.value)

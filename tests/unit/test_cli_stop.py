@@ -61,8 +61,8 @@ def test_words_give_the_command_and_the_app(
     ("argv", "message"),
     [
         (["m:a", "--app", "other:app"], "the application is given twice: m:a and --app other:app"),
-        (["stauts", "-c", "f.yaml"], "invalid command 'stauts' (choose from run, check, reload, "
-                                     "status, stop, upgrade); an application is given as "
+        (["stauts", "-c", "f.yaml"], "invalid command 'stauts' (choose from run, check, config, "
+                                     "reload, status, stop, upgrade); an application is given as "
                                      "MODULE:CALLABLE"),
         (["status", "m:a"], "status takes no application (got 'm:a')"),
         (["stop", "m:a"], "stop takes no application (got 'm:a')"),
