@@ -166,6 +166,17 @@ def test_upgrade_replaces_the_master_and_no_request_fails(
     assert not pidfile.exists()
 
 
+def usr2_by_hand(daemons: Daemons, old: int, pidfile: Path, error_log: Path) -> int:
+    """USR2 to the master `old`; the new master's pid once it is ready with 2 workers."""
+    os.kill(old, signal.SIGUSR2)
+    new: int = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
+                          message="no new pidfile")
+    daemons.adopt(new)
+    wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 15,
+               message="the new master is not ready")
+    return new
+
+
 def parent_of(pid: int) -> int:
     stat = Path(f"/proc/{pid}/stat").read_bytes()
     return int(stat[stat.rfind(b")") + 2 :].split()[1])
@@ -203,12 +214,7 @@ def test_usr2_by_hand_then_term_to_the_new_master_rolls_back(
     _, old, pidfile, error_log, tcp = launch(daemons, app_dir, sock)
     oldbin = app_dir / "preforkd.pid.oldbin"
 
-    os.kill(old, signal.SIGUSR2)
-    new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
-                     message="no new pidfile")
-    daemons.adopt(new)
-    wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 15,
-               message="the new master is not ready")
+    new = usr2_by_hand(daemons, old, pidfile, error_log)
     assert read_pid(oldbin) == old
     assert title(old).startswith("preforkd: master (old) [")
     # the old master answers on its own status socket, found through its own pidfile
@@ -355,12 +361,7 @@ def test_winch_after_usr2_leaves_the_new_master_alone_and_its_end_brings_the_old
     (app_dir / "upapp.py").write_text(APP_V2)
 
     with Hammer([tcp, str(sock)]) as hammer:
-        os.kill(old, signal.SIGUSR2)
-        new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
-                         message="no new pidfile")
-        daemons.adopt(new)
-        wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 15,
-                   message="the new master is not ready")
+        new = usr2_by_hand(daemons, old, pidfile, error_log)
         os.kill(old, signal.SIGWINCH)
         wait_until(lambda: all(gone(w.pid) for w in old_workers), 15,
                    message="the old workers still run")
