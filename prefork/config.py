@@ -904,6 +904,8 @@ HOOKS = (
     "post_fork",
     "post_worker_init",
     "worker_exit",
+    "worker_int",
+    "worker_abort",
     "child_exit",
     "on_reload",
     "pre_exec",
@@ -942,6 +944,24 @@ class HooksConfig:
     )
     worker_exit: str | None = _hook(
         "worker_exit(server, worker): the worker, as it leaves after serving."
+    )
+    worker_int: str | None = _hook(
+        "worker_int(worker): the worker, on SIGINT or SIGQUIT (a fast stop: the master "
+        "sends QUIT to every worker on INT or QUIT), just before it exits at once with "
+        "status 0, wherever it was (worker_exit does not run then). It runs once, however "
+        "many of these signals arrive; keep it short: in a fast stop the master SIGKILLs "
+        "any worker still there 1 s later. Raising changes nothing: the worker exits."
+    )
+    worker_abort: str | None = _hook(
+        "worker_abort(worker): the worker, on the SIGABRT the master sends when it is "
+        "busy in one request past workers.timeout, after faulthandler has written every "
+        "thread's stack to the error log. It runs only once the worker's main thread "
+        "executes Python code again (time.sleep, or a wait on a socket or lock, is "
+        "interrupted for it; a worker stuck inside C code never gets there), and the worker "
+        "then dies of SIGABRT as it does without the hook, so the master logs and "
+        "counts a timeout as always. A worker that never runs it, or whose hook is still "
+        "running, is SIGKILLed workers.timeout_grace after the SIGABRT, as without it. "
+        "Raising changes nothing: the worker dies all the same."
     )
     child_exit: str | None = _hook(
         "child_exit(server, worker): master, after a worker has been reaped."

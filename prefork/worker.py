@@ -5,7 +5,7 @@ Invariants: one request at a time; the worker waits in one epoll over the shared
 the channel from the master and its signal socket, so an idle keep-alive client never holds
 a worker. Messages from the master are read only between requests; end-of-file on the channel
 means the master is gone and the worker stops. The process leaves through os._exit (done by
-the master's spawn).
+the master's spawn, or at once on INT/QUIT), or dies of the master's SIGABRT.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ import select
 import signal
 import socket
 import ssl
+import sys
 import time
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import setproctitle
@@ -123,8 +125,64 @@ def max_requests_for(config: Config, number: int) -> int:
     return w.max_requests + share
 
 
-def _exit_now(signum: int, frame: object) -> None:
-    os._exit(EXIT_OK)
+def exit_on_signals(hooks: Hooks, info: WorkerInfo) -> None:
+    """Install the handlers that end a worker at once, with their hooks; call it while
+    signals are blocked (as after fork).
+
+    INT/QUIT: worker_int, then os._exit(0). ABRT (the master's, for a worker stuck past
+    workers.timeout): faulthandler writes every thread's stack to fd 2 from its C handler,
+    wherever the worker is stuck; with worker_abort set, the hook then runs and the worker
+    dies of SIGABRT as it does without the hook, so the master sees the same status. Only
+    the first of these signals to reach Python code runs a hook; the Python handlers of the
+    later ones return at once and leave it to finish, so a Ctrl-C that reaches both the
+    master and its workers (the terminal's INT, then the master's QUIT) runs worker_int once.
+    """
+    leaving = False
+
+    def fast_stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal leaving
+        if leaving:
+            return
+        leaving = True
+        try:
+            hooks.call("worker_int", info)
+            _flush_std()
+        finally:
+            os._exit(EXIT_OK)
+
+    def abort(signum: int, frame: FrameType | None) -> None:
+        nonlocal leaving
+        if leaving:
+            return
+        leaving = True
+        try:
+            hooks.call("worker_abort", info)
+            _flush_std()
+        finally:
+            signal.signal(signal.SIGABRT, signal.SIG_DFL)
+            os.abort()  # never returns; the status says SIGABRT, as it would without the hook
+
+    signal.signal(signal.SIGINT, fast_stop)
+    signal.signal(signal.SIGQUIT, fast_stop)
+    if hooks.get("worker_abort") is not None:
+        # faulthandler keeps the handler it replaces and, after its dump, puts it back and
+        # raises the signal again: Python's handler then records it and `abort` runs in the
+        # main thread at its next bytecode. faulthandler.register() refuses SIGABRT (it is
+        # one of enable()'s signals). A faulthandler already enabled (PYTHONFAULTHANDLER in
+        # the master, inherited through fork) is turned off first: enable() would not
+        # replace the handler it saved then, and signal.signal() would remove its dump.
+        faulthandler.disable()
+        signal.signal(signal.SIGABRT, abort)
+    faulthandler.enable(all_threads=True)
+
+
+def _flush_std() -> None:
+    """What a hook printed is written before os._exit / abort, which skip Python's flush."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def worker_main(spec: WorkerSpec) -> int:
@@ -138,18 +196,18 @@ def worker_main(spec: WorkerSpec) -> int:
     # reload's canary and replacements get the new one while the master still has the old),
     # its level and its access log
     spec.logs.install()
+    info = WorkerInfo(spec.number, spec.generation, spec.config, os.getpid())
     signals = SignalQueue(
         catch=(signal.SIGTERM, signal.SIGUSR1),
         # USR2 too: it is the master's (an upgrade), and a USR2 to the whole process group
         # (a gunicorn habit) must not take every worker down at once
         ignore=(signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2),
     )
-    signal.signal(signal.SIGINT, _exit_now)
-    signal.signal(signal.SIGQUIT, _exit_now)
+    # INT/QUIT exit at once; SIGABRT from the master dumps every stack (faulthandler)
+    exit_on_signals(spec.hooks, info)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # the master blocked every signal around fork(); our own handlers are in place now
     set_mask(signal.SIG_SETMASK, ())
-    faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every stack
     config = spec.config
     if spec.environ is not None:
         os.environ.clear()
@@ -162,7 +220,6 @@ def worker_main(spec: WorkerSpec) -> int:
     except (OSError, KeyError) as exc:
         log.error("worker %d: cannot switch to user %s: %s", spec.number, config.user, exc)
         return EXIT_BOOT_ERROR
-    info = WorkerInfo(spec.number, spec.generation, config, os.getpid())
     if not spec.hooks.call("post_fork", spec.server, info):
         return EXIT_BOOT_ERROR
     app = spec.app

@@ -188,9 +188,40 @@ def test_every_documented_hook_can_be_configured() -> None:
     assert names == set(HOOKS)
     assert set(HOOKS) == {
         "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
-        "worker_exit", "child_exit", "on_reload", "pre_exec", "pre_request", "post_request",
-        "on_exit",
+        "worker_exit", "worker_int", "worker_abort", "child_exit", "on_reload", "pre_exec",
+        "pre_request", "post_request", "on_exit",
     }
+
+
+def test_the_worker_signal_hooks_load_from_the_hooks_section(
+    tmp_path: Path, hook_module: str
+) -> None:
+    path = tmp_path / "preforkd.yaml"
+    path.write_text(
+        f"app: app:app\nhooks:\n  worker_int: {hook_module}:record\n"
+        f"  worker_abort: {hook_module}:Namespace.nested\n"
+    )
+    config = load(str(path))
+    assert config.hooks.worker_int == f"{hook_module}:record"
+    assert config.hooks.worker_abort == f"{hook_module}:Namespace.nested"
+    hooks = Hooks(config.hooks)
+    module = sys.modules[hook_module]
+    assert hooks.get("worker_int") is module.record
+    assert hooks.get("worker_abort") is module.Namespace.nested
+    worker = WorkerInfo(2, 1, config, 4242)
+    assert hooks.call("worker_int", worker) is True
+    assert module.calls == [(worker,)]
+
+
+@pytest.mark.parametrize("name", ["worker_int", "worker_abort"])
+def test_a_bad_worker_signal_hook_reference_is_a_config_error(
+    tmp_path: Path, name: str
+) -> None:
+    path = tmp_path / "preforkd.yaml"
+    path.write_text(f"app: app:app\nhooks:\n  {name}: not a reference\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert str(info.value).startswith(f"{path}:3: hooks.{name}: ")
 
 
 def test_hook_references_are_checked_when_the_config_is_loaded(tmp_path: Path) -> None:
