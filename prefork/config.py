@@ -907,6 +907,7 @@ HOOKS = (
     "worker_int",
     "worker_abort",
     "child_exit",
+    "nworkers_changed",
     "on_reload",
     "pre_exec",
     "pre_request",
@@ -965,6 +966,11 @@ class HooksConfig:
     )
     child_exit: str | None = _hook(
         "child_exit(server, worker): master, after a worker has been reaped."
+    )
+    nworkers_changed: str | None = _hook(
+        "nworkers_changed(server, new_value, old_value): master, when the pool's size "
+        "changes: TTIN, TTOU, WINCH and what brings the workers back, the dynamic pool "
+        "growing or shrinking, a reload that changed workers.count (as it takes over)."
     )
     on_reload: str | None = _hook(
         "on_reload(server): master, when a HUP has produced a valid new configuration."

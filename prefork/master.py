@@ -936,16 +936,23 @@ class Master:
         idle = self.idle_count()
         if idle < workers.min_spare and self.target < workers.max:
             grow = min(self.growth, workers.max - self.target)
-            self.target += grow
+            self.resize(self.target + grow)
             self.growth = min(self.growth * 2, 32)
             log.info("pool: %d idle (min_spare %d): growing to %d workers",
                      idle, workers.min_spare, self.target)
             return
         self.growth = 1
         if idle > workers.max_spare and self.target > workers.count:
-            self.target -= 1
+            self.resize(self.target - 1)
             log.info("pool: %d idle (max_spare %d): shrinking to %d workers",
                      idle, workers.max_spare, self.target)
+
+    def resize(self, target: int) -> None:
+        """The pool's size becomes `target` (maintain() forks or retires toward it); the
+        nworkers_changed hook hears of a change."""
+        before, self.target = self.target, target
+        if target != before:
+            self.current.hooks.call("nworkers_changed", self.server_info(), target, before)
 
     def idle_count(self) -> int:
         """Idle workers of the serving generation; one still booting counts as idle (as in
@@ -1072,13 +1079,13 @@ class Master:
             if self.target >= self.scoreboard.capacity // 2:
                 log.warning("TTIN: already at the maximum of %d workers", self.target)
                 return
-            self.target += 1
+            self.resize(self.target + 1)
             self.paused = None  # after a WINCH: the pool grows from none
             log.info("TTIN: %d workers", self.target)
 
     def fewer_workers(self) -> None:
         if self.stop is Stop.NONE and self.target > 1:
-            self.target -= 1
+            self.resize(self.target - 1)
             log.info("TTOU: %d workers", self.target)
 
     def stop_workers(self) -> None:
@@ -1102,7 +1109,8 @@ class Master:
         if refusal is not None:
             log.warning("WINCH ignored: %s", refusal)
             return
-        self.paused, self.target = self.target, 0
+        self.paused = self.target
+        self.resize(0)
         self.recycle_queue.clear()
         for handle in list(self.workers.values()):
             self.ask_to_stop(handle, "workers stopped (WINCH)")
@@ -1115,7 +1123,8 @@ class Master:
     def resume_workers(self, why: str) -> None:
         """After a WINCH: back to the pool size it stopped."""
         if self.paused is not None:
-            self.target, self.paused = self.paused, None
+            self.resize(self.paused)
+            self.paused = None
             log.info("%s: starting %d workers again", why, self.target)
 
     def upgrade(self) -> None:
@@ -1226,7 +1235,7 @@ class Master:
         self.current.env_undo = None  # its environment is the master's for good
         # the pool size changes only now: until the canary is ready the old generation keeps
         # the workers it had, and a reload that fails changes nothing
-        self.target = pool_size(old.config, self.current.config, self.target)
+        self.resize(pool_size(old.config, self.current.config, self.target))
         self.close_listeners(old.listeners)
         logs = self.current.logs
         if logs is None:

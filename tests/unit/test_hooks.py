@@ -188,8 +188,8 @@ def test_every_documented_hook_can_be_configured() -> None:
     assert names == set(HOOKS)
     assert set(HOOKS) == {
         "on_starting", "when_ready", "pre_fork", "post_fork", "post_worker_init",
-        "worker_exit", "worker_int", "worker_abort", "child_exit", "on_reload", "pre_exec",
-        "pre_request", "post_request", "on_exit",
+        "worker_exit", "worker_int", "worker_abort", "child_exit", "nworkers_changed",
+        "on_reload", "pre_exec", "pre_request", "post_request", "on_exit",
     }
 
 

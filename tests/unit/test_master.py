@@ -1373,3 +1373,23 @@ def test_without_a_watchdog_nothing_is_fed(make_rig: Callable[..., Rig]) -> None
     rig.tick()
     assert rig.announce.named("watchdog") == []
     assert rig.kernel.waits[-1] == MAX_SLEEP
+
+
+def test_nworkers_changed_hears_every_change_of_the_pool_size(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2, reloader=reload_to(make_config(4)))
+    heard: list[tuple[int, int, int]] = []
+    rig.master.current.hooks.functions["nworkers_changed"] = (
+        lambda server, new, old: heard.append((server.generation, new, old))
+    )
+    rig.start()
+    rig.signal(signal.SIGTTIN)
+    rig.signal(signal.SIGTTOU, signal.SIGTTOU)
+    rig.signal(signal.SIGTTOU)  # never below one: no change, nothing heard
+    rig.boot_all()
+    rig.signal(signal.SIGWINCH)
+    rig.signal(signal.SIGHUP)  # the pool comes back, then the reload to 4 takes over
+    rig.master.pending.hooks = rig.master.current.hooks  # type: ignore[union-attr]
+    rig.boot_all()
+    assert heard == [(1, 3, 2), (1, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (2, 4, 1)]
