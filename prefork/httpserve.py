@@ -24,6 +24,7 @@ from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
 from prefork.sockets import Listener
 from prefork.wsgi import (
+    DRAIN_LIMIT,
     ENVIRON_KEYS,
     FileWrapper,
     HeadCache,
@@ -32,15 +33,15 @@ from prefork.wsgi import (
     StartResponse,
     WSGIApp,
     decode_path,
+    drainable,
     environ_key,
     run_app,
 )
 
 log = logging.getLogger("prefork")
 
-# Unread body bytes we read and discard to keep a connection alive; more, or slower than
-# DRAIN_TIME in all, and we close instead.
-DRAIN_LIMIT = 1 << 16
+# How long reading and discarding an unread body (at most wsgi.DRAIN_LIMIT bytes) may take
+# in all before the connection is closed instead.
 DRAIN_TIME = 1.0
 # How long an error response waits for the client to stop sending before the close.
 ERROR_LINGER = 1.0
@@ -350,10 +351,7 @@ class HttpProtocol:
         """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes and for at
         most DRAIN_TIME seconds in all; otherwise the connection closes (a client trickling a
         body nobody reads must not hold the worker)."""
-        if (
-            request.content_length is not None
-            and request.content_length - request.body_size > DRAIN_LIMIT
-        ):
+        if not drainable(request):
             return False
         seen = 0
         deadline = time.monotonic() + DRAIN_TIME

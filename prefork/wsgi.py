@@ -20,6 +20,10 @@ from prefork.connection import ClientDisconnected, ClientTimeout, Connection, pe
 from prefork.http import ProtocolError, Request
 from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk
 
+# Unread body bytes the server reads and discards after a response to keep the connection
+# (prefork.httpserve drains them); more, and the response says Connection: close.
+DRAIN_LIMIT = 1 << 16
+
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], None]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -119,6 +123,7 @@ class Input:
                 return False
             if self._continue_pending:
                 self._continue_pending = False
+                request.expect_continue = False  # the body is asked for: it may be drained
                 # Once the final response's head is out, a 100 would land inside its body;
                 # the client, which has its answer, stops waiting for one anyway.
                 response = self._response
@@ -386,6 +391,11 @@ class Response:
             self.content_length = length
         if self.keep_alive and self.must_close is not None and self.must_close():
             self.keep_alive = False  # the worker was asked to stop while this request ran
+        if self.keep_alive and not self.request.complete and not drainable(self.request):
+            # the rest of the body will not be read: say the connection closes, or the
+            # client's next request on it would be lost (RFC 9110 15.5: a final status sent
+            # before the content is read says whether the connection stays)
+            self.keep_alive = False
         if self.keep_alive:
             if self.request.version == "1.0":
                 framing += b"Connection: keep-alive\r\n"
@@ -527,6 +537,17 @@ def _as_bytes(data: object) -> bytes:
     if isinstance(data, bytearray | memoryview):
         return bytes(data)
     raise TypeError(f"a WSGI body must be bytes, not {type(data).__name__}")
+
+
+def drainable(request: Request) -> bool:
+    """Whether the server can read and discard the rest of `request`'s body once it has
+    answered, and so keep the connection: a declared length with at most DRAIN_LIMIT bytes
+    still to come, from a client not waiting for a 100 Continue (it may never send them)."""
+    return (
+        request.content_length is not None
+        and request.content_length - request.body_size <= DRAIN_LIMIT
+        and not request.expect_continue
+    )
 
 
 def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:

@@ -7,6 +7,7 @@ apps/pf_regress_slowimport.py (about a second to import, so a reload's canary bo
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -348,3 +349,27 @@ def test_status_shows_a_busy_workers_path_without_its_query(
         assert current[0]["method"] == "GET"
 
         assert read_response(sock).status == 200
+
+
+def test_a_reused_connection_loses_no_request_after_an_unread_upload(
+    server_factory: ServerFactory,
+) -> None:
+    """Defect: an app that answered a 3 MB upload without reading it got a response that
+    did not say Connection: close, and the server closed the connection after it; a client
+    reusing the connection (http.client here, nginx's upstream keep-alive in production)
+    lost its next request (RemoteDisconnected)."""
+    server = server_factory(harness.settings(app="pf_testapp:app"))
+    host, port = server.addresses()[0][-2:]
+    client = http.client.HTTPConnection(str(host), int(port), timeout=10)
+    try:
+        for _ in range(3):
+            client.request("POST", "/", body=b"x" * 3_000_000)
+            upload = client.getresponse()
+            assert upload.status == 200 and upload.getheader("Connection") == "close"
+            upload.read()
+            client.request("GET", "/")  # the connection was closed: http.client opens another
+            answer = client.getresponse()
+            assert answer.status == 200 and answer.getheader("Connection") is None
+            answer.read()
+    finally:
+        client.close()

@@ -100,7 +100,9 @@ def test_no_100_continue_once_the_response_head_was_sent(client: Client, app: An
     assert parsed.status == b"200 OK"
     assert parsed.value(b"transfer-encoding") == b"chunked"
     assert parsed.body == b"early abcde" and parsed.rest == b""
-    assert response.keep_alive
+    # the head went out while the client still waited for a 100: whether it would send the
+    # body was unknown, so the head said the connection closes (RFC 9110 15.5)
+    assert parsed.value(b"connection") == b"close" and not response.keep_alive
 
 
 def test_no_100_continue_after_the_head_through_http_protocol(
@@ -118,7 +120,7 @@ def test_no_100_continue_after_the_head_through_http_protocol(
     assert b"100 Continue" not in raw
     parsed = parse_response(raw)
     assert parsed.body == b"early abcde" and parsed.rest == b""
-    assert keep and request.complete
+    assert parsed.value(b"connection") == b"close" and not keep and request.complete
 
 
 def test_100_continue_still_sent_when_only_start_response_was_called(client: Client) -> None:
@@ -531,3 +533,49 @@ def test_sendfile_failing_for_a_local_reason_stays_an_error(
     with pytest.raises(OSError) as raised:
         run_app(file_app(f), environ, response)
     assert raised.value is error
+
+
+# --- 7: a response that leaves the request body unread ---------------------------------------
+# Defect: an application that answered without reading a body of more than 64 KiB (a 401 or
+# a 413 to an upload) got a response saying nothing of the connection, which the server then
+# closed: a client reusing it (nginx's upstream keep-alive, requests' pool) lost its next
+# request. The head now says Connection: close whenever the rest of the body will not be
+# read: too long to drain, of unknown length (chunked), or never asked for (Expect:
+# 100-continue).
+
+
+def refuse_unread(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("401 Unauthorized", [("Content-Type", "text/plain")])
+    return [b"no"]
+
+
+@pytest.mark.parametrize(
+    ("head", "sent", "keeps"),
+    [
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 3000000\r\n\r\n", b"x" * 1000, False),
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 70000\r\n\r\n", b"x" * 1000, False),
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 60000\r\n\r\n", b"x" * 1000, True),
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n", b"5\r\nxxxxx\r\n",
+         False),
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+         b"", False),
+        (b"POST /u HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n", b"xxxxx", True),
+    ],
+    ids=["3MB", "over-the-drain-limit", "drainable", "chunked", "expect-100", "whole-body"],
+)
+def test_a_response_that_leaves_the_body_unread_says_whether_the_connection_stays(
+    logs: Logs, scoreboard: Scoreboard, head: bytes, sent: bytes, keeps: bool
+) -> None:
+    proto, client = responder(refuse_unread, logs, scoreboard)
+    try:
+        request = client.request(head + sent)
+        if keeps and not request.complete:  # the rest arrives while the server drains it
+            client.peer.sendall(b"x" * (60000 - len(sent)))
+        keep = proto.respond(client.conn, request, True)
+        parsed = parse_response(client.pending())
+    finally:
+        client.close()
+    assert parsed.status == b"401 Unauthorized"
+    assert keep is keeps
+    # the head said what the server then did
+    assert (parsed.value(b"connection") == b"close") is not keeps
