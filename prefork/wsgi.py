@@ -225,7 +225,11 @@ class Input:
 
 # What start_response makes of a status and header list: status line bytes, status code, the
 # header lines, Content-Length (None if not given), and whether the app asked to close.
-CheckedHead = tuple[bytes, int, bytes, int | None, bool]
+# status, its code, the header lines, Content-Length, Connection: close asked for, and which
+# of the server's own fields the application set itself (OWN_SERVER | OWN_DATE)
+CheckedHead = tuple[bytes, int, bytes, int | None, bool, int]
+OWN_SERVER = 1
+OWN_DATE = 2
 HeadCache = dict[tuple[str, tuple[tuple[str, str], ...]], CheckedHead]
 # Entries a worker keeps of start_response arguments already checked and encoded: most
 # applications answer with a few distinct status and header lists, so checking each once
@@ -244,6 +248,7 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
     lines: list[str] = []
     content_length = None
     closes = False
+    own = 0
     for name, value in headers:
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
@@ -265,6 +270,10 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
                     raise ValueError(f"conflicting Content-Length {content_length} and {value!r}")
                 continue  # a repeat of the same value: sent once
             content_length = length
+        elif lname == "server":
+            own |= OWN_SERVER  # the application's replaces the server's (one field line)
+        elif lname == "date":
+            own |= OWN_DATE  # a singleton field (RFC 9110 6.6.1): the application's stands
         lines.append(f"{name}: {value}\r\n")
     return (
         status.encode("latin-1"),
@@ -272,6 +281,7 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
         "".join(lines).encode("latin-1"),
         content_length,
         closes,
+        own,
     )
 
 
@@ -361,9 +371,14 @@ class Response:
         return self.write
 
     def _apply(self, checked: CheckedHead) -> None:
-        self.status, self.status_code, self.headers, self.content_length, closes = checked
+        self.status, self.status_code, self.headers, self.content_length, closes, own = checked
         if closes:
             self.keep_alive = False
+        if own:
+            if own & OWN_SERVER:
+                self.server_line = b""
+            if own & OWN_DATE:
+                self.date_line = b""
         # decided again on a second call (exc_info): a 500 replacing a 204 has a body
         self.no_body = self.request.method == "HEAD" or self.status.startswith(_NO_BODY_STATUS)
 

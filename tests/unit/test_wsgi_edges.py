@@ -579,3 +579,33 @@ def test_a_response_that_leaves_the_body_unread_says_whether_the_connection_stay
     assert keep is keeps
     # the head said what the server then did
     assert (parsed.value(b"connection") == b"close") is not keeps
+
+
+# --- 8: Server and Date set by the application ----------------------------------------------
+# Defect: the server added its own Server and Date after the application's, so the response
+# had two of each (Date is a singleton field, RFC 9110 6.6.1).
+
+
+@pytest.mark.parametrize("names", [("Server", "Date"), ("SERVER", "date")])
+def test_the_applications_server_and_date_replace_the_servers(
+    logs: Logs, scoreboard: Scoreboard, names: tuple[str, str]
+) -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [(names[0], "myapp/2"),
+                                  (names[1], "Mon, 01 Jan 2024 00:00:00 GMT")])
+        return [b"ok"]
+
+    proto, client = responder(app, logs, scoreboard)
+    try:
+        for _ in range(2):  # the second time from the head cache
+            assert proto.respond(client.conn, client.request(get()), True)
+            parsed = parse_response(client.pending())
+            assert parsed.values(b"server") == [b"myapp/2"]
+            assert parsed.values(b"date") == [b"Mon, 01 Jan 2024 00:00:00 GMT"]
+        # an application that sets neither gets the server's
+        proto.app = simple_app([b"hi"])
+        assert proto.respond(client.conn, client.request(get()), True)
+        parsed = parse_response(client.pending())
+        assert parsed.values(b"server") == [b"preforkd-test"] and len(parsed.values(b"date")) == 1
+    finally:
+        client.close()
