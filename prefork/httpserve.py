@@ -248,16 +248,21 @@ class HttpProtocol:
         unix socket's SERVER_NAME and SERVER_PORT from Host; the connection's SSL_* keys
         (computed at its handshake); a trusted proxy's headers; then the script_name mount,
         under the prefix the proxy stripped (X-Forwarded-Prefix)."""
+        portless = None  # a unix socket's Host without a port: the scheme's port
         if extras.unix and "HTTP_HOST" in env:
             host, _, port = env["HTTP_HOST"].rpartition(":")
             if host and port.isdigit():
                 env["SERVER_NAME"], env["SERVER_PORT"] = host, port
             else:
-                env["SERVER_NAME"], env["SERVER_PORT"] = env["HTTP_HOST"], "80"
+                portless = env["SERVER_NAME"] = env["HTTP_HOST"]
+                env["SERVER_PORT"] = "443" if env["wsgi.url_scheme"] == "https" else "80"
         if extras.tls:
             env.update(conn.tls_environ)
         if conn.trusted and self.proxies is not None:
             self.proxies.resolve(env)
+            if portless is not None and env["HTTP_HOST"] == portless:
+                # the proxy named no host or port of its own: its scheme's (as gunicorn)
+                env["SERVER_PORT"] = "443" if env["wsgi.url_scheme"] == "https" else "80"
         mount = extras.mount
         if mount:
             path = env["PATH_INFO"]

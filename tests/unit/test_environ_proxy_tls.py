@@ -58,10 +58,10 @@ class Rig:
     ) -> None:
         self.server, self.client = socket.socketpair()
         self.client.settimeout(5.0)
-        address = UNIX if kind == "unix" else TCP
-        listener = types.SimpleNamespace(fd=1000, address=address, tls=kind == "tls")
+        address = UNIX if kind.startswith("unix") else TCP
+        listener = types.SimpleNamespace(fd=1000, address=address, tls=kind.endswith("tls"))
         self.conn: Connection
-        if kind == "tls":
+        if listener.tls:
             conn = TLSConnection(self.server, peer, listener, Limits())  # type: ignore[arg-type]
             conn.tls_environ = dict(TLS_KEYS)
             self.conn = conn
@@ -556,3 +556,32 @@ def test_script_name_config_refuses(value: str) -> None:
 
 def test_script_name_defaults_to_none() -> None:
     assert from_mapping({"app": "m:app"}).http.script_name == ""
+
+
+# --- a unix socket's SERVER_PORT ------------------------------------------------------------
+# Defect: a unix listener took SERVER_PORT from Host and, when Host named no port, always
+# said 80, even for https (a TLS unix listener, or a trusted proxy's X-Forwarded-Proto:
+# https, nginx -> unix socket's usual setup); gunicorn says 443 there.
+
+
+@pytest.mark.parametrize(
+    ("kind", "headers", "expected"),
+    [
+        ("unix", {}, ("http", "example.com", "example.com", "80")),
+        ("unix", {"x_forwarded_proto": "https"}, ("https", "example.com", "example.com", "443")),
+        ("unix-tls", {}, ("https", "example.com", "example.com", "443")),
+        ("unix-tls", {"x_forwarded_proto": "http"}, ("http", "example.com", "example.com", "80")),
+        # a port the proxy names stands
+        ("unix", {"x_forwarded_proto": "https", "x_forwarded_port": "80"},
+         ("https", "example.com:80", "example.com", "80")),
+        ("unix", {"x_forwarded_proto": "https", "x_forwarded_host": "example.com:8443"},
+         ("https", "example.com:8443", "example.com", "8443")),
+        ("unix", {"host": "example.com:8080", "x_forwarded_proto": "https"},
+         ("https", "example.com:8080", "example.com", "8080")),
+    ],
+)
+def test_a_unix_sockets_port_is_the_schemes_when_host_names_none(
+    rig: Any, kind: str, headers: dict[str, str], expected: tuple[str, ...]
+) -> None:
+    env = rig(kind=kind).environ(**{"host": "example.com", **headers})
+    assert where(env) == expected
