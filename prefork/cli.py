@@ -884,7 +884,7 @@ class Startup:
                     listener.close()
         if not master.ever_ready:
             failure = master.failure or f"the server stopped before it was ready ({code})"
-            announce.failed(failure)
+            announce.failed(failure, code)  # 3 when the application could not be loaded
             if code != 0:  # the master logged it; a stop asked for before ready is no failure
                 self.tell(failure)
         log.info("stopped")

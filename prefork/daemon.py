@@ -91,7 +91,8 @@ def wait_for_daemon(read_end: int, child: int, timeout: float, console: IO[str])
               file=console)
         return 0
     if text.startswith("ERROR"):
-        print(f"preforkd: startup failed: {text[5:].strip()}", file=console)
-    else:
-        print("preforkd: the daemon exited during startup (see its log)", file=console)
+        code, _, reason = text[5:].strip().partition(" ")  # ERROR <status> <reason>
+        print(f"preforkd: startup failed: {reason}", file=console)
+        return int(code) if code.isdigit() and int(code) else 1
+    print("preforkd: the daemon exited during startup (see its log)", file=console)
     return 1

@@ -86,9 +86,11 @@ class Announcer:
         # what `preforkd upgrade` waits for from the new master
         self._write_status({"pid": os.getpid(), "serial": self.reloads, "state": "ready"})
 
-    def failed(self, reason: str) -> None:
-        """Startup did not reach ready: the launcher exits non-zero with `reason`."""
-        self._tell_launcher(b"ERROR " + reason.encode("utf-8", "replace") + b"\n")
+    def failed(self, reason: str, code: int = 1) -> None:
+        """Startup did not reach ready: the launcher exits with status `code` (non-zero)
+        and `reason`."""
+        self._tell_launcher(b"ERROR %d " % (code or 1) + reason.encode("utf-8", "replace")
+                            + b"\n")
 
     def status(self, status: str) -> None:
         if self.sd is not None:
