@@ -59,6 +59,8 @@ def detach(
         detach_process=True,
     )
     context.open()
+    if stderr is not None:
+        stderr.close()  # fd 2 is its copy now; this one would hold the file past rotations
     return write_end
 
 

@@ -148,6 +148,39 @@ def test_daemon_detaches_reports_ready_and_serves(daemons: Daemons, tmp_path: Pa
     assert int(response.body) in workers
 
 
+def descriptors_on(pid: int, path: Path) -> list[int]:
+    """The fds of process `pid` open on `path` (or on it once rotated away and deleted)."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(str(path)):
+                found.append(int(fd))
+    return sorted(found)
+
+
+def test_a_daemon_holds_its_error_log_only_on_fd_2_and_lets_a_rotated_one_go(
+    daemons: Daemons, tmp_path: Path
+) -> None:
+    """Defect: the daemon's stderr stream, given to python-daemon, stayed open beside fd 2
+    in the master and every worker, so a log rotated and deleted after USR1 kept its disk
+    space until a restart."""
+    error_log = tmp_path / "error.log"
+    pid = launch_ok(daemons, daemon_config(tmp_path))
+    processes = [pid, *children(pid)]
+    assert len(processes) == 3
+    for process in processes:
+        assert descriptors_on(process, error_log) == [2], process
+
+    error_log.rename(tmp_path / "error.log.1")
+    os.kill(pid, signal.SIGUSR1)
+    wait_until(lambda: error_log.exists() and "USR1: log files reopened" in error_log.read_text(),
+               10, message="the log was not reopened")
+    (tmp_path / "error.log.1").unlink()
+    for process in processes:
+        wait_until(lambda p=process: descriptors_on(p, tmp_path / "error.log.1") == [], 10,
+                   message=f"pid {process} still holds the rotated log")
+
+
 def test_second_start_with_a_live_pidfile_refuses(daemons: Daemons, tmp_path: Path) -> None:
     config = daemon_config(tmp_path)
     pid = launch_ok(daemons, config)
