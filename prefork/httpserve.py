@@ -316,6 +316,8 @@ class HttpProtocol:
                 log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
             now = time.monotonic()
             self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
+            if response.status_code:  # the application answered: the log says what went out
+                self.answered(env, request, response, now - start)
             return False
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
@@ -340,10 +342,7 @@ class HttpProtocol:
             Activity.KEEPALIVE if response.keep_alive else Activity.IDLE,
             now,
         )
-        if self.logs.access_enabled:
-            self._access(env, request, response, duration)
-        if self.post_request is not None and self.hooks is not None:
-            self.hooks.call("post_request", self.worker_info, env, response.status_code)
+        self.answered(env, request, response, duration)
         if (
             response.keep_alive
             and not request.complete
@@ -351,6 +350,16 @@ class HttpProtocol:
         ):
             response.keep_alive = False
         return response.keep_alive
+
+    def answered(
+        self, env: dict[str, Any], request: Request, response: Response, duration: float
+    ) -> None:
+        """The access log line and the post_request hook of a response, whole or cut short by
+        the client (its bytes count what was sent)."""
+        if self.logs.access_enabled:
+            self._access(env, request, response, duration)
+        if self.post_request is not None and self.hooks is not None:
+            self.hooks.call("post_request", self.worker_info, env, response.status_code)
 
     def _drain(self, conn: Connection, request: Request) -> bool:
         """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes and for at

@@ -373,3 +373,25 @@ def test_a_reused_connection_loses_no_request_after_an_unread_upload(
             answer.read()
     finally:
         client.close()
+
+
+BIG_APP = '''
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "application/octet-stream")])
+    return (b"x" * 65536 for _ in range(2000))  # 128 MiB: more than any socket buffer holds
+'''
+
+
+def test_a_response_cut_short_by_the_client_is_in_the_access_log(
+    server_factory: ServerFactory,
+) -> None:
+    """Defect: a response the client stopped reading (it closed the connection) left no
+    access-log line, though the metrics counted it."""
+    server = server_factory(
+        harness.settings(app="app:app", logging={"access_log": "-"}), app_source=BIG_APP,
+    )
+    with connect(server.addresses()[0], timeout=10) as sock:
+        sock.sendall(http_request("GET", "/big"))
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200 OK")
+    wait_until(lambda: '"GET /big HTTP/1.1" 200 ' in server.stdout(), 15,
+               message="no access-log line for the response cut short")
