@@ -689,6 +689,7 @@ class Startup:
         self.hooks = Hooks()
         self.reimport = Reimport()
         self.inherited_env: dict[str, str] = {}
+        self.signals: SignalQueue | None = None  # made early by a master USR2 started
 
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
@@ -738,6 +739,9 @@ class Startup:
         if self.handover is not None:
             log.info("upgrade: taking over the sockets of the master pid %d",
                      self.handover.from_pid)
+            # now, not when serving: HUP, USR1, TTIN... sent to the process group while this
+            # new master loads (its exec left them ignored) wait in the queue for its loop
+            self.signals = SignalQueue(catch=MASTER_SIGNALS)
         raise_fd_limit(config.workers.max_connections)
         self.inherited_env = dict(os.environ)
         apply_env(config.env)
@@ -831,7 +835,7 @@ class Startup:
         except OSError as exc:
             announce.failed(str(exc))
             return self.fail(str(exc))
-        signals = SignalQueue(catch=MASTER_SIGNALS)
+        signals = self.signals if self.signals is not None else SignalQueue(catch=MASTER_SIGNALS)
         close_in_child = list(signals.fds())  # the announcer's own fds are added per fork
         master = Master(
             kernel=System(),
@@ -863,7 +867,7 @@ class Startup:
         )
         handover = self.handover
         if handover is not None and handover.configured_workers == config.workers.count:
-            master.target = handover.workers  # TTIN/TTOU outlive an upgrade, as a reload
+            master.target = max(1, handover.workers)  # TTIN/TTOU outlive an upgrade
         if admin_sockets:
             master.admin = AdminServer(
                 admin_sockets, lambda path: status.respond(master, path), admin_path, admin_inode

@@ -1145,9 +1145,10 @@ class Master:
             assert upgrader is not None
             info = self.server_info()  # this master, as the hook sees it in the child
             try:
+                size = self.paused if self.paused is not None else self.target  # not WINCH's 0
                 pid = upgrader.start(
                     self.current.listeners,
-                    (self.target, self.current.config.workers.count),
+                    (size, self.current.config.workers.count),
                     lambda: self.current.hooks.call("pre_exec", info),
                 )
             except OSError as exc:

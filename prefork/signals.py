@@ -46,8 +46,7 @@ class SignalQueue:
             signal.siginterrupt(sig, False)
         for sig in ignore:
             signal.signal(sig, signal.SIG_IGN)
-        # Delivered from now on: a master started by USR2 comes out of exec with these
-        # blocked, so that one sent to the process group while it loaded waited for it here.
+        # delivered from now on, whatever mask this process was started with
         set_mask(signal.SIG_UNBLOCK, catch)
 
     def fileno(self) -> int:

@@ -173,7 +173,7 @@ class Upgrader:
     cwd: str  # where the master was started: its command line's relative paths mean that
     environ: Mapping[str, str]  # the environment the master was started with
     detached: bool
-    caught: tuple[int, ...]  # the master's signals: default handlers, blocked, across exec
+    caught: tuple[int, ...]  # the master's signals: reset for the new master (see _exec)
     under_systemd: bool = False
     pidfile: PidFile | None = None
     announce: Announcer | None = None
@@ -323,15 +323,24 @@ class Upgrader:
         return True
 
 
+# Ignored from the exec until the new master's handlers exist (see _exec).
+HELD = frozenset({signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU})
+
+
 def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
           caught: tuple[int, ...], pre_exec: Callable[[], bool]) -> NoReturn:
-    """In the forked child: the new master starts as a fresh process would, with default
-    signal handlers and only the passed sockets beyond stdio, but with the master's signals
-    (`caught`) blocked until it can handle them."""
+    """In the forked child: the new master starts as a fresh process would, with an empty
+    signal mask and only the passed sockets beyond stdio. Of the master's signals (`caught`),
+    those an operator sends to the whole process group and whose default would end or
+    suspend the process (HUP, USR1, USR2, TTIN, TTOU) are ignored until the new master
+    installs its handlers, which it does first thing (Startup.run); the others (TERM, INT,
+    QUIT) keep their defaults, so a stop still stops it. Ignored, not blocked: a blocked
+    mask would outlive the exec of a release that does not unblock it (a rollback to an
+    older one), and be inherited by whatever it starts."""
     try:
         signal.set_wakeup_fd(-1)
         for signum in caught:
-            signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signum, signal.SIG_IGN if signum in HELD else signal.SIG_DFL)
         os.environ.clear()
         os.environ.update(environ)
         if not pre_exec():
@@ -350,10 +359,7 @@ def _exec(command: list[str], cwd: str, environ: dict[str, str], fds: list[int],
         for fd in fds:
             os.set_inheritable(fd, True)
         os.chdir(cwd)
-        # the master's signals stay blocked across exec, and pending: one sent to the process
-        # group (HUP, USR1, TTIN, ...) before the new master has its handlers would kill or
-        # suspend it; it unblocks them once they are in place (SignalQueue)
-        set_mask(signal.SIG_SETMASK, caught)
+        set_mask(signal.SIG_SETMASK, ())
         os.execve(command[0], command, environ)
     except BaseException as exc:  # noqa: BLE001 - reported, and the child leaves below
         try:

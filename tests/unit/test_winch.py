@@ -165,3 +165,17 @@ def test_no_replacement_starts_while_the_workers_are_stopped(
         rig.second()
     assert rig.live() == [] and rig.master.recycle_queue == []
     assert rig.master.target == 0
+
+
+def test_usr2_while_the_workers_are_stopped_hands_over_the_size_they_had(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2)
+    stub = StubUpgrader()
+    rig.master.upgrader = stub  # type: ignore[assignment]
+    rig.start()
+    rig.signal(signal.SIGTTIN)
+    rig.boot_all()
+    stop_all(rig)
+    rig.signal(signal.SIGUSR2)
+    assert stub.started == [(3, 2)]  # not WINCH's 0: the new master must serve
