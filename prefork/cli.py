@@ -217,7 +217,10 @@ OVERRIDES = {
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     """The settings the command line gives: --set and --env first, the options named for
     one setting (-w, --timeout, ...) over them."""
-    overrides: dict[str, object] = dict(args.settings)
+    overrides: dict[str, object] = {}
+    for key, value in args.settings:  # in order: a later --set wins over an earlier one
+        overrides.pop(key, None)
+        overrides[key] = value
     overrides.update((f"env.{name}", value) for name, value in args.env)
     overrides.update(
         (key, getattr(args, dest))
@@ -379,7 +382,7 @@ def with_web_concurrency(
     the setting, so a bad value fails as one would in the file (from_environment names the
     variable); an empty value counts as unset."""
     text = environ.get(WEB_CONCURRENCY, "")
-    if not text or "workers.count" in overrides:
+    if not text or "workers.count" in overrides or "count" in as_mapping(overrides.get("workers")):
         return dict(overrides)
     workers = yaml_mapping(path).get("workers") if path is not None else None
     if isinstance(workers, dict) and "count" in workers:
@@ -1042,6 +1045,22 @@ def degraded_endpoint(
     return read_endpoint(path, overrides)
 
 
+def as_yaml_value(text: YamlText) -> object:
+    """The value of a --set given as YAML text (None where it does not parse: load() says
+    why where it matters)."""
+    try:
+        return yaml.safe_load(str(text))
+    except (yaml.YAMLError, ValueError):
+        return None
+
+
+def as_mapping(value: object) -> Mapping[str, object]:
+    """A section override (a mapping, or --set YAML text of one) as a mapping; {} else."""
+    if isinstance(value, YamlText):
+        value = as_yaml_value(value)
+    return value if isinstance(value, Mapping) else {}
+
+
 def read_endpoint(path: str | None, overrides: Mapping[str, object]) -> Endpoint:
     """`pidfile` and `admin.socket` / `admin.bind` from the YAML file at `path` (as much of
     it as parses), then `--pidfile`. Relative paths are resolved as load() resolves them:
@@ -1051,8 +1070,11 @@ def read_endpoint(path: str | None, overrides: Mapping[str, object]) -> Endpoint
     admin = top.get("admin")
     admin = admin if isinstance(admin, dict) else {}
     pidfile = resolved(top.get("pidfile"), base)
-    if overrides.get("pidfile") is not None:
-        pidfile = resolved(overrides["pidfile"], os.getcwd())
+    given = overrides.get("pidfile")
+    if isinstance(given, YamlText):  # --set pidfile=...: YAML, as in the file
+        given = as_yaml_value(given)
+    if given is not None:
+        pidfile = resolved(given, os.getcwd())
     bind = admin.get("bind")
     bind = bind if isinstance(bind, str) and bind else None
     return Endpoint(pidfile, resolved(admin.get("socket"), base), bind)

@@ -1383,7 +1383,13 @@ def _apply_overrides(tree: _Raw, overrides: Mapping[str, object], origin: _Origi
         parts = key.split(".")
         if not all(parts):
             raise ConfigError("not a valid setting name", source=origin.source, key=key)
-        _set_path(entries, parts, _from_python(value, origin, key), origin)
+        raw = _from_python(value, origin, key)
+        if isinstance(value, YamlText) and _is_section(key) and isinstance(raw.value, dict):
+            # a section given as YAML text sets its keys one by one, as a mapping does
+            for name, item in raw.value.items():
+                _set_path(entries, [*parts, name], item, origin)
+        else:
+            _set_path(entries, parts, raw, origin)
     return dataclasses.replace(tree, value=entries)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prefork.cli import overrides_from, parse
+from prefork.cli import overrides_from, parse, read_endpoint, with_web_concurrency
 from prefork.config import ConfigError, YamlText, load
 
 
@@ -82,3 +82,33 @@ def test_a_bad_set_is_a_configuration_error_naming_the_command_line(
     with pytest.raises(ConfigError) as raised:
         load(None, overrides_from(parse(["--set", item, "app:application"])))
     assert str(raised.value).startswith(f"command line: {error}"), str(raised.value)
+
+
+def test_a_section_given_to_set_merges_key_by_key_and_the_last_set_wins(tmp_path: Path) -> None:
+    path = tmp_path / "preforkd.yaml"
+    path.write_text("app: app:application\nworkers: {count: 3, max_requests: 500}\n")
+    config = load(str(path), overrides_from(parse(["--set", "workers={timeout: 10}"])))
+    assert (config.workers.count, config.workers.max_requests) == (3, 500)
+    assert config.workers.timeout == 10
+    argv = ["--set", "workers.count=5", "--set", "workers={count: 6}", "--set",
+            "workers.count=7"]
+    assert load(str(path), overrides_from(parse(argv))).workers.count == 7
+    argv = ["--set", "workers.count=5", "--set", "workers={count: 6}"]
+    assert load(str(path), overrides_from(parse(argv))).workers.count == 6
+
+
+def test_web_concurrency_yields_to_a_count_given_in_a_section() -> None:
+    environ = {"WEB_CONCURRENCY": "7"}
+    for argv, count in (
+        (["--set", "workers={count: 4}"], 4),
+        (["--set", "workers={timeout: 4}"], 7),
+        (["--set", "workers.count=4"], 4),
+    ):
+        overrides = with_web_concurrency(None, overrides_from(parse(argv)), environ)
+        assert load(None, {**overrides, "app": "a:b"}).workers.count == count, argv
+
+
+def test_status_finds_a_pidfile_given_to_set(tmp_path: Path) -> None:
+    pidfile = tmp_path / "x.pid"
+    endpoint = read_endpoint(None, overrides_from(parse(["--set", f'pidfile="{pidfile}"'])))
+    assert endpoint.pidfile == str(pidfile)
