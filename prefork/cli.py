@@ -384,8 +384,7 @@ def with_web_concurrency(
     text = environ.get(WEB_CONCURRENCY, "")
     if not text or "workers.count" in overrides or "count" in as_mapping(overrides.get("workers")):
         return dict(overrides)
-    workers = yaml_mapping(path).get("workers") if path is not None else None
-    if isinstance(workers, dict) and "count" in workers:
+    if path is not None and "count" in as_mapping(yaml_mapping(path).get("workers")):
         return dict(overrides)
     value: object
     try:

@@ -346,7 +346,7 @@ class HttpProtocol:
         if (
             response.keep_alive
             and not request.complete
-            and (env["wsgi.input"].continue_pending or not self._drain(conn, request))
+            and not self._drain(conn, request)  # not when the client still waits for a 100
         ):
             response.keep_alive = False
         return response.keep_alive

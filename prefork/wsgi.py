@@ -113,7 +113,6 @@ class Input:
         self._min_rate = min_rate
         self._started = 0.0  # when the body was first waited for
         self._buf = bytearray()
-        self._continue_pending = request.expect_continue
 
     def _fill(self) -> bool:
         """Move the next body chunk into the buffer; False at the end of the body."""
@@ -121,8 +120,7 @@ class Input:
         while not request.body:
             if request.complete:
                 return False
-            if self._continue_pending:
-                self._continue_pending = False
+            if request.expect_continue:
                 request.expect_continue = False  # the body is asked for: it may be drained
                 # Once the final response's head is out, a 100 would land inside its body;
                 # the client, which has its answer, stops waiting for one anyway.
@@ -163,7 +161,7 @@ class Input:
     @property
     def continue_pending(self) -> bool:
         """The client still waits for 100 Continue: its body was never asked for."""
-        return self._continue_pending
+        return self._request.expect_continue
 
     def answered_by(self, response: Response) -> None:
         """The response to this request: no 100 Continue once its head has been sent."""

@@ -81,7 +81,7 @@ class Request:
         self.path, self.query = split_target(target, method == "CONNECT")
         self.content_length: int | None = None
         self.chunked = False
-        self.expect_continue = False
+        self.expect_continue = False  # the client waits for 100 Continue (until it is asked)
         self.upgrade = False
         self.body: deque[bytes] = deque()
         self.body_size = 0
