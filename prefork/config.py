@@ -1524,6 +1524,8 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
                 f"the status socket beside it, {obj.pidfile}.sock, would be too long for a "
                 f"unix socket ({problem}): set admin.socket to a shorter path",
             )
+    if isinstance(obj, Config):
+        _check_admin_apart(obj, entries)
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value
@@ -1536,6 +1538,45 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
                         f"duplicate address {b.address!r} (same as bind[{seen[b.address]}])",
                     )
                 seen[b.address] = i
+
+
+def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:
+    """The status endpoint may not take a listener's place: found here with its line, not
+    as an EADDRINUSE (or a replaced socket file) once the workers are being started."""
+    admin = entries.get("admin")
+    fields = admin.value if admin is not None and isinstance(admin.value, dict) else {}
+    if config.admin.bind is not None:
+        ours = parse_address(config.admin.bind)
+        for i, b in enumerate(config.bind):
+            if _overlap(ours, parse_address(b.address)):
+                raw = fields.get("bind", admin)
+                assert raw is not None  # a bind that is not the default was given somewhere
+                raise raw.fail("admin.bind", f"{config.admin.bind!r} is bind[{i}]'s "
+                               f"{b.address!r}: the status endpoint needs a port of its own")
+    socket_path = config.admin.socket or (config.pidfile and config.pidfile + ".sock")
+    for i, b in enumerate(config.bind):
+        if socket_path and b.address == f"unix:{socket_path}":
+            key = "admin.socket" if config.admin.socket else "pidfile"
+            raw = fields.get("socket", admin) if config.admin.socket else entries.get("pidfile")
+            assert raw is not None
+            raise raw.fail(key, f"the status socket {socket_path} is bind[{i}]'s socket file: "
+                           "set admin.socket to another path")
+
+
+def _overlap(a: Address, b: Address) -> bool:
+    """Whether binding both TCP addresses would fail with EADDRINUSE (port 0 never does)."""
+    if a.kind != "tcp" or b.kind != "tcp" or a.port != b.port or a.port == 0:
+        return False
+    hosts = []
+    for addr in (a, b):  # localhost stands for both loopback addresses
+        hosts.append(("127.0.0.1", "::1") if addr.host == "localhost" else (addr.host,))
+    for x in hosts[0]:
+        for y in hosts[1]:
+            # IPv6 sockets are V6ONLY: a wildcard covers its own family alone
+            if x == y or ((x in ("0.0.0.0", "::") or y in ("0.0.0.0", "::"))
+                          and (":" in x) == (":" in y)):
+                return True
+    return False
 
 
 def _check_tls(tls: TLSConfig, entries: dict[str, _Raw], path: str) -> None:

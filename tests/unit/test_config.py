@@ -1087,3 +1087,42 @@ def test_docs_settings_md_is_current() -> None:
 def test_uses_libyaml_when_available() -> None:
     if hasattr(yaml, "CSafeLoader"):
         assert config_module._LOADER.__name__ == "CSafeLoader"
+
+
+# --- the status endpoint apart from the listeners -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bind, admin",
+    [
+        ("127.0.0.1:9000", "127.0.0.1:9000"),
+        ("0.0.0.0:9000", "127.0.0.1:9000"),
+        ("'[::1]:9000'", "localhost:9000"),
+        ("'9000'", "localhost:9000"),
+    ],
+)
+def test_admin_bind_taken_by_a_listener(write: Writer, bind: str, admin: str) -> None:
+    path = write(f"app: m:app\nbind: [{bind}]\nadmin:\n  status_interval: 2\n  bind: {admin}\n")
+    check_error(error_of(path), path, 5, "admin.bind", "needs a port of its own")
+
+
+@pytest.mark.parametrize(
+    "bind, admin",
+    [("127.0.0.1:9000", "127.0.0.1:9001"), ("'[::]:9000'", "127.0.0.1:9000"),
+     ("127.0.0.1:0", "127.0.0.1:0")],
+)
+def test_admin_bind_beside_a_listener(write: Writer, bind: str, admin: str) -> None:
+    path = write(f"app: m:app\nbind: [{bind}]\nadmin: {{bind: '{admin}'}}\n")
+    assert load(path).admin.bind == admin
+
+
+def test_admin_socket_taken_by_a_listener(write: Writer, tmp_path: Path) -> None:
+    sock = tmp_path / "app.sock"
+    path = write(f"app: m:app\nbind: ['unix:{sock}']\nadmin:\n  socket: {sock}\n")
+    check_error(error_of(path), path, 4, "admin.socket", "is bind[0]'s socket file")
+
+
+def test_default_status_socket_taken_by_a_listener(write: Writer, tmp_path: Path) -> None:
+    pidfile = tmp_path / "app.pid"
+    path = write(f"app: m:app\nbind: ['unix:{pidfile}.sock']\npidfile: {pidfile}\n")
+    check_error(error_of(path), path, 3, "pidfile", "set admin.socket to another path")
