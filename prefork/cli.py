@@ -28,7 +28,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import resource
 import signal
 import ssl
@@ -230,9 +229,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, object]:
     return overrides
 
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
 def split_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--set KEY=VALUE and --env NAME=VALUE into (key, value) pairs; errors exit 2 with the
     usage. A --set value is YAML text, which the configuration reads as it reads the file's
@@ -247,9 +243,8 @@ def split_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     env: list[tuple[str, str]] = []
     for item in args.env or ():
         name, equals, value = item.partition("=")
-        if not equals or not ENV_NAME.fullmatch(name):
-            p.error(f"--env {item!r}: expected NAME=VALUE, NAME made of letters, digits and "
-                    "underscores")
+        if not equals or not name:
+            p.error(f"--env {item!r}: expected NAME=VALUE")
         env.append((name, value))
     args.settings, args.env = settings, env
 

@@ -1381,6 +1381,8 @@ def _apply_overrides(tree: _Raw, overrides: Mapping[str, object], origin: _Origi
     entries = dict(_entries(tree))
     for key, value in _flatten(overrides, ""):
         parts = key.split(".")
+        if parts[0] in _MAPPINGS:  # env.A.B: the variable "A.B"
+            parts = key.split(".", 1)
         if not all(parts):
             raise ConfigError("not a valid setting name", source=origin.source, key=key)
         raw = _from_python(value, origin, key)
@@ -1391,6 +1393,10 @@ def _apply_overrides(tree: _Raw, overrides: Mapping[str, object], origin: _Origi
         else:
             _set_path(entries, parts, raw, origin)
     return dataclasses.replace(tree, value=entries)
+
+
+# Settings whose value maps free names (environment variables) to values.
+_MAPPINGS = frozenset(f.name for f in dataclasses.fields(Config) if f.metadata.get("mapping"))
 
 
 def _flatten(overrides: Mapping[str, object], prefix: str) -> Iterator[tuple[str, object]]:

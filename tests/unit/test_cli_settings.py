@@ -46,14 +46,21 @@ def test_env_on_the_command_line_adds_to_the_files_mapping(tmp_path: Path) -> No
     assert dict(config.env) == {"FROM_FILE": "1", "BOTH": "cli", "NEW": "2"}
 
 
+def test_env_on_the_command_line_takes_the_names_the_file_takes(tmp_path: Path) -> None:
+    path = tmp_path / "preforkd.yaml"
+    path.write_text("app: app:application\nenv: {A-B: file, x.y: '1'}\n")
+    args = parse(["-e", "A-B=cli", "-e", "1A=2", "-e", "a.b.c=3", "-e", "x.y=4"])
+    config = load(str(path), overrides_from(args))
+    assert dict(config.env) == {"A-B": "cli", "x.y": "4", "1A": "2", "a.b.c": "3"}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--set", "workers.count"], "--set 'workers.count': expected KEY=VALUE"),
         (["--set", "=3"], "--set '=3': expected KEY=VALUE"),
         (["-e", "NO_VALUE"], "--env 'NO_VALUE': expected NAME=VALUE"),
-        (["-e", "A.B=1"], "--env 'A.B=1': expected NAME=VALUE"),
-        (["-e", "1A=1"], "--env '1A=1': expected NAME=VALUE"),
+        (["-e", "=1"], "--env '=1': expected NAME=VALUE"),
     ],
 )
 def test_a_malformed_item_exits_2_with_the_usage(
