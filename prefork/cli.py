@@ -358,14 +358,16 @@ def command(argv: Sequence[str] | None) -> int:
     if args.command == "check":
         return check(config)
     if args.command == "config":
-        say(as_yaml(config), end="")
+        # as the server would run: --foreground wins over the file's daemon: true
+        shown = dataclasses.replace(config, daemon=False) if args.foreground else config
+        say(as_yaml(shown), end="")
         return 0
     if args.command == "reload":
         return reload_running(Endpoint.of(config), config.source or None, args.wait)
     started_in = os.getcwd()  # command-line paths mean the same on every reload
     return Startup(
         config, lambda: load(path, settings(), started_in), args.foreground, inherited,
-        daemon_flag=bool(args.daemon),
+        daemon_flag="daemon" in overrides,  # -D or --set daemon=...
     ).run()
 
 

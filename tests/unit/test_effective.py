@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import yaml
 
+from prefork.cli import command
 from prefork.config import Config, load
 from prefork.effective import as_yaml, effective
 
@@ -56,3 +58,18 @@ def test_defaults_print_every_section_and_load_back(tmp_path: Path) -> None:
     assert set(data) == {f.name for f in dataclasses.fields(Config)} - {"source"}
     assert data["workers"]["count"] == 2 and data["bind"] == ["127.0.0.1:8000"]
     assert reloaded(config, tmp_path) == config
+
+
+def test_config_shows_what_foreground_and_daemon_flags_make_of_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "preforkd.yaml"
+    source.write_text("app: site.wsgi:application\ndaemon: true\n")
+    shown = {}
+    for flags in ([], ["--foreground"]):
+        assert command(["config", "-c", str(source), *flags]) == 0
+        shown[" ".join(flags)] = yaml.safe_load(capsys.readouterr().out)["daemon"]
+    source.write_text("app: site.wsgi:application\n")
+    assert command(["config", "-c", str(source), "-D"]) == 0
+    shown["-D"] = yaml.safe_load(capsys.readouterr().out)["daemon"]
+    assert shown == {"": True, "--foreground": False, "-D": True}
