@@ -673,7 +673,8 @@ class Startup:
             self.handover = Handover.from_environ(os.environ)
         except ValueError as exc:
             self.handover_error = str(exc)
-        # `daemon_flag`: -D on the command line, which a Type=forking unit's ExecStart gives
+        # `daemon_flag`: -D (or --set daemon) on the command line, as a Type=forking unit's
+        # ExecStart gives it
         self.stays = under_systemd(os.environ, daemon_flag) if config.daemon else ""
         # a new master started by USR2 is already where the old one was: detached or not
         self.detach = (

@@ -331,13 +331,15 @@ def test_daemon_term_removes_pidfile_and_unix_socket(
     wait_until(lambda: not live_group_members(pgid), 5, message="workers outlived the daemon")
 
 
+@pytest.mark.parametrize("flag", [["-D"], ["--set", "daemon=true"]], ids=["-D", "--set"])
 def test_an_explicit_daemon_flag_detaches_even_when_started_by_systemd(
-    daemons: Daemons, tmp_path: Path
+    daemons: Daemons, tmp_path: Path, flag: list[str]
 ) -> None:
     """Defect: -D was ignored whenever INVOCATION_ID was set, which systemd sets for every
-    unit: a Type=forking unit (ExecStart=preforkd -c ... -D) hung until its start timeout."""
+    unit: a Type=forking unit (ExecStart=preforkd -c ... -D) hung until its start timeout.
+    `--set daemon=true` asks for it on the command line as well."""
     config = daemon_config(tmp_path, daemon=False)
-    pid = launch_ok(daemons, config, "-D", env={"INVOCATION_ID": "pf-test-invocation"})
+    pid = launch_ok(daemons, config, *flag, env={"INVOCATION_ID": "pf-test-invocation"})
     assert alive(pid)
     assert psutil.Process(pid).ppid() != os.getpid(), "the daemon is still the test's child"
 
