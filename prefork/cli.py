@@ -61,7 +61,7 @@ from prefork.daemon import detach, under_systemd
 from prefork.effective import as_yaml
 from prefork.hooks import HookError, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
-from prefork.logs import Logs, for_reload
+from prefork.logs import Logs, for_reload, reach_syslog
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
 from prefork.pidfile import (
@@ -807,6 +807,14 @@ class Startup:
     def open_logs(self) -> Logs:
         cfg = self.config.logging
         use_syslog = cfg.syslog.enabled or (self.detached and cfg.error_log == "-")
+        if use_syslog and self.handover is None:  # a USR2's new master: as at a reload
+            try:
+                reach_syslog(cfg.syslog.address)
+            except OSError as exc:
+                if cfg.syslog.enabled:
+                    raise
+                raise OSError(f"{exc}: a daemon logs to syslog when logging.error_log is "
+                              '"-"; set it to a file, or start a syslog daemon') from exc
         return Logs(
             cfg.level,
             cfg.error_log,

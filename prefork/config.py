@@ -698,7 +698,9 @@ class SyslogConfig:
         default="/dev/log",
         metadata=_meta(
             "The syslog socket: a path (/dev/log, unix:/path), udp://HOST:PORT or "
-            "tcp://HOST:PORT. Over TCP each process (master, every worker) has its own "
+            "tcp://HOST:PORT. A unix socket must answer when the server starts (and when a "
+            "reload changes it), or the start fails: nothing is logged to a socket no syslog "
+            "daemon reads. Over TCP each process (master, every worker) has its own "
             "connection, messages are octet-counted (RFC 6587, which rsyslog and syslog-ng "
             "read), a lost connection is opened again at the next message (at most once a "
             "second), and messages sent while the host is unreachable are dropped and counted.",

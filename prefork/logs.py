@@ -642,17 +642,27 @@ def for_reload(
         )
     except OSError as exc:
         raise OSError(f"cannot open the logs: {exc}") from exc
-    address = syslog.address
-    path = address.removeprefix("unix:")
+    path = syslog.address.removeprefix("unix:")
     in_use = previous is not None and previous.syslog is not None and (
         previous.syslog[0].removeprefix("unix:") == path
     )
-    if target is not None and not address.startswith(("udp://", "tcp://")) and not in_use:
+    if target is not None and not in_use:
         try:
-            _reach_unix_syslog(path)
+            reach_syslog(syslog.address)
         except OSError as exc:
             logs.close()
-            raise OSError(
-                f"cannot open the logs: syslog {address}: {exc.strerror or exc}"
-            ) from exc
+            raise OSError(f"cannot open the logs: {exc}") from exc
     return logs
+
+
+def reach_syslog(address: str) -> None:
+    """OSError naming `address` if it is a unix socket where no syslog daemon answers.
+    SysLogHandler keeps quiet about that and tries again at every message, so a typo, or a
+    host without /dev/log, would lose every line. UDP cannot be judged; TCP connects at the
+    first message, in each process."""
+    if address.startswith(("udp://", "tcp://")):
+        return
+    try:
+        _reach_unix_syslog(address.removeprefix("unix:"))
+    except OSError as exc:
+        raise OSError(f"syslog {address}: {exc.strerror or exc}") from exc

@@ -267,6 +267,42 @@ def test_detached_daemon_logs_to_syslog_by_default(
     assert stopped.pid == pid
 
 
+@pytest.mark.parametrize(
+    ("daemon", "enabled", "hint"),
+    [(True, False, 'a daemon logs to syslog when logging.error_log is "-"'),
+     (False, True, "")],
+    ids=["daemon-default", "syslog-enabled"],
+)
+def test_a_start_whose_syslog_socket_does_not_answer_fails_and_says_so(
+    daemons: Daemons, short_tmp: Path, daemon: bool, enabled: bool, hint: str
+) -> None:
+    """Defect: with no syslog daemon at the socket (a host without /dev/log, or a typo), a
+    daemon's default syslog logging started and lost every line; SysLogHandler keeps quiet
+    about it. The start now fails before anything is bound, as a reload to it does."""
+    missing = short_tmp / "no-syslog.sock"
+    pidfile = short_tmp / "preforkd.pid"
+    config = write_config(
+        short_tmp,
+        {
+            "app": "app:application",
+            "daemon": daemon,
+            "pidfile": str(pidfile),
+            "bind": [f"unix:{short_tmp / 'http.sock'}"],
+            "logging": {"error_log": "-", "syslog": {"enabled": enabled,
+                                                     "address": f"unix:{missing}"}},
+        },
+        app_source=PID_APP,
+    )
+    daemons.watch(pidfile)
+    result = daemons.launch(config)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert f"cannot open the logs: syslog {missing}: No such file or directory" in output
+    assert hint in output
+    assert read_pid(pidfile) is None
+    assert not (short_tmp / "http.sock").exists(), "a socket was bound before the logs failed"
+
+
 ERROR_APP = """
 import os
 
