@@ -264,7 +264,8 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
     family("preforkd_requests_total", "counter", "Responses sent, by status class.")
     for cls, count in totals["by_class"].items():
         out.append(_line("preforkd_requests_total", count, {"class": cls}))
-    family("preforkd_request_duration_seconds", "histogram", "Time to answer a request.")
+    family("preforkd_request_duration_seconds", "histogram",
+           "Time to answer a request, over the responses of preforkd_requests_total.")
     cumulative = 0
     for bound, count in zip([*DURATION_BUCKETS, "+Inf"], totals["buckets"], strict=True):
         cumulative += count

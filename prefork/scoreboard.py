@@ -249,9 +249,10 @@ class Slot:
         if self._stopping:
             activity = Activity.DRAINING
         counters = self._counters
-        if counters is not None:
-            if 100 <= status < 600:
-                counters[status // 100 - 1] += 1
+        # status 0: the client left before any response; the metrics count responses, so
+        # that the duration histogram's count is the sum of the status classes
+        if counters is not None and 100 <= status < 600:
+            counters[status // 100 - 1] += 1
             # most requests fall in the first bucket: skip the search for them
             if duration <= _FIRST_BOUND:
                 counters[_BUCKETS_AT] += 1

@@ -182,6 +182,18 @@ def test_done_counts_the_duration_in_its_bucket(
     assert board.read(0).last == 123.0
 
 
+def test_a_request_left_before_any_response_is_not_in_the_histogram(board: Scoreboard) -> None:
+    """The histogram's count is the sum of the status classes: a request whose client
+    closed before a response (status 0) is in neither; it still counts for max_requests."""
+    slot = board.slot(0)
+    slot.done(0, 0.2, 0, now=1.0)
+    slot.done(404, 0.2, 9, now=2.0)
+    counters = board.counters(0)
+    assert sum(counters.buckets) == sum(counters.by_class) == 1
+    assert counters.duration_sum == pytest.approx(0.2)
+    assert slot.requests == 2
+
+
 def test_busy_records_the_start_it_is_given(board: Scoreboard) -> None:
     slot = board.slot(0)
     slot.busy(b"GET", b"/", now=42.5)
