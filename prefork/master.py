@@ -1116,7 +1116,7 @@ class Master:
             self.ask_to_stop(handle, "workers stopped (WINCH)")
         others = (f"the master started by USR2 (pid {self.upgrader.pid}) serves alone"
                   if self.upgrader is not None and self.upgrader.pid is not None
-                  else "nothing serves the sockets")
+                  else "no worker of this master serves its sockets")
         log.warning("WINCH: stopping all %d workers; %s until HUP or TTIN starts workers again",
                     self.paused, others)
 

@@ -51,7 +51,7 @@ def test_winch_stops_the_workers_and_hup_answers_what_waited(
     assert len(workers) == 2
 
     server.signal(signal.SIGWINCH)
-    server.wait_for_log("WINCH: stopping all 2 workers; nothing serves the sockets")
+    server.wait_for_log("WINCH: stopping all 2 workers; no worker of this master serves")
     wait_until(lambda: all(gone(pid) for pid in workers), 15, message="workers still run")
     wait_until(lambda: server.worker_pids() == [], 10, message="a worker was started again")
     assert server.running()

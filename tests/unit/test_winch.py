@@ -45,7 +45,7 @@ def test_winch_stops_every_worker_and_starts_none(
     assert len(rig.kernel.spawned) == 4  # nothing started since
     assert (rig.master.target, rig.master.paused) == (0, 4)
     assert rig.master.stop.name == "NONE"  # the master runs on, with its sockets
-    assert matching(caplog, "WINCH: stopping all 4 workers; nothing serves the sockets")
+    assert matching(caplog, "WINCH: stopping all 4 workers; no worker of this master serves")
     snapshot = rig.snapshot()["master"]
     assert snapshot["state"] == "workers stopped" and snapshot["ready"] is False
     assert rig.master.summary().endswith("(workers stopped by WINCH)")
