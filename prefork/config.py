@@ -352,6 +352,26 @@ class WorkersConfig:
             hi=10**9,
         ),
     )
+    max_lifetime: float = field(
+        default=0.0,
+        metadata=_meta(
+            "A worker retires once it has served this many seconds (0 = never), as uWSGI's "
+            "max-worker-lifetime: for leaks a low request rate keeps under max_requests, or "
+            "state (connections, credentials, DNS) that should be made afresh. It is "
+            "replaced successor first, as for max_requests (max_recycling at a time).",
+            lo=0,
+            hi=10**8,
+        ),
+    )
+    max_lifetime_jitter: float = field(
+        default=0.0,
+        metadata=_meta(
+            "Extra seconds of max_lifetime, spread evenly over the worker numbers so workers "
+            "do not retire together.",
+            lo=0,
+            hi=10**8,
+        ),
+    )
     timeout: float = field(
         default=30.0,
         metadata=_meta(
@@ -714,6 +734,14 @@ class SyslogConfig:
         default="preforkd",
         metadata=_meta("Program name (tag) on every message.", check=_check_name),
     )
+
+
+def jitter_share(workers: WorkersConfig, number: int, jitter: float) -> float:
+    """Worker `number`'s share of `jitter`, spread evenly over the worker numbers (0 for
+    the first, all of it for the last) so that workers do not all retire at once."""
+    if workers.count <= 1 or not jitter:
+        return 0
+    return ((number - 1) % workers.count) * jitter / (workers.count - 1)
 
 
 def _check_access_log_format(value: str, base_dir: str) -> str:

@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,7 +36,7 @@ from prefork.channel import (
     MSG_STOP,
     MSG_TAKEN,
 )
-from prefork.config import Config, StatsdConfig
+from prefork.config import Config, StatsdConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
@@ -301,6 +301,9 @@ class Master:
                 wake_at = min(wake_at, max(self.next_pool_check, now))
             if self.announce.sd is not None and self.ever_ready:
                 wake_at = min(wake_at, max(self.next_status, now))
+            if workers.max_lifetime:
+                for _, ends in self.lifetimes():
+                    wake_at = min(wake_at, max(ends, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
         if self.admin is not None:
@@ -866,6 +869,20 @@ class Master:
         if now >= self.next_queue_check:
             self.next_queue_check = now + QUEUE_CHECK_INTERVAL
             self.check_queues(now)
+        if workers.max_lifetime:
+            for handle, ends in self.lifetimes():
+                if now >= ends:
+                    self.recycle(handle, "max_lifetime")
+
+    def lifetimes(self) -> Iterator[tuple[WorkerHandle, float]]:
+        """Serving workers of this generation not yet to be replaced, and when their
+        max_lifetime (plus their share of the jitter) ends, counted from their ready."""
+        workers = self.current.config.workers
+        for handle in self.workers.values():
+            if (handle.state is WorkerState.READY and not handle.recycle
+                    and handle.generation == self.current.number):
+                share = jitter_share(workers, handle.number, workers.max_lifetime_jitter)
+                yield handle, handle.ready_at + workers.max_lifetime + share
 
     def send_statsd(self, settings: StatsdConfig) -> None:
         """Send the metrics to statsd; (re)make the sink when the settings changed (a

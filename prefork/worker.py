@@ -42,7 +42,7 @@ from prefork.channel import (
     MSG_STOP,
     MSG_TAKEN,
 )
-from prefork.config import Config
+from prefork.config import Config, jitter_share
 from prefork.connection import Connection
 from prefork.devreload import Watcher, error_app, module_files
 from prefork.forwarded import TrustedProxies
@@ -119,10 +119,7 @@ def max_requests_for(config: Config, number: int) -> int:
     w = config.workers
     if not w.max_requests:
         return 0
-    if w.count <= 1 or not w.max_requests_jitter:
-        return w.max_requests
-    share = ((number - 1) % w.count) * w.max_requests_jitter // (w.count - 1)
-    return w.max_requests + share
+    return w.max_requests + int(jitter_share(w, number, w.max_requests_jitter))
 
 
 def exit_on_signals(hooks: Hooks, info: WorkerInfo) -> None:

@@ -144,3 +144,33 @@ def test_without_balancing_the_first_worker_keeps_them(server_factory: ServerFac
     # the control for the test above: the kernel's choice alone gives worker 2 nothing
     served = burst_after_a_second_worker_joins(server_factory, balance=False)
     assert sum(served) <= 3, f"worker 2 got {sum(served)} of 12 without balancing: {served}"
+
+
+def test_max_lifetime_replaces_every_worker_and_the_connection_moves_on(
+    server_factory: ServerFactory,
+) -> None:
+    """workers.max_lifetime: each worker retires after its serving time (the jitter spreads
+    them), successor first; a client on one keep-alive connection sees no error."""
+    server = server_factory(
+        settings(workers={"count": 2, "max_lifetime": 1, "max_lifetime_jitter": 1})
+    )
+    first = set(server.worker_pids())
+    sock = connect(address(server), timeout=10)
+    try:
+        served: set[int] = set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (served - first and first <= gone_pids(first)):
+            response = ask(sock)  # the same socket throughout: an EOF fails the test
+            served.add(int(response.body))
+    finally:
+        sock.close()
+    assert first <= gone_pids(first), f"still serving after 20 s: {first - gone_pids(first)}"
+    assert served - first, "the connection was never served by a successor"
+    for number in (1, 2):
+        server.wait_for_log(re.compile(
+            rf"worker {number} \(pid \d+\) exited \(recycled: max_lifetime\): exit code 0"
+        ))
+
+
+def gone_pids(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if gone(pid)}

@@ -179,6 +179,72 @@ def test_a_failed_successor_is_retried_after_the_boot_backoff_not_at_once(
     assert retry.replaces == worker.pid
 
 
+# --- max_lifetime ----------------------------------------------------------------------------
+
+
+def test_a_worker_past_max_lifetime_is_replaced_successor_first_and_the_jitter_spreads_them(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=3, max_lifetime=60, max_lifetime_jitter=30, max_recycling=3)
+    first, second, third = rig.start()  # ready at 0: they retire at 60, 75 and 90
+    rig.kernel.waits.clear()
+    rig.tick()
+    assert rig.kernel.waits[-1] <= 60, "the master would sleep past the first retirement"
+
+    rig.kernel.advance(59.9)
+    rig.tick()
+    assert successors(rig) == []
+    rig.kernel.advance(0.1)
+    rig.tick()
+    (successor,) = successors(rig)
+    assert successor.replaces == first.pid and first.state is WorkerState.READY
+    assert matching(caplog, f"worker 1 (pid {first.pid}) will be replaced: max_lifetime")
+
+    rig.kernel.advance(15)
+    rig.tick()
+    assert [h.replaces for h in successors(rig)] == [first.pid, second.pid]
+    rig.boot(*(h.pid for h in successors(rig)))
+    assert rig.kernel.received(first.pid) == MSG_HAND_OVER
+    assert rig.master.recycles == {"max_lifetime": 2}
+    rig.exit(first.pid, exit_status(0))
+    assert matching(caplog, f"worker 1 (pid {first.pid}) exited (recycled: max_lifetime)")
+    assert third.state is WorkerState.READY and not third.recycle
+
+    rig.kernel.advance(14.9)
+    rig.tick()
+    assert [h.replaces for h in successors(rig)] == []
+    rig.kernel.advance(0.1)
+    rig.tick()
+    assert [h.replaces for h in successors(rig)] == [third.pid]
+
+    # a successor's lifetime counts from its own ready (75 + 60 for worker 1)
+    new_first = rig.worker(1)
+    assert new_first.ready_at - first.ready_at == pytest.approx(75)
+    rig.kernel.advance(44.9)
+    rig.tick()
+    assert not new_first.recycle
+    rig.kernel.advance(0.1)
+    rig.tick()
+    assert new_first.recycle == "max_lifetime"
+
+
+def test_max_lifetime_off_by_default_and_never_for_a_stopping_server(
+    make_rig: Callable[..., Rig],
+) -> None:
+    rig = make_rig(count=2)
+    rig.start()
+    rig.kernel.advance(10**6)
+    rig.tick()
+    assert successors(rig) == []
+
+    rig = make_rig(count=2, max_lifetime=5)
+    rig.start()
+    rig.signal(signal.SIGTERM)
+    rig.kernel.advance(6)
+    rig.tick()
+    assert successors(rig) == []
+
+
 # --- memory limits ---------------------------------------------------------------------------
 
 
