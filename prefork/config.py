@@ -744,6 +744,14 @@ def jitter_share(workers: WorkersConfig, number: int, jitter: float) -> float:
     return ((number - 1) % workers.count) * jitter / (workers.count - 1)
 
 
+def _check_skip_path(value: str, base_dir: str) -> str:
+    if not value.startswith("/") or "*" in value[:-1]:
+        raise ValueError(f"must be a path starting with /, with * only at its end, got {value!r}")
+    if any(c <= " " or c > "~" for c in value):
+        raise ValueError(f"must be a path as a client sends it (printable ASCII), got {value!r}")
+    return value
+
+
 def _check_access_log_format(value: str, base_dir: str) -> str:
     """combined or json (any case), or a custom format that compiles."""
     if value.lower() in BUILTIN_FORMATS:
@@ -794,6 +802,17 @@ class LoggingConfig:
             "responses and for TCP connections); quotes, backslashes and control characters "
             "are escaped. An unknown atom is an error.",
             check=_check_access_log_format,
+        ),
+    )
+    access_log_skip: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Request paths (HTTP) whose responses below 400 get no access-log line, such as "
+            "a load balancer's health checks: an exact path (/healthz), or a prefix ending "
+            "in * (/static/*). The path is compared as the client sent it, without the "
+            "query; an error response (400 and up) is always logged, and the metrics and "
+            "post_request count every request.",
+            check=_check_skip_path,
         ),
     )
     syslog: SyslogConfig = field(

@@ -162,8 +162,13 @@ class HttpProtocol:
         hooks: Hooks | None = None,
         worker_info: object = None,
         script_name: str = "",
+        access_log_skip: tuple[str, ...] = (),
     ) -> None:
         self.proxies = proxies
+        # logging.access_log_skip: exact paths, and prefixes (given with a trailing *)
+        skip = [path.encode("ascii") for path in access_log_skip]
+        self.skip_paths = frozenset(p for p in skip if not p.endswith(b"*"))
+        self.skip_prefixes = tuple(p[:-1] for p in skip if p.endswith(b"*"))
         self.script_name = script_name
         self.pre_request = hooks.get("pre_request") if hooks is not None else None
         self.post_request = hooks.get("post_request") if hooks is not None else None
@@ -356,7 +361,10 @@ class HttpProtocol:
     ) -> None:
         """The access log line and the post_request hook of a response, whole or cut short by
         the client (its bytes count what was sent)."""
-        if self.logs.access_enabled:
+        if self.logs.access_enabled and not (
+            response.status_code < 400
+            and (request.path in self.skip_paths or request.path.startswith(self.skip_prefixes))
+        ):
             self._access(env, request, response, duration)
         if self.post_request is not None and self.hooks is not None:
             self.hooks.call("post_request", self.worker_info, env, response.status_code)

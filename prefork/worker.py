@@ -331,6 +331,7 @@ class Worker:
                 request_timeout=config.workers.timeout or math.inf,  # 0: no limit
                 server_header=http.server_header,
                 script_name=http.script_name,
+                access_log_skip=config.logging.access_log_skip,
                 proxies=self.proxies,
                 hooks=spec.hooks,
                 worker_info=info,

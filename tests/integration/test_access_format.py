@@ -248,3 +248,38 @@ def test_a_bad_format_stops_the_start_naming_file_line_and_key(
     expected = f"{config}:{line}: logging.access_log_format: unknown atom %(nope)s"
     assert expected in server.log(), server.log_tail()
     assert not (server.workdir / "access.log").exists()
+
+
+SKIP_APP = '''
+def application(environ, start_response):
+    status = environ["QUERY_STRING"] or "200"
+    start_response(status + " Whatever", [("Content-Type", "text/plain")])
+    return [environ["PATH_INFO"].encode()]
+'''
+
+
+def test_access_log_skip_leaves_out_successful_health_checks_only(
+    server_factory: ServerFactory,
+) -> None:
+    """logging.access_log_skip: exact paths and prefixes; an error response is logged."""
+    server = server_factory(
+        config_text=(
+            "app: app:application\npythonpath: [.]\nbind: [127.0.0.1:0]\n"
+            "workers: {count: 1}\n"
+            "logging:\n  access_log: access.log\n  access_log_format: '%(U)s %(q)s %(s)s'\n"
+            "  access_log_skip: [/healthz, /static/*]\n"
+        ),
+        app_source=SKIP_APP,
+    )
+    targets = ["/healthz", "/healthz?304", "/static/app.css", "/static/", "/healthz?503",
+               "/healthzz", "/static", "/static/x?404", "/"]
+    for target in targets:
+        response = fetch(address(server), target=target)
+        expected = int(target.partition("?")[2] or 200)
+        assert response.status == expected
+    logged = ["/healthz 503 503", "/healthzz - 200", "/static - 200", "/static/x 404 404",
+              "/ - 200"]
+    path = server.workdir / "access.log"
+    wait_until(lambda: len(log_lines(path)) >= len(logged), LINE_WAIT,
+               message="fewer access lines than expected")
+    assert log_lines(path) == logged

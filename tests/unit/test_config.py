@@ -1126,3 +1126,18 @@ def test_default_status_socket_taken_by_a_listener(write: Writer, tmp_path: Path
     pidfile = tmp_path / "app.pid"
     path = write(f"app: m:app\nbind: ['unix:{pidfile}.sock']\npidfile: {pidfile}\n")
     check_error(error_of(path), path, 3, "pidfile", "set admin.socket to another path")
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [("healthz", "starting with /"), ("/a*b", "* only at its end"), ("/a b", "printable ASCII"),
+     ("/caf\u00e9", "printable ASCII")],
+)
+def test_access_log_skip_entries_are_paths(write: Writer, entry: str, message: str) -> None:
+    path = write(f"app: m:app\nlogging:\n  access_log_skip:\n    - /ok\n    - '{entry}'\n")
+    check_error(error_of(path), path, 5, "logging.access_log_skip[1]", message)
+
+
+def test_access_log_skip_takes_paths_and_prefixes(write: Writer) -> None:
+    path = write("app: m:app\nlogging: {access_log_skip: [/healthz, '/static/*', '/*']}\n")
+    assert load(path).logging.access_log_skip == ("/healthz", "/static/*", "/*")

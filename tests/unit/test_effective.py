@@ -33,7 +33,8 @@ def test_the_printed_settings_load_back_to_the_same_configuration(tmp_path: Path
         "http: {forwarded_allow_ips: ['10.0.0.0/8', unix], script_name: /app,\n"
         "       proxy_protocol: 'off', server_header: ''}\n"
         "logging: {level: debug, access_log: logs/access.log,\n"
-        "          access_log_format: '%(h)s \"%(r)s\" %(s)s', error_log: logs/error.log}\n"
+        "          access_log_format: '%(h)s \"%(r)s\" %(s)s', error_log: logs/error.log,\n"
+        "          access_log_skip: [/healthz, '/static/*']}\n"
         "statsd: {address: '127.0.0.1:8125', tags: ['env:prod']}\n"
     )
     config = load(str(source), {"workers.max_memory": 512})
