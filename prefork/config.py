@@ -886,6 +886,18 @@ class StreamConfig:
             hi=3600,
         ),
     )
+    eof_on_stop: bool = field(
+        default=False,
+        metadata=_meta(
+            "When a worker is asked to stop gracefully (TERM, a reload, a recycle) while "
+            "its handler holds a connection, shut that connection's read side: a handler "
+            "waiting for the client reads end-of-file, as if the client had closed, and can "
+            "end the session cleanly (what the client already sent is read first; sending "
+            "still works). Off, a long session holds the worker until graceful_timeout, "
+            "then it is killed. Off by default: a handler that reads one message in several "
+            "recv calls would see a stop between them as a message cut short.",
+        ),
+    )
 
 
 def _check_statsd_address(value: str, base_dir: str) -> str:

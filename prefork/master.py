@@ -1038,10 +1038,22 @@ class Master:
             # over: every response until the worker reads its channel would close a
             # connection that could have been passed on
             self.scoreboard.request_stop(handle.slot)
-        if not self.tell(handle, message):
+        if not self.tell(handle, message) or (
+            message == MSG_STOP and self.stream_stop_notice()
+        ):
+            # a stream handler holds the worker and reads no channel: TERM reaches it
+            # (stream.eof_on_stop); otherwise TERM is the same graceful stop as MSG_STOP
             self.scoreboard.request_stop(handle.slot)
             self.kernel.kill(handle.pid, signal.SIGTERM)
         handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)
+
+    def stream_stop_notice(self) -> bool:
+        """Whether stopping workers get TERM besides their stop message: stream.eof_on_stop in
+        the serving generation or the one a reload prepares."""
+        return any(
+            g.config.protocol == "tcp" and g.config.stream.eof_on_stop
+            for g in (self.current, self.pending) if g is not None
+        )
 
     def can_hand_over(self, handle: WorkerHandle) -> bool:
         """Whether `handle`'s idle keep-alive connections can go to a serving worker: the

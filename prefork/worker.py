@@ -10,6 +10,7 @@ the master's spawn, or at once on INT/QUIT), or dies of the master's SIGABRT.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import faulthandler
 import logging
@@ -666,7 +667,10 @@ class Worker:
             )
             addr = source or peer
             slot.set_activity(Activity.BUSY)
-            self.app(stream, addr)
+            if self.spec.config.stream.eof_on_stop and not self.stopping:
+                self.serve_until_stop(stream, addr)
+            else:
+                self.app(stream, addr)
         except StreamRefused as exc:
             status = 400
             log.debug("worker %d: closing %s: %s", self.spec.number, _peer_text(peer), exc)
@@ -704,6 +708,26 @@ class Worker:
             )
         if self.max_requests and self.slot.requests >= self.max_requests:
             self.ask_to_be_replaced()
+
+    def serve_until_stop(self, stream: socket.socket, addr: Any) -> None:
+        """stream.eof_on_stop: the handler runs with a SIGTERM handler (the master sends
+        TERM with its stop message to a tcp worker) that shuts the read side, so a handler
+        blocked in recv wakes to end-of-file. The wakeup fd still tells the loop, which stops
+        the worker once the handler returns. A stop asked for just before (the scoreboard's
+        stop byte) is honoured at once."""
+
+        def shut_reads(signum: int = 0, frame: object = None) -> None:
+            with contextlib.suppress(OSError):  # the client may have reset it already
+                # socket.socket's own: SSLSocket.shutdown would drop TLS from the socket
+                socket.socket.shutdown(stream, socket.SHUT_RD)
+
+        previous = signal.signal(signal.SIGTERM, shut_reads)
+        try:
+            if self.slot.stop_requested():
+                shut_reads()
+            self.app(stream, addr)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def check_sources(self, watcher: Watcher) -> None:
         changed = watcher.changed()

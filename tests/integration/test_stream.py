@@ -243,3 +243,81 @@ def test_usr2_to_a_worker_does_not_kill_it(server_factory: ServerFactory) -> Non
         assert recv_exactly(sock, 4) == b"ping"
     assert server.worker_pids() == [worker]
     assert "killed by SIGUSR2" not in server.log()
+
+
+SESSION = """
+def session(sock, addr):
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            sock.sendall(b"bye\\n")  # a clean end: only a handler that returns says it
+            return
+        sock.sendall(data)
+"""
+
+
+def test_eof_on_stop_ends_a_waiting_session_cleanly_at_term(
+    server_factory: ServerFactory,
+) -> None:
+    """stream.eof_on_stop: a handler blocked in recv reads end-of-file when the server
+    stops, says goodbye, and the stop takes far less than graceful_timeout (60 s)."""
+    server = server_factory(
+        tcp_settings("session", workers={"count": 1, "graceful_timeout": 60},
+                     stream={"eof_on_stop": True}),
+        app_source=SESSION,
+    )
+    _, host, port = tcp_address(server)
+    with socket.create_connection((host, port), timeout=10) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        began = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert recv_exactly(client, 4) == b"bye\n"
+        assert client.recv(10) == b"", "the connection stayed open"
+        assert server.wait_exit(15) == 0
+        assert time.monotonic() - began < 15
+    assert "killing" not in server.log().lower()
+
+
+def test_without_eof_on_stop_a_session_outlives_the_term(
+    server_factory: ServerFactory,
+) -> None:
+    """The default: the session goes on after TERM until the client ends it."""
+    server = server_factory(
+        tcp_settings("session", workers={"count": 1, "graceful_timeout": 60}),
+        app_source=SESSION,
+    )
+    _, host, port = tcp_address(server)
+    with socket.create_connection((host, port), timeout=10) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        server.signal(signal.SIGTERM)
+        server.wait_for_log("stopping gracefully")
+        client.sendall(b"pong")
+        assert recv_exactly(client, 4) == b"pong", "the session was cut at the stop"
+        client.shutdown(socket.SHUT_WR)
+        assert recv_exactly(client, 4) == b"bye\n"
+    assert server.wait_exit(15) == 0
+
+
+def test_eof_on_stop_at_a_reload_and_the_new_generation_serves(
+    server_factory: ServerFactory,
+) -> None:
+    """A reload stops the old worker once its successor is ready: the session on the old
+    worker ends cleanly, and a new connection is served by the new generation."""
+    server = server_factory(
+        tcp_settings("session", workers={"count": 1}, stream={"eof_on_stop": True}),
+        app_source=SESSION,
+    )
+    _, host, port = tcp_address(server)
+    (first,) = server.worker_pids()
+    with socket.create_connection((host, port), timeout=10) as client:
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        server.signal(signal.SIGHUP)
+        assert recv_exactly(client, 4) == b"bye\n"
+        assert client.recv(10) == b""
+    wait_until(lambda: first not in server.worker_pids(), 15, message="the old worker stayed")
+    with socket.create_connection((host, port), timeout=10) as client:
+        client.sendall(b"again")
+        assert recv_exactly(client, 5) == b"again"
