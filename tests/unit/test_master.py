@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from prefork.channel import MSG_BOOT_ERROR, MSG_HAND_OVER, MSG_READY, MSG_REOPEN, MSG_STOP
-from prefork.config import Config
+from prefork.config import Config, from_mapping
 from prefork.master import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -1393,3 +1393,24 @@ def test_nworkers_changed_hears_every_change_of_the_pool_size(
     rig.master.pending.hooks = rig.master.current.hooks  # type: ignore[union-attr]
     rig.boot_all()
     assert heard == [(1, 3, 2), (1, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (2, 4, 1)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "termed"),
+    [({"protocol": "tcp", "stream": {"eof_on_stop": True}}, True),
+     ({"protocol": "tcp"}, False),
+     ({"stream": {"eof_on_stop": True}}, False)],  # http: the option is a stream handler's
+)
+def test_a_graceful_stop_adds_term_for_stream_handlers_with_eof_on_stop(
+    settings: dict[str, object], termed: bool
+) -> None:
+    rig = Rig(from_mapping({"app": "m:app", "workers": {"count": 2}, **settings}))
+    try:
+        workers = rig.start()
+        rig.signal(signal.SIGTERM)
+        for handle in workers:
+            assert rig.kernel.received(handle.pid) == MSG_STOP
+        expected = sorted(h.pid for h in workers) if termed else []
+        assert sorted(rig.kernel.kills_of(signal.SIGTERM)) == expected
+    finally:
+        rig.close()
