@@ -42,13 +42,16 @@ def read_pid(path: str) -> int | None:
 
 
 def is_preforkd(pid: int) -> bool:
-    """Whether `pid` is alive and looks like a preforkd master (not a recycled pid)."""
+    """Whether `pid` is alive and may be a preforkd master (not a recycled pid): a master's
+    command line (is_master_command), or one that cannot be read (assume the worst). Not
+    `tail -f preforkd.log`, which would otherwise block every start until the pidfile is
+    removed by hand."""
     if not alive(pid):
         return False
     cmdline = read_cmdline(pid)
     if cmdline is None:
         return True  # alive and unreadable: assume the worst
-    return any("prefork" in arg for arg in cmdline)
+    return is_master_command(cmdline)
 
 
 def alive(pid: int) -> bool:
@@ -73,8 +76,7 @@ def is_master_command(argv: list[str]) -> bool:
     """Whether a command line (as read_cmdline gives it) is a preforkd master's: its process
     title once it runs (`preforkd: master [...]`), or before that the command that started
     it: `preforkd ...` (the script, run by its interpreter or not) or `python -m prefork`.
-    Stricter than is_preforkd, for what signals a pid from a pidfile that may be stale: an
-    editor or `tail -f` of a preforkd file, or a worker, is not a master."""
+    An editor or `tail -f` of a preforkd file, or a worker, is not a master."""
     if not argv:
         return False  # a zombie, or a kernel thread
     if argv[0].startswith("preforkd: "):
