@@ -440,18 +440,21 @@ class Logs:
             access = self.access_path or ("stdout" if self.access_enabled else "off")
         return f"error log {error}, access log {access}, level {self.level}"
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         """USR1: point fd 2 and the access log at freshly opened files (after rotation), each
         independently: a file that cannot be opened keeps the old one in use, and the error
-        names it. In the master (root) the new files are created and given to `workers_as`
-        before it returns, i.e. before the master tells the workers to reopen them."""
+        names it; False then. In the master (root) the new files are created and given to
+        `workers_as` before it returns, i.e. before the master tells the workers to reopen
+        them."""
         if self.syslog is not None:
-            return
+            return True
         owner = self._owner()
+        reopened = True
         if self.error_path is not None:
             try:
                 self._open_error_log(self.error_path, owner)
             except OSError as exc:
+                reopened = False
                 log.error(
                     "cannot reopen the log files: error log %s: %s; still writing to the old "
                     "one", self.error_path, exc
@@ -460,6 +463,7 @@ class Logs:
             try:
                 new = self._open_access_log(self.access_path, owner)
             except OSError as exc:
+                reopened = False
                 log.error(
                     "cannot reopen the log files: access log %s: %s; still writing to the old "
                     "one", self.access_path, exc
@@ -467,6 +471,7 @@ class Logs:
             else:
                 old, self._access_file = self._access_file, new
                 old.close()
+        return reopened
 
     def _iso_timestamp(self) -> str:
         """ISO 8601 local time with milliseconds and UTC offset, as JSON lines carry it

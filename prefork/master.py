@@ -1209,15 +1209,19 @@ class Master:
         # generation's workers run as (a reload may have changed it); then the workers reopen
         # them by path.
         self.logs.workers_as = (self.current.config.user, self.current.config.group)
-        self.logs.reopen()
+        reopened = self.logs.reopen()
         pending = self.pending
         if pending is not None and pending.logs is not None and pending.logs is not self.logs:
             # a reload's own files (its canary logs there), kept aside until it takes over
             pending.logs.workers_as = (pending.config.user, pending.config.group)
-            pending.logs.reopen()
+            reopened = pending.logs.reopen() and reopened
         for handle in self.workers.values():
             self.tell(handle, MSG_REOPEN)
-        log.info("USR1: log files reopened")
+        if reopened:
+            log.info("USR1: log files reopened")
+        else:
+            log.warning("USR1: some log files could not be reopened (see above); the workers "
+                        "were asked to reopen theirs")
 
     def reload(self) -> None:
         if self.reloader is None:

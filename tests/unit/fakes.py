@@ -162,8 +162,9 @@ class FakeLogs:
     def __init__(self) -> None:
         self.reopened = 0
 
-    def reopen(self) -> None:
+    def reopen(self) -> bool:
         self.reopened += 1
+        return True
 
 
 def make_config(count: int = 3, **workers: Any) -> Config:
