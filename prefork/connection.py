@@ -44,9 +44,13 @@ _PEER_ERRNOS = frozenset(
 class ClientTimeout(OSError):
     """The client did not send or accept bytes before the deadline."""
 
+    unsent = 0  # from a send: the bytes of it that never left (what the access log subtracts)
+
 
 class ClientDisconnected(OSError):
     """The client closed the connection (or reset it) in the middle of a message."""
+
+    unsent = 0  # as ClientTimeout's
 
 
 class RequestTooLong(ClientTimeout):
@@ -139,22 +143,28 @@ class Connection:
         except OSError as exc:
             if not peer_failed(exc):
                 raise
-            raise ClientDisconnected(str(exc)) from None
+            gone = ClientDisconnected(str(exc))
+            gone.unsent = len(data)
+            raise gone from None
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
         deadline = time.monotonic() + timeout
-        while view:
-            self._wait(_POLLOUT, deadline)
-            try:
-                sent = self.sock.send(view, _DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                if not peer_failed(exc):
-                    raise
-                raise ClientDisconnected(str(exc)) from None
-            view = view[sent:]
+        try:
+            while view:
+                self._wait(_POLLOUT, deadline)
+                try:
+                    sent = self.sock.send(view, _DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    if not peer_failed(exc):
+                        raise
+                    raise ClientDisconnected(str(exc)) from None
+                view = view[sent:]
+        except (ClientDisconnected, ClientTimeout) as exc:
+            exc.unsent = len(view)
+            raise
 
     def wait_writable(self, timeout: float) -> None:
         self._wait(_POLLOUT, time.monotonic() + timeout)

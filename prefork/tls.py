@@ -15,7 +15,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
-from prefork.connection import ClientDisconnected, Connection, peer_failed
+from prefork.connection import ClientDisconnected, ClientTimeout, Connection, peer_failed
 
 if TYPE_CHECKING:
     from prefork.config import TLSConfig
@@ -174,19 +174,23 @@ class TLSConnection(Connection):
     def send(self, data: bytes | memoryview, timeout: float) -> None:
         view = memoryview(data)
         deadline = time.monotonic() + timeout
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except ssl.SSLWantWriteError:
-                self._wait(select.POLLOUT, deadline)
-                continue
-            except ssl.SSLWantReadError:
-                self._wait(select.POLLIN, deadline)
-                continue
-            except ssl.SSLError as exc:
-                raise ClientDisconnected(str(exc)) from None
-            except OSError as exc:
-                if not peer_failed(exc):
-                    raise
-                raise ClientDisconnected(str(exc)) from None
-            view = view[sent:]
+        try:
+            while view:
+                try:
+                    sent = self.sock.send(view)
+                except ssl.SSLWantWriteError:
+                    self._wait(select.POLLOUT, deadline)
+                    continue
+                except ssl.SSLWantReadError:
+                    self._wait(select.POLLIN, deadline)
+                    continue
+                except ssl.SSLError as exc:
+                    raise ClientDisconnected(str(exc)) from None
+                except OSError as exc:
+                    if not peer_failed(exc):
+                        raise
+                    raise ClientDisconnected(str(exc)) from None
+                view = view[sent:]
+        except (ClientDisconnected, ClientTimeout) as exc:
+            exc.unsent = len(view)  # what the access log subtracts
+            raise

@@ -433,15 +433,24 @@ class Response:
             data = _as_bytes(data)
         out = b"" if self.head_sent else self.head(None)
         self.head_sent = True
+        body = 0
         if data and not self.no_body:
             length = self.content_length
             if length is not None and self.bytes_sent + len(data) > length:
                 data = data[: length - self.bytes_sent]  # never send past the declared length
                 self.keep_alive = False
-            self.bytes_sent += len(data)
+            body = len(data)
+            self.bytes_sent += body
             out += chunk(data) if self.chunked else data
         if out:
-            self.conn.send(out, self.send_timeout)
+            try:
+                self.conn.send(out, self.send_timeout)
+            except (ClientDisconnected, ClientTimeout) as exc:
+                # bytes_sent counts what left: not the body bytes still unsent (a chunk
+                # ends in 2 bytes of framing)
+                after = 2 if self.chunked else 0
+                self.bytes_sent -= min(max(exc.unsent - after, 0), body)
+                raise
 
     def send_whole(self, body: bytes) -> None:
         """The whole response in one send: head plus a body the server holds entirely."""
@@ -462,7 +471,12 @@ class Response:
             self.bytes_sent = len(body)
             out += body
         self.head_sent = True
-        self.conn.send(out, self.send_timeout)
+        try:
+            self.conn.send(out, self.send_timeout)
+        except (ClientDisconnected, ClientTimeout) as exc:
+            # bytes_sent counts what left (the body is last in `out`), as write()'s does
+            self.bytes_sent -= min(exc.unsent, self.bytes_sent)
+            raise
 
     def sendfile(self, wrapper: FileWrapper, fd: int) -> bool:
         """Send a file body with os.sendfile; False when the file cannot be used that way.
