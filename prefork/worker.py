@@ -643,9 +643,10 @@ class Worker:
 
     def serve_stream(self, sock: socket.socket, peer: Any, listener: Listener) -> None:
         """protocol: tcp -- hand the connection to the handler, then close it. It counts as
-        one request: 200 when the handler returns, 408 when it let a TimeoutError (the
-        client idle past stream.idle_timeout) escape, 500 when it raised anything else,
-        400 when it never reached the handler (handshake, PROXY header)."""
+        one request: 200 when the handler returns (or lets the client's reset or broken pipe
+        escape), 408 when it let a TimeoutError (the client idle past stream.idle_timeout)
+        escape, 500 when it raised anything else, 400 when it never reached the handler
+        (handshake, PROXY header)."""
         started = time.monotonic()
         slot = self.slot
         slot.busy(b"TCP", _peer_text(peer).encode("latin-1", "replace")[:192], started)
@@ -678,6 +679,10 @@ class Worker:
             status = 408
             log.info("stream handler for %s: the client was idle past stream.idle_timeout",
                      _peer_text(addr))
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            # the client's doing, as nginx's stream module counts it (200): not a server error
+            log.info("stream handler for %s: the client closed the connection (%s)",
+                     _peer_text(addr), exc.strerror or exc)
         except Exception:
             status = 500
             log.exception("stream handler failed for %s", _peer_text(addr))
