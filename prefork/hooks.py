@@ -47,6 +47,7 @@ class ServerInfo:
 class Hooks:
     def __init__(self, config: HooksConfig | None = None) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
+        self.failure = ""  # what the last hook that raised said: "hook NAME failed: ..."
         if config is None:
             return
         for name in HOOKS:
@@ -58,16 +59,48 @@ class Hooks:
         return self.functions.get(name)
 
     def call(self, name: str, *args: Any) -> bool:
-        """Run hook `name` if configured; False if it raised (already logged)."""
+        """Run hook `name` if configured; False if it raised (logged, and kept in
+        `failure`)."""
         function = self.functions.get(name)
         if function is None:
             return True
         try:
             function(*args)
-        except Exception:
+        except Exception as exc:
             log.exception("hook %s (%s) failed", name, _describe(function))
+            self.failure = f"hook {name} failed: {exc!r}"
             return False
         return True
+
+
+class HookImports:
+    """Fresh hook modules at each reload: `load()` imports the hooks and remembers the
+    modules that brought in (the hook modules, and whatever they import: often the
+    application itself), dropping the previous load's first; `undo()` puts the previous
+    ones back when the reload fails. Without it a reload kept the master's cached copies,
+    and workers forked from it served the old code even without preload_app."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, Any] = {}
+        self.saved: dict[str, Any] = {}
+
+    def load(self, config: HooksConfig) -> Hooks:
+        self.saved = self.modules
+        for name in self.saved:
+            sys.modules.pop(name, None)
+        before = set(sys.modules)
+        importlib.invalidate_caches()
+        try:
+            hooks = Hooks(config)
+        finally:
+            self.modules = {name: sys.modules[name] for name in set(sys.modules) - before}
+        return hooks
+
+    def undo(self) -> None:
+        for name in self.modules:
+            sys.modules.pop(name, None)
+        sys.modules.update(self.saved)
+        self.modules, self.saved = self.saved, {}
 
 
 def _resolve(name: str, ref: str) -> Callable[..., Any]:

@@ -424,6 +424,8 @@ class Master:
 
     def boot_failed(self, handle: WorkerHandle, status: int, how: str) -> None:
         app_error = status >> 8 == EXIT_APP_LOAD_ERROR and status & 0x7F == 0
+        if handle.reason == "boot timeout":  # killed for it: the SIGKILL is not the news
+            how = f"not ready within workers.boot_timeout, killed ({how})"
         error = handle.boot_error.strip().splitlines()[-1:] or [how]
         if self.pending is not None and handle.generation == self.pending.number:
             message = (

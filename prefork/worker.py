@@ -114,6 +114,14 @@ class WorkerSpec:
     environ: dict[str, str] | None = None  # the generation's environment (None: inherited)
 
 
+def boot_error(spec: WorkerSpec, why: str, code: int) -> int:
+    """Tell the master why this worker cannot boot (its log and a reload's outcome say it);
+    the exit code to leave with."""
+    with contextlib.suppress(OSError):
+        spec.channel.sendall(MSG_BOOT_ERROR + why.encode("utf-8", "replace")[-MAX_BOOT_ERROR:])
+    return code
+
+
 def max_requests_for(config: Config, number: int) -> int:
     """max_requests plus this worker's share of the jitter, spread evenly by worker number so
     that workers do not all retire at the same moment."""
@@ -217,29 +225,26 @@ def worker_main(spec: WorkerSpec) -> int:
         drop_privileges(config.user, config.group)
     except (OSError, KeyError) as exc:
         log.error("worker %d: cannot switch to user %s: %s", spec.number, config.user, exc)
-        return EXIT_BOOT_ERROR
+        return boot_error(spec, f"cannot switch to user {config.user}: {exc}", EXIT_BOOT_ERROR)
     if not spec.hooks.call("post_fork", spec.server, info):
-        return EXIT_BOOT_ERROR
+        return boot_error(spec, spec.hooks.failure, EXIT_BOOT_ERROR)
     app = spec.app
     broken: set[str] = set()
     if app is None:
         try:
             prepare(config.pythonpath, config.chdir)
             app = load_app(config.app)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # an app that exits at import is not loaded
             log.exception("worker %d: cannot load the application %r", spec.number, config.app)
-            if config.reload:
+            if config.reload and isinstance(exc, Exception):
                 # serve the traceback until the code is fixed
                 app, broken = error_app(exc, stream=config.protocol == "tcp")
             else:
-                try:
-                    why = str(exc).encode("utf-8", "replace")[-MAX_BOOT_ERROR:]
-                    spec.channel.sendall(MSG_BOOT_ERROR + why)
-                except OSError:
-                    pass
-                return EXIT_APP_LOAD_ERROR
+                why = (f"the application called sys.exit({exc.code!r}) at import"
+                       if isinstance(exc, SystemExit) else str(exc))
+                return boot_error(spec, why, EXIT_APP_LOAD_ERROR)
     if not spec.hooks.call("post_worker_init", info):
-        return EXIT_BOOT_ERROR
+        return boot_error(spec, spec.hooks.failure, EXIT_BOOT_ERROR)
     worker = Worker(spec, app, signals, info)
     if config.reload:
         worker.watcher = Watcher(module_files([*config.reload_extra_files, *broken]))
