@@ -53,13 +53,14 @@ from prefork.config import (
     OVERRIDE_SOURCE,
     Config,
     ConfigError,
+    LoggingConfig,
     YamlText,
     bind_address,
     load,
 )
 from prefork.daemon import detach, under_systemd
 from prefork.effective import as_yaml
-from prefork.hooks import HookError, Hooks, ServerInfo
+from prefork.hooks import HookError, HookImports, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import Logs, for_reload, reach_syslog
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
@@ -76,7 +77,7 @@ from prefork.pidfile import (
     read_pid,
     running_pid,
 )
-from prefork.privileges import resolve_gid, uid_of
+from prefork.privileges import drop_privileges, resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
 from prefork.signals import SignalQueue
 from prefork.sockets import (
@@ -547,7 +548,10 @@ def undo_env(undo: dict[str, str | None]) -> None:
 
 
 def reloader(
-    reread: Callable[[], Config], reimport: Reimport, inherited: dict[str, str]
+    reread: Callable[[], Config],
+    reimport: Reimport,
+    inherited: dict[str, str],
+    hook_imports: HookImports,
 ) -> Callable[[Generation, list[Listener]], Generation]:
     """HUP: read and validate the configuration again, keep the sockets whose addresses did
     not change (`held`: every socket the master has open), bind the new ones, load the hooks,
@@ -568,9 +572,11 @@ def reloader(
         undo = apply_env(config.env, current.config.env, inherited)
         logs = current.logs
         changed = _differences("logging", current.config.logging, config.logging)
+        hooks_loaded = False
         try:
             contexts = tls_contexts(config, listeners)
-            hooks = Hooks(config.hooks)
+            hooks_loaded = True  # from here on, sys.modules may hold the new hook modules
+            hooks = hook_imports.load(config.hooks)
             if changed:  # before the import, which a failure here must not have replaced
                 logs = for_reload(current.logs, config.logging, (config.user, config.group))
             app = None
@@ -581,6 +587,8 @@ def reloader(
                 )
         except Exception:
             undo_env(undo)
+            if hooks_loaded:
+                hook_imports.undo()
             for listener in listeners:
                 if listener not in held:
                     listener.close()
@@ -687,6 +695,7 @@ class Startup:
         self.logs: Logs | None = None
         self.tls: dict[int, ssl.SSLContext] = {}
         self.hooks = Hooks()
+        self.hook_imports = HookImports()
         self.reimport = Reimport()
         self.inherited_env: dict[str, str] = {}
         self.signals: SignalQueue | None = None  # made early by a master USR2 started
@@ -747,7 +756,7 @@ class Startup:
         apply_env(config.env)
         prepare(config.pythonpath, None)  # hook modules (and a preloaded app) live there
         try:
-            self.hooks = Hooks(config.hooks)
+            self.hooks = self.hook_imports.load(config.hooks)
         except HookError as exc:
             return self.fail(str(exc))
         self.hooks.call("on_starting", ServerInfo(config))
@@ -807,14 +816,8 @@ class Startup:
     def open_logs(self) -> Logs:
         cfg = self.config.logging
         use_syslog = cfg.syslog.enabled or (self.detached and cfg.error_log == "-")
-        if use_syslog and self.handover is None:  # a USR2's new master: as at a reload
-            try:
-                reach_syslog(cfg.syslog.address)
-            except OSError as exc:
-                if cfg.syslog.enabled:
-                    raise
-                raise OSError(f"{exc}: a daemon logs to syslog when logging.error_log is "
-                              '"-"; set it to a file, or start a syslog daemon') from exc
+        if self.handover is None:  # a USR2's new master: as at a reload
+            check_syslog(cfg, self.detached)
         return Logs(
             cfg.level,
             cfg.error_log,
@@ -856,7 +859,8 @@ class Startup:
                 1, self.config, listeners, app, self.tls, self.hooks, dict(os.environ),
                 logs=self.logs,
             ),
-            reloader=reloader(self.reread, self.reimport, self.inherited_env),
+            reloader=reloader(self.reread, self.reimport, self.inherited_env,
+                              self.hook_imports),
             announce=announce,
             close_in_child=close_in_child,
             upgrader=Upgrader(
@@ -917,6 +921,11 @@ def check(config: Config) -> int:
     them: checking a file before `preforkd reload` is the usual use. Each step is one a start
     takes, and fails with the status that start would exit with."""
     say(f"configuration OK: {config.source or '(command line)'}")
+    try:  # a start opens the logs first
+        check_syslog(config.logging, config.daemon and not under_systemd(os.environ))
+    except OSError as exc:
+        print(f"preforkd: cannot open the logs: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
     flush_stdout()  # else the child's copy of the buffer prints it a second time
     pid = os.fork()
     if pid == 0:
@@ -965,6 +974,21 @@ def check(config: Config) -> int:
             listener.close()
 
 
+def check_syslog(cfg: LoggingConfig, detached: bool) -> None:
+    """OSError (its message says why and what to do) if the logs go to a unix syslog socket
+    where no syslog daemon answers (logs.reach_syslog): syslog.enabled, or a detached
+    daemon's error_log "-"."""
+    if not (cfg.syslog.enabled or (detached and cfg.error_log == "-")):
+        return
+    try:
+        reach_syslog(cfg.syslog.address)
+    except OSError as exc:
+        if cfg.syslog.enabled:
+            raise
+        raise OSError(f"{exc}: a daemon logs to syslog when logging.error_log is "
+                      '"-"; set it to a file, or start a syslog daemon') from exc
+
+
 def check_imports(config: Config) -> int:
     """`check`'s child: import the hooks (after `env:` and `pythonpath`, before `chdir`, as
     Startup.run does) and the application, printing what fails. Both are tried, so one run
@@ -980,6 +1004,14 @@ def check_imports(config: Config) -> int:
     else:
         if hooks.functions:
             say(f"hooks OK: {', '.join(hooks.functions)}")
+    if not config.preload_app and (config.user is not None or config.group is not None):
+        # the workers import it after dropping privileges: a file only root can read would
+        # pass as root and stop the start
+        try:
+            drop_privileges(config.user, config.group)
+        except (OSError, KeyError) as exc:
+            print(f"preforkd: cannot switch to user {config.user}: {exc}", file=sys.stderr)
+            return CHECK_HOOKS_FAILED  # as a worker that cannot start: exit status 1
     prepare(config.pythonpath, config.chdir)
     try:
         load_app(config.app)
@@ -987,7 +1019,8 @@ def check_imports(config: Config) -> int:
         traceback.print_exc()
         print(f"preforkd: cannot load the application: {exc}", file=sys.stderr)
         return CHECK_HOOKS_FAILED if hooks_failed else CHECK_APP_FAILED
-    say(f"application OK: {config.app}")
+    as_user = config.user is not None and not config.preload_app
+    say(f"application OK: {config.app}" + (f" (as user {config.user})" if as_user else ""))
     return CHECK_HOOKS_FAILED if hooks_failed else 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from prefork.config import HOOKS, Config, ConfigError, HooksConfig, from_mapping, load
-from prefork.hooks import HookError, Hooks, ServerInfo, WorkerInfo
+from prefork.hooks import HookError, HookImports, Hooks, ServerInfo, WorkerInfo
 
 HOOK_SOURCE = """
 calls = []
@@ -230,3 +230,33 @@ def test_hook_references_are_checked_when_the_config_is_loaded(tmp_path: Path) -
     with pytest.raises(ConfigError) as info:
         load(str(path))
     assert str(info.value).startswith(f"{path}:3: hooks.on_starting: ")
+
+
+def test_hook_imports_load_fresh_modules_at_each_load_and_undo_restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload imports the hook modules, and what they import (here the application
+    module), afresh; a reload that fails later puts the previous ones back."""
+    tag = uuid.uuid4().hex[:8]
+    hooks_mod, app_mod = f"pfhooks_{tag}", f"pfapp_{tag}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / f"{hooks_mod}.py").write_text(
+        f"import {app_mod}\ndef post_fork(server, worker):\n    return {app_mod}.VERSION\n"
+    )
+    app_file = tmp_path / f"{app_mod}.py"
+    app_file.write_text("VERSION = 1\n")
+    config = HooksConfig(post_fork=f"{hooks_mod}:post_fork")
+    imports = HookImports()
+    try:
+        first = imports.load(config)
+        assert first.functions["post_fork"](None, None) == 1
+        app_file.write_text("VERSION = 22\n")  # another size: no stale bytecode
+        second = imports.load(config)
+        assert second.functions["post_fork"](None, None) == 22
+        assert sys.modules[app_mod].VERSION == 22
+        imports.undo()
+        assert sys.modules[app_mod].VERSION == 1
+        assert sys.modules[hooks_mod].post_fork is first.functions["post_fork"]
+    finally:
+        for name in (hooks_mod, app_mod):
+            sys.modules.pop(name, None)

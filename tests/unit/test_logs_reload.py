@@ -22,6 +22,7 @@ import pytest
 from prefork.channel import MSG_REOPEN
 from prefork.cli import FIXED_AT_START, fixed_at_start, reloader
 from prefork.config import Config, from_mapping
+from prefork.hooks import HookImports
 from prefork.loader import AppLoadError, Reimport
 from prefork.logs import Logs, Stderr, for_reload, unused_fds
 from prefork.master import Generation
@@ -356,7 +357,7 @@ def reload_once(tmp_path: Path, current: Generation, **settings: Any) -> Generat
     """cli.reloader's work for a file that now says `settings` (bound to a unix socket in
     `tmp_path`); its new sockets are closed again."""
     config = from_mapping({"app": "m:app", "bind": [f"unix:{tmp_path}/s.sock"], **settings})
-    new = reloader(lambda: config, Reimport(), {})(current, [])
+    new = reloader(lambda: config, Reimport(), {}, HookImports())(current, [])
     for listener in new.listeners:
         listener.close()
     return new
