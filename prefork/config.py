@@ -346,8 +346,8 @@ class WorkersConfig:
     max_requests_jitter: int = field(
         default=0,
         metadata=_meta(
-            "Extra requests, spread evenly over the worker numbers so workers do not retire "
-            "together.",
+            "Extra requests, spread evenly over the worker numbers (up to workers.max in a "
+            "dynamic pool) so workers do not retire together.",
             lo=0,
             hi=10**9,
         ),
@@ -366,8 +366,8 @@ class WorkersConfig:
     max_lifetime_jitter: float = field(
         default=0.0,
         metadata=_meta(
-            "Extra seconds of max_lifetime, spread evenly over the worker numbers so workers "
-            "do not retire together.",
+            "Extra seconds of max_lifetime, spread evenly over the worker numbers (up to "
+            "workers.max in a dynamic pool) so workers do not retire together.",
             lo=0,
             hi=10**8,
         ),
@@ -738,10 +738,12 @@ class SyslogConfig:
 
 def jitter_share(workers: WorkersConfig, number: int, jitter: float) -> float:
     """Worker `number`'s share of `jitter`, spread evenly over the worker numbers (0 for
-    the first, all of it for the last) so that workers do not all retire at once."""
-    if workers.count <= 1 or not jitter:
+    the first, all of it for the last; over `workers.max` numbers in a dynamic pool, whose
+    growth starts several workers at once) so that workers do not all retire at once."""
+    numbers = max(workers.count, workers.max)
+    if numbers <= 1 or not jitter:
         return 0
-    return ((number - 1) % workers.count) * jitter / (workers.count - 1)
+    return ((number - 1) % numbers) * jitter / (numbers - 1)
 
 
 def _check_skip_path(value: str, base_dir: str) -> str:
@@ -1145,8 +1147,9 @@ class Config:
             "Detach into the background (double fork, setsid, stdio to /dev/null). The "
             "command that started it exits 0 once the server is ready, or non-zero with the "
             "error. Ignored (with a log line) in a Type=notify unit (NOTIFY_SOCKET set), "
-            "and when started by systemd (INVOCATION_ID set) unless -D is given on the "
-            "command line, as a Type=forking unit's ExecStart does."
+            "and when started by systemd (INVOCATION_ID set) unless -D (or --set "
+            "daemon=true) is given on the command line, as a Type=forking unit's ExecStart "
+            "does."
         ),
     )
     pidfile: str | None = field(
@@ -1622,7 +1625,9 @@ def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:
                                f"{b.address!r}: the status endpoint needs a port of its own")
     socket_path = config.admin.socket or (config.pidfile and config.pidfile + ".sock")
     for i, b in enumerate(config.bind):
-        if socket_path and b.address == f"unix:{socket_path}":
+        if socket_path and b.address.startswith("unix:") and (
+            os.path.normpath(b.address[5:]) == os.path.normpath(socket_path)
+        ):
             key = "admin.socket" if config.admin.socket else "pidfile"
             raw = fields.get("socket", admin) if config.admin.socket else entries.get("pidfile")
             assert raw is not None
@@ -1630,18 +1635,29 @@ def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:
                            "set admin.socket to another path")
 
 
-def _overlap(a: Address, b: Address) -> bool:
-    """Whether binding both TCP addresses would fail with EADDRINUSE (port 0 never does)."""
-    if a.kind != "tcp" or b.kind != "tcp" or a.port != b.port or a.port == 0:
+def _overlap(admin: Address, listener: Address) -> bool:
+    """Whether the status endpoint at `admin` and the listener at `listener` would take the
+    same TCP port (EADDRINUSE; port 0 never does). The endpoint binds `localhost` as
+    127.0.0.1; a listener's `localhost` may be either loopback address. Other host names
+    are not resolved."""
+    if admin.kind != "tcp" or listener.kind != "tcp" or admin.port != listener.port:
         return False
-    hosts = []
-    for addr in (a, b):  # localhost stands for both loopback addresses
-        hosts.append(("127.0.0.1", "::1") if addr.host == "localhost" else (addr.host,))
-    for x in hosts[0]:
-        for y in hosts[1]:
+    if admin.port == 0:
+        return False
+    ours = ("127.0.0.1",) if admin.host == "localhost" else (admin.host,)
+    theirs = ("127.0.0.1", "::1") if listener.host == "localhost" else (listener.host,)
+    for x in ours:
+        for y in theirs:
+            try:
+                ip_x, ip_y = ipaddress.ip_address(x), ipaddress.ip_address(y)
+            except ValueError:  # a host name
+                if x == y:
+                    return True
+                continue
             # IPv6 sockets are V6ONLY: a wildcard covers its own family alone
-            if x == y or ((x in ("0.0.0.0", "::") or y in ("0.0.0.0", "::"))
-                          and (":" in x) == (":" in y)):
+            if ip_x.version == ip_y.version and (
+                ip_x == ip_y or ip_x.is_unspecified or ip_y.is_unspecified
+            ):
                 return True
     return False
 

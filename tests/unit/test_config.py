@@ -1097,8 +1097,9 @@ def test_uses_libyaml_when_available() -> None:
     [
         ("127.0.0.1:9000", "127.0.0.1:9000"),
         ("0.0.0.0:9000", "127.0.0.1:9000"),
-        ("'[::1]:9000'", "localhost:9000"),
+        ("localhost:9000", "'[::1]:9000'"),
         ("'9000'", "localhost:9000"),
+        ("'[::1]:9000'", "'[0:0:0:0:0:0:0:1]:9000'"),
     ],
 )
 def test_admin_bind_taken_by_a_listener(write: Writer, bind: str, admin: str) -> None:
@@ -1109,16 +1110,20 @@ def test_admin_bind_taken_by_a_listener(write: Writer, bind: str, admin: str) ->
 @pytest.mark.parametrize(
     "bind, admin",
     [("127.0.0.1:9000", "127.0.0.1:9001"), ("'[::]:9000'", "127.0.0.1:9000"),
-     ("127.0.0.1:0", "127.0.0.1:0")],
+     ("127.0.0.1:0", "127.0.0.1:0"), ("'[::1]:9000'", "localhost:9000"),
+     ("'[::]:9000'", "localhost:9000")],
 )
 def test_admin_bind_beside_a_listener(write: Writer, bind: str, admin: str) -> None:
+    """The status endpoint binds localhost as 127.0.0.1 only (AF_INET), beside IPv6
+    listeners, which are V6ONLY."""
     path = write(f"app: m:app\nbind: [{bind}]\nadmin: {{bind: '{admin}'}}\n")
     assert load(path).admin.bind == admin
 
 
 def test_admin_socket_taken_by_a_listener(write: Writer, tmp_path: Path) -> None:
     sock = tmp_path / "app.sock"
-    path = write(f"app: m:app\nbind: ['unix:{sock}']\nadmin:\n  socket: {sock}\n")
+    spelled = f"{tmp_path}/./app.sock"  # the same file
+    path = write(f"app: m:app\nbind: ['unix:{spelled}']\nadmin:\n  socket: {sock}\n")
     check_error(error_of(path), path, 4, "admin.socket", "is bind[0]'s socket file")
 
 
