@@ -62,7 +62,7 @@ from prefork.daemon import detach, under_systemd
 from prefork.effective import as_yaml
 from prefork.hooks import HookError, HookImports, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
-from prefork.logs import Logs, for_reload, reach_syslog
+from prefork.logs import DAEMON_SYSLOG_HINT, Logs, for_reload, reach_syslog
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, read_status
 from prefork.pidfile import (
@@ -816,8 +816,8 @@ class Startup:
     def open_logs(self) -> Logs:
         cfg = self.config.logging
         use_syslog = cfg.syslog.enabled or (self.detached and cfg.error_log == "-")
-        if self.handover is None:  # a USR2's new master: as at a reload
-            check_syslog(cfg, self.detached)
+        check_syslog(cfg, self.detached)  # a USR2's new master too: a failure leaves the
+        # old one serving
         return Logs(
             cfg.level,
             cfg.error_log,
@@ -985,8 +985,7 @@ def check_syslog(cfg: LoggingConfig, detached: bool) -> None:
     except OSError as exc:
         if cfg.syslog.enabled:
             raise
-        raise OSError(f"{exc}: a daemon logs to syslog when logging.error_log is "
-                      '"-"; set it to a file, or start a syslog daemon') from exc
+        raise OSError(f"{exc}: {DAEMON_SYSLOG_HINT}") from exc
 
 
 def check_imports(config: Config) -> int:

@@ -22,11 +22,13 @@ import daemon
 def under_systemd(environ: Mapping[str, str], explicit: bool = False) -> str:
     """Why `daemon: true` must be ignored here ("" when it need not): a Type=notify unit
     (NOTIFY_SOCKET) needs its main process to stay, whatever the command line says; any
-    other unit (INVOCATION_ID) too, unless -D itself asked to detach (Type=forking)."""
+    other unit (INVOCATION_ID) too, unless -D (or --set daemon=true) asked to detach
+    (Type=forking)."""
     if environ.get("NOTIFY_SOCKET"):
         return "NOTIFY_SOCKET is set (a Type=notify unit)"
     if environ.get("INVOCATION_ID") and not explicit:
-        return "started by systemd (INVOCATION_ID is set); -D on the command line detaches"
+        return ("started by systemd (INVOCATION_ID is set); -D (or --set daemon=true) on the "
+                "command line detaches")
     return ""
 
 

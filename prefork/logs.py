@@ -656,8 +656,16 @@ def for_reload(
             reach_syslog(syslog.address)
         except OSError as exc:
             logs.close()
-            raise OSError(f"cannot open the logs: {exc}") from exc
+            hint = "" if syslog.enabled else f": {DAEMON_SYSLOG_HINT}"
+            raise OSError(f"cannot open the logs: {exc}{hint}") from exc
     return logs
+
+
+# Why a daemon without syslog.enabled needs a syslog daemon, and what to do instead.
+DAEMON_SYSLOG_HINT = (
+    'a daemon logs to syslog when logging.error_log is "-"; set it to a file, or start a '
+    "syslog daemon"
+)
 
 
 def reach_syslog(address: str) -> None:

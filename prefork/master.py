@@ -880,6 +880,8 @@ class Master:
         """Serving workers of this generation not yet to be replaced, and when their
         max_lifetime (plus their share of the jitter) ends, counted from their ready."""
         workers = self.current.config.workers
+        if self.pending is not None:
+            return  # a reload replaces them all once its first worker is ready
         for handle in self.workers.values():
             if (handle.state is WorkerState.READY and not handle.recycle
                     and handle.generation == self.current.number):

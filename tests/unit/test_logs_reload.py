@@ -512,3 +512,15 @@ def test_usr1_reopens_the_serving_and_the_pending_setups(make_rig: Callable[...,
 
     assert first.calls == ["reopen"] and new.calls == ["reopen"]
     assert rig.kernel.received(canary.pid) == MSG_REOPEN
+
+
+def test_a_daemon_reload_to_a_syslog_address_nobody_reads_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """As the start says it (cli.check_syslog): the daemon's "-" needs a syslog daemon."""
+    daemon = Logs(syslog=(f"unix:{tmp_path}/log.sock", "user", "preforkd"),
+                  stderr=Stderr(syslog=True), install=False)
+    moved = logging_config(syslog={"address": f"unix:{tmp_path}/nobody-listens"}).logging
+    with pytest.raises(OSError, match="set it to a file, or start a syslog daemon"):
+        for_reload(daemon, moved, (None, None))
+    daemon.close()

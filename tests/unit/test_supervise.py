@@ -22,6 +22,7 @@ from prefork import status
 from prefork.addresses import parse_address
 from prefork.admin import status_table
 from prefork.channel import MSG_HAND_OVER, MSG_RECYCLE, MSG_STOP
+from prefork.config import jitter_share
 from prefork.master import (
     BACKOFF_FIRST,
     YOUNG_DEATH,
@@ -32,7 +33,7 @@ from prefork.master import (
 )
 from prefork.scoreboard import Activity
 from prefork.sockets import Listener
-from prefork.worker import EXIT_APP_LOAD_ERROR
+from prefork.worker import EXIT_APP_LOAD_ERROR, max_requests_for
 from tests.unit.fakes import Rig, exit_status, make_config, matching
 
 MIB = 1 << 20
@@ -187,20 +188,24 @@ def test_a_worker_past_max_lifetime_is_replaced_successor_first_and_the_jitter_s
 ) -> None:
     rig = make_rig(count=3, max_lifetime=60, max_lifetime_jitter=30, max_recycling=3)
     first, second, third = rig.start()  # ready at 0: they retire at 60, 75 and 90
+    rig.kernel.advance(59.75)
     rig.kernel.waits.clear()
     rig.tick()
-    assert rig.kernel.waits[-1] <= 60, "the master would sleep past the first retirement"
+    assert rig.kernel.waits[-1] == pytest.approx(0.25), "the sleep ignores the retirement"
 
-    rig.kernel.advance(59.9)
+    rig.kernel.advance(0.125)  # 59.875
     rig.tick()
     assert successors(rig) == []
-    rig.kernel.advance(0.1)
+    rig.kernel.advance(0.25)  # 60.125
     rig.tick()
     (successor,) = successors(rig)
+    rig.kernel.waits.clear()
+    rig.tick()
+    assert rig.kernel.waits[-1] > 0.1, "a busy loop once the worker is to be replaced"
     assert successor.replaces == first.pid and first.state is WorkerState.READY
     assert matching(caplog, f"worker 1 (pid {first.pid}) will be replaced: max_lifetime")
 
-    rig.kernel.advance(15)
+    rig.kernel.advance(15)  # 75.125
     rig.tick()
     assert [h.replaces for h in successors(rig)] == [first.pid, second.pid]
     rig.boot(*(h.pid for h in successors(rig)))
@@ -210,20 +215,20 @@ def test_a_worker_past_max_lifetime_is_replaced_successor_first_and_the_jitter_s
     assert matching(caplog, f"worker 1 (pid {first.pid}) exited (recycled: max_lifetime)")
     assert third.state is WorkerState.READY and not third.recycle
 
-    rig.kernel.advance(14.9)
+    rig.kernel.advance(14.7)  # 89.825
     rig.tick()
     assert [h.replaces for h in successors(rig)] == []
-    rig.kernel.advance(0.1)
+    rig.kernel.advance(0.25)  # 90.075
     rig.tick()
     assert [h.replaces for h in successors(rig)] == [third.pid]
 
-    # a successor's lifetime counts from its own ready (75 + 60 for worker 1)
+    # a successor's lifetime counts from its own ready (75.125 + 60 for worker 1)
     new_first = rig.worker(1)
-    assert new_first.ready_at - first.ready_at == pytest.approx(75)
-    rig.kernel.advance(44.9)
+    assert new_first.ready_at - first.ready_at == pytest.approx(75.125)
+    rig.kernel.advance(44.9)  # 134.975
     rig.tick()
     assert not new_first.recycle
-    rig.kernel.advance(0.1)
+    rig.kernel.advance(0.25)  # 135.225
     rig.tick()
     assert new_first.recycle == "max_lifetime"
 
@@ -977,3 +982,19 @@ def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) ->
     ]
     assert held == [7]
     assert samples[("preforkd_workers", (("state", "booting"),))] == 1
+
+
+@pytest.mark.parametrize(
+    ("workers", "shares"),
+    [({"count": 3}, [0, 15, 30, 0]),
+     ({"count": 1}, [0, 0]),
+     ({"count": 1, "max": 4}, [0, 10, 20, 30]),  # a dynamic pool starts several at once
+     ({"count": 2, "max": 3}, [0, 15, 30])],
+)
+def test_the_jitter_is_spread_over_every_worker_number(
+    workers: dict[str, int], shares: list[float]
+) -> None:
+    config = make_config(**workers).workers
+    assert [jitter_share(config, n, 30) for n in range(1, len(shares) + 1)] == shares
+    assert [max_requests_for(make_config(max_requests=100, max_requests_jitter=30, **workers),
+                             n) for n in range(1, len(shares) + 1)] == [100 + s for s in shares]
