@@ -258,7 +258,7 @@ def set_host(env: MutableMapping[str, Any], value: str) -> None:
 def set_port(env: MutableMapping[str, Any], value: str) -> None:
     """The client connected to port `value` (of the proxy): SERVER_PORT, and the port of
     HTTP_HOST (left out if it is the scheme's default). A malformed value changes nothing."""
-    if not (value.isdigit() and len(value) <= 5 and 0 < int(value) < 65536):
+    if not (value.isascii() and value.isdigit() and len(value) <= 5 and 0 < int(value) < 65536):
         return
     port = str(int(value))
     env["SERVER_PORT"] = port

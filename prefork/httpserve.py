@@ -256,7 +256,7 @@ class HttpProtocol:
         portless = None  # a unix socket's Host without a port: the scheme's port
         if extras.unix and "HTTP_HOST" in env:
             host, _, port = env["HTTP_HOST"].rpartition(":")
-            if host and port.isdigit():
+            if host and port.isascii() and port.isdigit():  # not "²", a digit to isdigit
                 env["SERVER_NAME"], env["SERVER_PORT"] = host, port
             else:
                 portless = env["SERVER_NAME"] = env["HTTP_HOST"]

@@ -258,7 +258,7 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
                 closes = True
             continue  # framing and connection management belong to the server
         if lname == "content-length":
-            if not value.isdigit():
+            if not (value.isascii() and value.isdigit()):
                 raise ValueError(f"invalid Content-Length {value!r}")
             length = int(value)
             if content_length is not None:
