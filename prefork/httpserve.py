@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
@@ -284,9 +284,15 @@ class HttpProtocol:
         while parser.requests:
             request = parser.requests.popleft()
             conn.served += 1
-            if not self.respond(conn, request, keep_alive and not parser.upgraded):
+            # a request that closes or upgrades ends the queue: those before it keep it open
+            if not self.respond(
+                conn, request, keep_alive and (not parser.upgraded or bool(parser.requests))
+            ):
                 return False
         conn.wait_until = math.inf  # between requests no request deadline applies
+        if parser.deferred is not None:  # found while a body was read: its turn now
+            error, parser.deferred = parser.deferred, None
+            raise error
         return not parser.upgraded
 
     def respond(self, conn: Connection, request: Request, keep_alive: bool) -> bool:
@@ -389,16 +395,21 @@ class HttpProtocol:
                 seen += len(data)
                 if seen > DRAIN_LIMIT:
                     return False
-                conn.parser.feed(data)
-        except (OSError, ProtocolError):
+                try:
+                    conn.parser.feed(data)
+                except ProtocolError as exc:
+                    if not cast(bool, request.complete):  # fed since the loop's test
+                        return False
+                    conn.parser.deferred = exc  # the next request's: answered after this one
+        except OSError:
             return False
         request.body.clear()
         return True
 
-    def _send_error(self, conn: Connection, status: int) -> int:
-        """Send the error page for `status`; the body bytes sent (0 if the client is gone),
-        which is what the access log and the scoreboard count of a response."""
-        data = error_response(status, self.server_line, self.dates.line())
+    def _send_error(self, conn: Connection, status: int, head: bool = False) -> int:
+        """Send the error page for `status` (its head only for HEAD); the body bytes sent (0
+        if the client is gone), which is what the access log and the scoreboard count."""
+        data = error_response(status, self.server_line, self.dates.line(), head)
         try:
             conn.send(data, 1.0)
         except OSError:

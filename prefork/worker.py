@@ -546,8 +546,11 @@ class Worker:
         if not requests:
             return True
         assert self.protocol is not None
-        if self.protocol.serve(conn, True):
-            return True
+        try:
+            if self.protocol.serve(conn, True):
+                return True
+        except ProtocolError:
+            return True  # the error the caller answers broke the framing first
         self.close_after_answer(conn)
         return False
 
@@ -572,9 +575,15 @@ class Worker:
             and not self.stopping
             and len(self.conns) <= self.max_connections
         )
-        keep = protocol.serve(conn, keep_alive)
+        try:
+            keep = protocol.serve(conn, keep_alive)
+        except ProtocolError as exc:  # a request after a body the application read
+            keep = None
+            self.reject(conn, exc)
         if self.max_requests and self.slot.requests >= self.max_requests:
             self.ask_to_be_replaced()
+        if keep is None:
+            return
         if not keep:
             self.close_after_answer(conn)
             return

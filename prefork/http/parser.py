@@ -144,6 +144,7 @@ class RequestParser:
         "limits",
         "requests",
         "upgraded",
+        "deferred",
         "_parser",
         "_url",
         "_headers",
@@ -161,6 +162,9 @@ class RequestParser:
         self.limits = limits
         self.requests: deque[Request] = deque()
         self.upgraded = False
+        # an error of the request after one whose body the application was reading: raised
+        # once that request and those queued before the broken one are answered
+        self.deferred: ProtocolError | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
