@@ -335,7 +335,7 @@ class HttpProtocol:
             response.keep_alive = False
             if not response.head_sent:
                 response.status_code = exc.status
-                response.bytes_sent = self._send_error(conn, exc.status)
+                response.bytes_sent = self._send_error(conn, exc.status, request.method == "HEAD")
         except Exception:
             log.exception(
                 "error handling %s %s", request.method, request.target.decode("latin-1")
@@ -343,7 +343,7 @@ class HttpProtocol:
             response.keep_alive = False
             if not response.head_sent:
                 response.status_code = 500
-                response.bytes_sent = self._send_error(conn, 500)
+                response.bytes_sent = self._send_error(conn, 500, request.method == "HEAD")
         now = time.monotonic()
         duration = now - start
         self.slot.done(

@@ -32,8 +32,9 @@ _NO_BODY_STATUS = (b"204", b"304")  # 1xx never gets this far: _STATUS_RE refuse
 # A final status only: after an application's 1xx (100, 101, 103) the client would wait for a
 # final response that never comes, and preforkd switches no protocols. Interim responses
 # are the server's business (100 Continue, from Input).
-_STATUS_RE = re.compile(r"[2-5][0-9][0-9] [^\r\n\0]*\Z")
-_BAD_VALUE = re.compile(r"[\r\n\0]")
+# no control character but HTAB in a field value (RFC 9110 5.5) or a reason (RFC 9112 4)
+_STATUS_RE = re.compile(r"[2-5][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 # Header name -> environ key, cached: the same few dozen names arrive on every request.
@@ -308,6 +309,8 @@ class Response:
         "no_body",
         "must_close",
         "heads",
+        "_before",  # set only by a head that changed them: the keep_alive, server and date
+        # lines given, which a replacing start_response (exc_info) starts from again
     )
 
     def __init__(
@@ -350,6 +353,10 @@ class Response:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None  # break the traceback cycle (PEP 3333)
+            before = getattr(self, "_before", None)
+            if before is not None:  # the replaced head's Connection, Server, Date are gone
+                self.keep_alive, self.server_line, self.date_line = before
+                del self._before
         elif self.status:
             raise AssertionError("start_response() called twice without exc_info")
         heads = self.heads
@@ -375,9 +382,10 @@ class Response:
 
     def _apply(self, checked: CheckedHead) -> None:
         self.status, self.status_code, self.headers, self.content_length, closes, own = checked
-        if closes:
-            self.keep_alive = False
-        if own:
+        if closes or own:
+            self._before = (self.keep_alive, self.server_line, self.date_line)
+            if closes:
+                self.keep_alive = False
             if own & OWN_SERVER:
                 self.server_line = b""
             if own & OWN_DATE:

@@ -58,8 +58,11 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def error_response(status: int, server_line: bytes, date_line: bytes) -> bytes:
-    """A complete close-delimited error response with a short plain-text body."""
+def error_response(
+    status: int, server_line: bytes, date_line: bytes, head: bool = False
+) -> bytes:
+    """A complete close-delimited error response with a short plain-text body; without it
+    when answering HEAD (`head`: RFC 9110 9.3.2), whose Content-Length is the GET's."""
     reason = status_line(status)
     body = reason.encode("ascii") + b"\n"
     return (
@@ -71,5 +74,5 @@ def error_response(status: int, server_line: bytes, date_line: bytes) -> bytes:
         + b"Content-Type: text/plain; charset=utf-8\r\n"
         + b"Content-Length: %d\r\n" % len(body)
         + b"Connection: close\r\n\r\n"
-        + body
+        + (b"" if head else body)
     )
