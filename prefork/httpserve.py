@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
@@ -395,13 +395,8 @@ class HttpProtocol:
                 seen += len(data)
                 if seen > DRAIN_LIMIT:
                     return False
-                try:
-                    conn.parser.feed(data)
-                except ProtocolError as exc:
-                    if not cast(bool, request.complete):  # fed since the loop's test
-                        return False
-                    conn.parser.deferred = exc  # the next request's: answered after this one
-        except OSError:
+                conn.parser.feed_body(data, request)  # a later request's error waits
+        except (OSError, ProtocolError):
             return False
         request.body.clear()
         return True

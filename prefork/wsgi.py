@@ -140,12 +140,7 @@ class Input:
                         self._waiting(False)
             if not data:
                 raise ClientDisconnected("client closed the connection before the body ended")
-            try:
-                self._conn.parser.feed(data)
-            except ProtocolError as exc:
-                if not self._request.complete:  # (fed since the test above)
-                    raise  # this body broke the framing
-                self._conn.parser.deferred = exc  # the next request's: this one is whole
+            self._conn.parser.feed_body(data, request)
         self._buf += request.body.popleft()
         return True
 

@@ -197,6 +197,17 @@ class RequestParser:
         """True between messages: no partial head or body has been fed."""
         return not self._started
 
+    def feed_body(self, data: bytes, request: Request) -> None:
+        """feed() while `request`'s body is being read: an error that belongs to a later
+        request (this one completed in the same bytes) waits in `deferred` until this one is
+        answered; an error of this body is raised."""
+        try:
+            self.feed(data)
+        except ProtocolError as exc:
+            if not request.complete:
+                raise
+            self.deferred = exc
+
     def feed(self, data: bytes) -> None:
         """Parse `data`; raises ProtocolError when the request must be rejected."""
         try:
