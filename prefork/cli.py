@@ -575,8 +575,8 @@ def reloader(
         hooks_loaded = False
         try:
             contexts = tls_contexts(config, listeners)
-            hooks_loaded = True  # from here on, sys.modules may hold the new hook modules
-            hooks = hook_imports.load(config.hooks)
+            hooks = hook_imports.load(config.hooks)  # left as it was if it raises
+            hooks_loaded = True  # from here on, sys.modules holds the new hook modules
             if changed:  # before the import, which a failure here must not have replaced
                 logs = for_reload(current.logs, config.logging, (config.user, config.group))
             app = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefork.config import HOOKS, Config, HooksConfig
+from prefork.loader import import_afresh
 
 log = logging.getLogger("prefork")
 
@@ -86,18 +87,13 @@ class HookImports:
         self.saved: dict[str, Any] = {}
 
     def load(self, config: HooksConfig) -> Hooks:
-        self.saved = self.modules
-        for name in self.saved:
-            sys.modules.pop(name, None)
-        before = set(sys.modules)
-        importlib.invalidate_caches()
-        try:
-            hooks = Hooks(config)
-        finally:
-            self.modules = {name: sys.modules[name] for name in set(sys.modules) - before}
+        """The hooks, imported afresh; a load that raises leaves everything as it was."""
+        hooks, modules = import_afresh(self.modules, lambda: Hooks(config))
+        self.saved, self.modules = self.modules, modules
         return hooks
 
     def undo(self) -> None:
+        """A later step of the reload failed: the previous load's modules are back."""
         for name in self.modules:
             sys.modules.pop(name, None)
         sys.modules.update(self.saved)

@@ -15,9 +15,11 @@ import ast
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 DEFAULT_NAMES = ("application", "app")
 
@@ -135,16 +137,26 @@ class Reimport:
         return app
 
     def reload(self, ref: str) -> Callable[..., Any]:
-        saved = self.modules
-        for name in saved:
-            sys.modules.pop(name, None)
-        before = set(sys.modules)
-        importlib.invalidate_caches()
-        try:
-            return self.load(ref)
-        except AppLoadError:
-            for name in set(sys.modules) - before:
-                sys.modules.pop(name, None)  # what the failed attempt imported
-            sys.modules.update(saved)
-            self.modules = saved
-            raise
+        app, self.modules = import_afresh(self.modules, lambda: load_app(ref))
+        return app
+
+
+def import_afresh(
+    previous: Mapping[str, Any], load: Callable[[], _T]
+) -> tuple[_T, dict[str, Any]]:
+    """Run `load` with the modules an earlier load brought in (`previous`) dropped from
+    sys.modules, so that it imports them again from their files; its result, and the
+    modules it brought in. If it raises, what it imported is dropped and `previous` put
+    back, so the running generation's copies stay intact."""
+    for name in previous:
+        sys.modules.pop(name, None)
+    before = set(sys.modules)
+    importlib.invalidate_caches()
+    try:
+        result = load()
+    except Exception:
+        for name in set(sys.modules) - before:
+            sys.modules.pop(name, None)  # what the failed attempt imported
+        sys.modules.update(previous)
+        raise
+    return result, {name: sys.modules[name] for name in set(sys.modules) - before}
