@@ -48,7 +48,8 @@ ERROR_LINGER = 1.0
 # A request waiting on its client gives up this long (at most half of workers.timeout) before
 # the master would find the worker hung: the master checks about once a second.
 CLIENT_WAIT_MARGIN = 1.0
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}  # the parser admits only these two
+# SERVER_PROTOCOL: what the client sent (PEP 3333); a higher 1.x is served as 1.1
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
 # Set by environ() on a request outside http.script_name, which mounted() answers with 400.
@@ -214,7 +215,7 @@ class HttpProtocol:
         env["PATH_INFO"] = decode_path(request.path)
         env["QUERY_STRING"] = request.query.decode("latin-1")
         env["RAW_URI"] = request.target.decode("latin-1")
-        env["SERVER_PROTOCOL"] = _PROTOCOLS[request.version]
+        env["SERVER_PROTOCOL"] = _PROTOCOLS.get(request.version) or "HTTP/" + request.version
         keys = ENVIRON_KEYS
         for name, value in request.headers:
             key = keys.get(name) or environ_key(name)

@@ -391,6 +391,11 @@ class Response:
     def head(self, known_length: int | None) -> bytes:
         """The status line and headers; decides the framing. `known_length` is the total body
         size when the server knows it (a list body) and the application gave none."""
+        if self.request.error is not None:
+            # The body broke (over max_body_size, bad chunking) while the application read
+            # it. Frameworks turn the exception into their own 500 page; the client gets the
+            # server's status instead (respond() answers a ProtocolError before any head).
+            raise self.request.error
         framing = b""
         length = self.content_length
         if length is None and not self.status.startswith(_NO_BODY_STATUS):
@@ -403,7 +408,7 @@ class Response:
                 framing = b"Content-Length: %d\r\n" % known_length
             elif self.no_body:
                 pass  # HEAD without a known length: no body follows, nothing to frame
-            elif self.request.version == "1.1":
+            elif self.request.version != "1.0":
                 self.chunked = True
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:

@@ -63,6 +63,7 @@ class Request:
         "body",
         "body_size",
         "complete",
+        "error",
     )
 
     def __init__(
@@ -86,6 +87,8 @@ class Request:
         self.body: deque[bytes] = deque()
         self.body_size = 0
         self.complete = False
+        # why the body broke while the application read it: its answer is replaced by this
+        self.error: ProtocolError | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header `name` (lower-case bytes), or None."""
@@ -93,6 +96,16 @@ class Request:
             if key.lower() == name:
                 return value
         return None
+
+
+def _new_parser(callbacks: object) -> httptools.HttpRequestParser:
+    """An llhttp request parser that reads any HTTP/1.x version: RFC 9110 2.5 has a higher
+    minor version (HTTP/1.2) processed as the highest one implemented, 1.1, where llhttp's
+    strict check refuses it. The leniency lets every major.minor digit pair through, so
+    on_headers_complete answers the other majors itself (505, HTTP/0.9 400)."""
+    parser = httptools.HttpRequestParser(callbacks)
+    parser.set_dangerous_leniencies(lenient_version=True)
+    return parser
 
 
 class _BodyCallbacks:
@@ -165,7 +178,7 @@ class RequestParser:
         # an error of the request after one whose body the application was reading: raised
         # once that request and those queued before the broken one are answered
         self.deferred: ProtocolError | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = _new_parser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._current: Request | None = None
@@ -200,11 +213,12 @@ class RequestParser:
     def feed_body(self, data: bytes, request: Request) -> None:
         """feed() while `request`'s body is being read: an error that belongs to a later
         request (this one completed in the same bytes) waits in `deferred` until this one is
-        answered; an error of this body is raised."""
+        answered; an error of this body is raised, and kept in `request.error`."""
         try:
             self.feed(data)
         except ProtocolError as exc:
             if not request.complete:
+                request.error = exc
                 raise
             self.deferred = exc
 
@@ -271,7 +285,7 @@ class RequestParser:
         request = self.requests[-1]
         if request.method == "CONNECT" or not (request.chunked or request.content_length):
             return False
-        reader = httptools.HttpRequestParser(_BodyCallbacks(self.on_body, self.on_message_complete))
+        reader = _new_parser(_BodyCallbacks(self.on_body, self.on_message_complete))
         if request.chunked:
             reader.feed_data(_CHUNKED_BODY_HEAD)
         else:
@@ -320,7 +334,7 @@ class RequestParser:
         if self._head_size + len(method) + len(self._url) > self.limits.max_header_size:
             raise ProtocolError(431, "request header too large")
         version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
+        if version != "1.1" and version[:2] != "1.":
             if version == "0.9":
                 raise ProtocolError(400, "HTTP/0.9 requests are not supported")
             raise ProtocolError(505, f"HTTP/{version} is not supported")
@@ -381,13 +395,13 @@ class RequestParser:
                 hosts += 1
             elif lname == b"expect":
                 if value.strip().lower() == b"100-continue":
-                    request.expect_continue = request.version == "1.1"
+                    request.expect_continue = request.version != "1.0"
                 else:
                     raise ProtocolError(417, "unsupported expectation")
         if transfer_codings:
             if content_length is not None:
                 raise ProtocolError(400, "both Content-Length and Transfer-Encoding")
-            if request.version != "1.1":
+            if request.version == "1.0":
                 raise ProtocolError(400, "Transfer-Encoding in HTTP/1.0")
             if transfer_codings[-1] != _CHUNKED:
                 # RFC 9112 6.3 item 4: without chunked last the length cannot be known
@@ -395,7 +409,7 @@ class RequestParser:
             if len(transfer_codings) > 1:
                 raise ProtocolError(501, "unsupported transfer coding")
             request.chunked = True
-        if request.version == "1.1" and hosts != 1:
+        if request.version != "1.0" and hosts != 1:
             raise ProtocolError(400, "missing Host" if hosts == 0 else "several Host fields")
         limit = self.limits.max_body_size
         if content_length is not None and limit and content_length > limit:

@@ -737,11 +737,19 @@ def test_http2_request_line_is_rejected() -> None:
     assert outcome.get("error") in (400, 505)
 
 
-def test_higher_minor_version_is_rejected() -> None:
-    """A known, documented deviation: llhttp rejects 'HTTP/1.2' with 400, where RFC 9110 2.5
-    says a higher minor version SHOULD be served as 1.1. No client sends it."""
+def test_higher_minor_version_is_read_as_http11() -> None:
+    """RFC 9110 2.5: a higher minor version of HTTP/1 is processed as 1.1 (Host required,
+    chunked allowed, persistent by default); the version stays what the client sent."""
     outcome = parse_all_ways(head(b"GET / HTTP/1.2", HOST))
-    assert outcome["error"] == 400
+    assert [(r["version"], r["keep_alive"]) for r in outcome["requests"]] == [("1.2", True)]
+    chunked = head(b"POST / HTTP/1.9", HOST, b"Transfer-Encoding: chunked") + CHUNKED_BODY
+    assert parse_all_ways(chunked)["requests"][0]["body"] == b"hello world"
+    assert parse_all_ways(head(b"GET / HTTP/1.2"))["error"] == 400  # no Host, as in 1.1
+
+
+def test_other_major_versions_are_505() -> None:
+    for version in (b"HTTP/3.1", b"HTTP/9.9", b"HTTP/0.1"):
+        assert parse_all_ways(head(b"GET / " + version, HOST))["error"] == 505, version
 
 
 # ---------------------------------------------------------------------------------------
