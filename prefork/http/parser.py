@@ -7,6 +7,7 @@ queued in order; each request owns its body chunks, so a consumer reads one body
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ _FIELD_OVERHEAD = 2 + 2  # ": " and CRLF
 # "Connection: close" makes llhttp refuse whatever follows the body, as after an upgrade.
 _CHUNKED_BODY_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 _LENGTH_BODY_HEAD = b"POST / HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+# The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
+_AUTHORITY = re.compile(rb"[^:/?#]*://(?:[^@/?#]*@)?([^/?#]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,7 @@ class Request:
         "body_size",
         "complete",
         "error",
+        "authority",
     )
 
     def __init__(
@@ -79,7 +83,8 @@ class Request:
         self.version = version
         self.headers = headers
         self.keep_alive = keep_alive
-        self.path, self.query = split_target(target, method == "CONNECT")
+        # an absolute-form target's host[:port], which replaces Host (see on_headers_complete)
+        self.path, self.query, self.authority = split_target(target, method == "CONNECT")
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False  # the client waits for 100 Continue (until it is asked)
@@ -121,26 +126,29 @@ class _BodyCallbacks:
         self.on_message_complete = on_message_complete
 
 
-def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes]:
-    """Split a request-target into raw (path, query); absolute-form keeps only the path,
-    authority-form (`connect`: host:port) has neither. An unusable target is a 400."""
+def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes, bytes | None]:
+    """Split a request-target into raw (path, query, authority); absolute-form keeps only
+    the path and query, and gives its authority (host[:port], no userinfo); the other forms
+    have no authority, and authority-form (`connect`: host:port) neither path nor query.
+    An unusable target is a 400."""
     if connect:
-        return b"", b""
+        return b"", b"", None
     if target[:1] != b"/":
         if target == b"*":
-            return target, b""
+            return target, b"", None
         try:
             url = httptools.parse_url(target)  # absolute-form (RFC 9112 3.2.2)
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
-        return url.path or b"/", url.query or b""
+        found = _AUTHORITY.match(target)
+        return url.path or b"/", url.query or b"", (found and found[1]) or None
     # find(), not `b"#" in target`: CPython 3.11 first tries the operand as an int, and
     # builds (then drops) a TypeError message for it on every request
     cut = target.find(b"#")
     if cut >= 0:
         target = target[:cut]
     path, _, query = target.partition(b"?")
-    return path, query
+    return path, query, None
 
 
 class RequestParser:
@@ -346,6 +354,13 @@ class RequestParser:
             parser.should_keep_alive(),
         )
         self._check_framing(request)
+        if request.authority is not None:
+            # RFC 9112 3.2.2: an absolute-form target's host replaces the Host field (which
+            # an HTTP/1.1 client must still send, as _check_framing made sure)
+            request.headers = [
+                field for field in request.headers if field[0].lower() != b"host"
+            ]
+            request.headers.append((b"Host", request.authority))
         request.upgrade = parser.should_upgrade()
         self._current = request
         self.requests.append(request)

@@ -388,6 +388,22 @@ def test_environ_basics(server_factory: ServerFactory) -> None:
     assert environ["SCRIPT_NAME"] == ""
 
 
+def test_an_absolute_form_target_names_the_host(server_factory: ServerFactory) -> None:
+    """RFC 9112 3.2.2: with an absolute-form request-target the server ignores the Host
+    field and uses the target's host information; the path and query are the target's."""
+    server = server_factory(settings(workers={"count": 1}))
+    with connect(address(server)) as sock:
+        sock.sendall(
+            b"GET http://user@real.example:8080/environ?x=1 HTTP/1.1\r\n"
+            b"Host: spoofed.example\r\n\r\n"
+        )
+        response = read_response(sock)
+    assert response.status == 200, response
+    environ = json.loads(response.body)
+    assert environ["HTTP_HOST"] == "real.example:8080"
+    assert (environ["PATH_INFO"], environ["QUERY_STRING"]) == ("/environ", "x=1")
+
+
 # --- binds, protocols, logs ---------------------------------------------------------------
 
 

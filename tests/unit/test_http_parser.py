@@ -391,7 +391,35 @@ def test_header_lookup_is_case_insensitive_and_returns_first() -> None:
     ],
 )
 def test_split_target(target: bytes, path: bytes, query: bytes) -> None:
-    assert split_target(target) == (path, query)
+    assert split_target(target)[:2] == (path, query)
+
+
+@pytest.mark.parametrize(
+    ("target", "authority"),
+    [
+        (b"/a?b", None),
+        (b"*", None),
+        (b"http://h/x?y", b"h"),
+        (b"https://h:443", b"h:443"),
+        (b"http://user:pw@example.com:8080/a", b"example.com:8080"),
+        (b"http://[::1]:80?q", b"[::1]:80"),
+        (b"HTTP://Example.COM/#f", b"Example.COM"),
+    ],
+)
+def test_split_target_authority(target: bytes, authority: bytes | None) -> None:
+    assert split_target(target)[2] == authority
+
+
+def test_absolute_form_host_replaces_the_host_field() -> None:
+    """RFC 9112 3.2.2: the target's host information is used, the Host field ignored; an
+    HTTP/1.1 request still needs one, and HTTP/1.0 gets one from the target."""
+    outcome = parse_all_ways(head(b"GET http://a.example:81/p?q HTTP/1.1", b"Host: b.example"))
+    request = outcome["requests"][0]
+    assert (request["path"], request["query"]) == (b"/p", b"q")
+    assert request["headers"] == [(b"Host", b"a.example:81")]
+    outcome = parse_all_ways(head(b"GET http://a.example/ HTTP/1.0", b"X: 1"))
+    assert outcome["requests"][0]["headers"] == [(b"X", b"1"), (b"Host", b"a.example")]
+    assert parse_all_ways(head(b"GET http://a.example/ HTTP/1.1"))["error"] == 400
 
 
 def test_upgrade_stops_http_parsing() -> None:

@@ -71,7 +71,7 @@ def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[byte
         return _stream([b"first,", b"second,", b"third"])
     if path.startswith("/environ"):
         keys = ("PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "HTTP_X_FOO", "REQUEST_METHOD",
-                "SERVER_PROTOCOL", "SCRIPT_NAME")
+                "SERVER_PROTOCOL", "SCRIPT_NAME", "HTTP_HOST")
         data = {key: environ.get(key) for key in keys}
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps(data).encode()]
