@@ -52,6 +52,11 @@ CLIENT_WAIT_MARGIN = 1.0
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
 
+def _scheme_port(env: dict[str, Any]) -> str:
+    """The default port of the request's scheme, for a Host that names none."""
+    return "443" if env["wsgi.url_scheme"] == "https" else "80"
+
+
 # Set by environ() on a request outside http.script_name, which mounted() answers with 400.
 OUTSIDE_SCRIPT_NAME = "preforkd.outside_script_name"
 
@@ -261,14 +266,14 @@ class HttpProtocol:
                 env["SERVER_NAME"], env["SERVER_PORT"] = host, port
             else:
                 portless = env["SERVER_NAME"] = env["HTTP_HOST"]
-                env["SERVER_PORT"] = "443" if env["wsgi.url_scheme"] == "https" else "80"
+                env["SERVER_PORT"] = _scheme_port(env)
         if extras.tls:
             env.update(conn.tls_environ)
         if conn.trusted and self.proxies is not None:
             self.proxies.resolve(env)
             if portless is not None and env["HTTP_HOST"] == portless:
                 # the proxy named no host or port of its own: its scheme's (as gunicorn)
-                env["SERVER_PORT"] = "443" if env["wsgi.url_scheme"] == "https" else "80"
+                env["SERVER_PORT"] = _scheme_port(env)
         mount = extras.mount
         if mount:
             path = env["PATH_INFO"]
