@@ -1134,6 +1134,9 @@ class Master:
             refusal = "the server is not ready yet"
         elif self.pending is not None or self.reloading:
             refusal = "a reload is under way"
+        elif self.upgrader is not None and self.upgrader.new_master_ready() is False:
+            refusal = (f"the master started by USR2 (pid {self.upgrader.pid}) is not ready "
+                       "yet: nothing would serve (send WINCH once it is)")
         elif self.kernel.in_terminal_foreground():
             refusal = ("the master runs in a terminal's foreground, where resizing the window "
                        "sends WINCH (run it detached to use WINCH)")

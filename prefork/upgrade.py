@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
-from prefork.notify import Announcer
+from prefork.notify import Announcer, read_status
 from prefork.pidfile import PidFile, is_master
 from prefork.signals import set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
@@ -183,6 +183,7 @@ class Upgrader:
     replaced: int | None = None  # the master this one replaced (started by USR2)
     pid: int | None = None  # the new master, while it has not exited
     moved: list[tuple[str, str]] = field(default_factory=list)  # (from, to), for a rollback
+    new_status: str | None = None  # the status file the new master writes once it is ready
 
     def refusal(self, listeners: list[Listener]) -> str | None:
         """Why an upgrade cannot start now, or None."""
@@ -229,6 +230,7 @@ class Upgrader:
                 path = self.pidfile.path
                 self._move(path, path + OLD)
                 self._move(f"{path}.status", f"{path}{OLD}.status")
+                self.new_status = f"{path}.status"
             self._move_admin_socket(admin_target)
         except OSError:
             self.put_back()
@@ -265,6 +267,15 @@ class Upgrader:
         if self.admin is not None:
             self.admin.close_tcp()  # the new master's now: one port, one master
         return pid
+
+    def new_master_ready(self) -> bool | None:
+        """Whether the new master has been ready (it writes its status file, beside the
+        pidfile it took over, when its whole pool first serves); None when this master cannot
+        tell (no pidfile: no status file either) or no new master runs."""
+        if self.pid is None or self.new_status is None:
+            return None
+        status = read_status(self.new_status)
+        return status is not None and status.get("pid") == self.pid
 
     def _move_admin_socket(self, target: str | None) -> None:
         if target is not None and self.admin is not None and self.admin.unix_path is not None:

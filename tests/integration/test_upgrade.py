@@ -417,3 +417,32 @@ def test_a_signal_to_the_group_while_the_new_master_loads_waits_for_it(
                message="the new master did not act on the USR1 held for it")
     assert "upgrade: the new master" not in error_log.read_text()  # it did not die
     assert read_pid(pidfile) == new
+
+
+def test_winch_before_the_new_master_is_ready_is_refused(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """A WINCH sent while the master started by USR2 still loads would leave nothing
+    serving: the old master refuses it and says why; once the new master is ready (its
+    status file names it), WINCH stops the old workers as usual."""
+    _, old, pidfile, error_log, tcp = launch(daemons, app_dir, short_tmp / "up.sock")
+    old_workers = psutil.Process(old).children()
+    (app_dir / "upapp.py").write_text(APP_SLOW_IMPORT)
+    marker = app_dir / "loading"
+
+    os.kill(old, signal.SIGUSR2)
+    new = wait_until(lambda: marker.exists() and marker.read_text().isdigit()
+                     and int(marker.read_text()), 15, message="the new master is not loading")
+    daemons.adopt(new)
+    os.kill(old, signal.SIGWINCH)
+    wait_until(lambda: f"WINCH ignored: the master started by USR2 (pid {new}) is not ready "
+               "yet" in error_log.read_text(), 10, message="the early WINCH was not refused")
+    assert all(worker.is_running() for worker in old_workers)
+    assert version_and_pid(tcp)[0] == "v1"
+
+    wait_until(lambda: f"[{new}] [INFO] ready: 2 workers" in error_log.read_text(), 20,
+               message="the new master is not ready")
+    os.kill(old, signal.SIGWINCH)
+    wait_until(lambda: all(gone(w.pid) for w in old_workers), 15,
+               message="the old workers still run after a WINCH once the new master is ready")
+    assert version_and_pid(tcp)[0] == "v2"

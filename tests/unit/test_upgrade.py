@@ -265,6 +265,10 @@ class StubUpgrader:
         self.why = refusal
         self.started: list[tuple[int, int]] = []
         self.taken_back: list[bool] = []
+        self.ready: bool | None = None  # what new_master_ready() answers
+
+    def new_master_ready(self) -> bool | None:
+        return self.ready
 
     def refusal(self, listeners: list[Listener]) -> str | None:
         return self.why
@@ -359,3 +363,35 @@ def test_a_new_master_that_exits_while_this_one_stops_leaves_the_files_as_they_a
     assert stub.taken_back == [False]
     assert matching(caplog, "while this one is stopping: nothing will serve")
     assert rig.announce.named("upgrade_failed") == []
+
+
+def test_the_new_masters_readiness_is_its_status_file(tmp_path: Path) -> None:
+    plain = upgrader(tmp_path, ["x"])
+    assert plain.new_master_ready() is None  # no new master
+    plain.pid = 4242
+    plain.new_status = str(tmp_path / "p.pid.status")
+    assert plain.new_master_ready() is False  # not written yet
+    Path(plain.new_status).write_text(json.dumps({"pid": 999, "state": "ready"}))
+    assert plain.new_master_ready() is False  # an older master's
+    Path(plain.new_status).write_text(json.dumps({"pid": 4242, "state": "reloading"}))
+    assert plain.new_master_ready() is True  # ready once: it writes the file then
+    plain.new_status = None
+    assert plain.new_master_ready() is None  # no pidfile: it cannot tell
+
+
+def test_winch_waits_for_the_new_master_to_be_ready(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig(count=2)
+    stub = StubUpgrader()
+    rig.master.upgrader = stub  # type: ignore[assignment]
+    rig.start()
+    rig.signal(signal.SIGUSR2)
+    stub.ready = False
+    rig.signal(signal.SIGWINCH)
+    assert matching(caplog, "WINCH ignored: the master started by USR2 (pid 4242) is not "
+                            "ready yet")
+    assert rig.master.paused is None
+    stub.ready = True
+    rig.signal(signal.SIGWINCH)
+    assert rig.master.paused == 2
