@@ -91,7 +91,7 @@ from prefork.sockets import (
 )
 from prefork.system import System
 from prefork.tls import server_context
-from prefork.upgrade import Handover, Upgrader, new_master_command, started_in
+from prefork.upgrade import OLD, Handover, Upgrader, new_master_command, started_in
 
 log = logging.getLogger("prefork")
 
@@ -691,7 +691,11 @@ class Startup:
         self.detached = self.detach or (self.handover is not None and self.handover.detached)
         # The terminal, kept before logging may re-point fd 2 at a file.
         self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)
-        self.pidfile = PidFile(config.pidfile) if config.pidfile else None
+        self.pidfile = (
+            PidFile(config.pidfile, None if self.handover is None else self.handover.from_pid)
+            if config.pidfile
+            else None
+        )
         self.logs: Logs | None = None
         self.tls: dict[int, ssl.SSLContext] = {}
         self.hooks = Hooks()
@@ -1067,6 +1071,18 @@ class Endpoint:
         """The endpoint `fetch` asks (the unix socket when there is one), for messages."""
         return self.socket_path or self.bind or "(none)"
 
+    def set_aside(self) -> Endpoint | None:
+        """While a master started by USR2 loads, the pidfile still names the old master,
+        whose status socket is already under its .oldbin name (upgrade.py): that endpoint,
+        when the pidfile and PIDFILE.oldbin name the same live master; else None."""
+        pidfile = self.pidfile
+        if pidfile is None or self.socket_path is None:
+            return None
+        pid = running_pid(pidfile)
+        if pid is None or read_pid(pidfile + OLD) != pid:
+            return None
+        return Endpoint(pidfile + OLD, self.socket + OLD if self.socket else None)
+
 
 def degraded_endpoint(
     path: str | None, overrides: Mapping[str, object], error: ConfigError
@@ -1159,7 +1175,13 @@ def show_status(endpoint: Endpoint, as_json: bool) -> int:
         return EXIT_CONFIG_ERROR
     where = endpoint.where()
     try:
-        body = fetch(endpoint.socket_path, endpoint.bind, "/status")
+        try:
+            body = fetch(endpoint.socket_path, endpoint.bind, "/status")
+        except OSError:
+            aside = endpoint.set_aside()
+            if aside is None:
+                raise
+            body = fetch(aside.socket_path, None, "/status")
         table = "" if as_json else status_table(json.loads(body))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = reason(exc) if isinstance(exc, OSError) else f"unexpected answer: {exc!r}"

@@ -135,8 +135,11 @@ def running_pid(path: str) -> int | None:
 
 
 class PidFile:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, replacing: int | None = None) -> None:
         self.path = path
+        # the master a USR2 started this one to replace: its pid stays in the file until this
+        # master writes its own, and is no conflict
+        self.replacing = replacing
         self.written: int | None = None
 
     def check(self) -> None:
@@ -146,6 +149,8 @@ class PidFile:
             if os.path.exists(self.path):
                 os.unlink(self.path)
             return
+        if pid == self.replacing:
+            return  # write() replaces it in one rename
         if pid != os.getpid() and is_preforkd(pid):
             raise PidFileError(f"already running as pid {pid} (pidfile {self.path})")
         os.unlink(self.path)  # stale: its process is gone

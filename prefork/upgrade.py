@@ -30,7 +30,7 @@ from typing import NoReturn
 from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
 from prefork.notify import Announcer, read_status
-from prefork.pidfile import PidFile, is_master
+from prefork.pidfile import PidFile, is_master, write_atomically
 from prefork.signals import set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
 
@@ -228,7 +228,7 @@ class Upgrader:
         try:
             if self.pidfile is not None:
                 path = self.pidfile.path
-                self._move(path, path + OLD)
+                self._copy_aside(path, path + OLD)
                 self._move(f"{path}.status", f"{path}{OLD}.status")
                 self.new_status = f"{path}.status"
             self._move_admin_socket(admin_target)
@@ -280,6 +280,15 @@ class Upgrader:
     def _move_admin_socket(self, target: str | None) -> None:
         if target is not None and self.admin is not None and self.admin.unix_path is not None:
             self._move(self.admin.unix_path, target)
+
+    def _copy_aside(self, source: str, target: str) -> None:
+        """This master's pid goes under `target` too, and `source` keeps naming it until the
+        new master writes its own there (atomically): no moment without a pidfile for
+        `preforkd status`, `stop` or a supervisor to read. A rollback renames `target` back
+        over whatever the new master left."""
+        write_atomically(target, f"{os.getpid()}\n")
+        self.moved.append((source, target))
+        self._renamed(source, target)
 
     def _move(self, source: str, target: str) -> None:
         """Rename `source` (which may not exist yet: the name changes all the same)."""

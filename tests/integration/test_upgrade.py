@@ -446,3 +446,38 @@ def test_winch_before_the_new_master_is_ready_is_refused(
     wait_until(lambda: all(gone(w.pid) for w in old_workers), 15,
                message="the old workers still run after a WINCH once the new master is ready")
     assert version_and_pid(tcp)[0] == "v2"
+
+
+def test_the_pidfile_names_a_live_master_throughout_an_upgrade(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """While the new master loads, the pidfile still names the old one (and so does
+    PIDFILE.oldbin); the new master then replaces it in one rename. There is no moment
+    without a pidfile for `preforkd status`, `stop` or a supervisor (it was moved away at
+    USR2 and written again only once the new master had loaded)."""
+    _, old, pidfile, error_log, _ = launch(daemons, app_dir, short_tmp / "up.sock")
+    (app_dir / "upapp.py").write_text(APP_SLOW_IMPORT)
+    marker = app_dir / "loading"
+    seen: set[int | None] = set()
+
+    os.kill(old, signal.SIGUSR2)
+
+    def loading() -> int | bool:
+        seen.add(read_pid(pidfile))
+        return marker.exists() and marker.read_text().isdigit() and int(marker.read_text())
+
+    new = wait_until(loading, 15, message="the new master is not loading")
+    daemons.adopt(new)
+    assert read_pid(app_dir / "preforkd.pid.oldbin") == old
+    # and `status` finds the old master's status socket under its .oldbin name meanwhile
+    status = preforkd("status", "--json", "-p", str(pidfile))
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["master"]["pid"] == old
+
+    def ready() -> bool:
+        seen.add(read_pid(pidfile))
+        return f"[{new}] [INFO] ready: 2 workers" in error_log.read_text()
+
+    wait_until(ready, 20, message="the new master is not ready")
+    assert read_pid(pidfile) == new
+    assert seen <= {old, new}, seen

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from prefork.addresses import Address
 from prefork.notify import Announcer
-from prefork.pidfile import PidFile
+from prefork.pidfile import PidFile, PidFileError
 from prefork.sockets import BindSpec, Listener, bind
 from prefork.upgrade import (
     ENV,
@@ -187,7 +188,8 @@ def test_start_moves_the_files_aside_execs_and_puts_them_back(
     assert status == 0
 
     assert up.pid == pid and unix_listener.shared_with == pid
-    assert not pidfile_path.exists() and (tmp_path / "p.pid.oldbin").read_text() == (
+    # the pidfile names this master until the new one writes its own: never missing
+    assert pidfile_path.read_text() == (tmp_path / "p.pid.oldbin").read_text() == (
         f"{os.getpid()}\n"
     )
     assert pidfile.path == str(tmp_path / "p.pid.oldbin")
@@ -395,3 +397,23 @@ def test_winch_waits_for_the_new_master_to_be_ready(
     stub.ready = True
     rig.signal(signal.SIGWINCH)
     assert rig.master.paused == 2
+
+
+def test_a_new_master_takes_the_pidfile_from_the_one_it_replaces(tmp_path: Path) -> None:
+    """The old master's pid stays in the pidfile while the new master starts: a conflict
+    for any other start, not for the master that replaces it."""
+    # a live process whose command line is a master's (`-m prefork`)
+    old = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "-m", "prefork"]
+    )
+    try:
+        path = str(tmp_path / "p.pid")
+        Path(path).write_text(f"{old.pid}\n")
+        with pytest.raises(PidFileError, match=f"already running as pid {old.pid}"):
+            PidFile(path).check()
+        taker = PidFile(path, replacing=old.pid)
+        taker.write(os.getpid())
+        assert Path(path).read_text() == f"{os.getpid()}\n"
+    finally:
+        old.kill()
+        old.wait(10)
