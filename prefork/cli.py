@@ -572,28 +572,33 @@ def reloader(
         undo = apply_env(config.env, current.config.env, inherited)
         logs = current.logs
         changed = _differences("logging", current.config.logging, config.logging)
-        hooks_loaded = False
+        # the modules the master holds now: put back if this generation never serves
+        hook_modules, app_modules = hook_imports.modules, reimport.modules
+
+        def put_back() -> None:
+            undo_env(undo)
+            hook_imports.put_back(hook_modules)
+            reimport.put_back(app_modules)
+
         try:
             contexts = tls_contexts(config, listeners)
             hooks = hook_imports.load(config.hooks)  # left as it was if it raises
-            hooks_loaded = True  # from here on, sys.modules holds the new hook modules
             if changed:  # before the import, which a failure here must not have replaced
                 logs = for_reload(current.logs, config.logging, (config.user, config.group))
             app = None
             if config.preload_app:
                 prepare(config.pythonpath, config.chdir)
-                app = reimport.reload(config.app) if reimport.modules else reimport.load(
-                    config.app
-                )
-        except Exception:
-            undo_env(undo)
-            if hooks_loaded:
-                hook_imports.undo()
+                app = reimport.load(config.app)
+        except BaseException as exc:
+            put_back()
             for listener in listeners:
                 if listener not in held:
                     listener.close()
             if logs is not current.logs:
                 logs.close()
+            if isinstance(exc, SystemExit):  # from an import: the master serves on
+                raise AppLoadError(f"the application called sys.exit({exc.code!r}) at "
+                                   "import") from exc
             raise
         for listener in listeners:
             if listener not in held:
@@ -607,7 +612,7 @@ def reloader(
                         "it is restarted", ", ".join(fixed))
         generation = Generation(0, config, listeners, app, contexts, hooks, logs=logs)
         generation.environ = dict(os.environ)
-        generation.env_undo = lambda: undo_env(undo)
+        generation.env_undo = put_back  # its environment and modules, when abandoned
         return generation
 
     return reload

@@ -1100,7 +1100,9 @@ class Config:
             "Import the app in the master before forking (workers share its memory "
             "copy-on-write and boot at once). HUP then re-imports, in the master, the modules "
             "the app brought in, for the new generation (the serving one keeps its code if "
-            "that fails). Without it each new worker imports the app itself, so HUP also "
+            "that fails); packages with compiled extension modules are kept, so a new version "
+            "of those needs a restart or USR2. Without it each new worker imports the app "
+            "itself, so HUP also "
             "loads new code; either way HUP re-reads the configuration and rebinds changed "
             "addresses."
         ),

@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefork.config import HOOKS, Config, HooksConfig
-from prefork.loader import import_afresh
+from prefork.loader import import_afresh, put_back_modules
 
 log = logging.getLogger("prefork")
 
@@ -78,26 +77,23 @@ class Hooks:
 class HookImports:
     """Fresh hook modules at each reload: `load()` imports the hooks and remembers the
     modules that brought in (the hook modules, and whatever they import: often the
-    application itself), dropping the previous load's first; `undo()` puts the previous
-    ones back when the reload fails. Without it a reload kept the master's cached copies,
-    and workers forked from it served the old code even without preload_app."""
+    application itself), dropping the previous load's first (loader.import_afresh);
+    `put_back()` restores an earlier load's when the reload fails or its generation is
+    abandoned. Without it a reload kept the master's cached copies, and workers forked from
+    it served the old code even without preload_app."""
 
     def __init__(self) -> None:
         self.modules: dict[str, Any] = {}
-        self.saved: dict[str, Any] = {}
 
     def load(self, config: HooksConfig) -> Hooks:
         """The hooks, imported afresh; a load that raises leaves everything as it was."""
-        hooks, modules = import_afresh(self.modules, lambda: Hooks(config))
-        self.saved, self.modules = self.modules, modules
+        hooks, self.modules = import_afresh(self.modules, lambda: Hooks(config))
         return hooks
 
-    def undo(self) -> None:
-        """A later step of the reload failed: the previous load's modules are back."""
-        for name in self.modules:
-            sys.modules.pop(name, None)
-        sys.modules.update(self.saved)
-        self.modules, self.saved = self.saved, {}
+    def put_back(self, modules: dict[str, Any]) -> None:
+        """An earlier load's `modules` are the master's again."""
+        put_back_modules(self.modules, modules)
+        self.modules = modules
 
 
 def _resolve(name: str, ref: str) -> Callable[..., Any]:
@@ -106,7 +102,7 @@ def _resolve(name: str, ref: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # an import that exits must not end the master
         raise HookError(f"hooks.{name}: cannot load {ref!r}: {exc!r}") from exc
     if not callable(obj):
         raise HookError(f"hooks.{name}: {ref!r} is not callable")

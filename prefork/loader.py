@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -124,21 +125,35 @@ def load_app(ref: str) -> Callable[..., Any]:
 
 class Reimport:
     """Fresh imports for a preloading master: `load()` imports the app and remembers which
-    modules that brought in; `reload()` drops exactly those and imports again, restoring them
-    if the new code fails, so the running generation's copy stays intact."""
+    modules that brought in; `reload()` drops those (import_afresh) and imports again,
+    restoring them if the new code fails, so the running generation's copy stays intact."""
 
     def __init__(self) -> None:
         self.modules: dict[str, Any] = {}
 
     def load(self, ref: str) -> Callable[..., Any]:
-        before = set(sys.modules)
-        app = load_app(ref)
-        self.modules = {name: sys.modules[name] for name in set(sys.modules) - before}
-        return app
-
-    def reload(self, ref: str) -> Callable[..., Any]:
         app, self.modules = import_afresh(self.modules, lambda: load_app(ref))
         return app
+
+    reload = load  # the first load has nothing to drop
+
+    def put_back(self, modules: dict[str, Any]) -> None:
+        """The generation loaded last is abandoned: an earlier load's `modules` are the
+        master's again (put_back_modules)."""
+        put_back_modules(self.modules, modules)
+        self.modules = modules
+
+
+def pinned_packages() -> frozenset[str]:
+    """The top-level packages that hold a loaded extension module: never imported afresh.
+    Many refuse a second load in one process (numpy 2: "cannot load module more than once
+    per process"), and the others keep their C state whatever Python re-runs around it."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    return frozenset(
+        name.partition(".")[0]
+        for name, module in list(sys.modules.items())
+        if isinstance(path := getattr(module, "__file__", None), str) and path.endswith(suffixes)
+    )
 
 
 def import_afresh(
@@ -146,17 +161,26 @@ def import_afresh(
 ) -> tuple[_T, dict[str, Any]]:
     """Run `load` with the modules an earlier load brought in (`previous`) dropped from
     sys.modules, so that it imports them again from their files; its result, and the
-    modules it brought in. If it raises, what it imported is dropped and `previous` put
-    back, so the running generation's copies stay intact."""
+    modules it brought in. Packages with extension modules stay (pinned_packages). If it
+    raises (SystemExit included: an import that calls sys.exit() must not end the master),
+    what it imported is dropped and `previous` put back, so the running generation's copies
+    stay intact."""
+    pinned = pinned_packages()
     for name in previous:
-        sys.modules.pop(name, None)
+        if name.partition(".")[0] not in pinned:
+            sys.modules.pop(name, None)
     before = set(sys.modules)
     importlib.invalidate_caches()
     try:
         result = load()
-    except Exception:
-        for name in set(sys.modules) - before:
-            sys.modules.pop(name, None)  # what the failed attempt imported
-        sys.modules.update(previous)
+    except BaseException:
+        put_back_modules(set(sys.modules) - before, previous)
         raise
     return result, {name: sys.modules[name] for name in set(sys.modules) - before}
+
+
+def put_back_modules(imported: Iterable[str], previous: Mapping[str, Any]) -> None:
+    """Drop the modules named `imported` from sys.modules and put `previous` back."""
+    for name in imported:
+        sys.modules.pop(name, None)
+    sys.modules.update(previous)

@@ -133,7 +133,8 @@ class Generation:
     tls: dict[int, ssl.SSLContext] = field(default_factory=dict)  # listener fd -> context
     hooks: Hooks = field(default_factory=Hooks)
     environ: dict[str, str] | None = None  # what its workers get (None: the master's)
-    env_undo: Callable[[], None] | None = None  # puts back the master's env if abandoned
+    # puts back the master's environment and imported modules if abandoned
+    env_undo: Callable[[], None] | None = None
     # its logging setup (prefork.logs.Logs; Any for the tests' fakes): the reloader opens it
     # aside, its workers install it after fork, the master at promote(); the master logs as
     # the serving generation does (Master.logs). None: the serving generation's

@@ -232,7 +232,7 @@ def test_hook_references_are_checked_when_the_config_is_loaded(tmp_path: Path) -
     assert str(info.value).startswith(f"{path}:3: hooks.on_starting: ")
 
 
-def test_hook_imports_load_fresh_modules_at_each_load_and_undo_restores(
+def test_hook_imports_load_fresh_modules_at_each_load_and_put_back_restores(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A reload imports the hook modules, and what they import (here the application
@@ -250,13 +250,39 @@ def test_hook_imports_load_fresh_modules_at_each_load_and_undo_restores(
     try:
         first = imports.load(config)
         assert first.functions["post_fork"](None, None) == 1
+        loaded = imports.modules
         app_file.write_text("VERSION = 22\n")  # another size: no stale bytecode
         second = imports.load(config)
         assert second.functions["post_fork"](None, None) == 22
         assert sys.modules[app_mod].VERSION == 22
-        imports.undo()
+        imports.put_back(loaded)
         assert sys.modules[app_mod].VERSION == 1
         assert sys.modules[hooks_mod].post_fork is first.functions["post_fork"]
+        assert imports.modules is loaded
     finally:
         for name in (hooks_mod, app_mod):
             sys.modules.pop(name, None)
+
+
+def test_a_hook_module_that_exits_at_import_is_a_hook_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sys.exit() in a module a hook imports raises SystemExit: inside a reload that must
+    fail the reload, not end the master; the modules stay as they were."""
+    tag = uuid.uuid4().hex[:8]
+    hooks_mod = f"pfhooks_{tag}"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = tmp_path / f"{hooks_mod}.py"
+    source.write_text("def post_fork(server, worker):\n    return 1\n")
+    config = HooksConfig(post_fork=f"{hooks_mod}:post_fork")
+    imports = HookImports()
+    try:
+        imports.load(config)
+        loaded = dict(imports.modules)
+        source.write_text("import sys\nsys.exit('settings missing')\n")
+        with pytest.raises(HookError, match="settings missing"):
+            imports.load(config)
+        assert imports.modules == loaded
+        assert sys.modules[hooks_mod] is loaded[hooks_mod]
+    finally:
+        sys.modules.pop(hooks_mod, None)

@@ -7,6 +7,7 @@ its own, and removes them from sys.modules afterwards.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import textwrap
@@ -18,7 +19,15 @@ from typing import Any
 import pytest
 
 from prefork.config import ConfigError, load
-from prefork.loader import AppLoadError, AppRef, Reimport, load_app, parse_app_ref
+from prefork.loader import (
+    AppLoadError,
+    AppRef,
+    Reimport,
+    import_afresh,
+    load_app,
+    parse_app_ref,
+    pinned_packages,
+)
 
 # --- parse_app_ref ---------------------------------------------------------------------------
 
@@ -406,3 +415,43 @@ def test_load_app_does_not_change_the_working_directory(package: Package) -> Non
     before = os.getcwd()
     load_app(package.ref("cwd"))
     assert os.getcwd() == before
+
+
+def test_reimport_put_back_restores_an_earlier_load(package: Package) -> None:
+    """A generation abandoned after its import: the earlier load's modules are back."""
+    package.write("helper", "TEXT = 'one'\n")
+    package.write("web", RELOADABLE.format(pkg=package.name))
+    reimport = Reimport()
+    reimport.load(package.ref("web"))
+    earlier = reimport.modules
+    package.write("helper", "TEXT = 'two, longer'\n")
+    reimport.reload(package.ref("web"))
+    assert sys.modules[package.ref("helper")].TEXT == "two, longer"
+    reimport.put_back(earlier)
+    assert sys.modules[package.ref("helper")].TEXT == "one"
+    assert reimport.modules is earlier
+
+
+def test_a_package_with_an_extension_module_is_not_imported_afresh() -> None:
+    """Many extension modules refuse a second load in one process (numpy 2), so a package
+    that holds one (httptools here) keeps its modules; the others are imported again."""
+    import httptools
+
+    assert "httptools" in pinned_packages()
+    previous = {n: m for n, m in sys.modules.items() if n.partition(".")[0] == "httptools"}
+    result, _ = import_afresh(previous, lambda: importlib.import_module("httptools"))
+    assert result is httptools
+    assert all(sys.modules[name] is module for name, module in previous.items())
+
+
+def test_an_import_that_exits_restores_the_modules(package: Package) -> None:
+    package.write("helper", "TEXT = 'one'\n")
+    package.write("web", RELOADABLE.format(pkg=package.name))
+    reimport = Reimport()
+    reimport.load(package.ref("web"))
+    loaded = dict(reimport.modules)
+    package.write("helper", "import sys\nsys.exit('no settings')\n")
+    with pytest.raises(SystemExit):
+        reimport.reload(package.ref("web"))
+    assert reimport.modules == loaded
+    assert all(sys.modules[name] is module for name, module in loaded.items())
