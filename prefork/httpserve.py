@@ -429,12 +429,12 @@ class HttpProtocol:
         not one of the slot's `requests`, on which max_requests recycles the worker."""
         start = time.monotonic()
         log.debug("rejecting request from %s: %s", conn.peer, error)
-        sent = self._send_error(conn, error.status)
+        head = rejected_head(conn.parser)
+        sent = self._send_error(conn, error.status, head.method == "HEAD")
         now = time.monotonic()
         # IDLE, as after any answer that ends its connection (DRAINING if the worker stops)
         self.slot.done(error.status, now - start, sent, Activity.IDLE, now, served=False)
         if self.logs.access_enabled:
-            head = rejected_head(conn.parser)
             remote, _ = remote_of(conn.peer)
             self.logs.access(
                 remote,

@@ -540,10 +540,8 @@ class Worker:
         """A request broke the framing after whole ones that arrived in the same read: those
         are answered first, in order, so the error answers the request it belongs to; False
         if the connection closed meanwhile (nothing is owed on it then)."""
-        requests = conn.parser.requests
-        if requests and not requests[-1].complete:
-            requests.pop()  # its body is what broke: the error is its answer
-        if not requests:
+        conn.parser.drop_broken()
+        if not conn.parser.requests:
             return True
         assert self.protocol is not None
         try:

@@ -228,7 +228,15 @@ class RequestParser:
             if not request.complete:
                 request.error = exc
                 raise
+            self.drop_broken()
             self.deferred = exc
+
+    def drop_broken(self) -> None:
+        """After a ProtocolError: a request whose head was queued and whose body then broke
+        leaves the queue, never to reach the application (the error is its answer)."""
+        requests = self.requests
+        if requests and not requests[-1].complete:
+            requests.pop()
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; raises ProtocolError when the request must be rejected."""

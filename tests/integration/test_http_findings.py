@@ -299,3 +299,44 @@ def test_a_chunked_body_over_max_body_size_is_answered_413_behind_a_framework(
         response = read_response(sock)
         assert response.status == 400, response
         assert response.header("connection") == "close"
+
+
+# --- review: a queued request whose body already broke reached the application -------------
+
+
+def test_a_queued_request_whose_body_broke_is_answered_by_the_server(
+    server_factory: ServerFactory,
+) -> None:
+    """The end of one body arrives with the next request, whose chunked body is already
+    malformed (or over max_body_size) in the same read: the error waited its turn, but the
+    broken request stayed queued and went to the application, whose wsgi.input then waited
+    for bytes that never come; the connection closed at body_timeout with no answer. The
+    first request is answered, then the broken one gets its 400 (or 413) from the server."""
+    cases = {
+        b"zz\r\n": 400,  # not a chunk size
+        b"14\r\n" + b"y" * 20 + b"\r\n": 413,  # over max_body_size
+    }
+    server = start(server_factory, http={"body_timeout": 5, "max_body_size": 10})
+    for broken, status in cases.items():
+        with connect(address(server), timeout=10) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+            time.sleep(0.3)  # the application waits in wsgi.input.read()
+            sock.sendall(b"hello" b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + broken)
+            first = read_response(sock)
+            assert (first.status, first.body) == (200, b"hello")
+            second = read_response(sock)
+        assert second.status == status, second
+        assert second.header("connection") == "close"
+
+
+def test_a_rejected_head_request_gets_no_body(server_factory: ServerFactory) -> None:
+    """RFC 9110 9.3.2: a response to HEAD has no content, error responses included; a HEAD
+    whose declared body is over max_body_size got its 413 with the error page after it."""
+    server = start(server_factory, http={"max_body_size": 10})
+    with connect(address(server)) as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"x" * 100)
+        raw = recv_until_close(sock)
+    head, rest = head_and_rest(raw)
+    assert head.startswith(b"HTTP/1.1 413 "), raw
+    assert rest == b"", raw
