@@ -562,10 +562,14 @@ def reloader(
 
     def reload(current: Generation, held: list[Listener]) -> Generation:
         config = reread()
+        # puts the kept sockets' previous entries back (mode, owner, TLS flag)
+        sockets_undo: list[Callable[[], None]] = []
         if any(listener.inherited for listener in current.listeners):
             listeners = current.listeners  # systemd owns the addresses
         else:
-            listeners = bind_all(bind_specs(config), config.backlog, reuse=held)
+            listeners = bind_all(
+                bind_specs(config), config.backlog, reuse=held, undo=sockets_undo
+            )
         if config.protocol == "http":
             for listener in listeners:
                 defer_accept(listener, config.http.defer_accept)
@@ -579,6 +583,8 @@ def reloader(
             undo_env(undo)
             hook_imports.put_back(hook_modules)
             reimport.put_back(app_modules)
+            for undo_socket in reversed(sockets_undo):
+                undo_socket()
 
         try:
             contexts = tls_contexts(config, listeners)

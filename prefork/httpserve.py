@@ -70,8 +70,9 @@ class ListenerExtras(NamedTuple):
     mount: str  # http.script_name, stripped from PATH_INFO
 
 
-def base_environ(listener: Listener, script_name: str = "") -> dict[str, Any]:
-    """The environ keys that are the same for every request on `listener`."""
+def base_environ(listener: Listener, script_name: str = "", tls: bool = False) -> dict[str, Any]:
+    """The environ keys that are the same for every request on `listener` (served with TLS
+    by this worker's generation: `tls`)."""
     address = listener.address
     if address.kind == "unix":
         server_name, server_port = "localhost", "0"
@@ -79,7 +80,7 @@ def base_environ(listener: Listener, script_name: str = "") -> dict[str, Any]:
         server_name, server_port = address.host, str(address.port)
     environ = {
         "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "https" if listener.tls else "http",
+        "wsgi.url_scheme": "https" if tls else "http",
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
@@ -94,7 +95,7 @@ def base_environ(listener: Listener, script_name: str = "") -> dict[str, Any]:
         "SERVER_PORT": server_port,
         "REMOTE_ADDR": "",
     }
-    if listener.tls:
+    if tls:
         environ["HTTPS"] = "on"
     return environ
 
@@ -169,8 +170,12 @@ class HttpProtocol:
         worker_info: object = None,
         script_name: str = "",
         access_log_skip: tuple[str, ...] = (),
+        tls_fds: Iterable[int] = (),
     ) -> None:
         self.proxies = proxies
+        # the listeners this generation serves with TLS (by fd: Listener.tls is the master's
+        # latest configuration's, which a reload changes before it is known to succeed)
+        self.tls_fds = frozenset(tls_fds)
         # logging.access_log_skip: exact paths, and prefixes (given with a trailing *)
         skip = [path.encode("ascii") for path in access_log_skip]
         self.skip_paths = frozenset(p for p in skip if not p.endswith(b"*"))
@@ -203,11 +208,10 @@ class HttpProtocol:
         listener: Listener = conn.listener  # type: ignore[assignment]
         known = self._bases.get(id(listener))
         if known is None:
-            needs = ListenerExtras(
-                listener.address.kind == "unix", bool(listener.tls), self.script_name
-            )
+            tls = listener.fd in self.tls_fds
+            needs = ListenerExtras(listener.address.kind == "unix", tls, self.script_name)
             known = self._bases[id(listener)] = (
-                base_environ(listener, self.script_name),
+                base_environ(listener, self.script_name, tls),
                 needs if any(needs) else None,
             )
         base, extras = known

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,11 +282,29 @@ def _bind_unix(spec: BindSpec, backlog: int) -> Listener:
     return Listener(sock, address, unix_inode=(st.st_dev, st.st_ino))
 
 
-def update_unix(listener: Listener, spec: BindSpec) -> None:
-    """A kept unix socket whose mode or owner changed in the configuration: apply in place."""
-    if listener.address.kind != "unix" or listener.inherited:
-        return
-    _set_mode_and_owner(listener.address.path, spec)
+def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
+    """Give a kept listener its entry in a new configuration: its unix file's mode and owner
+    (applied in place), its configured entry and TLS flag. Returns what puts them back, for a
+    reload that fails or is abandoned: the generation still serving keeps what it had."""
+    configured, tls = listener.configured, listener.tls
+    path = listener.address.path if listener.address.kind == "unix" else None
+    before = os.stat(path) if path is not None and not listener.inherited else None
+    if before is not None:
+        assert path is not None
+        _set_mode_and_owner(path, spec)
+    listener.configured, listener.tls = spec, spec.tls
+
+    def undo() -> None:
+        listener.configured, listener.tls = configured, tls
+        if before is None or path is None:
+            return
+        try:
+            os.chmod(path, stat.S_IMODE(before.st_mode))
+            os.chown(path, before.st_uid, before.st_gid)
+        except OSError as exc:
+            log.warning("cannot give %s its mode and owner back: %s", path, exc)
+
+    return undo
 
 
 def _set_mode_and_owner(path: str, spec: BindSpec) -> None:
@@ -315,12 +333,16 @@ def bind_all(
     specs: Iterable[BindSpec],
     backlog: int,
     reuse: Iterable[Listener] = (),
+    undo: list[Callable[[], None]] | None = None,
 ) -> list[Listener]:
     """Bind every address or none: on the first failure the ones this call bound are closed.
 
-    A listener in `reuse` whose configured address and mode match is taken as it is (a reload
-    keeps the sockets whose addresses did not change, and with them their accept queues).
+    A listener in `reuse` whose configured address matches is taken as it is (a reload keeps
+    the sockets whose addresses did not change, and with them their accept queues), given its
+    new entry (reconfigure); what puts each back is appended to `undo`, and run here on a
+    failure.
     """
+    undone: list[Callable[[], None]] = []
     available: dict[str, list[Listener]] = {}
     for lst in reuse:
         if lst.configured is not None:
@@ -337,18 +359,20 @@ def bind_all(
             ]
             if existing:
                 for lst in existing:
-                    update_unix(lst, spec)
-                    lst.configured = spec
-                    lst.tls = spec.tls
+                    undone.append(reconfigure(lst, spec))
                 listeners += existing
                 continue
             bound = bind(spec, backlog)
             fresh += bound
             listeners += bound
-    except BindError:
+    except BaseException:
         for listener in fresh:
             listener.close()
+        for put_back in reversed(undone):
+            put_back()
         raise
+    if undo is not None:
+        undo += undone
     return listeners
 
 

@@ -338,6 +338,7 @@ class Worker:
                 server_header=http.server_header,
                 script_name=http.script_name,
                 access_log_skip=config.logging.access_log_skip,
+                tls_fds=spec.tls,
                 proxies=self.proxies,
                 hooks=spec.hooks,
                 worker_info=info,

@@ -72,6 +72,7 @@ class Rig:
         self.protocol = HttpProtocol(
             app, scoreboard.slot(0), logs, 0, body_timeout=5.0, send_timeout=5.0,
             server_header="", proxies=proxies, script_name=script_name,
+            tls_fds=[listener.fd] if listener.tls else [],
         )
 
     def request(self, target: str = "/x", headers: dict[str, str] | None = None) -> Request:

@@ -1,15 +1,19 @@
 """Binding TCP addresses: every address a host name stands for (real sockets on loopback;
-only name resolution is replaced, since /etc/hosts here maps localhost to 127.0.0.1 alone)."""
+only name resolution is replaced, since /etc/hosts here maps localhost to 127.0.0.1 alone);
+and what a reload does to a kept unix socket."""
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterator
+import stat
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from prefork.addresses import parse_address
+from prefork.addresses import Address, parse_address
 from prefork.sockets import BindError, BindSpec, Listener, bind_all
 
 V4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
@@ -123,3 +127,38 @@ def test_a_reload_keeps_every_socket_of_the_entry(
     opened += first
     again = bind_all([spec(f"pf-two.test:{port}")], 16, reuse=first)
     assert again == first  # the same sockets, not a second bind (which would fail: in use)
+
+
+def test_a_kept_unix_socket_takes_its_new_entry_and_can_be_put_back() -> None:
+    """A reload gives a kept socket its new mode and TLS flag at once (its new workers need
+    them); a reload that fails or is abandoned puts the old ones back."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        address = Address(kind="unix", path=os.path.join(directory, "s.sock"))
+        (listener,) = bind_all([BindSpec(address, mode=0o660)], 16)
+        try:
+            first = listener.configured
+            undo: list[Callable[[], None]] = []
+            again = bind_all([BindSpec(address, mode=0o600, tls=True)], 16, reuse=[listener],
+                             undo=undo)
+            assert again == [listener]
+            assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o600
+            assert (listener.tls, listener.configured is first) == (True, False)
+            for put_back in reversed(undo):
+                put_back()
+            assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o660
+            assert (listener.tls, listener.configured is first) == (False, True)
+        finally:
+            listener.close()
+
+
+def test_a_failed_bind_puts_the_kept_sockets_back() -> None:
+    with tempfile.TemporaryDirectory(dir="/tmp") as directory:
+        address = Address(kind="unix", path=os.path.join(directory, "s.sock"))
+        (listener,) = bind_all([BindSpec(address, mode=0o660)], 16)
+        try:
+            taken = Address(kind="unix", path=os.path.join(directory, "no-such-dir", "t.sock"))
+            with pytest.raises(BindError):
+                bind_all([BindSpec(address, mode=0o600), BindSpec(taken)], 16, reuse=[listener])
+            assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o660
+        finally:
+            listener.close()
