@@ -109,6 +109,9 @@ class WorkerHandle:
     recycle: str = ""  # why it is to be replaced (queued, or its replacement is booting)
     ready_at: float = 0.0  # when it reported ready
     replaces: int | None = None  # the pid of the worker this one replaces when ready
+    # the configuration it was forked with (its generation's): what hooks are told of it,
+    # and how it is stopped (stream.eof_on_stop); None only in tests' hand-made handles
+    config: Config | None = None
 
     def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
         if state not in TRANSITIONS[self.state]:
@@ -144,6 +147,15 @@ class Generation:
         if self.env_undo is not None:
             self.env_undo()
             self.env_undo = None
+
+
+def eof_on_stop(handle: WorkerHandle) -> bool:
+    """Whether a worker gets TERM besides its stop message: a stream handler holds it and
+    reads no channel, and with stream.eof_on_stop in its own generation's configuration the
+    TERM shuts its session's read side (not the serving generation's: a reload that turns
+    the option off must still end the old workers' sessions)."""
+    config = handle.config
+    return config is not None and config.protocol == "tcp" and config.stream.eof_on_stop
 
 
 def pool_size(old: Config, new: Config, target: int) -> int:
@@ -367,7 +379,8 @@ class Master:
             child_end.close()
             raise
         handle = WorkerHandle(
-            number, pid, slot, generation.number, parent_end, self.kernel.monotonic()
+            number, pid, slot, generation.number, parent_end, self.kernel.monotonic(),
+            config=generation.config,
         )
         handle.deadline = handle.started + generation.config.workers.boot_timeout
         self.workers[pid] = handle
@@ -684,17 +697,19 @@ class Master:
             self.current.hooks.call("when_ready", self.server_info())
             self.announce.ready(f"{self.ready_count()} workers ready")
 
-    def server_info(self) -> ServerInfo:
-        """The `server` argument of hooks: a snapshot, so a hook cannot change the master."""
+    def server_info(self, generation: Generation | None = None) -> ServerInfo:
+        """The `server` argument of hooks: a snapshot, so a hook cannot change the master;
+        of the serving generation, or of `generation` (on_reload: the one it prepares)."""
+        about = generation or self.current
         return ServerInfo(
-            self.current.config,
-            self.current.number,
+            about.config,
+            about.number,
             [self.worker_info(h) for h in self.workers.values()],
         )
 
     def worker_info(self, handle: WorkerHandle) -> WorkerInfo:
-        generation = self.current if handle.generation == self.current.number else None
-        config = generation.config if generation is not None else self.current.config
+        """A worker as hooks see it, with the configuration it was forked with."""
+        config = handle.config if handle.config is not None else self.current.config
         return WorkerInfo(handle.number, handle.generation, config, handle.pid)
 
     def ready_count(self) -> int:
@@ -765,7 +780,12 @@ class Master:
             self.spawn(1, pending)  # the canary: nothing old stops until it is ready
         current = self.current.number
         mine = [h for h in self.workers.values() if h.generation == current and h.state in LIVE]
-        numbers = {h.number for h in mine}
+        # one killed before it booted (boot_timeout) keeps its number until it is reaped and
+        # its boot failure backs the number off: not replaced in the same pass
+        numbers = {h.number for h in mine} | {
+            h.number for h in self.workers.values()
+            if h.generation == current and h.state is WorkerState.KILLED and not h.booted
+        }
         for handle in mine:
             if handle.number > self.target:
                 self.ask_to_stop(handle, "fewer workers requested", replaced=True)
@@ -795,10 +815,12 @@ class Master:
                 f"{self.ready_count()} workers",
             )
 
-    def reload_finished(self, ok: bool, message: str) -> None:
+    def reload_finished(self, ok: bool, message: str, under_way: bool = False) -> None:
+        """A reload's outcome, to the log, the counters and whoever waits for it;
+        `under_way`: an earlier reload is still rolling out, and will report its own."""
         if ok:
             log.info("%s", message)
-        self.reloading = False
+        self.reloading = under_way
         self.reloads["ok" if ok else "failed"] += 1
         self.announce.reloaded(ok, message)
 
@@ -964,10 +986,26 @@ class Master:
                      idle, workers.min_spare, self.target)
             return
         self.growth = 1
-        if idle > workers.max_spare and self.target > workers.count:
+        if (
+            idle > workers.max_spare
+            and self.target > workers.count
+            and self.top_worker_idle()
+        ):
             self.resize(self.target - 1)
             log.info("pool: %d idle (max_spare %d): shrinking to %d workers",
                      idle, workers.max_spare, self.target)
+
+    def top_worker_idle(self) -> bool:
+        """Whether the workers a shrink would stop (numbered above target - 1) are idle: the
+        spare-server rule retires an idle worker, never one inside a request (which would be
+        cut at graceful_timeout); while the top one is busy, the pool waits."""
+        return all(
+            self.scoreboard.read(h.slot).activity in (Activity.IDLE, Activity.KEEPALIVE)
+            for h in self.workers.values()
+            if h.generation == self.current.number
+            and h.state is WorkerState.READY
+            and h.number >= self.target
+        )
 
     def resize(self, target: int) -> None:
         """The pool's size becomes `target` (maintain() forks or retires toward it); the
@@ -1043,22 +1081,12 @@ class Master:
             # over: every response until the worker reads its channel would close a
             # connection that could have been passed on
             self.scoreboard.request_stop(handle.slot)
-        if not self.tell(handle, message) or (
-            message == MSG_STOP and self.stream_stop_notice()
-        ):
+        if not self.tell(handle, message) or (message == MSG_STOP and eof_on_stop(handle)):
             # a stream handler holds the worker and reads no channel: TERM reaches it
             # (stream.eof_on_stop); otherwise TERM is the same graceful stop as MSG_STOP
             self.scoreboard.request_stop(handle.slot)
             self.kernel.kill(handle.pid, signal.SIGTERM)
         handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)
-
-    def stream_stop_notice(self) -> bool:
-        """Whether stopping workers get TERM besides their stop message: stream.eof_on_stop in
-        the serving generation or the one a reload prepares."""
-        return any(
-            g.config.protocol == "tcp" and g.config.stream.eof_on_stop
-            for g in (self.current, self.pending) if g is not None
-        )
 
     def can_hand_over(self, handle: WorkerHandle) -> bool:
         """Whether `handle`'s idle keep-alive connections can go to a serving worker: the
@@ -1110,17 +1138,28 @@ class Master:
 
     def more_workers(self) -> None:
         if self.stop is Stop.NONE:
-            if self.target >= self.scoreboard.capacity // 2:
-                log.warning("TTIN: already at the maximum of %d workers", self.target)
+            workers = self.current.config.workers
+            limit = workers.max if workers.max > workers.count else self.scoreboard.capacity // 2
+            if self.target >= limit:
+                log.warning("TTIN: already at the maximum of %d workers%s", self.target,
+                            " (workers.max)" if limit == workers.max else "")
                 return
             self.resize(self.target + 1)
             self.paused = None  # after a WINCH: the pool grows from none
             log.info("TTIN: %d workers", self.target)
 
     def fewer_workers(self) -> None:
-        if self.stop is Stop.NONE and self.target > 1:
-            self.resize(self.target - 1)
-            log.info("TTOU: %d workers", self.target)
+        workers = self.current.config.workers
+        floor = workers.count if workers.max > workers.count else 1
+        if self.stop is not Stop.NONE:
+            return
+        if self.target <= floor:
+            if floor > 1:
+                log.warning("TTOU: a dynamic pool keeps at least workers.count (%d) workers",
+                            floor)
+            return
+        self.resize(self.target - 1)
+        log.info("TTOU: %d workers", self.target)
 
     def stop_workers(self) -> None:
         """WINCH (unicorn's, and gunicorn's when detached): every worker stops gracefully and
@@ -1247,13 +1286,15 @@ class Master:
             new = self.reloader(self.current, self.all_listeners())
         except Exception as exc:
             message = f"reload failed: {exc}; still serving generation {self.current.number}"
+            if self.reloading:
+                message += " (the reload under way goes on, and reports its own outcome)"
             log.error("%s", message)
-            self.reload_finished(False, message)
+            self.reload_finished(False, message, under_way=self.reloading)
             return
         self.reloading = True
         self.generations += 1
         new.number = self.generations
-        new.hooks.call("on_reload", self.server_info())
+        new.hooks.call("on_reload", self.server_info(new))
         previous, self.pending = self.pending, new
         if previous is not None:
             # `new` was read on top of `previous`'s environment: undoing it must undo both
@@ -1289,6 +1330,7 @@ class Master:
                      self.current.number, logs.describe())
             logs.install()
             old.logs.close()
+        self.set_title()  # proc_name may have changed
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)
 

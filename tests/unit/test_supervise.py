@@ -986,10 +986,11 @@ def test_metrics_route_is_valid_prometheus_text(make_rig: Callable[..., Rig]) ->
 
 @pytest.mark.parametrize(
     ("workers", "shares"),
+    # a fixed pool (max 0, or max = count); a dynamic pool's golden-ratio shares are in
+    # test_fixes_config_tls.py
     [({"count": 3}, [0, 15, 30, 0]),
      ({"count": 1}, [0, 0]),
-     ({"count": 1, "max": 4}, [0, 10, 20, 30]),  # a dynamic pool starts several at once
-     ({"count": 2, "max": 3}, [0, 15, 30])],
+     ({"count": 3, "max": 3}, [0, 15, 30])],
 )
 def test_the_jitter_is_spread_over_every_worker_number(
     workers: dict[str, int], shares: list[float]
@@ -998,3 +999,47 @@ def test_the_jitter_is_spread_over_every_worker_number(
     assert [jitter_share(config, n, 30) for n in range(1, len(shares) + 1)] == shares
     assert [max_requests_for(make_config(max_requests=100, max_requests_jitter=30, **workers),
                              n) for n in range(1, len(shares) + 1)] == [100 + s for s in shares]
+
+
+def test_the_pool_shrinks_only_by_an_idle_worker(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The spare-server rule retires an idle worker: while the highest-numbered one is in a
+    request, the pool waits (stopping it would cut the request at graceful_timeout), however
+    many others are idle."""
+    rig = make_rig(count=1, max=3, min_spare=1, max_spare=1)
+    rig.start()
+    settle(rig, 1)
+    rig.mark(Activity.BUSY)
+    grow_while_busy(rig)
+    rig.boot_all()
+    by_number = {h.number: h for h in rig.in_state(WorkerState.READY)}
+    assert sorted(by_number) == [1, 2, 3]
+    rig.mark(Activity.IDLE, by_number[1], by_number[2])
+    rig.mark(Activity.BUSY, by_number[3])
+    caplog.clear()
+    for _ in range(3):
+        rig.second()
+    assert rig.master.target == 3
+    assert by_number[3].state is WorkerState.READY
+    rig.mark(Activity.IDLE, by_number[3])
+    rig.second()
+    assert rig.master.target == 2
+    assert by_number[3].state is WorkerState.STOPPING
+    assert matching(caplog, "pool: 3 idle (max_spare 1): shrinking to 2 workers")
+
+
+def test_ttin_and_ttou_keep_a_dynamic_pool_within_its_bounds(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a dynamic pool TTIN and TTOU move the target between workers.count and
+    workers.max, the bounds a reload's pool_size keeps it in (it undid a TTOU below count)."""
+    rig = make_rig(count=2, max=3, min_spare=0, max_spare=3)
+    rig.start()
+    rig.signal(signal.SIGTTOU)
+    assert rig.master.target == 2
+    assert matching(caplog, "TTOU: a dynamic pool keeps at least workers.count (2) workers")
+    rig.signal(signal.SIGTTIN)
+    rig.signal(signal.SIGTTIN)
+    assert rig.master.target == 3
+    assert matching(caplog, "TTIN: already at the maximum of 3 workers (workers.max)")
