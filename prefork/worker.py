@@ -67,6 +67,10 @@ EXIT_BOOT_ERROR = 3  # failed before it could serve (not the app's fault)
 EXIT_APP_LOAD_ERROR = 4  # the application could not be imported
 
 _EPOLLIN = select.EPOLLIN
+_POLLRDHUP = select.POLLRDHUP  # the peer shut its write side (or closed)
+# stream.eof_on_stop: how long a session that begins as the worker stops may take to send
+# its first bytes before its read side is shut
+LATE_SESSION_WAIT = 1.0
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 SWEEP_INTERVAL = 1.0
 # When a worker stops, its idle keep-alive connections stay open this long: a request the
@@ -681,7 +685,7 @@ class Worker:
             )
             addr = source or peer
             slot.set_activity(Activity.BUSY)
-            if self.spec.config.stream.eof_on_stop and not self.stopping:
+            if self.spec.config.stream.eof_on_stop:
                 self.serve_until_stop(stream, addr)
             else:
                 self.app(stream, addr)
@@ -693,9 +697,15 @@ class Worker:
             log.info("stream handler for %s: the client was idle past stream.idle_timeout",
                      _peer_text(addr))
         except (ConnectionResetError, BrokenPipeError) as exc:
-            # the client's doing, as nginx's stream module counts it (200): not a server error
-            log.info("stream handler for %s: the client closed the connection (%s)",
-                     _peer_text(addr), exc.strerror or exc)
+            if stream is None or not peer_gone(stream):
+                # not from the client's connection (a backend the handler talks to)
+                status = 500
+                log.exception("stream handler failed for %s", _peer_text(addr))
+            else:
+                # the client's doing, as nginx's stream module counts it (200): not a server
+                # error
+                log.info("stream handler for %s: the client closed the connection (%s)",
+                         _peer_text(addr), exc.strerror or exc)
         except Exception:
             status = 500
             log.exception("stream handler failed for %s", _peer_text(addr))
@@ -731,8 +741,12 @@ class Worker:
         """stream.eof_on_stop: the handler runs with a SIGTERM handler (the master sends
         TERM with its stop message to a tcp worker) that shuts the read side, so a handler
         blocked in recv wakes to end-of-file. The wakeup fd still tells the loop, which stops
-        the worker once the handler returns. A stop asked for just before (the scoreboard's
-        stop byte) is honoured at once."""
+        the worker once the handler returns. A stop asked for before (the scoreboard's stop
+        byte, or a connection the stopping worker took from its queue) is honoured at once.
+
+        The handler is installed without SA_RESTART (signal.signal's way), which this relies
+        on: a recv the kernel restarted by itself would never return to run it. SignalQueue's
+        SA_RESTART is put back afterwards, for C code in later handlers."""
 
         def shut_reads(signum: int = 0, frame: object = None) -> None:
             with contextlib.suppress(OSError):  # the client may have reset it already
@@ -741,11 +755,17 @@ class Worker:
 
         previous = signal.signal(signal.SIGTERM, shut_reads)
         try:
-            if self.slot.stop_requested():
+            if self.stopping or self.slot.stop_requested():
+                # a session that begins as the worker stops (taken from its queue): what the
+                # client sends first is still read, as a request queued at a stop is
+                # answered; end-of-file follows it
+                with contextlib.suppress(OSError):
+                    select.select([stream], [], [], LATE_SESSION_WAIT)
                 shut_reads()
             self.app(stream, addr)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            signal.siginterrupt(signal.SIGTERM, False)
 
     def check_sources(self, watcher: Watcher) -> None:
         changed = watcher.changed()
@@ -1009,6 +1029,17 @@ def _lightest(loads: dict[int, tuple[int, int]]) -> tuple[int, int, int] | None:
         return None
     pid = min(loads, key=lambda p: loads[p][0])
     return pid, *loads[pid]
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether the client's side of `sock` has closed or reset (poll: hang-up, error, or its
+    write side shut): a ConnectionResetError from a handler is the client's only then."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | select.POLLERR | _POLLRDHUP)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
 
 
 def _peer_text(peer: Any) -> str:

@@ -17,6 +17,7 @@ from prefork.devreload import error_app
 from prefork.http.proxy import V2_SIGNATURE
 from prefork.scoreboard import Activity, Scoreboard, Slot
 from prefork.stream import StreamRefused, open_stream, sent_by
+from prefork.worker import peer_gone
 
 
 @pytest.fixture
@@ -173,3 +174,14 @@ def test_reload_mode_gives_a_stream_handler_that_sends_the_traceback(
     while chunk := client.recv(4096):
         data += chunk
     assert b"could not be loaded" in data and b"broken on purpose" in data
+
+
+def test_peer_gone_tells_a_client_that_left_from_one_that_is_still_there() -> None:
+    """A ConnectionResetError out of a stream handler is the client's (logged as a close,
+    status 200) only when the client's socket shows it left; else it came from something
+    the handler talks to, and is the handler's failure."""
+    here, there = socket.socketpair()
+    with here:
+        assert not peer_gone(here)
+        there.close()
+        assert peer_gone(here)
