@@ -180,6 +180,7 @@ class HttpProtocol:
         skip = [path.encode("ascii") for path in access_log_skip]
         self.skip_paths = frozenset(p for p in skip if not p.endswith(b"*"))
         self.skip_prefixes = tuple(p[:-1] for p in skip if p.endswith(b"*"))
+        self.skipping = bool(skip)  # tested first: without a list, nothing per request
         self.script_name = script_name
         self.pre_request = hooks.get("pre_request") if hooks is not None else None
         self.post_request = hooks.get("post_request") if hooks is not None else None
@@ -336,9 +337,9 @@ class HttpProtocol:
             else:
                 log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
             now = time.monotonic()
-            self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
             if response.status_code:  # the application answered: the log says what went out
                 self.answered(env, request, response, now - start)
+            self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
             return False
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
@@ -356,6 +357,9 @@ class HttpProtocol:
                 response.bytes_sent = self._send_error(conn, 500, request.method == "HEAD")
         now = time.monotonic()
         duration = now - start
+        # before the slot says idle: a post_request hook that hangs is a hung worker, which
+        # the master kills at workers.timeout (as gunicorn's, inside handle_request)
+        self.answered(env, request, response, duration)
         self.slot.done(
             response.status_code,
             duration,
@@ -363,7 +367,6 @@ class HttpProtocol:
             Activity.KEEPALIVE if response.keep_alive else Activity.IDLE,
             now,
         )
-        self.answered(env, request, response, duration)
         if (
             response.keep_alive
             and not request.complete
@@ -378,7 +381,8 @@ class HttpProtocol:
         """The access log line and the post_request hook of a response, whole or cut short by
         the client (its bytes count what was sent)."""
         if self.logs.access_enabled and not (
-            response.status_code < 400
+            self.skipping
+            and response.status_code < 400
             and (request.path in self.skip_paths or request.path.startswith(self.skip_prefixes))
         ):
             self._access(env, request, response, duration)
