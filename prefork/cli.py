@@ -357,7 +357,7 @@ def command(argv: Sequence[str] | None) -> int:
             refuse_reload(path, overrides)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
-        return check(config)
+        return check(config, detaches(config, args.foreground, "daemon" in overrides))
     if args.command == "config":
         # as the server would run: --foreground wins over the file's daemon: true
         shown = dataclasses.replace(config, daemon=False) if args.foreground else config
@@ -595,6 +595,10 @@ def reloader(
             if config.preload_app:
                 prepare(config.pythonpath, config.chdir)
                 app = reimport.load(config.app)
+            elif reimport.modules:
+                # preload_app turned off: the new workers import the application themselves,
+                # which the master's copies (inherited through fork) would make a no-op
+                reimport.put_back({})
         except BaseException as exc:
             put_back()
             for listener in listeners:
@@ -695,6 +699,7 @@ class Startup:
         # `daemon_flag`: -D (or --set daemon) on the command line, as a Type=forking unit's
         # ExecStart gives it
         self.stays = under_systemd(os.environ, daemon_flag) if config.daemon else ""
+        # (detaches() is the same rule, for `check`)
         # a new master started by USR2 is already where the old one was: detached or not
         self.detach = (
             config.daemon and not foreground and not self.stays and self.handover is None
@@ -929,7 +934,15 @@ CHECK_HOOKS_FAILED = 10
 CHECK_APP_FAILED = 11
 
 
-def check(config: Config) -> int:
+def detaches(config: Config, foreground: bool, daemon_flag: bool) -> bool:
+    """Whether a start with this configuration and command line would detach: Startup's
+    rule (daemon: true, not --foreground, not kept in the foreground by systemd), for
+    `check`, which must judge the logs a start would open (a detached daemon's error_log
+    "-" is syslog)."""
+    return config.daemon and not foreground and not under_systemd(os.environ, daemon_flag)
+
+
+def check(config: Config, detached: bool = False) -> int:
     """Validate (done by now), import the hooks and the app in a forked child with the
     configured `env:` (as the master and a worker would), test-bind every address and
     test-open the status endpoint -- unless the pidfile names a running server, which holds
@@ -937,7 +950,7 @@ def check(config: Config) -> int:
     takes, and fails with the status that start would exit with."""
     say(f"configuration OK: {config.source or '(command line)'}")
     try:  # a start opens the logs first
-        check_syslog(config.logging, config.daemon and not under_systemd(os.environ))
+        check_syslog(config.logging, detached)
     except OSError as exc:
         print(f"preforkd: cannot open the logs: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
