@@ -260,7 +260,13 @@ class TLSConfig:
     certificate: str = field(
         metadata=_meta("Certificate chain file (PEM), server certificate first.", path=True)
     )
-    key: str = field(metadata=_meta("Private key file (PEM) of the certificate.", path=True))
+    key: str = field(
+        metadata=_meta(
+            "Private key file (PEM) of the certificate, unencrypted: preforkd has no "
+            "passphrase setting.",
+            path=True,
+        )
+    )
     ca: str | None = field(
         default=None,
         metadata=_meta("CA certificates (PEM) that client certificates must chain to.", path=True),
@@ -346,8 +352,10 @@ class WorkersConfig:
     max_requests_jitter: int = field(
         default=0,
         metadata=_meta(
-            "Extra requests, spread evenly over the worker numbers (up to workers.max in a "
-            "dynamic pool) so workers do not retire together.",
+            "Up to this many extra requests before a worker retires, its share set by its "
+            "number so that workers do not retire together: spread evenly over the numbers "
+            "1..count in a fixed pool; in a dynamic pool in golden-ratio steps, which spread "
+            "evenly however many of its workers are running.",
             lo=0,
             hi=10**9,
         ),
@@ -366,8 +374,10 @@ class WorkersConfig:
     max_lifetime_jitter: float = field(
         default=0.0,
         metadata=_meta(
-            "Extra seconds of max_lifetime, spread evenly over the worker numbers (up to "
-            "workers.max in a dynamic pool) so workers do not retire together.",
+            "Up to this many extra seconds of max_lifetime, a worker's share set by its "
+            "number so that workers do not retire together: spread evenly over the numbers "
+            "1..count in a fixed pool; in a dynamic pool in golden-ratio steps, which spread "
+            "evenly however many of its workers are running.",
             lo=0,
             hi=10**8,
         ),
@@ -736,14 +746,27 @@ class SyslogConfig:
     )
 
 
+# The golden ratio's fractional part: its multiples, modulo 1, fill [0, 1) so that any run
+# of them from the first is spread about evenly (Kronecker's sequence, the most even of its
+# kind; a plain division spreads only a run whose length it was made for)
+_GOLDEN = (5**0.5 - 1) / 2
+
+
 def jitter_share(workers: WorkersConfig, number: int, jitter: float) -> float:
-    """Worker `number`'s share of `jitter`, spread evenly over the worker numbers (0 for
-    the first, all of it for the last; over `workers.max` numbers in a dynamic pool, whose
-    growth starts several workers at once) so that workers do not all retire at once."""
-    numbers = max(workers.count, workers.max)
-    if numbers <= 1 or not jitter:
+    """Worker `number`'s share of `jitter`, so that workers do not all retire at once.
+
+    A fixed pool has exactly its numbers 1..count running: they share it exactly evenly
+    (0 for the first, all of it for the last). A dynamic pool always runs 1..count and
+    the numbers above only while it has grown: an even spread over 1..max gave the ones
+    always running nearly the same share (count 2, max 20: 0 and 5% of it), so there it is
+    spread in golden-ratio steps, even for however many are running."""
+    if not jitter:
         return 0
-    return ((number - 1) % numbers) * jitter / (numbers - 1)
+    if workers.max > workers.count:
+        return (number - 1) * _GOLDEN % 1.0 * jitter
+    if workers.count <= 1:
+        return 0
+    return ((number - 1) % workers.count) * jitter / (workers.count - 1)
 
 
 def _check_skip_path(value: str, base_dir: str) -> str:
@@ -751,6 +774,11 @@ def _check_skip_path(value: str, base_dir: str) -> str:
         raise ValueError(f"must be a path starting with /, with * only at its end, got {value!r}")
     if any(c <= " " or c > "~" for c in value):
         raise ValueError(f"must be a path as a client sends it (printable ASCII), got {value!r}")
+    if "?" in value or "#" in value:  # accepted, it would never match: say so now
+        raise ValueError(
+            f"{value!r} can never match: the path is compared without its query (?...) or "
+            "fragment (#...); give the path alone"
+        )
     return value
 
 
@@ -812,8 +840,8 @@ class LoggingConfig:
             "Request paths (HTTP) whose responses below 400 get no access-log line, such as "
             "a load balancer's health checks: an exact path (/healthz), or a prefix ending "
             "in * (/static/*). The path is compared as the client sent it, without the "
-            "query; an error response (400 and up) is always logged, and the metrics and "
-            "post_request count every request.",
+            "query (so an entry with ? or # is an error); an error response (400 and up) is "
+            "always logged, and the metrics and post_request count every request.",
             check=_check_skip_path,
         ),
     )
@@ -1628,13 +1656,22 @@ def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:
     socket_path = config.admin.socket or (config.pidfile and config.pidfile + ".sock")
     for i, b in enumerate(config.bind):
         if socket_path and b.address.startswith("unix:") and (
-            os.path.normpath(b.address[5:]) == os.path.normpath(socket_path)
+            _socket_file(b.address[5:]) == _socket_file(socket_path)
         ):
             key = "admin.socket" if config.admin.socket else "pidfile"
             raw = fields.get("socket", admin) if config.admin.socket else entries.get("pidfile")
             assert raw is not None
             raise raw.fail(key, f"the status socket {socket_path} is bind[{i}]'s socket file: "
                            "set admin.socket to another path")
+
+
+def _socket_file(path: str) -> str:
+    """The file a unix socket at `path` will be: its directory with symbolic links resolved
+    (/var/run is often /run), so two spellings of one file compare equal. Not the whole
+    path: the socket files need not exist yet, and bind() never follows a link in the last
+    part."""
+    directory, name = os.path.split(os.path.normpath(path))
+    return os.path.join(os.path.realpath(directory or "."), name)
 
 
 def _overlap(admin: Address, listener: Address) -> bool:
@@ -1665,26 +1702,62 @@ def _overlap(admin: Address, listener: Address) -> bool:
 
 
 def _check_tls(tls: TLSConfig, entries: dict[str, _Raw], path: str) -> None:
-    """Load the certificate and key now, so a wrong path or a key that does not match the
-    certificate stops the start (or the reload) with the file and line, not a worker."""
-    from prefork.tls import server_context
+    """Build the TLS context now, one setting at a time, so that a wrong path, a file that
+    is not what its setting says, a key that does not match the certificate or a cipher list
+    OpenSSL cannot use stops the start (or the reload) with the line of the setting at
+    fault, not a worker."""
+    import ssl
+
+    from prefork.tls import context_steps
 
     for key in ("certificate", "key", "ca"):
         filename = getattr(tls, key)
         if filename is not None and not os.path.isfile(filename) and key in entries:
             raise entries[key].fail(_join(path, key), f"no such file: {filename}")
-    try:
-        server_context(tls)
-    except (OSError, ValueError) as exc:
-        key = "key" if "key" in entries else "certificate"
-        what = f"cannot load certificate {tls.certificate} with key {tls.key}"
-        if isinstance(exc, OSError) and exc.filename:
-            key = next((k for k in ("certificate", "key", "ca")
-                        if getattr(tls, k) == exc.filename and k in entries), key)
-            what = f"cannot read {exc.filename}"
-        elif isinstance(exc, ValueError):
-            key, what = "verify_client" if "verify_client" in entries else key, "invalid"
-        raise entries[key].fail(_join(path, key), f"{what}: {exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # as tls.server_context makes it
+    for setting, step in context_steps(tls):
+        try:
+            step(context)
+        except (OSError, ValueError) as exc:
+            key, what = _tls_failure(tls, setting, exc)
+            key = key if key in entries else "key"  # `key` is required: always in entries
+            raise entries[key].fail(_join(path, key), what) from None
+
+
+# OpenSSL's reasons for refusing a certificate itself while loading it with its key (too
+# weak for its security level): the certificate's fault, not the key's
+_WEAK_CERTIFICATE = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
+
+
+def _tls_failure(tls: TLSConfig, setting: str, exc: Exception) -> tuple[str, str]:
+    """The setting to blame for `exc`, raised by tls.context_steps' step for `setting`,
+    and what to say."""
+    import ssl
+
+    from prefork.tls import EncryptedKeyError
+
+    reason = str(exc)
+    if isinstance(exc, ssl.SSLError) and len(exc.args) == 1:
+        reason = str(exc.args[0])  # str() of a one-argument SSLError is its args tuple
+    if isinstance(exc, OSError) and exc.filename:  # unreadable (permissions, a directory)
+        key = next((k for k in ("certificate", "key", "ca") if getattr(tls, k) == exc.filename),
+                   setting)
+        return key, f"cannot read {exc.filename}: {exc}"
+    if isinstance(exc, EncryptedKeyError):
+        return "key", f"cannot use {tls.key}: {reason}"
+    if setting == "key" and getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        return "key", f"{tls.key} is not the key of certificate {tls.certificate}: {reason}"
+    if setting == "key" and getattr(exc, "reason", None) in _WEAK_CERTIFICATE:
+        return "certificate", f"OpenSSL refuses certificate {tls.certificate} as too weak: {reason}"
+    if setting == "key":
+        return "key", f"cannot load key {tls.key} (PEM) for certificate {tls.certificate}: {reason}"
+    if setting == "certificate":
+        return "certificate", f"cannot load the certificate (PEM) in {tls.certificate}: {reason}"
+    if setting == "ca":
+        return "ca", f"cannot load the CA certificates (PEM) in {tls.ca}: {reason}"
+    if setting == "ciphers":
+        return "ciphers", f"OpenSSL cannot use the cipher list {tls.ciphers!r}: {reason}"
+    return setting, f"invalid: {reason}"
 
 
 def _convert(hint: Any, meta: Mapping[str, Any], raw: _Raw, path: str) -> Any:

@@ -23,6 +23,18 @@ log = logging.getLogger("prefork")
 PACKET_LIMIT = 1432  # fits one Ethernet frame over UDP/IPv6; statsd splits on newlines
 
 
+def _number(value: float) -> str:
+    """`value` as statsd reads it, exactly: a whole number (every counter, and every gauge
+    but one) in all its digits, never in exponent form, which statsd daemons read rounded
+    to six digits or not at all; a fraction (the mean request duration, in milliseconds)
+    to three decimals, the microsecond."""
+    if isinstance(value, int):  # every digit, even past a float's 53 bits
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
 class StatsdSink:
     """Where the metrics go; `send()` one batch of lines. Raises OSError from __init__ when
     the address cannot be resolved or the socket cannot be made."""
@@ -83,8 +95,8 @@ class StatsdSink:
         for name, value in counters.items():
             increase = value - self.previous.get(name, 0)
             if increase > 0:
-                out.append(f"{self.prefix}{name}:{increase:g}|c{self.suffix}")
-        out.extend(f"{self.prefix}{name}:{value:g}|g{self.suffix}" for name, value in
+                out.append(f"{self.prefix}{name}:{_number(increase)}|c{self.suffix}")
+        out.extend(f"{self.prefix}{name}:{_number(value)}|g{self.suffix}" for name, value in
                    gauges.items())
         self.previous = dict(counters, duration_sum=totals["duration_sum"])
         return out

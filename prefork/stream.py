@@ -154,11 +154,29 @@ def _read_proxy_header(
 
 
 def _wait_for_more(sock: socket.socket, have: int, deadline: float) -> None:
-    """Sleep until more than `have` bytes are queued, or the deadline (checked by caller)."""
-    while time.monotonic() < deadline:
-        time.sleep(0.005)
-        if len(sock.recv(have + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)) > have:
-            return
+    """Wait until more than the `have` (> 0) bytes already queued arrive, or the deadline (the
+    caller checks it). Raises ConnectionResetError once the client has closed its side:
+    the header can never be completed, and the worker is free for the next client.
+
+    Level-triggered readiness would report the queued bytes at once, and a peek cannot see
+    an end of stream behind them; so the wait is edge-triggered (woken by each arrival
+    only) and watches EPOLLRDHUP, which says the client's FIN has arrived."""
+    with select.epoll(1) as ready:
+        # the first poll reports the socket's state as it is now, later ones what changes
+        ready.register(sock, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        closed = False
+        while True:
+            peeked = sock.recv(have + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            if len(peeked) > have:
+                return
+            if not peeked or closed:
+                raise ConnectionResetError("the client closed in its PROXY header")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for _, events in ready.poll(remaining):
+                closed = closed or bool(events & (select.EPOLLRDHUP | select.EPOLLHUP
+                                                  | select.EPOLLERR))
 
 
 def use_stream_sockets(context: ssl.SSLContext) -> None:

@@ -10,10 +10,12 @@ connection, when its handshake completes, and never on a plain connection.
 
 from __future__ import annotations
 
+import logging
 import select
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, peer_failed
 
@@ -42,21 +44,70 @@ _SHORT_NAMES = {
     "jurisdictionStateOrProvinceName": "jurisdictionST",
     "jurisdictionLocalityName": "jurisdictionL",
 }
+log = logging.getLogger("prefork")
+
 _DN_SPECIAL = frozenset(',+"\\<>;')  # escaped with a backslash anywhere (RFC 4514 2.4)
 
 
+class EncryptedKeyError(ValueError):
+    """`key` is passphrase-protected: preforkd has no passphrase setting, so nothing could
+    decrypt it."""
+
+
+def _refuse_passphrase() -> NoReturn:
+    """OpenSSL's password callback for `key`. Without one, an encrypted key makes OpenSSL
+    prompt "Enter PEM pass phrase:" on the terminal and wait for an answer nobody gives
+    (check, start, and a reload under a supervisor); raising fails the load at once."""
+    raise EncryptedKeyError(
+        "the key is encrypted (passphrase-protected), and preforkd has no passphrase "
+        "setting: decrypt the key (openssl pkey -in KEY -out DECRYPTED-KEY) and keep the "
+        "file readable only by the user that starts preforkd"
+    )
+
+
+Step = tuple[str, Callable[[ssl.SSLContext], None]]
+
+
+def context_steps(tls: TLSConfig) -> list[Step]:
+    """How server_context applies `tls`: one step per setting, named by the setting it
+    reads. OpenSSL's errors seldom say which file or value they are about, so the
+    configuration check runs these one at a time and reports a failure against its step's
+    setting. Each raises OSError (ssl.SSLError included) or ValueError."""
+
+    def verify_client(context: ssl.SSLContext) -> None:
+        if tls.verify_client != "none" and not tls.ca:
+            raise ValueError("verify_client needs `ca`, the CA that client certificates chain to")
+        context.verify_mode = _VERIFY[tls.verify_client]
+
+    def min_version(context: ssl.SSLContext) -> None:
+        context.minimum_version = _VERSIONS[tls.min_version]
+
+    def certificate(context: ssl.SSLContext) -> None:
+        # load_cert_chain fails alike ("PEM lib") whichever of its two files is not PEM: the
+        # certificate file is read on its own first, so that the key's step is the key's
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=tls.certificate)
+
+    def key(context: ssl.SSLContext) -> None:
+        context.load_cert_chain(tls.certificate, tls.key, password=_refuse_passphrase)
+
+    def ca(context: ssl.SSLContext) -> None:
+        if tls.ca:
+            context.load_verify_locations(tls.ca)
+
+    def ciphers(context: ssl.SSLContext) -> None:
+        if tls.ciphers:
+            context.set_ciphers(tls.ciphers)
+
+    return [("verify_client", verify_client), ("min_version", min_version),
+            ("certificate", certificate), ("key", key), ("ca", ca), ("ciphers", ciphers)]
+
+
 def server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Raises OSError (missing files, a key that does not match) or ValueError."""
-    if tls.verify_client != "none" and not tls.ca:
-        raise ValueError("verify_client needs `ca`, the CA that client certificates chain to")
+    """Raises OSError (missing files, files that are not PEM, a key that does not match,
+    a cipher list OpenSSL cannot use) or ValueError (EncryptedKeyError among them)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = _VERSIONS[tls.min_version]
-    context.load_cert_chain(tls.certificate, tls.key)
-    if tls.ca:
-        context.load_verify_locations(tls.ca)
-    context.verify_mode = _VERIFY[tls.verify_client]
-    if tls.ciphers:
-        context.set_ciphers(tls.ciphers)
+    for _, step in context_steps(tls):
+        step(context)
     context.set_alpn_protocols(["http/1.1"])
     return context
 
@@ -153,7 +204,10 @@ class TLSConnection(Connection):
             except OSError:
                 return False
             return None
-        except (ssl.SSLError, OSError):
+        except (ssl.SSLError, OSError) as exc:
+            # the tcp protocol logs the same at debug; an operator chasing a client that
+            # cannot connect (no certificate, an old protocol) turns the level down to see it
+            log.debug("closing %s: TLS handshake: %s", self.peer, exc)
             return False
         self.handshaken = True
         return True

@@ -74,7 +74,9 @@ class ProxyHeader:
             raise ProtocolError(400, "PROXY v1 header too long")
         line, rest = buf[:end], buf[end + 2 :]
         parts = line.split(b" ")
-        if len(parts) in (2, 6) and parts[1] == b"UNKNOWN":
+        if len(parts) >= 2 and parts[1] == b"UNKNOWN":
+            # the spec (2.1): for UNKNOWN "the receiver must ignore anything presented
+            # before the CRLF", whatever it is (a proxy may add addresses it cannot name)
             self.done = True
             return rest
         if len(parts) != 6 or parts[1] not in (b"TCP4", b"TCP6"):
