@@ -218,6 +218,8 @@ class Master:
     next_statsd: float = 0.0
     statsd: StatsdSink | None = None
     statsd_refused: StatsdConfig | None = None  # settings whose sink could not be made
+    # a reload took over: the sink is made again, its host name resolved afresh
+    statsd_renew: bool = False
     queue_full: dict[str, int] = field(default_factory=dict)  # listener -> checks found full
     queue_warned: dict[str, float] = field(default_factory=dict)  # listener -> last warning
     growth: int = 1  # dynamic pool: workers added per second while idle ones are short
@@ -915,14 +917,15 @@ class Master:
         """Send the metrics to statsd; (re)make the sink when the settings changed (a
         reload), keeping what was already counted so no counter is sent twice."""
         sink = self.statsd
-        if sink is None or sink.config != settings:
+        if sink is None or sink.config != settings or self.statsd_renew:
+            self.statsd_renew = False
             if settings == self.statsd_refused:
                 return
             try:
                 new = StatsdSink(settings)
             except OSError as exc:
                 log.error("statsd: cannot send to %s: %s; no metrics go to statsd until a "
-                          "reload changes statsd.address", settings.address, exc)
+                          "reload", settings.address, exc)
                 self.statsd_refused = settings
                 return
             if sink is not None:
@@ -1331,6 +1334,7 @@ class Master:
             logs.install()
             old.logs.close()
         self.set_title()  # proc_name may have changed
+        self.statsd_renew, self.statsd_refused = True, None  # "resolved at each reload"
         log.info("reload: generation %d is serving; replacing the workers of generation %d",
                  self.current.number, old.number)
 

@@ -184,7 +184,7 @@ def test_an_address_that_does_not_resolve_is_said_once_and_not_retried(
         rig.kernel.advance(1.0)
         rig.tick()
     (line,) = matching(caplog, "statsd: cannot send to statsd.invalid:8125", logging.ERROR)
-    assert "until a reload changes statsd.address" in line
+    assert line.endswith("until a reload")
     assert rig.master.statsd is None
 
 
