@@ -3,8 +3,8 @@ cases, worker timeouts, server hooks and stream workers under reload and stop.
 
 The tests without a mark each failed on the code they were written against (their
 docstring says what was wrong, what is expected and why) and pass since the fix; those
-marked "# passes: coverage" pin behaviour that no other test checked. Apps and hooks: apps/pf_explore_app.py (hooks append JSON lines to
-$EXPLORE_HOOK_LOG).
+marked "# passes: coverage" pin behaviour that no other test checked. Apps and hooks:
+apps/pf_explore_app.py (hooks append JSON lines to $EXPLORE_HOOK_LOG).
 """
 
 from __future__ import annotations
