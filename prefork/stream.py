@@ -130,8 +130,7 @@ def _read_proxy_header(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("no complete PROXY header in time")
-        ready = select.select([sock], [], [], remaining)[0]
-        if not ready:
+        if not wait_readable(sock, remaining):
             continue
         peeked = sock.recv(_PROXY_PEEK, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         if not peeked:
@@ -151,6 +150,14 @@ def _read_proxy_header(
             raise ProtocolError(400, "PROXY header too long")
         # incomplete: wait for more than what is already there
         _wait_for_more(sock, len(peeked), deadline)
+
+
+def wait_readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has bytes (or an end of stream) to read within `timeout` seconds; poll,
+    not select, which refuses a descriptor past 1023."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
 def _wait_for_more(sock: socket.socket, have: int, deadline: float) -> None:

@@ -57,7 +57,7 @@ from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, set_mask
 from prefork.sockets import Listener
-from prefork.stream import StreamRefused, open_stream, sent_by, use_stream_sockets
+from prefork.stream import StreamRefused, open_stream, sent_by, use_stream_sockets, wait_readable
 from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
@@ -760,7 +760,7 @@ class Worker:
                 # client sends first is still read, as a request queued at a stop is
                 # answered; end-of-file follows it
                 with contextlib.suppress(OSError):
-                    select.select([stream], [], [], LATE_SESSION_WAIT)
+                    wait_readable(stream, LATE_SESSION_WAIT)
                 shut_reads()
             self.app(stream, addr)
         finally:
