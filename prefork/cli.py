@@ -699,11 +699,8 @@ class Startup:
         # `daemon_flag`: -D (or --set daemon) on the command line, as a Type=forking unit's
         # ExecStart gives it
         self.stays = under_systemd(os.environ, daemon_flag) if config.daemon else ""
-        # (detaches() is the same rule, for `check`)
         # a new master started by USR2 is already where the old one was: detached or not
-        self.detach = (
-            config.daemon and not foreground and not self.stays and self.handover is None
-        )
+        self.detach = detaches(config, foreground, daemon_flag) and self.handover is None
         self.detached = self.detach or (self.handover is not None and self.handover.detached)
         # The terminal, kept before logging may re-point fd 2 at a file.
         self.console: IO[str] = os.fdopen(os.dup(2), "w", buffering=1)

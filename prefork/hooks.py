@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefork.config import HOOKS, Config, HooksConfig
-from prefork.loader import import_afresh, put_back_modules
+from prefork.loader import FreshImports
 
 log = logging.getLogger("prefork")
 
@@ -74,26 +74,17 @@ class Hooks:
         return True
 
 
-class HookImports:
+class HookImports(FreshImports):
     """Fresh hook modules at each reload: `load()` imports the hooks and remembers the
     modules that brought in (the hook modules, and whatever they import: often the
-    application itself), dropping the previous load's first (loader.import_afresh);
-    `put_back()` restores an earlier load's when the reload fails or its generation is
-    abandoned. Without it a reload kept the master's cached copies, and workers forked from
-    it served the old code even without preload_app."""
-
-    def __init__(self) -> None:
-        self.modules: dict[str, Any] = {}
+    application itself), dropping the previous load's first; `put_back()` restores an
+    earlier load's when the reload fails or its generation is abandoned. Without it a
+    reload kept the master's cached copies, and workers forked from it served the old code
+    even without preload_app."""
 
     def load(self, config: HooksConfig) -> Hooks:
         """The hooks, imported afresh; a load that raises leaves everything as it was."""
-        hooks, self.modules = import_afresh(self.modules, lambda: Hooks(config))
-        return hooks
-
-    def put_back(self, modules: dict[str, Any]) -> None:
-        """An earlier load's `modules` are the master's again."""
-        put_back_modules(self.modules, modules)
-        self.modules = modules
+        return self.load_afresh(lambda: Hooks(config))
 
 
 def _resolve(name: str, ref: str) -> Callable[..., Any]:

@@ -123,25 +123,31 @@ def load_app(ref: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-class Reimport:
-    """Fresh imports for a preloading master: `load()` imports the app and remembers which
-    modules that brought in; `reload()` drops those (import_afresh) and imports again,
-    restoring them if the new code fails, so the running generation's copy stays intact."""
+class FreshImports:
+    """The modules a load brought in (`modules`), dropped and imported again by the next
+    load (import_afresh); `put_back()` makes an earlier load's the master's again when the
+    generation loaded last never serves. Reimport and hooks.HookImports load through it."""
 
     def __init__(self) -> None:
         self.modules: dict[str, Any] = {}
 
-    def load(self, ref: str) -> Callable[..., Any]:
-        app, self.modules = import_afresh(self.modules, lambda: load_app(ref))
-        return app
-
-    reload = load  # the first load has nothing to drop
+    def load_afresh(self, load: Callable[[], _T]) -> _T:
+        result, self.modules = import_afresh(self.modules, load)
+        return result
 
     def put_back(self, modules: dict[str, Any]) -> None:
-        """The generation loaded last is abandoned: an earlier load's `modules` are the
-        master's again (put_back_modules)."""
+        """An earlier load's `modules` are sys.modules' again (put_back_modules)."""
         put_back_modules(self.modules, modules)
         self.modules = modules
+
+
+class Reimport(FreshImports):
+    """Fresh imports for a preloading master: `load()` imports the app and remembers which
+    modules that brought in; the next `load()` drops those and imports again, restoring
+    them if the new code fails, so the running generation's copy stays intact."""
+
+    def load(self, ref: str) -> Callable[..., Any]:
+        return self.load_afresh(lambda: load_app(ref))
 
 
 def pinned_packages() -> frozenset[str]:

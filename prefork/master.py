@@ -1142,7 +1142,8 @@ class Master:
     def more_workers(self) -> None:
         if self.stop is Stop.NONE:
             workers = self.current.config.workers
-            limit = workers.max if workers.max > workers.count else self.scoreboard.capacity // 2
+            # a dynamic pool (max set) within the bounds pool_size() keeps at a reload
+            limit = workers.max or self.scoreboard.capacity // 2
             if self.target >= limit:
                 log.warning("TTIN: already at the maximum of %d workers%s", self.target,
                             " (workers.max)" if limit == workers.max else "")
@@ -1153,7 +1154,7 @@ class Master:
 
     def fewer_workers(self) -> None:
         workers = self.current.config.workers
-        floor = workers.count if workers.max > workers.count else 1
+        floor = workers.count if workers.max else 1  # pool_size()'s bounds, as TTIN
         if self.stop is not Stop.NONE:
             return
         if self.target <= floor:

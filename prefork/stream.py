@@ -160,6 +160,17 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
     return bool(poller.poll(max(timeout, 0.0) * 1000))
 
 
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether the client's side of `sock` has closed or reset (poll: hang-up, error, or its
+    write side shut): a ConnectionResetError from a handler is the client's only then."""
+    poller = select.poll()
+    poller.register(sock, select.POLLHUP | select.POLLERR | select.POLLRDHUP)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return True
+
+
 def _wait_for_more(sock: socket.socket, have: int, deadline: float) -> None:
     """Wait until more than the `have` (> 0) bytes already queued arrive, or the deadline (the
     caller checks it). Raises ConnectionResetError once the client has closed its side:

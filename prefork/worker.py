@@ -57,7 +57,14 @@ from prefork.privileges import drop_privileges
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, set_mask
 from prefork.sockets import Listener
-from prefork.stream import StreamRefused, open_stream, sent_by, use_stream_sockets, wait_readable
+from prefork.stream import (
+    StreamRefused,
+    open_stream,
+    peer_gone,
+    sent_by,
+    use_stream_sockets,
+    wait_readable,
+)
 from prefork.tls import TLSConnection
 
 log = logging.getLogger("prefork")
@@ -67,7 +74,6 @@ EXIT_BOOT_ERROR = 3  # failed before it could serve (not the app's fault)
 EXIT_APP_LOAD_ERROR = 4  # the application could not be imported
 
 _EPOLLIN = select.EPOLLIN
-_POLLRDHUP = select.POLLRDHUP  # the peer shut its write side (or closed)
 # stream.eof_on_stop: how long a session that begins as the worker stops may take to send
 # its first bytes before its read side is shut
 LATE_SESSION_WAIT = 1.0
@@ -1029,17 +1035,6 @@ def _lightest(loads: dict[int, tuple[int, int]]) -> tuple[int, int, int] | None:
         return None
     pid = min(loads, key=lambda p: loads[p][0])
     return pid, *loads[pid]
-
-
-def peer_gone(sock: socket.socket) -> bool:
-    """Whether the client's side of `sock` has closed or reset (poll: hang-up, error, or its
-    write side shut): a ConnectionResetError from a handler is the client's only then."""
-    poller = select.poll()
-    poller.register(sock, select.POLLHUP | select.POLLERR | _POLLRDHUP)
-    try:
-        return bool(poller.poll(0))
-    except OSError:
-        return True
 
 
 def _peer_text(peer: Any) -> str:

@@ -343,7 +343,7 @@ def test_reimport_reload_picks_up_edited_code(package: Package) -> None:
     old_web = sys.modules[package.ref("web")]
 
     package.write("helper", "TEXT = 'two, edited'\n")
-    new_app = reimport.reload(package.ref("web"))
+    new_app = reimport.load(package.ref("web"))
 
     assert call(new_app) == ("200 OK", b"two, edited")
     assert sys.modules[package.ref("web")] is not old_web
@@ -360,7 +360,7 @@ def test_reimport_reload_keeps_modules_imported_before_the_app(package: Package)
     reimport = Reimport()
     reimport.load(package.ref("user"))
     assert package.ref("shared") not in reimport.modules
-    reimport.reload(package.ref("user"))
+    reimport.load(package.ref("user"))
     assert sys.modules[package.ref("shared")] is shared
     assert sys.modules[package.ref("user")].shared is shared
 
@@ -382,7 +382,7 @@ def test_reimport_failed_reload_restores_the_old_modules(package: Package, broke
 
     package.write("helper", broken.format(pkg=package.name))
     with pytest.raises(AppLoadError):
-        reimport.reload(package.ref("web"))
+        reimport.load(package.ref("web"))
 
     after = package.loaded()
     assert after.keys() == before.keys()
@@ -392,7 +392,7 @@ def test_reimport_failed_reload_restores_the_old_modules(package: Package, broke
 
     # and once the code is fixed, the next reload works
     package.write("helper", "TEXT = 'three, fixed'\n")
-    assert call(reimport.reload(package.ref("web"))) == ("200 OK", b"three, fixed")
+    assert call(reimport.load(package.ref("web"))) == ("200 OK", b"three, fixed")
 
 
 def test_reimport_sees_a_module_file_added_after_the_first_load(package: Package) -> None:
@@ -407,7 +407,7 @@ def test_reimport_sees_a_module_file_added_after_the_first_load(package: Package
         "    start_response('200 OK', [])\n"
         "    return [TEXT.encode()]\n",
     )
-    assert call(reimport.reload(package.ref("web"))) == ("200 OK", b"late module")
+    assert call(reimport.load(package.ref("web"))) == ("200 OK", b"late module")
 
 
 def test_load_app_does_not_change_the_working_directory(package: Package) -> None:
@@ -425,7 +425,7 @@ def test_reimport_put_back_restores_an_earlier_load(package: Package) -> None:
     reimport.load(package.ref("web"))
     earlier = reimport.modules
     package.write("helper", "TEXT = 'two, longer'\n")
-    reimport.reload(package.ref("web"))
+    reimport.load(package.ref("web"))
     assert sys.modules[package.ref("helper")].TEXT == "two, longer"
     reimport.put_back(earlier)
     assert sys.modules[package.ref("helper")].TEXT == "one"
@@ -452,6 +452,6 @@ def test_an_import_that_exits_restores_the_modules(package: Package) -> None:
     loaded = dict(reimport.modules)
     package.write("helper", "import sys\nsys.exit('no settings')\n")
     with pytest.raises(SystemExit):
-        reimport.reload(package.ref("web"))
+        reimport.load(package.ref("web"))
     assert reimport.modules == loaded
     assert all(sys.modules[name] is module for name, module in loaded.items())

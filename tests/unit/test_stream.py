@@ -16,8 +16,7 @@ import pytest
 from prefork.devreload import error_app
 from prefork.http.proxy import V2_SIGNATURE
 from prefork.scoreboard import Activity, Scoreboard, Slot
-from prefork.stream import StreamRefused, open_stream, sent_by
-from prefork.worker import peer_gone
+from prefork.stream import StreamRefused, open_stream, peer_gone, sent_by
 
 
 @pytest.fixture
