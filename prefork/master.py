@@ -695,9 +695,11 @@ class Master:
         if not self.ever_ready and self.stop is Stop.NONE and self.ready_count() >= self.target:
             self.ever_ready = True
             self.next_pool_check = self.kernel.monotonic() + 1.0  # spare-server rule from now on
-            log.info("ready: %d workers", self.ready_count())
             self.current.hooks.call("when_ready", self.server_info())
+            # the status file first: whoever reads "ready" in the log and acts on it (WINCH to
+            # the master that started this one by USR2) finds it written
             self.announce.ready(f"{self.ready_count()} workers ready")
+            log.info("ready: %d workers", self.ready_count())
 
     def server_info(self, generation: Generation | None = None) -> ServerInfo:
         """The `server` argument of hooks: a snapshot, so a hook cannot change the master;
