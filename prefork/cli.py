@@ -575,7 +575,10 @@ def reloader(
                 defer_accept(listener, config.http.defer_accept)
         undo = apply_env(config.env, current.config.env, inherited)
         logs = current.logs
-        changed = _differences("logging", current.config.logging, config.logging)
+        changed = [
+            key for key in _differences("logging", current.config.logging, config.logging)
+            if key not in FIXED_AT_START  # logging.capture_output: said below
+        ]
         # the modules the master holds now: put back if this generation never serves
         hook_modules, app_modules = hook_imports.modules, reimport.modules
 
@@ -632,7 +635,10 @@ def reloader(
 # that a change waits for a restart (the pidfile and status endpoint hold open state;
 # `listen()`'s backlog belongs to sockets a reload keeps). `logging` is not one: a reload
 # opens the new destinations and each generation logs with its own (logs.for_reload).
-FIXED_AT_START = ("pidfile", "daemon", "umask", "backlog", "admin.socket", "admin.bind")
+FIXED_AT_START = (
+    "pidfile", "daemon", "umask", "backlog", "admin.socket", "admin.bind",
+    "logging.capture_output",
+)
 
 
 def fixed_at_start(old: Config, new: Config) -> list[str]:
@@ -811,6 +817,7 @@ class Startup:
                 config.workers.boot_timeout + 15,
                 self.console,
             )
+            self.logs.capture_stdout()  # detaching pointed fd 1 at /dev/null
             log.info("detached: master pid %d", os.getpid())
         announce = Announcer(
             sd,
@@ -843,6 +850,7 @@ class Startup:
             (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if use_syslog else None,
             # the files are chowned to the workers' user, who must reopen them on USR1
             workers_as=(self.config.user, self.config.group),
+            capture=cfg.capture_output,
         )
 
     def error_stream(self) -> IO[str] | None:

@@ -845,6 +845,18 @@ class LoggingConfig:
             check=_check_skip_path,
         ),
     )
+    capture_output: bool = field(
+        default=False,
+        metadata=_meta(
+            "Point standard output (file descriptor 1) at the error log file, in the master "
+            "and every worker, as gunicorn's capture_output: what the application, a hook or "
+            "a library prints lands in the error log instead of a detached daemon's "
+            "/dev/null, a line at a time (sys.stdout becomes line-buffered), and it follows "
+            "the error log through a reopen (USR1) and a reload. An access_log of \"-\" "
+            "then goes there too. Needs error_log to be a file (not \"-\", not syslog). Read "
+            "at start: a reload that changes it says it waits for a restart."
+        ),
+    )
     syslog: SyslogConfig = field(
         default_factory=SyslogConfig, metadata=_meta("Syslog destination (section).")
     )
@@ -1584,6 +1596,15 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
     if isinstance(obj, TLSConfig):
         _check_tls(obj, entries, path)
+    if isinstance(obj, LoggingConfig) and obj.capture_output and (
+        obj.syslog.enabled or obj.error_log == "-"
+    ):
+        instead = "syslog" if obj.syslog.enabled else 'error_log "-"'
+        raise entries["capture_output"].fail(
+            _join(path, "capture_output"),
+            f"needs logging.error_log to be a file: with {instead} there is no file for "
+            "standard output to share",
+        )
     if isinstance(obj, LoggingConfig) and not obj.syslog.enabled:  # else the files are unused
         for key in ("error_log", "access_log"):
             filename = getattr(obj, key)

@@ -12,6 +12,7 @@ generation takes over. One process has one setup installed at a time.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import logging.handlers
@@ -201,6 +202,7 @@ class Logs:
         *,
         stderr: Stderr | None = None,
         install: bool = True,
+        capture: bool = False,
     ) -> None:
         """`syslog`: (address, facility, ident) to send both logs there instead.
         `workers_as`: the configuration's (user, group) for the workers; the master updates
@@ -209,8 +211,11 @@ class Logs:
         first one, whose fd 2 is the server's stderr.
         `install`: make it this process's at once (the start); else everything is opened now
         and kept aside until install(). Raises OSError, with nothing left open, if a file
-        cannot be opened."""
+        cannot be opened.
+        `capture`: standard output follows the error log (logging.capture_output; the
+        start's value, which a reload's setup keeps)."""
         self.level = level
+        self.capture = capture
         self.workers_as = workers_as
         self.syslog = syslog
         self._error_handlers: list[logging.Handler] = []
@@ -339,6 +344,7 @@ class Logs:
             os.dup2(fd, 2)
         finally:
             os.close(fd)
+        self.capture_stdout()
         self._give(2, path, "error log", owner)
 
     def _open_access_log(self, path: str, owner: tuple[int, int] | None) -> IO[str]:
@@ -396,6 +402,28 @@ class Logs:
             os.dup2(self._error_fd, 2)
             os.close(self._error_fd)
             self._error_fd = None
+        self.capture_stdout()
+
+    def capture_stdout(self) -> None:
+        """With `capture`, point fd 1 where fd 2 points (the error log), and make sys.stdout
+        line-buffered, so that a print() reaches the file whole and before the next line
+        another process writes; what was buffered goes out first, to the old place. Again
+        after every change of fd 2, and after a daemon's detaching set fd 1 to /dev/null."""
+        if not self.capture:
+            return
+        stdout = sys.stdout
+        if stdout is not None:
+            try:
+                stdout.flush()
+            except (OSError, ValueError):
+                pass
+        os.dup2(2, 1)
+        if isinstance(stdout, io.TextIOWrapper):
+            try:
+                if stdout.fileno() == 1:
+                    stdout.reconfigure(line_buffering=True)
+            except (OSError, ValueError):  # a stream with no descriptor of its own
+                pass
 
     def close(self) -> None:
         """Close what this setup holds in this process: the master's copies, once no
@@ -438,7 +466,8 @@ class Logs:
         else:
             error = self.error_path or "stderr"
             access = self.access_path or ("stdout" if self.access_enabled else "off")
-        return f"error log {error}, access log {access}, level {self.level}"
+        captured = ", standard output to the error log" if self.capture else ""
+        return f"error log {error}, access log {access}, level {self.level}{captured}"
 
     def reopen(self) -> bool:
         """USR1: point fd 2 and the access log at freshly opened files (after rotation), each
@@ -644,6 +673,8 @@ def for_reload(
             workers_as,
             stderr=given,
             install=False,
+            # read at start (cli.FIXED_AT_START): fd 1 of a process is not put back
+            capture=previous.capture if previous is not None else settings.capture_output,
         )
     except OSError as exc:
         raise OSError(f"cannot open the logs: {exc}") from exc
