@@ -169,8 +169,8 @@ def import_afresh(
     sys.modules, so that it imports them again from their files; its result, and the
     modules it brought in. Packages with extension modules stay (pinned_packages). If it
     raises (SystemExit included: an import that calls sys.exit() must not end the master),
-    what it imported is dropped and `previous` put back, so the running generation's copies
-    stay intact."""
+    what it imported is dropped (but packages with extension modules, put_back_modules)
+    and `previous` put back, so the running generation's copies stay intact."""
     pinned = pinned_packages()
     for name in previous:
         if name.partition(".")[0] not in pinned:
@@ -186,7 +186,12 @@ def import_afresh(
 
 
 def put_back_modules(imported: Iterable[str], previous: Mapping[str, Any]) -> None:
-    """Drop the modules named `imported` from sys.modules and put `previous` back."""
+    """Drop the modules named `imported` from sys.modules and put `previous` back. Packages
+    holding an extension module stay, even ones the dropped load brought in first: their C
+    state outlives the modules, and one that refuses a second load (numpy 2) would fail
+    every later reload's import of it until a restart."""
+    pinned = pinned_packages()  # now: what the dropped load itself loaded counts
     for name in imported:
-        sys.modules.pop(name, None)
+        if name.partition(".")[0] not in pinned:
+            sys.modules.pop(name, None)
     sys.modules.update(previous)

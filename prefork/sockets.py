@@ -307,6 +307,24 @@ def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
     return undo
 
 
+def _reachable(listener: Listener) -> bool:
+    """Whether clients still reach a kept listener where it was bound: a unix socket whose
+    file was removed (by hand, by a temporary-file cleaner) or replaced is not, and its
+    path is bound afresh, as a new address is. Keeping it made every HUP fail (its file's
+    mode could not be read) and left the path dead until a restart."""
+    if listener.address.kind != "unix" or listener.inherited or listener.unix_inode is None:
+        return True
+    try:
+        st = os.stat(listener.address.path)
+    except OSError:
+        st = None
+    if st is not None and (st.st_dev, st.st_ino) == listener.unix_inode:
+        return True
+    log.warning("unix:%s: the socket file is gone or is another's now; binding it again",
+                listener.address.path)
+    return False
+
+
 def _set_mode_and_owner(path: str, spec: BindSpec) -> None:
     """Mode first, while the file is still ours: changing the mode of a file another user
     owns takes CAP_FOWNER, which a hardened unit does not grant (CAP_CHOWN does the rest)."""
@@ -340,7 +358,7 @@ def bind_all(
     A listener in `reuse` whose configured address matches is taken as it is (a reload keeps
     the sockets whose addresses did not change, and with them their accept queues), given its
     new entry (reconfigure); what puts each back is appended to `undo`, and run here on a
-    failure.
+    failure. A unix socket whose file is no longer its own is bound again (_reachable).
     """
     undone: list[Callable[[], None]] = []
     available: dict[str, list[Listener]] = {}
@@ -355,7 +373,8 @@ def bind_all(
     try:
         for spec in specs:
             existing = [
-                lst for lst in available.pop(str(spec.address), []) if lst not in listeners
+                lst for lst in available.pop(str(spec.address), [])
+                if lst not in listeners and _reachable(lst)
             ]
             if existing:
                 for lst in existing:

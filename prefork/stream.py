@@ -162,7 +162,13 @@ def wait_readable(sock: socket.socket, timeout: float) -> bool:
 
 def peer_gone(sock: socket.socket) -> bool:
     """Whether the client's side of `sock` has closed or reset (poll: hang-up, error, or its
-    write side shut): a ConnectionResetError from a handler is the client's only then."""
+    write side shut): a ConnectionResetError from a handler is the client's only then.
+
+    A socket the handler closed (`with sock:`) cannot be polled (registering fd -1 raised
+    ValueError out of the worker: every client reset crashed it): the reset is taken as the
+    client's, as it was before this check existed."""
+    if sock.fileno() < 0:
+        return True
     poller = select.poll()
     poller.register(sock, select.POLLHUP | select.POLLERR | select.POLLRDHUP)
     try:
