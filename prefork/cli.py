@@ -64,7 +64,7 @@ from prefork.hooks import HookError, HookImports, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
 from prefork.logs import DAEMON_SYSLOG_HINT, Logs, for_reload, reach_syslog
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
-from prefork.notify import Announcer, SdNotify, read_status
+from prefork.notify import Announcer, SdNotify, been_ready, read_status
 from prefork.pidfile import (
     PidFile,
     PidFileError,
@@ -1422,10 +1422,7 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
         if count_of(status, old, "upgrades") > upgrades:
             print(f"preforkd: {status.get('message', '')}", file=sys.stderr)
             return EXIT_RUNTIME_ERROR
-        # "ready", or anything it wrote after (a reload's state): it was ready first
-        if new not in (None, old) and status.get("pid") == new and status.get("state") in (
-            "ready", "reloading", "done"
-        ):
+        if new not in (None, old) and been_ready(status, new):
             break
         if not is_master(old):
             print(f"preforkd: the server (pid {old}) exited during the upgrade",

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from prefork.pidfile import write_atomically
 
@@ -71,6 +71,8 @@ class Announcer:
         self.status_path = status_path
         self.reloads = 0
         self.upgrades = 0
+        # whether ready() was called: every status record says it (been_ready below)
+        self.been_ready = False
 
     def fds(self) -> list[int]:
         """What a worker must not inherit: the master's notify socket and the ready pipe."""
@@ -83,6 +85,7 @@ class Announcer:
         if self.sd is not None:
             self.sd.send(READY=1, STATUS=status, MAINPID=os.getpid())
         self._tell_launcher(b"READY %d\n" % os.getpid())
+        self.been_ready = True
         # what `preforkd upgrade` waits for from the new master
         self._write_status({"pid": os.getpid(), "serial": self.reloads, "state": "ready"})
 
@@ -161,10 +164,24 @@ class Announcer:
         path = self.status_path
         if path is None:
             return
+        data["been_ready"] = self.been_ready
         try:
             write_atomically(path, json.dumps(data))
         except OSError as exc:
             log.warning("cannot write the reload status file %s: %s", path, exc)
+
+
+def been_ready(status: Mapping[str, object], pid: int) -> bool:
+    """Whether the status record `status` says that master `pid` has been ready (what WINCH
+    and `preforkd upgrade` wait for from a master a USR2 started). Not merely that it wrote
+    one: a HUP it refused while loading writes one too. A record without `been_ready` (from
+    a preforkd before it) counts when its state comes at or after a ready."""
+    if status.get("pid") != pid:
+        return False
+    flag = status.get("been_ready")
+    if isinstance(flag, bool):
+        return flag
+    return status.get("state") in ("ready", "reloading", "done")
 
 
 def read_status(path: str) -> dict[str, object] | None:

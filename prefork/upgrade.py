@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
-from prefork.notify import Announcer, read_status
+from prefork.notify import Announcer, been_ready, read_status
 from prefork.pidfile import PidFile, is_master, write_atomically
 from prefork.signals import set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
@@ -275,7 +275,7 @@ class Upgrader:
         if self.pid is None or self.new_status is None:
             return None
         status = read_status(self.new_status)
-        return status is not None and status.get("pid") == self.pid
+        return status is not None and been_ready(status, self.pid)
 
     def _move_admin_socket(self, target: str | None) -> None:
         if target is not None and self.admin is not None and self.admin.unix_path is not None:

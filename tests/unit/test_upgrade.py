@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from prefork.addresses import Address
-from prefork.notify import Announcer
+from prefork.notify import Announcer, been_ready
 from prefork.pidfile import PidFile, PidFileError
 from prefork.sockets import BindSpec, Listener, bind
 from prefork.upgrade import (
@@ -376,9 +376,29 @@ def test_the_new_masters_readiness_is_its_status_file(tmp_path: Path) -> None:
     Path(plain.new_status).write_text(json.dumps({"pid": 999, "state": "ready"}))
     assert plain.new_master_ready() is False  # an older master's
     Path(plain.new_status).write_text(json.dumps({"pid": 4242, "state": "reloading"}))
-    assert plain.new_master_ready() is True  # ready once: it writes the file then
+    assert plain.new_master_ready() is True  # a preforkd that does not say been_ready
+    # a HUP the new master refused while it loaded: a record, but not a ready one
+    Path(plain.new_status).write_text(json.dumps(
+        {"pid": 4242, "state": "done", "ok": False, "been_ready": False}))
+    assert plain.new_master_ready() is False
+    Path(plain.new_status).write_text(json.dumps(
+        {"pid": 4242, "state": "done", "ok": True, "been_ready": True}))
+    assert plain.new_master_ready() is True
     plain.new_status = None
     assert plain.new_master_ready() is None  # no pidfile: it cannot tell
+
+
+def test_every_status_record_says_whether_the_master_has_been_ready(tmp_path: Path) -> None:
+    path = tmp_path / "p.pid.status"
+    announce = Announcer(status_path=str(path))
+    announce.refused("the server is not ready yet")
+    assert json.loads(path.read_text())["been_ready"] is False
+    assert not been_ready(json.loads(path.read_text()), os.getpid())
+    announce.ready("1 workers ready")
+    assert been_ready(json.loads(path.read_text()), os.getpid())
+    announce.reloading()
+    assert been_ready(json.loads(path.read_text()), os.getpid())
+    assert not been_ready(json.loads(path.read_text()), os.getpid() + 1)
 
 
 def test_winch_waits_for_the_new_master_to_be_ready(
