@@ -62,7 +62,14 @@ from prefork.daemon import detach, under_systemd
 from prefork.effective import as_yaml
 from prefork.hooks import HookError, HookImports, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
-from prefork.logs import DAEMON_SYSLOG_HINT, Logs, for_reload, reach_syslog
+from prefork.logs import (
+    DAEMON_SYSLOG_HINT,
+    Logs,
+    for_reload,
+    reach_syslog,
+    syslog_for,
+    without_console,
+)
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
 from prefork.notify import Announcer, SdNotify, been_ready, read_status
 from prefork.pidfile import (
@@ -182,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="NAME=VALUE",
                    help="environment variable for the app, repeatable (as env: NAME: VALUE "
                         "in the file, added to its mapping)")
-    p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--wait", type=wait_seconds, default=300.0, metavar="SECONDS",
                    help="reload: how long to wait for the outcome; stop: for the master to "
                         "exit; upgrade: for both (default 300)")
     p.add_argument("--force", action="store_true",
@@ -190,6 +197,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="status: print the JSON document")
     p.add_argument("--version", action="version", version=f"preforkd {__version__}")
     return p
+
+
+def wait_seconds(text: str) -> float:
+    """--wait: a number of seconds from 0 (inf: no limit). float() alone took -1, which
+    sent TERM and at once reported the master still running (exit 1) as it stopped, and
+    nan, with which `reload` signalled and gave up without waiting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
 
 
 OVERRIDES = {
@@ -757,6 +777,7 @@ class Startup:
         if self.pidfile is not None:
             try:
                 self.pidfile.check()
+                self.pidfile.probe()
             except PidFileError as exc:
                 return self.fail(str(exc))
         if config.umask is not None:
@@ -838,8 +859,8 @@ class Startup:
             announce.close()
 
     def open_logs(self) -> Logs:
-        cfg = self.config.logging
-        use_syslog = cfg.syslog.enabled or (self.detached and cfg.error_log == "-")
+        cfg = logging_as_run(self.config.logging, self.detached)
+        takes = syslog_for(cfg, self.detached)
         check_syslog(cfg, self.detached)  # a USR2's new master too: a failure leaves the
         # old one serving
         return Logs(
@@ -847,10 +868,12 @@ class Startup:
             cfg.error_log,
             cfg.access_log,
             cfg.access_log_format,
-            (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if use_syslog else None,
+            (cfg.syslog.address, cfg.syslog.facility, cfg.syslog.ident) if any(takes) else None,
             # the files are chowned to the workers' user, who must reopen them on USR1
             workers_as=(self.config.user, self.config.group),
             capture=cfg.capture_output,
+            syslog_takes=takes,
+            detached=self.detached,
         )
 
     def error_stream(self) -> IO[str] | None:
@@ -948,14 +971,22 @@ def detaches(config: Config, foreground: bool, daemon_flag: bool) -> bool:
 
 
 def check(config: Config, detached: bool = False) -> int:
-    """Validate (done by now), import the hooks and the app in a forked child with the
-    configured `env:` (as the master and a worker would), test-bind every address and
-    test-open the status endpoint -- unless the pidfile names a running server, which holds
-    them: checking a file before `preforkd reload` is the usual use. Each step is one a start
-    takes, and fails with the status that start would exit with."""
+    """Validate (done by now), try the pidfile's directory, the syslog socket and the log
+    files, import the hooks and the app in a forked child with the configured `env:` (as
+    the master and a worker would), test-bind every address and test-open the status
+    endpoint -- unless the pidfile names a running server, which holds them: checking a
+    file before `preforkd reload` is the usual use. Each step is one a start takes, and
+    fails with the status that start would exit with."""
     say(f"configuration OK: {config.source or '(command line)'}")
-    try:  # a start opens the logs first
+    if config.pidfile:  # a start makes sure it can write it before anything else
+        try:
+            PidFile(config.pidfile).probe()
+        except PidFileError as exc:
+            print(f"preforkd: {exc}", file=sys.stderr)
+            return EXIT_RUNTIME_ERROR
+    try:  # then it opens the logs
         check_syslog(config.logging, detached)
+        check_log_files(config.logging, detached)
     except OSError as exc:
         print(f"preforkd: cannot open the logs: {exc}", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
@@ -1007,11 +1038,17 @@ def check(config: Config, detached: bool = False) -> int:
             listener.close()
 
 
+def logging_as_run(cfg: LoggingConfig, detached: bool) -> LoggingConfig:
+    """The logging settings a start opens: a detached daemon's without the paths that name
+    its launcher's terminal or pipe (logs.without_console)."""
+    return without_console(cfg) if detached else cfg
+
+
 def check_syslog(cfg: LoggingConfig, detached: bool) -> None:
     """OSError (its message says why and what to do) if the logs go to a unix syslog socket
     where no syslog daemon answers (logs.reach_syslog): syslog.enabled, or a detached
-    daemon's error_log "-"."""
-    if not (cfg.syslog.enabled or (detached and cfg.error_log == "-")):
+    daemon's error_log or access_log "-" (logs.syslog_for)."""
+    if not any(syslog_for(logging_as_run(cfg, detached), detached)):
         return
     try:
         reach_syslog(cfg.syslog.address)
@@ -1019,6 +1056,32 @@ def check_syslog(cfg: LoggingConfig, detached: bool) -> None:
         if cfg.syslog.enabled:
             raise
         raise OSError(f"{exc}: {DAEMON_SYSLOG_HINT}") from exc
+
+
+def check_log_files(cfg: LoggingConfig, detached: bool) -> None:
+    """OSError, as a start's Logs raises it, if a log file the start would open cannot be
+    opened for appending (a file or directory the user may not write to, an immutable
+    file, a read-only file system): `check` said OK and the start failed. A file that does
+    not exist is created and removed again (the start creates it, with its owner); an
+    existing one is opened without changing it, and is left alone when a running server
+    holds it."""
+    cfg = logging_as_run(cfg, detached)
+    to_syslog = syslog_for(cfg, detached)
+    paths = [
+        path
+        for path, taken in ((cfg.error_log, to_syslog[0]), (cfg.access_log, to_syslog[1]))
+        if path not in (None, "-") and not taken
+    ]
+    for path in paths:
+        assert path is not None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(path)
+        else:
+            os.close(fd)
 
 
 def check_imports(config: Config) -> int:

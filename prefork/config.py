@@ -721,7 +721,9 @@ class SyslogConfig:
         default=False,
         metadata=_meta(
             "Send the error log (and the access log, when on) to syslog instead of the files. "
-            'A detached daemon whose error_log is "-" uses syslog even when this is false.'
+            "A detached daemon, which has no standard error or output, sends each log that "
+            'is "-" (or names them: /dev/stderr, /dev/stdout) to syslog even when this is '
+            "false; a log file stays a file."
         ),
     )
     address: str = field(
@@ -803,15 +805,16 @@ class LoggingConfig:
     error_log: str = field(
         default="-",
         metadata=_meta(
-            'Error log file; "-" = stderr. Its directory must exist (unless syslog.enabled).',
+            'Error log file; "-" = stderr (syslog in a detached daemon). Its directory must '
+            "exist (unless syslog.enabled).",
             path=True,
         ),
     )
     access_log: str | None = field(
         default=None,
         metadata=_meta(
-            'Access log file; null = off, "-" = stdout. Its directory must exist (unless '
-            "syslog.enabled).",
+            'Access log file; null = off, "-" = stdout (syslog in a detached daemon). Its '
+            "directory must exist (unless syslog.enabled).",
             path=True,
         ),
     )

@@ -12,6 +12,7 @@ generation takes over. One process has one setup installed at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -202,9 +203,12 @@ class Logs:
         *,
         stderr: Stderr | None = None,
         install: bool = True,
+        syslog_takes: tuple[bool, bool] = (True, True),
+        detached: bool = False,
         capture: bool = False,
     ) -> None:
-        """`syslog`: (address, facility, ident) to send both logs there instead.
+        """`syslog`: (address, facility, ident) to send the logs `syslog_takes` names there
+        instead: (error log, access log), both unless told otherwise (syslog_for says which).
         `workers_as`: the configuration's (user, group) for the workers; the master updates
         it on USR1 (a reload may have changed them).
         `stderr`: what "-" means, for a setup a reload makes (see for_reload); None for the
@@ -212,12 +216,19 @@ class Logs:
         `install`: make it this process's at once (the start); else everything is opened now
         and kept aside until install(). Raises OSError, with nothing left open, if a file
         cannot be opened.
+        `detached`: a daemon's setup, which has no standard output or error: what "-" means
+        to the setup a reload makes next is syslog (stderr()).
         `capture`: standard output follows the error log (logging.capture_output; the
         start's value, which a reload's setup keeps)."""
         self.level = level
-        self.capture = capture
         self.workers_as = workers_as
-        self.syslog = syslog
+        self.detached = detached
+        # where the error log goes to syslog (None: a file or stderr), and the access log
+        self.syslog = syslog if syslog_takes[0] else None
+        # only to a file: a daemon's /dev/stderr that became syslog (without_console) has
+        # none, and fd 1 would be /dev/null as without it
+        self.capture = capture and self.syslog is None and error_log != "-"
+        self.access_syslog = syslog if syslog_takes[1] and access_log is not None else None
         self._error_handlers: list[logging.Handler] = []
         self._access_handlers: list[logging.Handler] = []
         # the error log while this setup is not installed; install() moves it to fd 2
@@ -254,13 +265,27 @@ class Logs:
         """Open every destination; `installing`: make each this process's as it opens."""
         if self._given_stderr is not None and self._given_stderr.fd is not None:
             self._stderr_fd = os.dup(self._given_stderr.fd)
+        if self.access_syslog is not None:
+            self._access_handlers = [syslog_handler(*self.access_syslog)]
         if self.syslog is not None:
             self._error_handlers = [syslog_handler(*self.syslog)]
-            if self.access_enabled:
-                self._access_handlers = [syslog_handler(*self.syslog)]
             if installing:
                 self.install()
-            return
+            owner = self._owner() if self.access_path is not None else None
+        else:
+            owner = self._open_error(installing)
+        if self.access_enabled and self.access_syslog is None:
+            if self.access_path is None:  # "-"
+                # line-buffered: one write per line, so workers sharing stdout (journald)
+                # never interleave mid-line and nothing waits in a buffer at exit
+                self._access_file = open(  # noqa: SIM115
+                    1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
+                )
+            else:
+                self._access_file = self._open_access_log(self.access_path, owner)
+
+    def _open_error(self, installing: bool) -> tuple[int, int] | None:
+        """The error log to a file or stderr (not syslog); the owner its file was given."""
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
         self._error_handlers = [handler]
@@ -281,15 +306,7 @@ class Logs:
             self.install()  # fd 2 is the error log from here on
             if self.error_path is not None:
                 self._give(2, self.error_path, "error log", owner)
-        if self.access_enabled:
-            if self.access_path is None:  # "-"
-                # line-buffered: one write per line, so workers sharing stdout (journald)
-                # never interleave mid-line and nothing waits in a buffer at exit
-                self._access_file = open(  # noqa: SIM115
-                    1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False
-                )
-            else:
-                self._access_file = self._open_access_log(self.access_path, owner)
+        return owner
 
     def _owner(self) -> tuple[int, int] | None:
         """The (uid, gid) the log files must have for the workers to reopen them: those of
@@ -452,6 +469,8 @@ class Logs:
         server started with unless it pointed it at its error log file."""
         if self._given_stderr is not None:  # made by a reload: hand on what it was given
             return Stderr(self._stderr_fd, self._given_stderr.syslog)
+        if self.detached:  # fd 1 and 2 are /dev/null: "-" means syslog, as at the start
+            return Stderr(syslog=True)
         if self.syslog is None:
             return Stderr(2 if self.error_path is None else None)
         # syslog took the error log: at a daemon's start "-" meant syslog, its fd 2 being
@@ -460,11 +479,10 @@ class Logs:
 
     def describe(self) -> str:
         """Where the logs go, for the log: `error log X, access log Y, level Z`."""
-        if self.syslog is not None:
-            error = f"syslog {self.syslog[0]}"
-            access = error if self.access_enabled else "off"
+        error = f"syslog {self.syslog[0]}" if self.syslog else self.error_path or "stderr"
+        if self.access_syslog is not None:
+            access = f"syslog {self.access_syslog[0]}"
         else:
-            error = self.error_path or "stderr"
             access = self.access_path or ("stdout" if self.access_enabled else "off")
         captured = ", standard output to the error log" if self.capture else ""
         return f"error log {error}, access log {access}, level {self.level}{captured}"
@@ -475,18 +493,19 @@ class Logs:
         names it; False then. In the master (root) the new files are created and given to
         `workers_as` before it returns, i.e. before the master tells the workers to reopen
         them."""
-        if self.syslog is not None:
-            return True
+        error_path = self.error_path if self.syslog is None else None
+        if error_path is None and (self.access_path is None or self._access_file is None):
+            return True  # syslog, or stderr and stdout: nothing to reopen
         owner = self._owner()
         reopened = True
-        if self.error_path is not None:
+        if error_path is not None:
             try:
-                self._open_error_log(self.error_path, owner)
+                self._open_error_log(error_path, owner)
             except OSError as exc:
                 reopened = False
                 log.error(
                     "cannot reopen the log files: error log %s: %s; still writing to the old "
-                    "one", self.error_path, exc
+                    "one", error_path, exc
                 )
         if self.access_path is not None and self._access_file is not None:
             try:
@@ -541,7 +560,7 @@ class Logs:
         them) are read by a custom format only."""
         protocol = protocol or f"HTTP/{version}"
         out = self._access_file
-        if out is None and not self.syslog:
+        if out is None and self.access_syslog is None:
             return
         micros = int(duration * 1_000_000)
         if self.access_json:
@@ -649,20 +668,22 @@ def for_reload(
     line); the address in use is not judged again (its daemon may be restarting). TCP
     syslog connects at the first message, in each process, as at the start."""
     given = previous.stderr() if previous is not None else Stderr(2)
+    if given.syslog:
+        settings = without_console(settings)
     error_log = settings.error_log
     syslog = settings.syslog
-    use_syslog = syslog.enabled
-    if error_log == "-" and not use_syslog:
-        if given.syslog:
-            use_syslog = True  # a detached daemon: as at the start (cli.Startup.open_logs)
-        elif given.fd is None and (kept := _error_file(previous)) is not None:
-            log.warning(
-                'reload: logging.error_log is "-", but the standard error the server was '
-                "started with was replaced by the error log file at the start: the error log "
-                "stays %s until a restart", kept
-            )
-            error_log = kept
-    target = (syslog.address, syslog.facility, syslog.ident) if use_syslog else None
+    # a detached daemon (given.syslog): each log that says "-" goes to syslog, as at the start
+    takes = syslog_for(settings, given.syslog)
+    if error_log == "-" and not takes[0] and given.fd is None and (
+        kept := _error_file(previous)
+    ) is not None:
+        log.warning(
+            'reload: logging.error_log is "-", but the standard error the server was '
+            "started with was replaced by the error log file at the start: the error log "
+            "stays %s until a restart", kept
+        )
+        error_log = kept
+    target = (syslog.address, syslog.facility, syslog.ident) if any(takes) else None
     try:
         logs = Logs(
             settings.level,
@@ -675,12 +696,14 @@ def for_reload(
             install=False,
             # read at start (cli.FIXED_AT_START): fd 1 of a process is not put back
             capture=previous.capture if previous is not None else settings.capture_output,
+            syslog_takes=takes,
         )
     except OSError as exc:
         raise OSError(f"cannot open the logs: {exc}") from exc
     path = syslog.address.removeprefix("unix:")
-    in_use = previous is not None and previous.syslog is not None and (
-        previous.syslog[0].removeprefix("unix:") == path
+    in_use = previous is not None and any(
+        target is not None and target[0].removeprefix("unix:") == path
+        for target in (previous.syslog, previous.access_syslog)
     )
     if target is not None and not in_use:
         try:
@@ -694,9 +717,51 @@ def for_reload(
 
 # Why a daemon without syslog.enabled needs a syslog daemon, and what to do instead.
 DAEMON_SYSLOG_HINT = (
-    'a daemon logs to syslog when logging.error_log is "-"; set it to a file, or start a '
-    "syslog daemon"
+    'a daemon logs to syslog when logging.error_log is "-" (its access log too, when '
+    'logging.access_log is "-" without capture_output); set it to a file, or start a syslog daemon'
 )
+
+
+# The names of a process's standard output and error, as a log path may give them.
+STANDARD_STREAMS = frozenset(
+    f"{prefix}{fd}" for prefix in ("/dev/fd/", "/proc/self/fd/") for fd in (1, 2)
+) | {"/dev/stdout", "/dev/stderr"}
+
+
+def without_console(settings: LoggingConfig) -> LoggingConfig:
+    """A detached daemon's logging: a log path that names its standard output or error
+    (/dev/stderr, /proc/self/fd/1, ...) where that is not a regular file counts as "-", and
+    so goes to syslog (syslog_for). Opened as a file, it was the launcher's terminal or
+    pipe, which the daemon then held open: a caller reading that pipe (`$(preforkd -D)`,
+    Ansible, `| logger`) waited for the daemon to exit. A regular file (`2>>app.log`) stays."""
+    error_log = "-" if _names_a_stream(settings.error_log) else settings.error_log
+    access_log = "-" if _names_a_stream(settings.access_log) else settings.access_log
+    if (error_log, access_log) == (settings.error_log, settings.access_log):
+        return settings
+    return dataclasses.replace(settings, error_log=error_log, access_log=access_log)
+
+
+def _names_a_stream(path: str | None) -> bool:
+    if path is None or os.path.normpath(path) not in STANDARD_STREAMS:
+        return False
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return True  # closed: as "-", nothing there to write to
+
+
+def syslog_for(settings: LoggingConfig, detached: bool) -> tuple[bool, bool]:
+    """Which logs go to syslog, (error log, access log): both with syslog.enabled; in a
+    detached daemon, which has no standard error or output, each that says "-" (an access
+    log file stays a file: the syslog the daemon's error log falls back to is not asked
+    for, and took every access line while the file stayed empty); else neither."""
+    if settings.syslog.enabled:
+        return True, settings.access_log is not None
+    if not detached:
+        return False, False
+    to_file = settings.error_log != "-"
+    # capture_output points stdout at the error log file: "-" is written there
+    return not to_file, settings.access_log == "-" and not (settings.capture_output and to_file)
 
 
 def reach_syslog(address: str) -> None:

@@ -147,13 +147,37 @@ class PidFile:
         pid = read_pid(self.path)
         if pid is None:
             if os.path.exists(self.path):
-                os.unlink(self.path)
+                self._remove_stale("holds no pid")
             return
         if pid == self.replacing:
             return  # write() replaces it in one rename
         if pid != os.getpid() and is_preforkd(pid):
             raise PidFileError(f"already running as pid {pid} (pidfile {self.path})")
-        os.unlink(self.path)  # stale: its process is gone
+        self._remove_stale(f"pid {pid} is not a running preforkd")  # its process is gone
+
+    def _remove_stale(self, why: str) -> None:
+        """Unlink a stale pidfile; PidFileError if that is not permitted (a directory the
+        user may not write to): the start failed with a traceback instead of a reason."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass  # removed meanwhile (another start): as good
+        except OSError as exc:
+            raise PidFileError(
+                f"cannot remove the stale pidfile {self.path} ({why}): {exc.strerror}"
+            ) from None
+
+    def probe(self) -> None:
+        """Raise PidFileError, with write()'s message, if write() could not make its
+        temporary file beside the pidfile (a directory the user may not write to, a
+        read-only file system): found at the start, before anything is bound and before a
+        daemon detaches, not once the launcher has been told to wait for it."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(self.path) or ".")
+        except OSError as exc:
+            raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
+        os.close(fd)
+        os.unlink(tmp)
 
     def write(self, pid: int) -> None:
         self.check()
