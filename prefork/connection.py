@@ -64,6 +64,12 @@ def peer_failed(exc: OSError) -> bool:
     return isinstance(exc, ConnectionError) or exc.errno in _PEER_ERRNOS
 
 
+def _gone(exc: OSError, unsent: int) -> ClientDisconnected:
+    gone = ClientDisconnected(str(exc))
+    gone.unsent = unsent
+    return gone
+
+
 class Connection:
     """A client socket, its parser state, and when it may next be closed for idleness.
 
@@ -143,9 +149,10 @@ class Connection:
         except OSError as exc:
             if not peer_failed(exc):
                 raise
-            gone = ClientDisconnected(str(exc))
-            gone.unsent = len(data)
-            raise gone from None
+            # made by a function: an exception held in a local of this frame, which its
+            # context's traceback holds, would be a cycle keeping every frame below alive,
+            # and with them the request's environ and body until the collector ran
+            raise _gone(exc, len(data)) from None
         if sent == len(data):
             return
         view = memoryview(data)[sent:]

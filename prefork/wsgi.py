@@ -8,6 +8,8 @@ the connection is marked to close; exc_info is re-raised only after headers were
 
 from __future__ import annotations
 
+import inspect
+import io
 import os
 import re
 import time
@@ -65,7 +67,13 @@ def decode_path(raw: bytes) -> str:
 
 
 class FileWrapper:
-    """wsgi.file_wrapper: iterable over a file; the worker sends it with os.sendfile."""
+    """wsgi.file_wrapper: an iterator over a file's read() in blocks; the worker sends a plain
+    file with os.sendfile instead (see sendfile_fd).
+
+    It is its own iterator, as wsgiref's and gunicorn's are: middleware that slices the body
+    (Werkzeug's range responses) iterates iter(wrapper) and closes that, which must close the
+    file. seekable(), seek() and tell() are Werkzeug's FileWrapper's, which such middleware
+    uses to start at a range's first byte instead of reading up to it."""
 
     def __init__(self, filelike: IO[bytes], blksize: int = 65536) -> None:
         self.filelike = filelike
@@ -73,19 +81,71 @@ class FileWrapper:
         if hasattr(filelike, "close"):
             self.close = filelike.close
 
-    def __iter__(self) -> Iterator[bytes]:
-        read = self.filelike.read
-        while True:
-            data = read(self.blksize)
-            if not data:
-                return
-            yield data
+    def __iter__(self) -> FileWrapper:
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+    def seekable(self) -> bool:
+        seekable: Callable[[], bool] | None = getattr(self.filelike, "seekable", None)
+        if seekable is not None:
+            return seekable()
+        return hasattr(self.filelike, "seek")
+
+    def seek(self, *args: int) -> None:
+        if hasattr(self.filelike, "seek"):
+            self.filelike.seek(*args)
+
+    def tell(self) -> int | None:
+        if hasattr(self.filelike, "tell"):
+            return self.filelike.tell()
+        return None
 
     def fileno(self) -> int | None:
         try:
             return self.filelike.fileno()
         except (AttributeError, OSError, ValueError):
             return None
+
+
+# The read() of the files io.open makes: what they return is the descriptor's bytes as they
+# are (a text file's too, before decoding: they are what gunicorn sends for it).
+_PLAIN_READS = frozenset(
+    {io.FileIO.read, io.BufferedReader.read, io.BufferedRandom.read, io.TextIOWrapper.read}
+)
+
+
+def sendfile_fd(wrapper: FileWrapper) -> int | None:
+    """The descriptor whose bytes, from the file's position on, are the body `wrapper` would
+    produce, or None: the body is then the wrapper's iteration.
+
+    PEP 3333 has the file's read() define the body, and fileno() alone does not say that
+    read() returns the descriptor's bytes: gzip.GzipFile, bz2 and lzma files, and codecs'
+    readers have a descriptor (their compressed or encoded file's) and transform what is
+    read from it. So the read() must be the one of a file io.open made, on the object itself
+    or handed out by a wrapper (tempfile's NamedTemporaryFile, via functools.wraps; Django's
+    File, a property). Checked before fileno(), which a SpooledTemporaryFile answers by
+    moving its contents to disk."""
+    filelike = wrapper.filelike
+    read = getattr(filelike, "read", None)
+    if read is None:
+        return None
+    try:
+        read = inspect.unwrap(read)
+    except ValueError:  # a cycle of __wrapped__
+        return None
+    owner = getattr(read, "__self__", None)
+    if owner is None or getattr(type(owner), "read", None) not in _PLAIN_READS:
+        return None
+    fd = wrapper.fileno()
+    try:
+        return fd if fd is not None and owner.fileno() == fd else None  # the same file
+    except (OSError, ValueError):
+        return None
 
 
 class Input:
@@ -248,6 +308,10 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
     content_length = None
     closes = False
     own = 0
+    # RFC 9110 8.6: no Content-Length in a 204 (Django's CommonMiddleware sets one on every
+    # response); the application's is checked, then left out, as gunicorn does. A 304 keeps
+    # its: it may give the length of the representation (and a HEAD's, the GET's).
+    no_content = status.startswith("204")
     for name, value in headers:
         if not isinstance(name, str) or not isinstance(value, str):
             raise TypeError(f"header {name!r}: {value!r} is not a pair of str")
@@ -269,6 +333,8 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
                     raise ValueError(f"conflicting Content-Length {content_length} and {value!r}")
                 continue  # a repeat of the same value: sent once
             content_length = length
+            if no_content:
+                continue
         elif lname == "server":
             own |= OWN_SERVER  # the application's replaces the server's (one field line)
         elif lname == "date":
@@ -278,7 +344,7 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
         status.encode("latin-1"),
         int(status[:3]),
         "".join(lines).encode("latin-1"),
-        content_length,
+        None if no_content else content_length,
         closes,
         own,
     )
@@ -502,9 +568,14 @@ class Response:
         tell: Callable[[], int] | None = getattr(filelike, "tell", None)
         try:
             offset = tell() if tell is not None else os.lseek(fd, 0, os.SEEK_CUR)
-            size = max(os.fstat(fd).st_size - offset, 0)
+            size = os.fstat(fd).st_size
         except (OSError, ValueError):  # ValueError: tell() on a closed file
             return False
+        if not size:
+            # nothing to send, or a file whose size says nothing of what read() returns
+            # (/proc's are 0 bytes long): reading it is as quick, and right either way
+            return False
+        size = max(size - offset, 0)
         length = self.content_length
         count = size if length is None else min(size, length - self.bytes_sent)
         if not self.head_sent:
@@ -614,7 +685,7 @@ def run_app(app: WSGIApp, environ: dict[str, Any], response: Response) -> None:
             type(result) is FileWrapper
             and not response.head_sent  # write() already chose the framing
             and response.conn.sendfile_ok
-            and (fd := result.fileno()) is not None
+            and (fd := sendfile_fd(result)) is not None
         ):
             if not response.status:
                 raise AssertionError("application returned without calling start_response()")
