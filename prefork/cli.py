@@ -110,6 +110,8 @@ COMMANDS = ("run", "check", "config", "reload", "status", "stop", "upgrade")
 STARTING = ("run", "check", "config")
 # The worker count platforms (Heroku, Render, ...) give gunicorn (see with_web_concurrency).
 WEB_CONCURRENCY = "WEB_CONCURRENCY"
+# The mount prefix gunicorn takes from its environment (see with_script_name).
+SCRIPT_NAME = "SCRIPT_NAME"
 # How long `stop --force` waits for the master to die of SIGKILL (it cannot refuse).
 KILL_TIMEOUT = 5.0
 MASTER_SIGNALS = (
@@ -365,7 +367,7 @@ def command(argv: Sequence[str] | None) -> int:
     def settings() -> dict[str, object]:
         if args.command not in STARTING:
             return overrides  # `reload` validates the file the master reads, with its own
-        return with_web_concurrency(path, overrides, environ)
+        return with_script_name(path, with_web_concurrency(path, overrides, environ), environ)
 
     try:
         config = load(path, settings())
@@ -412,15 +414,38 @@ def with_web_concurrency(
     return {**overrides, "workers.count": value}
 
 
-def from_environment(error: ConfigError, overrides: Mapping[str, object]) -> ConfigError:
-    """`error` naming WEB_CONCURRENCY when it is about the workers.count that variable gave
-    (with_web_concurrency), not -w; else `error` itself."""
-    if (
-        error.key == "workers.count"
-        and error.source == OVERRIDE_SOURCE
-        and "workers.count" not in overrides
+def with_script_name(
+    path: str | None, overrides: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, object]:
+    """`overrides` plus http.script_name from the SCRIPT_NAME environment variable when
+    neither --set nor the file at `path` sets it: gunicorn mounts the application there
+    (`SCRIPT_NAME=/app gunicorn ...`), and a deployment moved over as it is would otherwise
+    serve every URL one prefix off without a word. Validated by load() as the setting
+    (from_environment names the variable); an empty value counts as unset."""
+    text = environ.get(SCRIPT_NAME, "")
+    if not text or "http.script_name" in overrides or "script_name" in as_mapping(
+        overrides.get("http")
     ):
-        return ConfigError(error.message, key=WEB_CONCURRENCY)
+        return dict(overrides)
+    if path is not None and "script_name" in as_mapping(yaml_mapping(path).get("http")):
+        return dict(overrides)
+    return {**overrides, "http.script_name": text}
+
+
+# The settings an environment variable gives when neither the file nor a flag does.
+FROM_ENVIRONMENT = {"workers.count": WEB_CONCURRENCY, "http.script_name": SCRIPT_NAME}
+
+
+def from_environment(error: ConfigError, overrides: Mapping[str, object]) -> ConfigError:
+    """`error` naming the variable when it is about a setting an environment variable gave
+    (WEB_CONCURRENCY, SCRIPT_NAME), not the command line; else `error` itself."""
+    variable = FROM_ENVIRONMENT.get(error.key or "")
+    if (
+        variable is not None
+        and error.source == OVERRIDE_SOURCE
+        and error.key not in overrides
+    ):
+        return ConfigError(error.message, key=variable)
     return error
 
 

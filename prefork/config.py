@@ -669,7 +669,8 @@ class HttpConfig:
             "outside it is answered 400 without calling the application. Behind a trusted "
             "proxy that sends X-Forwarded-Prefix, that prefix comes first (SCRIPT_NAME is "
             "the proxy's prefix followed by this one). \"\" (no prefix) or a path that starts "
-            "with '/' and does not end with '/'.",
+            "with '/' and does not end with '/'. When neither the file nor --set gives it, "
+            "the SCRIPT_NAME environment variable does, as in gunicorn.",
             check=_check_script_name,
         ),
     )

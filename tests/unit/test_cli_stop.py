@@ -24,6 +24,7 @@ from prefork.cli import (
     parse,
     say,
     stop_running,
+    with_script_name,
     with_web_concurrency,
 )
 from prefork.config import ConfigError, load
@@ -381,3 +382,30 @@ def test_help_to_a_closed_pipe_ends_quietly() -> None:
     with closed_stdout() as fd:
         assert main(["--help"]) == 1
         assert is_devnull(fd)
+
+
+# --- SCRIPT_NAME -------------------------------------------------------------------------------
+
+
+def test_script_name_from_the_environment_mounts_the_app_when_nothing_else_does(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "f.yaml"
+    config.write_text("app: m:a\nhttp:\n  keepalive_timeout: 5\n")
+    overrides = with_script_name(str(config), {}, {"SCRIPT_NAME": "/app"})
+    assert overrides == {"http.script_name": "/app"}
+    assert load(str(config), overrides).http.script_name == "/app"
+    config.write_text("app: m:a\nhttp: {script_name: /site}\n")
+    assert with_script_name(str(config), {}, {"SCRIPT_NAME": "/app"}) == {}  # the file wins
+    flag = {"http.script_name": "/x"}
+    assert with_script_name(None, flag, {"SCRIPT_NAME": "/app"}) == flag  # so does --set
+    assert with_script_name(None, {}, {"SCRIPT_NAME": ""}) == {}  # empty: unset
+
+
+def test_a_bad_script_name_in_the_environment_is_named_in_the_error() -> None:
+    overrides = {"app": "m:a"}
+    with pytest.raises(ConfigError) as info:
+        load(None, with_script_name(None, overrides, {"SCRIPT_NAME": "app/"}))
+    assert str(from_environment(info.value, overrides)).startswith(
+        'SCRIPT_NAME: must be "" or a path that starts with "/"'
+    )
