@@ -389,7 +389,9 @@ class WorkersConfig:
             "A request that is only waiting on its client by then (a slow upload, a slow "
             "reader of the response) is cut a second earlier instead: its connection is "
             "closed and the worker goes on. 0 = no limit: no worker is ever killed as hung "
-            "(for long-polling or streaming apps; the other timeouts still apply).",
+            "(for long-polling or streaming apps; the other timeouts still apply). A reload "
+            "that changes it holds the workers it starts to the new value; the old ones finish "
+            "their requests under the value they were started with.",
             lo=0,
             hi=86400,
         ),

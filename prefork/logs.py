@@ -518,7 +518,13 @@ class Logs:
                 )
             else:
                 old, self._access_file = self._access_file, new
-                old.close()
+                try:
+                    old.close()
+                except (OSError, ValueError):
+                    # its buffer holds lines the disk refused (ENOSPC, the usual reason to
+                    # rotate): they are lost either way, and raising here killed every worker
+                    # at once. The descriptor is closed even when the flush fails.
+                    pass
         return reopened
 
     def _iso_timestamp(self) -> str:

@@ -36,7 +36,7 @@ from prefork.channel import (
     MSG_STOP,
     MSG_TAKEN,
 )
-from prefork.config import Config, StatsdConfig, jitter_share
+from prefork.config import Config, StatsdConfig, WorkersConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
@@ -300,6 +300,9 @@ class Master:
         wake_at = now + min(MAX_SLEEP, self.current.config.workers.timeout / 4 or MAX_SLEEP)
         for handle in self.workers.values():
             wake_at = min(wake_at, handle.deadline)
+            if handle.config is not None and handle.config.workers.timeout:
+                # an older generation's shorter timeout is checked as often as its own
+                wake_at = min(wake_at, now + handle.config.workers.timeout / 4)
         if self.stop is Stop.NONE:
             for when in self.backoff_until.values():
                 if when > now:
@@ -725,10 +728,18 @@ class Master:
 
     # deadlines and the pool ------------------------------------------------------------
 
+    def workers_settings(self, handle: WorkerHandle) -> WorkersConfig:
+        """The `workers` settings `handle` was forked with. A request is judged hung by
+        the timeout of the generation that admitted it (the worker cuts its own waits on the
+        client by that one): the serving generation's killed an old worker's longer request
+        as it finished, after a reload that lowered workers.timeout."""
+        config = handle.config if handle.config is not None else self.current.config
+        return config.workers
+
     def enforce_deadlines(self) -> None:
         now = self.kernel.monotonic()
-        timeout = self.current.config.workers.timeout
         for handle in list(self.workers.values()):
+            timeout = self.workers_settings(handle).timeout
             if now >= handle.deadline:
                 self.deadline_passed(handle, now)
             elif timeout and handle.state in (WorkerState.READY, WorkerState.STOPPING):
@@ -756,7 +767,7 @@ class Master:
 
     def hung(self, handle: WorkerHandle, method: str, target: str, elapsed: float,
              now: float) -> None:
-        grace = self.current.config.workers.timeout_grace
+        grace = self.workers_settings(handle).timeout_grace
         log.error(
             "%s timed out after %.1fs serving %s %s; dumping its stack and killing it",
             handle.describe(), elapsed, method, target,
@@ -1115,12 +1126,33 @@ class Master:
         self.announce.stopping()
         timeout = self.current.config.workers.graceful_timeout
         log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
+        self.answer_what_waited()  # while the master still holds the listeners to hand on
         self.close_listeners(self.all_listeners(), force=True)
         for handle in list(self.workers.values()):
             if handle.state is WorkerState.STOPPING:
                 self.scoreboard.request_stop(handle.slot)  # it may be handing over: not now
             self.ask_to_stop(handle, "stopping", timeout)
         self.pending = None
+
+    def answer_what_waited(self) -> None:
+        """TERM after WINCH: no worker holds the listeners, and closing them reset every
+        connection that waited in the accept queue meanwhile (WINCH says they wait, TERM
+        that what is queued is answered). Workers are started for them, which the stop
+        that follows asks to stop at once: each drains the queues as any stopping worker
+        does. Not when the master a USR2 started shares the sockets: its workers answer."""
+        if self.paused is None or (self.upgrader is not None and self.upgrader.pid is not None):
+            return
+        waiting = 0
+        for listener in self.current.listeners:
+            queued = listener.queued()
+            waiting += 1 if queued is None else queued  # unknown: one worker looks
+        if not waiting:
+            return
+        count = min(max(self.paused, 1), waiting, len(self.free_slots))
+        log.info("TERM: starting %d worker%s to answer the connections waiting since WINCH",
+                 count, "" if count == 1 else "s")
+        for number in range(1, count + 1):
+            self.spawn(number, self.current)
 
     def fast_stop(self) -> None:
         if self.stop is Stop.FAST:

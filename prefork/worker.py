@@ -103,6 +103,14 @@ BALANCE_BURST = 32
 # How long a stopping worker waits for the master's answer about connections it passed (the
 # master sends them back when no other worker can take them).
 PASS_ANSWER_WAIT = 1.0
+# accept() errors that mean this worker (or the machine) is short of descriptors or kernel
+# memory, not that the connection failed: the worker stops accepting for ACCEPT_PAUSE, and
+# longer while it cannot get its reserve descriptor back (Worker.short_of_resources)
+_SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+ACCEPT_PAUSE = 1.0
+# a worker that keeps running short says so at most this often
+SHORT_LOG_INTERVAL = 60.0
 
 
 @dataclass(slots=True)
@@ -292,6 +300,12 @@ class Worker:
         self.channel_fd = spec.channel.fileno()
         self.signal_fd = signals.fileno()
         self.accepting = False
+        # short of descriptors (or kernel memory): not accepting until then (monotonic; 0.0:
+        # not paused), and the descriptor kept free to take a connection out of the queue
+        # when accept() finds none left (libuv's EMFILE trick)
+        self.accept_paused_until = 0.0
+        self.reserve: int | None = None
+        self.next_short_log = 0.0
         self.stopping = False  # graceful stop: answer what is held and queued, then exit
         self.drained = False  # the accept queues were emptied once after the stop began
         self.idle_grace_until = 0.0
@@ -363,6 +377,7 @@ class Worker:
         self.epoll.register(self.signal_fd, _EPOLLIN)
         if self.watcher is not None and self.watcher.fd is not None:
             self.epoll.register(self.watcher.fd, _EPOLLIN)
+        self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.start_accepting()
 
     def run(self) -> int:
@@ -375,6 +390,9 @@ class Worker:
             timeout = SWEEP_INTERVAL if conns or watcher else -1.0
             if self.stopping:
                 timeout = STOP_IDLE_GRACE / 2
+            elif self.accept_paused_until:
+                pause = max(0.0, self.accept_paused_until - time.monotonic())
+                timeout = pause if timeout < 0 else min(timeout, pause)
             try:
                 events = poll(timeout)
             except InterruptedError:
@@ -395,6 +413,8 @@ class Worker:
                     self.on_signals()
             if conns:
                 self.sweep()
+            if self.accept_paused_until and time.monotonic() >= self.accept_paused_until:
+                self.resume_accepting()
             if watcher is not None and not self.stopping:
                 self.check_sources(watcher)
             if self.stopping and self.finished():
@@ -422,13 +442,14 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                log.error("worker %d: accept: %s", self.spec.number, exc.strerror)
-                time.sleep(0.1)  # leave the connection to a worker that has room
+            if exc.errno not in _SHORT_OF_RESOURCES:
+                # the client went away, or the network did: this connection is lost, not us
+                log.debug("worker %d: accept: %s", self.spec.number, exc)
+                return True
+            taken = self.short_of_resources(listener, exc)
+            if taken is None:
                 return False
-            # the client went away, or the network did: this connection is lost, not us
-            log.debug("worker %d: accept: %s", self.spec.number, exc)
-            return True
+            sock, peer = taken
         if self.protocol is None:
             if serve:
                 self.serve_stream(sock, peer, listener)
@@ -475,6 +496,48 @@ class Worker:
         else:
             self.park(conn)
         return True
+
+    def short_of_resources(
+        self, listener: Listener, exc: OSError
+    ) -> tuple[socket.socket, Any] | None:
+        """accept() failed for want of a descriptor (EMFILE: an application leaking files, a
+        ulimit below the connections held; ENFILE) or of kernel memory. Sleeping and trying
+        again left the connection queued: with EPOLLEXCLUSIVE no other worker is woken for
+        a connection already there, only for the next arrival. So this worker stops
+        accepting (new arrivals wake workers with room) and, out of descriptors, gives up
+        its reserve one to take the queued connection anyway and serve it (not passed on:
+        the worker receiving it may be short too, and the kernel would drop it in the
+        channel); it accepts again once it has its reserve back (resume_accepting)."""
+        now = time.monotonic()
+        if now >= self.next_short_log:
+            self.next_short_log = now + SHORT_LOG_INTERVAL
+            log.error("worker %d (pid %d): accept: %s; leaving new connections to the other "
+                      "workers until it has room", self.spec.number, os.getpid(),
+                      exc.strerror or exc)
+        self.stop_accepting()
+        self.accept_paused_until = now + ACCEPT_PAUSE
+        if self.reserve is None or exc.errno not in _OUT_OF_DESCRIPTORS:
+            return None
+        os.close(self.reserve)
+        self.reserve = None
+        try:
+            return listener.sock.accept()
+        except OSError:
+            return None  # another worker took it, or the descriptor went elsewhere
+
+    def resume_accepting(self) -> None:
+        """The pause after running short is over: accept again once the reserve descriptor
+        can be had back (until then this worker serves what it holds, the others the
+        listeners)."""
+        if self.reserve is None:
+            try:
+                self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
+                return
+        self.accept_paused_until = 0.0
+        if not self.stopping and len(self.conns) < self.max_connections:
+            self.start_accepting()
 
     def take(self, conn: Connection) -> None:
         """A connection new to this worker: what it already sent is answered at once (it
@@ -634,7 +697,11 @@ class Worker:
     def drop(self, conn: Connection) -> None:
         self.slot.hold(len(self.conns) - (conn.fd in self.conns))
         if self.conns.pop(conn.fd, None) is not None:
-            if not self.accepting and len(self.conns) < self.max_connections:
+            if (
+                not self.accepting
+                and not self.accept_paused_until  # short of descriptors: resume_accepting
+                and len(self.conns) < self.max_connections
+            ):
                 self.start_accepting()
             if not self.conns and not self.stopping:
                 self.slot.set(Activity.IDLE)  # its last keep-alive client is gone
