@@ -15,10 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import psutil
 import pytest
@@ -146,6 +147,48 @@ def parse_address(text: str) -> Address:
         raise ValueError(f"unrecognised address {text!r}")
     host, _, port = rest.rpartition(":")
     return (scheme, host.strip("[]"), int(port))
+
+
+# --- client threads --------------------------------------------------------------------------
+
+
+class ClientThreads:
+    """Client threads (`threads`, made by a subclass's __init__ after this one's) that run
+    until the `with` block ends; a thread counts each success in `ok` under `lock`, a reused
+    connection retried in `retries`, anything else in `failures`."""
+
+    threads: list[threading.Thread]
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.ok = 0
+        self.retries = 0
+        self.failures: list[str] = []
+
+    def __enter__(self) -> Self:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(20)
+        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
+
+    def completed(self) -> int:
+        with self.lock:
+            return self.ok
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> None:
+        """Wait until `count` more requests succeeded (the server serves right now)."""
+        target = self.completed() + count
+        wait_until(
+            lambda: self.completed() >= target,
+            timeout,
+            message=f"the load did not reach {target} requests; failures {self.failures[:5]}",
+        )
 
 
 # --- the server process ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 
 from harness import (
     Address,
+    ClientThreads,
     Server,
     ServerFactory,
     address,
@@ -70,7 +71,7 @@ def busy_pid(server: Server, tag: str) -> int:
     return int(found.group(1))
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads sending GET `target` in a loop until the block ends, each in one of
     three ways: `close` (a new connection per request, `Connection: close`), `keepalive`
     (one connection reused), `pipeline` (PIPELINE requests sent at once on a reused
@@ -95,37 +96,12 @@ class Load:
         self.where = where
         self.until_refused = until_refused  # a refused connect ends the thread: server gone
         self.target = target
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
+        super().__init__()
         self.no_new = threading.Event()  # set: a thread ends when its connection does
-        self.ok = 0
-        self.retries = 0
-        self.failures: list[str] = []
         self.bodies: list[bytes] = []
         self.threads = [
             threading.Thread(target=self.run, args=(mode,), daemon=True) for mode in modes
         ]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(20)
-        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
-
-    def completed(self) -> int:
-        with self.lock:
-            return self.ok
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        """Wait until `count` more requests succeeded: the server serves right now."""
-        target = self.completed() + count
-        wait_until(lambda: self.completed() >= target, timeout,
-                   message=f"the load stalled; failures: {self.failures[:5]}")
 
     def fail(self, what: str) -> None:
         with self.lock:
@@ -422,19 +398,19 @@ def test_hup_every_second_changing_count_and_code_under_load_on_tcp_and_unix(
     app = server.workdir / "app.py"
     text = server.config.read_text()
     with Load(tcp, MIXED, "/?s=0.005") as on_tcp, Load(unix, MIXED, "/?s=0.005") as on_unix:
-        on_tcp.wait_for(10)
-        on_unix.wait_for(10)
+        on_tcp.wait_for_requests(10)
+        on_unix.wait_for_requests(10)
         for n, change in enumerate(["count", "code", "none", "count", "code", "none"]):
             if change == "count":
                 server.config.write_text(text.replace("count: 2", f"count: {1 + n % 3}"))
             elif change == "code":
                 app.write_text(APP.replace('VERSION = "v1"', f'VERSION = "v{n + 2}"'))
             assert hup(server).startswith("reloaded: "), server.log_tail()
-            on_tcp.wait_for(5)
-            on_unix.wait_for(5)
+            on_tcp.wait_for_requests(5)
+            on_unix.wait_for_requests(5)
         final = set(server.worker_pids())
-        on_tcp.wait_for(20)
-        on_unix.wait_for(20)
+        on_tcp.wait_for_requests(20)
+        on_unix.wait_for_requests(20)
     assert on_tcp.failures == [], on_tcp.verdict()
     assert on_unix.failures == [], on_unix.verdict()
     last = {b for b in on_tcp.bodies[-10:] + on_unix.bodies[-10:]}
@@ -456,8 +432,8 @@ def test_max_requests_5_with_jitter_under_keepalive_and_pipelined_load(
     )
     tcp, unix = server.addresses()
     with Load(tcp, MIXED) as on_tcp, Load(unix, MIXED) as on_unix:
-        on_tcp.wait_for(150, 20)
-        on_unix.wait_for(150, 20)
+        on_tcp.wait_for_requests(150, 20)
+        on_unix.wait_for_requests(150, 20)
     assert on_tcp.failures == [], on_tcp.verdict()
     assert on_unix.failures == [], on_unix.verdict()
     pids = {body.split(b":")[1] for body in on_tcp.bodies + on_unix.bodies}
@@ -473,21 +449,21 @@ def test_ttin_ttou_bursts_under_load_lose_nothing(
     server = app_server(server_factory, short_tmp, workers={"count": 2, "graceful_timeout": 5})
     tcp, unix = server.addresses()
     with Load(tcp, MIXED, "/?s=0.005") as on_tcp, Load(unix, MIXED, "/?s=0.005") as on_unix:
-        on_tcp.wait_for(10)
+        on_tcp.wait_for_requests(10)
         for _ in range(2):
             since = len(server.log())
             for _ in range(4):
                 server.signal(signal.SIGTTIN)
             server.wait_for_log(re.compile(r"TTIN: [3-6] workers"), 5, since=since)
             wait_until(lambda: len(server.worker_pids()) >= 3, 10, message="TTIN added none")
-            on_tcp.wait_for(10)
-            on_unix.wait_for(10)
+            on_tcp.wait_for_requests(10)
+            on_unix.wait_for_requests(10)
             for _ in range(4):
                 server.signal(signal.SIGTTOU)
-            on_tcp.wait_for(10)
-            on_unix.wait_for(10)
+            on_tcp.wait_for_requests(10)
+            on_unix.wait_for_requests(10)
         server.wait_for_log(re.compile(r"TTOU: \d+ workers"), 5)
-        on_tcp.wait_for(10)
+        on_tcp.wait_for_requests(10)
     assert on_tcp.failures == [], on_tcp.verdict()
     assert on_unix.failures == [], on_unix.verdict()
 
@@ -506,7 +482,7 @@ def test_max_memory_replaces_a_growing_app_under_load_without_a_failed_request(
     with Load(tcp, MIXED, "/?grow=256") as load:
         wait_until(lambda: server.log().count("exited (recycled: memory") >= 3, 20,
                    message="no worker was recycled for memory")
-        load.wait_for(20)
+        load.wait_for_requests(20)
     assert load.failures == [], load.verdict()
 
 
@@ -538,7 +514,7 @@ def test_a_killed_worker_costs_only_its_own_request(
                     and victim not in server.worker_pids(),
                     10, message="the killed worker was not replaced",
                 )
-                load.wait_for(20)
+                load.wait_for_requests(20)
     assert load.failures == [], load.verdict()
 
 
@@ -558,13 +534,13 @@ def test_a_hung_request_is_killed_while_the_others_flow(
         stuck.sendall(http_request("GET", "/?s=30&tell=stuck"))
         hung = busy_pid(server, "stuck")
         with Load(tcp, ("close", "close")) as on_tcp, Load(unix, ("close",)) as on_unix:
-            on_tcp.wait_for(10)
+            on_tcp.wait_for_requests(10)
             server.wait_for_log(re.compile(rf"\(pid {hung}\) timed out after"), 5)
             assert recv_until_close(stuck, 5) == b""
             wait_until(lambda: gone(hung) and len(server.worker_pids()) == 3, 10,
                        message="the hung worker was not replaced")
-            on_tcp.wait_for(20)
-            on_unix.wait_for(10)
+            on_tcp.wait_for_requests(20)
+            on_unix.wait_for_requests(10)
     assert on_tcp.failures == [], on_tcp.verdict()
     assert on_unix.failures == [], on_unix.verdict()
 
@@ -583,8 +559,8 @@ def test_term_during_a_keepalive_burst_on_tcp_and_unix_answers_every_request(
     tcp, unix = server.addresses()
     modes = ("close", "keepalive", "keepalive")
     with Load(tcp, modes, "/?s=0.01") as on_tcp, Load(unix, modes, "/?s=0.01") as on_unix:
-        on_tcp.wait_for(30)
-        on_unix.wait_for(30)
+        on_tcp.wait_for_requests(30)
+        on_unix.wait_for_requests(30)
         on_tcp.no_new.set()
         on_unix.no_new.set()
         started = time.monotonic()

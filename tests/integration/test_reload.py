@@ -23,6 +23,7 @@ from harness import (
     DEFAULT_COMMAND,
     REPO_ROOT,
     Address,
+    ClientThreads,
     Server,
     ServerFactory,
     connect,
@@ -58,7 +59,7 @@ def settings(**more: Any) -> dict[str, Any]:
     return {"app": "app:application", "workers": {"count": 2}, **more}
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads doing GET requests in a loop until stopped; outcomes are recorded.
 
     `keepalive`: each thread reuses its connection; a reused connection that the server
@@ -80,11 +81,7 @@ class Load:
         self.keepalive = keepalive
         self.until_refused = until_refused
         self.targets = targets
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.ok = 0
-        self.retries = 0
-        self.failures: list[str] = []
+        super().__init__()
         self.refused: list[float] = []  # time.monotonic() of each refused connection
         self.pids: set[int] = set()
         run = self.keepalive_loop if keepalive else self.new_connection_loop
@@ -92,30 +89,6 @@ class Load:
             threading.Thread(target=run, args=(targets[n % len(targets)],), daemon=True)
             for n in range(threads)
         ]
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(15)
-        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
-
-    def completed(self) -> int:
-        with self.lock:
-            return self.ok
-
-    def wait_for_requests(self, count: int, timeout: float = 10.0) -> None:
-        """Wait until `count` more requests succeeded (the server serves right now)."""
-        target = self.completed() + count
-        wait_until(
-            lambda: self.completed() >= target,
-            timeout,
-            message=f"the load did not reach {target} requests; failures {self.failures}",
-        )
 
     def wait_finished(self, timeout: float) -> None:
         wait_until(
