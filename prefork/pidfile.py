@@ -7,6 +7,7 @@ same directory, then renamed).
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -26,6 +27,31 @@ def write_atomically(path: str, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def create_exclusively(path: str, text: str) -> bool:
+    """Write `text` to `path` only if no file is there: made aside as write_atomically does,
+    then hard-linked in, which (unlike rename) refuses to replace one. False if `path`
+    exists. A file system without hard links falls back to write_atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            os.replace(tmp, path)
+        return True
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 class PidFileError(Exception):
@@ -180,9 +206,23 @@ class PidFile:
         os.unlink(tmp)
 
     def write(self, pid: int) -> None:
-        self.check()
+        """Write `pid`, unless a live instance holds the file (PidFileError). Two servers
+        started at once both found no pidfile at their start; the first to write wins and
+        the second is refused here (create_exclusively), instead of each replacing the
+        other's file and the loser's exit then removing it, leaving the winner unnamed. A
+        master started by USR2 renames its file over its predecessor's in one step."""
+        text = f"{pid}\n"
         try:
-            write_atomically(self.path, f"{pid}\n")
+            if self.replacing is not None and read_pid(self.path) == self.replacing:
+                write_atomically(self.path, text)
+            else:
+                for _ in range(3):
+                    self.check()  # raises if a live one holds it; removes a stale one
+                    if create_exclusively(self.path, text):
+                        break
+                else:
+                    raise PidFileError(f"cannot write pidfile {self.path}: another process "
+                                       "keeps creating it")
         except OSError as exc:
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         self.written = pid
