@@ -12,20 +12,39 @@ import os
 import tempfile
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write `text` to a fresh temporary file beside `path` (O_EXCL, random name: no symlink
-    or predictable name to exploit in a shared directory), then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(path) or ".")
+def _temporary_beside(path: str) -> tuple[int, str]:
+    """A fresh temporary file in `path`'s directory (O_EXCL, random name: no symlink or
+    predictable name to exploit in a shared directory): its descriptor and name."""
+    return tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(path) or ".")
+
+
+def _write_aside(path: str, text: str) -> str:
+    """`text` in a temporary file beside `path`, mode 0644; its name."""
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o644)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return tmp
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write `text` beside `path`, then rename it over `path`."""
+    tmp = _write_aside(path, text)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
         raise
 
 
@@ -33,11 +52,8 @@ def create_exclusively(path: str, text: str) -> bool:
     """Write `text` to `path` only if no file is there: made aside as write_atomically does,
     then hard-linked in, which (unlike rename) refuses to replace one. False if `path`
     exists. A file system without hard links falls back to write_atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(path) or ".")
+    tmp = _write_aside(path, text)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -48,10 +64,7 @@ def create_exclusively(path: str, text: str) -> bool:
             os.replace(tmp, path)
         return True
     finally:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        _unlink_quietly(tmp)
 
 
 class PidFileError(Exception):
@@ -199,7 +212,7 @@ class PidFile:
         read-only file system): found at the start, before anything is bound and before a
         daemon detaches, not once the launcher has been told to wait for it."""
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".preforkd-", dir=os.path.dirname(self.path) or ".")
+            fd, tmp = _temporary_beside(self.path)
         except OSError as exc:
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         os.close(fd)
