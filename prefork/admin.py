@@ -298,6 +298,12 @@ def metrics_text(snapshot: Mapping[str, Any]) -> bytes:
         "New connections passed from a worker holding more than its share to one holding fewer.",
     )
     out.append(_line("preforkd_connections_balanced_total", totals["balanced"]))
+    family(
+        "preforkd_connections_relieved_total",
+        "counter",
+        "Keep-alive connections passed from a worker inside a long request to a free one.",
+    )
+    out.append(_line("preforkd_connections_relieved_total", totals["relieved"]))
     family("preforkd_reloads_total", "counter", "Reloads (HUP), by result.")
     for result, count in totals["reloads"].items():
         out.append(_line("preforkd_reloads_total", count, {"result": result}))

@@ -31,6 +31,11 @@ MSG_BALANCE = b"B"
 MSG_FRESH = b"F"
 MSG_BACK = b"N"
 MSG_TAKEN = b"T"  # master -> worker: another worker took what your last MSG_BALANCE carried
+# as MSG_BALANCE and MSG_FRESH, for keep-alive connections that have been served (their
+# client is between requests): "V" + pid + MSG_CONNS's body from a worker inside a long
+# request (http.keepalive_relief), passed on as "K" (answered as MSG_BALANCE is)
+MSG_RELIEF = b"V"
+MSG_KEPT = b"K"
 # both ways: "C" + for each connection its listener's id and the monotonic time at which it
 # is closed if still idle (CLOCK_MONOTONIC is one clock for every process); the descriptors
 # are attached in the same order
@@ -110,12 +115,13 @@ def send_conns(
     return True
 
 
-def balance_head(pid: int) -> bytes:
-    return MSG_BALANCE + _PID.pack(pid)
+def balance_head(pid: int, head: bytes = MSG_BALANCE) -> bytes:
+    """MSG_BALANCE (or MSG_RELIEF) for worker `pid`."""
+    return head + _PID.pack(pid)
 
 
 def parse_balance(data: bytes, fds: list[int]) -> tuple[int, list[tuple[int, int, float]]]:
-    """The target pid and the connections of a MSG_BALANCE message."""
+    """The target pid and the connections of a MSG_BALANCE or MSG_RELIEF message."""
     if len(data) < 1 + _PID.size:
         return 0, parse_conns(b"", fds)
     (pid,) = _PID.unpack_from(data, 1)
@@ -123,9 +129,9 @@ def parse_balance(data: bytes, fds: list[int]) -> tuple[int, list[tuple[int, int
 
 
 def parse_conns(data: bytes, fds: list[int]) -> list[tuple[int, int, float]]:
-    """The (connection fd, listener id, deadline) triples of a MSG_CONNS, MSG_FRESH or
-    MSG_BACK message; descriptors that came without a description (a malformed message) get listener
-    id -1, so the caller closes them."""
+    """The (connection fd, listener id, deadline) triples of a MSG_CONNS, MSG_FRESH, MSG_KEPT
+    or MSG_BACK message; descriptors that came without a description (a malformed message)
+    get listener id -1, so the caller closes them."""
     body = data[1:]
     described = list(_CONN.iter_unpack(body[: len(body) - len(body) % _CONN.size]))
     return [

@@ -542,6 +542,21 @@ class HttpConfig:
             "leaving the others idle. Not for TLS listeners or with proxy_protocol."
         ),
     )
+    keepalive_relief: float = field(
+        default=0.25,
+        metadata=_meta(
+            "Seconds a worker may spend inside one request before the keep-alive "
+            "connections parked on it are passed, through the master, to a free worker of "
+            "its generation (the one holding the fewest): a client whose connection happens "
+            "to sit on a worker busy with a slow request is answered by another one, and is "
+            "not cut off if that worker is killed at workers.timeout. Checked by a thread in "
+            "each worker that wakes every half of it (at most every 0.5 s); it costs the "
+            "request path nothing else. 0: connections stay with their worker. Not for TLS "
+            "connections or with proxy_protocol, whose state stays in the worker.",
+            lo=0,
+            hi=3600,
+        ),
+    )
     header_timeout: float = field(
         default=10.0,
         metadata=_meta(

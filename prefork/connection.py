@@ -126,6 +126,14 @@ class Connection:
         """What the kernel already holds (b"" at end of stream), or None if nothing yet."""
         return recv_now(self.sock, size)
 
+    def has_input(self) -> bool:
+        """Bytes (or the end of the stream) wait unread in the kernel: checked before closing
+        a connection as idle, since its client may have sent a request while the worker was
+        busy with another one, and closing over unread bytes resets the connection."""
+        poller = select.poll()
+        poller.register(self.fd, _POLLIN)
+        return bool(poller.poll(0))
+
     def recv(self, timeout: float, size: int = 65536) -> bytes:
         """Wait up to `timeout` seconds for bytes; b"" at end of stream."""
         data = self.recv_now(size)

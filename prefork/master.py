@@ -30,8 +30,10 @@ from prefork.channel import (
     MSG_BOOT_ERROR,
     MSG_CONNS,
     MSG_FRESH,
+    MSG_KEPT,
     MSG_READY,
     MSG_RECYCLE,
+    MSG_RELIEF,
     MSG_REOPEN,
     MSG_STOP,
     MSG_TAKEN,
@@ -232,6 +234,7 @@ class Master:
     uss: dict[int, int] = field(default_factory=dict)  # pid -> bytes, from the last check
     handed_over: int = 0  # keep-alive connections passed from a stopping worker to another
     balanced: int = 0  # new connections passed from a busier worker to one holding fewer
+    relieved: int = 0  # keep-alive connections passed from a worker in a long request
     hand_over_turn: int = 0  # spreads them when no successor is named
 
     def __post_init__(self) -> None:
@@ -531,6 +534,9 @@ class Master:
             if data.startswith(MSG_BALANCE):
                 self.rebalance(handle, *chan.parse_balance(data, fds))
                 continue
+            if data.startswith(MSG_RELIEF):
+                self.rebalance(handle, *chan.parse_balance(data, fds), forward=MSG_KEPT)
+                continue
             for fd in fds:  # no other message carries descriptors
                 os.close(fd)
             if not data:
@@ -565,10 +571,16 @@ class Master:
                 os.close(fd)
 
     def rebalance(
-        self, source: WorkerHandle, pid: int, conns: list[tuple[int, int, float]]
+        self,
+        source: WorkerHandle,
+        pid: int,
+        conns: list[tuple[int, int, float]],
+        forward: bytes = MSG_FRESH,
     ) -> None:
         """Connections a worker holding more than its share (or one replaced, draining its
-        accept queue) has just accepted, for the worker `pid` of its generation (0: any).
+        accept queue) has just accepted, for the worker `pid` of its generation (0: any);
+        with `forward` MSG_KEPT, served keep-alive connections a worker inside a long
+        request passes on (http.keepalive_relief), routed the same way.
         Should that one no longer serve (a reload or a stop began meanwhile, or it is being
         recycled): to another serving worker of that generation. From a generation a reload
         replaced: to the current one's first, when it serves the same sockets (it would
@@ -587,13 +599,16 @@ class Master:
             ):
                 # before the rest of the outgoing generation, which would only drain again
                 takers = self.hand_over_targets(source) + takers
-            taker = self.deliver(conns, takers, MSG_FRESH)
+            taker = self.deliver(conns, takers, forward)
             if taker is None and source.state in (WorkerState.READY, WorkerState.STOPPING):
                 taker = self.deliver(conns, [source], MSG_BACK)
             if taker is None:
                 log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
             elif taker is not source:
-                self.balanced += len(conns)
+                if forward == MSG_KEPT:
+                    self.relieved += len(conns)
+                else:
+                    self.balanced += len(conns)
                 self.tell(source, MSG_TAKEN)  # it may exit now without waiting
         finally:
             for fd, _, _ in conns:

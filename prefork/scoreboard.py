@@ -221,6 +221,13 @@ class Slot:
             return None
         return int(_HELD.unpack_from(memory, offset + _HELD_OFFSET)[0])
 
+    def in_request_since(self) -> float | None:
+        """When (monotonic) the request this worker is inside began; None between requests.
+        Read from another thread of the worker (keep-alive relief): the state and its start
+        are written by one pack_into, which, like this unpack_from, holds the GIL."""
+        state, started = _STATE_STARTED.unpack_from(self._memory, self._offset)
+        return started if state in _IN_REQUEST and started else None
+
     def claim(self, pid: int, generation: int, number: int) -> None:
         self._memory[self._offset : self._offset + SLOT_SIZE] = bytes(SLOT_SIZE)
         _IDENT.pack_into(self._memory, self._offset + _IDENT_OFFSET, pid, generation, number)

@@ -71,6 +71,7 @@ class StatsdSink:
             "workers.boot_failures": totals["boot_failures"],
             "connections.handed_over": totals["handed_over"],
             "connections.balanced": totals["balanced"],
+            "connections.relieved": totals["relieved"],
             "listen_queue.full": sum(e["queue_full_seen"] for e in snapshot["listeners"]),
         }
         for cls, count in totals["by_class"].items():

@@ -135,6 +135,7 @@ def totals_dict(master: Master, counters: Counters) -> dict[str, Any]:
         "boot_failures": master.boot_failures,
         "handed_over": master.handed_over,
         "balanced": master.balanced,
+        "relieved": master.relieved,
         "reloads": dict(master.reloads),
     }
 

@@ -37,8 +37,10 @@ from prefork.channel import (
     MSG_CONNS,
     MSG_FRESH,
     MSG_HAND_OVER,
+    MSG_KEPT,
     MSG_READY,
     MSG_RECYCLE,
+    MSG_RELIEF,
     MSG_REOPEN,
     MSG_STOP,
     MSG_TAKEN,
@@ -54,6 +56,7 @@ from prefork.httpserve import ERROR_LINGER, HttpProtocol, remote_of
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
 from prefork.privileges import drop_privileges
+from prefork.relief import Relief
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, set_mask
 from prefork.sockets import Listener
@@ -368,6 +371,17 @@ class Worker:
                 worker_info=info,
             )
         self.watcher: Watcher | None = None  # reload mode
+        # http.keepalive_relief: the thread, and the connection being served while the main
+        # thread has given up the lock (the one connection the thread must not pass)
+        self.relief: Relief | None = None
+        self.serving: Connection | None = None
+        if (
+            self.protocol is not None
+            and http.keepalive_relief > 0
+            and self.keepalive_timeout > 0
+            and self.proxy_protocol == "off"
+        ):
+            self.relief = Relief(http.keepalive_relief, self.relieve)
 
     # the loop ----------------------------------------------------------------------------
 
@@ -379,6 +393,8 @@ class Worker:
             self.epoll.register(self.watcher.fd, _EPOLLIN)
         self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.start_accepting()
+        if self.relief is not None:
+            self.relief.start()
 
     def run(self) -> int:
         self.slot.set(Activity.IDLE)
@@ -647,8 +663,18 @@ class Worker:
             and not self.stopping
             and len(self.conns) <= self.max_connections
         )
+        relief = self.relief
         try:
-            keep = protocol.serve(conn, keep_alive)
+            if relief is None:
+                keep = protocol.serve(conn, keep_alive)
+            else:
+                # the relief thread may pass the other parked connections meanwhile
+                self.serving = conn
+                relief.lock.release()
+                try:
+                    keep = protocol.serve(conn, keep_alive)
+                finally:
+                    relief.lock.acquire()
         except ProtocolError as exc:  # a request after a body the application read
             keep = None
             self.reject(conn, exc)
@@ -726,8 +752,8 @@ class Worker:
                 if now >= conn.linger_until:
                     self.drop(conn)
             elif conn.parser.idle:
-                if now >= conn.deadline:
-                    self.drop(conn)
+                if now >= conn.deadline and not conn.has_input():
+                    self.drop(conn)  # (with input, the next round answers it or sees EOF)
             elif now >= conn.head_deadline:
                 self.reject(conn, ProtocolError(408, "request head timed out"))
 
@@ -879,6 +905,8 @@ class Worker:
         now = time.monotonic()
         if now >= self.idle_grace_until:
             for conn in list(self.conns.values()):
+                if conn.parser.idle and conn.has_input() and not conn.linger_until:
+                    continue  # a request sent while this worker was busy: answered next
                 if conn.parser.idle and (conn.served or conn.linger_until):
                     self.drop(conn)  # between requests; a fresh one still gets its answer
                 elif conn.parser.idle and now >= self.idle_grace_until + SILENT_GRACE:
@@ -928,11 +956,11 @@ class Worker:
         if data.startswith(MSG_CONNS):
             self.adopt(chan.parse_conns(data, fds))
             return
-        if data.startswith((MSG_FRESH, MSG_BACK)):
+        if data.startswith((MSG_FRESH, MSG_KEPT, MSG_BACK)):
             conns = chan.parse_conns(data, fds)
             if data.startswith(MSG_BACK):  # ours, which no other worker could take
-                self.unanswered = max(0, self.unanswered - len(conns))
-            self.adopt(conns, fresh=True)
+                self.unanswered = max(0, self.unanswered - 1)  # one answer per message
+            self.adopt(conns, fresh=True, served=data.startswith(MSG_KEPT))
             return
         for fd in fds:  # no other message carries descriptors
             os.close(fd)
@@ -964,40 +992,109 @@ class Worker:
         ready: list[tuple[Connection, int]] = [
             (conn, ids[id(conn.listener)])
             for conn in self.conns.values()
-            if type(conn) is Connection  # never TLS: its session lives in this process
-            and ids.get(id(conn.listener)) in takers
-            and conn.served
-            and conn.parser.idle
-            and not conn.parser.requests
-            and not conn.linger_until
+            if ids.get(id(conn.listener)) in takers and conn.served and _between_requests(conn)
         ]
+        passed = self.send_away(ready, MSG_CONNS)  # those not sent are closed as in any stop
+        if passed:
+            log.debug("worker %d: passed %d keep-alive connections on", self.spec.number, passed)
+
+    def send_away(self, conns: list[tuple[Connection, int]], head: bytes, wait: bool = True) -> int:
+        """Pass (connection, listener id) pairs to the master after `head`, MAX_FDS per
+        message; how many went. A batch that cannot be sent (`wait` False: the channel is
+        full) stays here, as do those after it."""
         passed = 0
-        for start in range(0, len(ready), MAX_FDS):
-            batch = ready[start : start + MAX_FDS]
+        for start in range(0, len(conns), MAX_FDS):
+            batch = conns[start : start + MAX_FDS]
             for conn, _ in batch:
                 # the epoll entry belongs to the open file, which lives on in the master and
                 # the next worker: remove it here before anyone else can act on the socket
                 self.epoll.unregister(conn.fd)
             if not chan.send_conns(
-                self.spec.channel, [(conn.fd, lid, conn.deadline) for conn, lid in batch]
+                self.spec.channel,
+                [(conn.fd, lid, conn.deadline) for conn, lid in batch],
+                head,
+                wait,
             ):
                 for conn, _ in batch:
-                    self.epoll.register(conn.fd, _EPOLLIN)  # kept, closed as in any stop
+                    self.epoll.register(conn.fd, _EPOLLIN)
                 break
             for conn, _ in batch:
                 del self.conns[conn.fd]
                 conn.close()  # this process's descriptor only
             passed += len(batch)
         self.slot.hold(len(self.conns))
-        if passed:
-            log.debug("worker %d: passed %d keep-alive connections on", self.spec.number, passed)
+        return passed
 
-    def adopt(self, conns: list[tuple[int, int, float]], fresh: bool = False) -> None:
+    def relieve(self, after: float) -> None:
+        """The relief thread's turn (http.keepalive_relief), while the main thread is inside
+        a request and has given up the lock: once that request has lasted `after` seconds,
+        pass every connection parked here between requests (and any accepted and not yet
+        read from) to the free worker of this generation holding the fewest -- when this one
+        stops, to whichever worker the master finds serving. Their clients are answered
+        there instead of waiting behind the request, and survive if it is killed at
+        workers.timeout. A connection with part of a request read, a TLS one, and the one
+        being served stay."""
+        started = self.slot.in_request_since()
+        now = time.monotonic()
+        if started is None or now - started < after:
+            return
+        ids = self.id_of_listener
+        ready = [
+            (conn, ids[id(conn.listener)])
+            for conn in self.conns.values()
+            if conn is not self.serving and id(conn.listener) in ids and _between_requests(conn)
+        ]
+        if not ready:
+            return
+        pid = self.free_peer(now)
+        if pid is None:
+            if not self.stopping:
+                return  # every other worker is busy too: look again next tick
+            pid = 0
+        messages = 0
+        for served in (True, False):
+            group = [(conn, lid) for conn, lid in ready if bool(conn.served) is served]
+            head = chan.balance_head(pid, MSG_RELIEF if served else chan.MSG_BALANCE)
+            passed = self.send_away(group, head, wait=False)
+            messages += -(-passed // MAX_FDS)
+            if passed < len(group):
+                break
+        if not messages:
+            return
+        self.unanswered += messages  # each is answered: taken, or back to us
+        self.unanswered_until = now + PASS_ANSWER_WAIT
+        if (
+            not self.accepting
+            and not self.accept_paused_until
+            and not self.stopping
+            and len(self.conns) < self.max_connections
+        ):
+            self.start_accepting()
+        log.debug("worker %d: %.1f s into a request; passed keep-alive connections to %s",
+                  self.spec.number, now - started, pid or "the master")
+
+    def free_peer(self, now: float) -> int | None:
+        """The worker of this generation holding the fewest connections among those that can
+        take one now (not stopping, not stuck in a request); None if there is none."""
+        slot = self.slot
+        loads: dict[int, tuple[int, int]] = {}
+        for pid, offset in slot.peers():
+            held = slot.held_by(pid, offset, now)
+            if held is not None:
+                loads[pid] = (held, offset)
+        lightest = _lightest(loads)
+        return None if lightest is None else lightest[0]
+
+    def adopt(
+        self, conns: list[tuple[int, int, float]], fresh: bool = False, served: bool = False
+    ) -> None:
         """Park keep-alive connections another worker passed on, as if served here; one that
         cannot be kept (no such listener here, stopping, at max_connections) is closed and
         its client reconnects, as it would have without the hand-over. `fresh` ones were
         just accepted by a busier worker (balance_connections) and never read from: they
-        are taken as accept() takes a connection, stopping or not."""
+        are taken as accept() takes a connection, stopping or not; `served` ones too, from a
+        worker inside a long request (keepalive_relief): their clients are between requests,
+        and one may have sent its next request already."""
         now = time.monotonic()
         for fd, lid, deadline in conns:
             listener = self.listener_ids.get(lid)
@@ -1026,7 +1123,9 @@ class Worker:
             conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
             # the clock keeps running: moving between workers does not extend it
             if fresh:
-                conn.deadline = min(deadline, now + self.header_timeout)
+                conn.served = int(served)
+                idle = self.keepalive_timeout if served else self.header_timeout
+                conn.deadline = min(deadline, now + idle)
                 self.take(conn)  # a request already there is answered, however late
             else:
                 conn.served = 1
@@ -1095,6 +1194,17 @@ class Worker:
                 self.begin_stop()
             elif signum == signal.SIGUSR1:
                 self.spec.logs.reopen()
+
+
+def _between_requests(conn: Connection) -> bool:
+    """Nothing of a request read and nothing owed: the socket alone carries the client's
+    state, so another process can take it on. Never TLS: its session lives in this one."""
+    return (
+        type(conn) is Connection
+        and conn.parser.idle
+        and not conn.parser.requests
+        and not conn.linger_until
+    )
 
 
 def _lightest(loads: dict[int, tuple[int, int]]) -> tuple[int, int, int] | None:

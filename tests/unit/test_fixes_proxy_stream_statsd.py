@@ -182,7 +182,7 @@ def snapshot(requests: int, response_bytes: int, duration_sum: float,
         "totals": {
             "requests": requests, "bytes": response_bytes, "duration_sum": duration_sum,
             "by_class": {"2xx": requests}, "restarts": 0, "boot_failures": 0,
-            "handed_over": 0, "balanced": 0, "recycles": {}, "reloads": {},
+            "handed_over": 0, "balanced": 0, "relieved": 0, "recycles": {}, "reloads": {},
         },
     }
 

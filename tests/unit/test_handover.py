@@ -255,6 +255,28 @@ def test_the_master_passes_a_balanced_connection_to_the_worker_named(
     assert b"\npreforkd_connections_balanced_total 1\n" in metrics_text(rig.snapshot())
 
 
+def test_the_master_passes_a_relieved_connection_on_as_kept_and_counts_it(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    """http.keepalive_relief: a worker inside a long request passes its served keep-alive
+    connections as MSG_RELIEF; the worker named gets them as MSG_KEPT (not MSG_FRESH, which
+    would make them look never served), and they count as relieved, not balanced."""
+    rig, (busy, idle) = serving(make_rig, listener, 2)
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    sent = chan.send_conns(
+        rig.kernel.children[busy.pid],
+        [(sock.fileno(), lid, 5.0)],
+        chan.balance_head(idle.pid, chan.MSG_RELIEF),
+    )
+    assert sent
+    rig.tick()
+    assert arrived_fresh(rig, idle.pid, client, chan.MSG_KEPT)
+    assert rig.kernel.received(busy.pid) == MSG_TAKEN
+    assert (rig.master.relieved, rig.master.balanced) == (1, 0)
+    assert b"\npreforkd_connections_relieved_total 1\n" in metrics_text(rig.snapshot())
+
+
 @pytest.mark.parametrize("stop", ["asked-by-the-master", "on-its-own"])
 def test_a_balanced_connection_the_worker_named_cannot_take_goes_to_another(
     make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket], stop: str

@@ -54,7 +54,7 @@ def snapshot(requests: int = 0, duration_sum: float = 0.0, **more: Any) -> dict[
         "totals": {
             "requests": requests, "by_class": by_class, "bytes": 10 * requests,
             "duration_sum": duration_sum, "restarts": 0, "boot_failures": 0,
-            "handed_over": 0, "balanced": 0,
+            "handed_over": 0, "balanced": 0, "relieved": 0,
             "recycles": {"max_requests": 0, "crash": 0}, "reloads": {"ok": 0, "failed": 0},
         },
     }
