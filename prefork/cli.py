@@ -98,7 +98,14 @@ from prefork.sockets import (
 )
 from prefork.system import System
 from prefork.tls import server_context
-from prefork.upgrade import OLD, Handover, Upgrader, new_master_command, started_in
+from prefork.upgrade import (
+    OLD,
+    Handover,
+    Upgrader,
+    new_master_command,
+    started_in,
+    upgrade_partners,
+)
 
 log = logging.getLogger("prefork")
 
@@ -1421,28 +1428,48 @@ def count_of(status: Mapping[str, object] | None, pid: int, key: str) -> int:
 
 
 def stop_running(endpoint: Endpoint, wait: float, force: bool) -> int:
-    """`preforkd stop`: TERM (a graceful stop) to the master named by the pidfile, then wait
-    up to `wait` seconds for it to exit. Exit 0 once it has exited; 1 if it still runs then
-    (with `force`: KILL to the master alone, whose workers follow it, and 0 once it is
-    gone); 2, nothing sent, as signal_master says."""
-    pid, code = signal_master(endpoint, "stop", signal.SIGTERM)
+    """`preforkd stop`: TERM (a graceful stop) to the master named by the pidfile -- and,
+    while an upgrade is under way, to the other master of it too (upgrade_partners: either
+    would serve on alone) -- then wait up to `wait` seconds for them to exit. Exit 0 once
+    they have exited; 1 if one still runs then (with `force`: KILL to those masters alone,
+    whose workers follow them, and 0 once they are gone); 2, nothing sent, as signal_master
+    says."""
+    partners: list[tuple[int, str]] = []
+
+    def find_partners(pid: int) -> None:
+        assert endpoint.pidfile is not None
+        partners.extend(upgrade_partners(pid, endpoint.pidfile))
+
+    pid, code = signal_master(endpoint, "stop", signal.SIGTERM, find_partners)
     if pid is None:
         return code
-    if exited(pid, wait):
-        say(f"preforkd: stopped (pid {pid})")
+    for other, _ in partners:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(other, signal.SIGTERM)
+    also = "".join(
+        f"; and the {role} master of an upgrade under way (pid {other})"
+        for other, role in partners
+    )
+    masters = [pid, *(other for other, _ in partners)]
+    deadline = time.monotonic() + wait
+    if all(exited(master, max(0.0, deadline - time.monotonic())) for master in masters):
+        say(f"preforkd: stopped (pid {pid}{also})")
         return 0
+    left = [master for master in masters if is_master(master)]
+    named = ", ".join(str(master) for master in left)
     if not force:
-        print(f"preforkd: still running (pid {pid}) {wait:g}s after TERM: its workers may be "
-              "finishing long requests (workers.graceful_timeout); --force kills it then",
+        print(f"preforkd: still running (pid {named}) {wait:g}s after TERM: its workers may "
+              "be finishing long requests (workers.graceful_timeout); --force kills it then",
               file=sys.stderr)
         return EXIT_RUNTIME_ERROR
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    if not exited(pid, KILL_TIMEOUT):
-        print(f"preforkd: still running (pid {pid}) {KILL_TIMEOUT:g}s after KILL",
+    for master in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(master, signal.SIGKILL)
+    if not all(exited(master, KILL_TIMEOUT) for master in left):
+        print(f"preforkd: still running (pid {named}) {KILL_TIMEOUT:g}s after KILL",
               file=sys.stderr)
         return EXIT_RUNTIME_ERROR
-    print(f"preforkd: killed (pid {pid}): still running {wait:g}s after TERM; its workers "
+    print(f"preforkd: killed (pid {named}): still running {wait:g}s after TERM; its workers "
           "exit when they see the master gone", file=sys.stderr)
     return 0
 

@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequenc
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+import psutil
+
 from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
 from prefork.notify import Announcer, been_ready, read_status
-from prefork.pidfile import PidFile, is_master, write_atomically
+from prefork.pidfile import PidFile, is_master, read_pid, write_atomically
 from prefork.signals import set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
 
@@ -133,6 +135,24 @@ class Handover:
                 sock.close()
             return []
         return sockets
+
+
+def upgrade_partners(pid: int, pidfile: str) -> list[tuple[int, str]]:
+    """The other master of an upgrade under way beside master `pid`, as (pid, "new"/"old"):
+    the new master `pid` started (its child: it serves on when only its parent stops, which
+    is how an upgrade ends), and the old master that started `pid` (its parent, named by
+    PIDFILE.oldbin: it takes its files back and serves again when only the new one stops).
+    A stop of the server must stop both. Empty when no upgrade is under way."""
+    try:
+        process = psutil.Process(pid)
+        children = process.children()
+        parent = process.ppid()
+    except psutil.Error:
+        return []
+    found = [(child.pid, "new") for child in children if is_master(child.pid)]
+    if parent > 1 and read_pid(pidfile + OLD) == parent and is_master(parent):
+        found.append((parent, "old"))
+    return found
 
 
 def new_master_command(

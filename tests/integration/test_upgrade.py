@@ -481,3 +481,61 @@ def test_the_pidfile_names_a_live_master_throughout_an_upgrade(
     wait_until(ready, 20, message="the new master is not ready")
     assert read_pid(pidfile) == new
     assert seen <= {old, new}, seen
+
+
+def refuses(address: Address) -> bool:
+    try:
+        fetch(address, timeout=5)
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_stop_while_the_new_master_loads_stops_both_masters(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """Before, `preforkd stop` during an upgrade stopped the master the pidfile named (the
+    old one, while the new one loads) and said so; the new master, its child, went on and
+    served: the server was still up after a stop that exited 0."""
+    config, old, pidfile, error_log, tcp = launch(daemons, app_dir, short_tmp / "up.sock")
+    (app_dir / "upapp.py").write_text(APP_SLOW_IMPORT)
+    marker = app_dir / "loading"
+    os.kill(old, signal.SIGUSR2)
+    new = wait_until(
+        lambda: marker.exists() and marker.read_text().isdigit() and int(marker.read_text()),
+        15, message="the new master is not loading",
+    )
+    daemons.adopt(new)
+    assert read_pid(pidfile) == old  # still loading: the pidfile names the old master
+
+    result = preforkd("stop", "-c", str(config), "--wait", "60", timeout=90)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"preforkd: stopped (pid {old}; and the new master of an upgrade under way "
+        f"(pid {new}))\n"
+    )
+    assert gone(old) and gone(new)
+    assert refuses(tcp)
+
+
+def test_stop_after_a_usr2_by_hand_stops_the_old_master_too(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """USR2, the new master ready, the old one not stopped yet: the pidfile names the new
+    master. Before, `preforkd stop` stopped it alone, and the old master took its files back
+    and served again."""
+    config, old, pidfile, error_log, tcp = launch(daemons, app_dir, short_tmp / "up.sock")
+    (app_dir / "upapp.py").write_text(APP_V2)
+    new = usr2_by_hand(daemons, old, pidfile, error_log)
+
+    result = preforkd("stop", "-c", str(config), "--wait", "60", timeout=90)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"preforkd: stopped (pid {new}; and the old master of an upgrade under way "
+        f"(pid {old}))\n"
+    )
+    assert gone(old) and gone(new)
+    assert refuses(tcp)
+    assert not pidfile.exists()
