@@ -491,6 +491,19 @@ def refuses(address: Address) -> bool:
     return False
 
 
+def stop_stops_both(config: Path, named: int, other: int, role: str, tcp: Address) -> None:
+    """`preforkd stop` exits 0 naming master `named` (the pidfile's) and the `role` master
+    `other`; both are gone and nothing answers."""
+    result = preforkd("stop", "-c", str(config), "--wait", "60", timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        f"preforkd: stopped (pid {named}; and the {role} master of an upgrade under way "
+        f"(pid {other}))\n"
+    )
+    assert gone(named) and gone(other)
+    assert refuses(tcp)
+
+
 def test_stop_while_the_new_master_loads_stops_both_masters(
     daemons: Daemons, app_dir: Path, short_tmp: Path
 ) -> None:
@@ -507,16 +520,7 @@ def test_stop_while_the_new_master_loads_stops_both_masters(
     )
     daemons.adopt(new)
     assert read_pid(pidfile) == old  # still loading: the pidfile names the old master
-
-    result = preforkd("stop", "-c", str(config), "--wait", "60", timeout=90)
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == (
-        f"preforkd: stopped (pid {old}; and the new master of an upgrade under way "
-        f"(pid {new}))\n"
-    )
-    assert gone(old) and gone(new)
-    assert refuses(tcp)
+    stop_stops_both(config, old, new, "new", tcp)
 
 
 def test_stop_after_a_usr2_by_hand_stops_the_old_master_too(
@@ -528,14 +532,5 @@ def test_stop_after_a_usr2_by_hand_stops_the_old_master_too(
     config, old, pidfile, error_log, tcp = launch(daemons, app_dir, short_tmp / "up.sock")
     (app_dir / "upapp.py").write_text(APP_V2)
     new = usr2_by_hand(daemons, old, pidfile, error_log)
-
-    result = preforkd("stop", "-c", str(config), "--wait", "60", timeout=90)
-
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == (
-        f"preforkd: stopped (pid {new}; and the old master of an upgrade under way "
-        f"(pid {old}))\n"
-    )
-    assert gone(old) and gone(new)
-    assert refuses(tcp)
+    stop_stops_both(config, new, old, "old", tcp)
     assert not pidfile.exists()
