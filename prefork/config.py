@@ -549,7 +549,8 @@ class HttpConfig:
             "connections parked on it are passed, through the master, to a free worker of "
             "its generation (the one holding the fewest): a client whose connection happens "
             "to sit on a worker busy with a slow request is answered by another one, and is "
-            "not cut off if that worker is killed at workers.timeout. Checked by a thread in "
+            "not cut off if that worker is killed at workers.timeout (a worker a reload "
+            "replaced passes them to the new generation). Checked by a thread in "
             "each worker that wakes every half of it (at most every 0.5 s); it costs the "
             "request path nothing else. 0: connections stay with their worker. Not for TLS "
             "connections or with proxy_protocol, whose state stays in the worker.",

@@ -42,7 +42,7 @@ from prefork.config import Config, StatsdConfig, WorkersConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
-from prefork.scoreboard import Activity, Counters, Scoreboard
+from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard
 from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
@@ -580,7 +580,9 @@ class Master:
         """Connections a worker holding more than its share (or one replaced, draining its
         accept queue) has just accepted, for the worker `pid` of its generation (0: any);
         with `forward` MSG_KEPT, served keep-alive connections a worker inside a long
-        request passes on (http.keepalive_relief), routed the same way.
+        request passes on (http.keepalive_relief), routed the same way, but a worker awaiting
+        its successor takes them too, and a worker between requests comes before one inside
+        any.
         Should that one no longer serve (a reload or a stop began meanwhile, or it is being
         recycled): to another serving worker of that generation. From a generation a reload
         replaced: to the current one's first, when it serves the same sockets (it would
@@ -590,8 +592,20 @@ class Master:
             # the one named first, then the others of its generation (same listeners and
             # settings), then the source itself, which waits for the answer about what it
             # passed whatever its state
-            same = [h for h in self.serving_for(source, source.generation) if not h.recycle]
-            takers = sorted(same, key=lambda h: h.pid != pid)
+            # A worker awaiting its successor (max_requests, memory) serves on until that one
+            # is ready: a new connection would only be handed over again, but the served
+            # ones a busy worker passes (MSG_KEPT) are handed over with its own, and sent
+            # back instead they wait behind the very request they were moved away from.
+            same = [
+                h for h in self.serving_for(source, source.generation)
+                if not h.recycle or forward == MSG_KEPT
+            ]
+            takers = sorted(same, key=lambda h: (h.pid != pid, bool(h.recycle)))
+            if forward == MSG_KEPT:
+                # to be answered now: not by a worker that has begun a request since it was
+                # named (the one that was free is often the one that accepted next)
+                now = self.kernel.monotonic()
+                takers.sort(key=lambda h: self.busy_for(h, now) >= 0)
             if (
                 source.generation != self.current.number
                 and self.stop is Stop.NONE
@@ -617,12 +631,30 @@ class Master:
     def deliver(
         self, conns: list[tuple[int, int, float]], takers: list[WorkerHandle], head: bytes
     ) -> WorkerHandle | None:
-        """Send `conns` to the first of `takers` whose channel takes them now; who took them.
-        The caller still closes its own copies."""
+        """Send `conns` to the first of `takers` whose channel takes them now, those stuck
+        in a request last (the longest stuck last of all); who took them. The caller still
+        closes its own copies."""
+        if len(takers) > 1:
+            # A worker inside one request for over STUCK seconds reads its channel only once
+            # it is out: what it is given waits for that request, and dies with it if it is
+            # killed at workers.timeout -- the very fate keepalive_relief and a hand-over
+            # move connections away from. A worker named while free may have begun such a
+            # request since, and a hand-over's takers (its successor, the worker of its
+            # number) or those of a stopping worker's pass (pid 0) were never checked.
+            now = self.kernel.monotonic()
+            takers = sorted(takers, key=lambda h: max(STUCK, self.busy_for(h, now)))
         for taker in takers:
             if taker.channel is not None and chan.send_conns(taker.channel, conns, head):
                 return taker
         return None
+
+    def busy_for(self, handle: WorkerHandle, now: float) -> float:
+        """How long `handle` has been inside the request it is answering (-1.0: between
+        requests)."""
+        view = self.scoreboard.read(handle.slot)
+        if view.activity in (Activity.BUSY, Activity.READING) and view.started > 0:
+            return now - view.started
+        return -1.0
 
     def tell(self, handle: WorkerHandle, message: bytes) -> bool:
         """One message, if the worker's channel takes it now (it never blocks the master)."""

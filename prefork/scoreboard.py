@@ -206,6 +206,18 @@ class Slot:
                 found.append((pid, offset))
         return found
 
+    def outdated(self) -> bool:
+        """Whether a worker of a later generation serves: a reload replaced this slot's (a
+        scan of the whole board, as peers())."""
+        memory = self._memory
+        _, generation, _ = _IDENT.unpack_from(memory, self._offset + _IDENT_OFFSET)
+        for offset in range(0, len(memory), SLOT_SIZE):
+            if memory[offset] in _SERVING:
+                pid, gen, _ = _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)
+                if pid and gen > generation:
+                    return True
+        return False
+
     def held_by(self, pid: int, offset: int, now: float) -> int | None:
         """The connections worker `pid`, in the slot at `offset`, last said it holds; None
         when it cannot take one now: that slot no longer holds it serving (it stops, or

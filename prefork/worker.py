@@ -713,9 +713,11 @@ class Worker:
 
     def evict_idle(self) -> bool:
         """At the connection cap, close the longest-parked idle keep-alive connection (HTTP
-        lets a server close an idle connection at any time) so a new client is not refused."""
+        lets a server close an idle connection at any time) so a new client is not refused.
+        Not one whose client has sent its next request (unread while this worker was busy):
+        closing over unread bytes resets the connection, and the request is lost."""
         for conn in self.conns.values():
-            if conn.parser.idle and conn.served:
+            if conn.parser.idle and conn.served and not conn.has_input():
                 self.drop(conn)
                 return True
         return False
@@ -1030,10 +1032,10 @@ class Worker:
         a request and has given up the lock: once that request has lasted `after` seconds,
         pass every connection parked here between requests (and any accepted and not yet
         read from) to the free worker of this generation holding the fewest -- when this one
-        stops, to whichever worker the master finds serving. Their clients are answered
-        there instead of waiting behind the request, and survive if it is killed at
-        workers.timeout. A connection with part of a request read, a TLS one, and the one
-        being served stay."""
+        stops, or a reload replaced its generation, to whichever worker the master finds
+        serving. Their clients are answered there instead of waiting behind the request,
+        and survive if it is killed at workers.timeout. A connection with part of a request
+        read, a TLS one, and the one being served stay."""
         started = self.slot.in_request_since()
         now = time.monotonic()
         if started is None or now - started < after:
@@ -1048,7 +1050,10 @@ class Worker:
             return
         pid = self.free_peer(now)
         if pid is None:
-            if not self.stopping:
+            # a worker a reload replaced may have no free peer left in its generation, and
+            # the master asks it to stop through the channel this thread does not read: a
+            # later generation serving says so, and the master passes them to that one
+            if not self.stopping and not self.slot.outdated():
                 return  # every other worker is busy too: look again next tick
             pid = 0
         messages = 0
@@ -1092,10 +1097,12 @@ class Worker:
         cannot be kept (no such listener here, stopping, at max_connections) is closed and
         its client reconnects, as it would have without the hand-over. `fresh` ones were
         just accepted by a busier worker (balance_connections) and never read from: they
-        are taken as accept() takes a connection, stopping or not; `served` ones too, from a
-        worker inside a long request (keepalive_relief): their clients are between requests,
-        and one may have sent its next request already."""
+        are taken as accept() takes a connection, stopping or not (read at once, after all
+        those of the message are parked); `served` ones too, from a worker inside a long request
+        (keepalive_relief): their clients are between requests, and one may have sent its
+        next request already."""
         now = time.monotonic()
+        taken: list[Connection] = []
         for fd, lid, deadline in conns:
             listener = self.listener_ids.get(lid)
             try:
@@ -1126,11 +1133,19 @@ class Worker:
                 conn.served = int(served)
                 idle = self.keepalive_timeout if served else self.header_timeout
                 conn.deadline = min(deadline, now + idle)
-                self.take(conn)  # a request already there is answered, however late
+                self.park(conn)
+                taken.append(conn)
             else:
                 conn.served = 1
                 conn.deadline = min(deadline, now + self.keepalive_timeout)
                 self.park(conn)
+        # Every one is parked before any is answered: a request already waiting on one is
+        # answered now, however late, but one that runs long must not hold the others of
+        # the message outside this worker's connections, where its relief thread cannot
+        # pass them on and they die with it at workers.timeout.
+        for conn in taken:
+            if self.conns.get(conn.fd) is conn:  # not passed on meanwhile (keepalive_relief)
+                self.on_readable(conn)
 
     def pass_to_peer(
         self, sock: socket.socket, listener: Listener, anyone: bool = False
