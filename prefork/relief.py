@@ -20,6 +20,7 @@ logged and costs nothing else.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -43,13 +44,19 @@ def tick_for(after: float) -> float:
 class Relief:
     """The watching thread and the lock it shares with the worker's main thread."""
 
-    def __init__(self, after: float, relieve: Callable[[float], None]) -> None:
+    def __init__(self, after: float, relieve: Callable[[float], str | None]) -> None:
         self.after = after
         self.tick = tick_for(after)
         self.lock = threading.Lock()
         self.lock.acquire()  # the main thread's from the start: it is in its loop
         self._relieve = relieve
         self._thread = threading.Thread(target=self._run, name="preforkd-relief", daemon=True)
+        # an application that forks in a request, and whose child goes on through the
+        # worker's code, must not find the lock held by a thread the child does not have
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self.lock = threading.Lock()  # the child is inside the request: the lock is not its
 
     def start(self) -> None:
         """Start the thread with every signal blocked (it inherits the mask it is started
@@ -61,16 +68,24 @@ class Relief:
             set_mask(signal.SIG_SETMASK, previous)
 
     def _run(self) -> None:
-        lock = self.lock
         while True:
             time.sleep(self.tick)
             # free only while the main thread is inside a request; in its loop it waits in
             # epoll and answers its connections itself
+            lock = self.lock
             if not lock.acquire(blocking=False):
                 continue
+            failure: Exception | None = None
             try:
-                self._relieve(self.after)
-            except Exception:
-                log.exception("keep-alive relief failed; the connections stay where they are")
+                done = self._relieve(self.after)
+            except Exception as exc:
+                done, failure = None, exc
             finally:
                 lock.release()
+            # logged with the lock given back: a log handler that blocks (syslog over TCP)
+            # must not hold the main thread after its request, where no timeout watches it
+            if failure is not None:
+                log.error("keep-alive relief failed; the connections stay where they are",
+                          exc_info=failure)
+            elif done:
+                log.debug("%s", done)

@@ -1027,7 +1027,7 @@ class Worker:
         self.slot.hold(len(self.conns))
         return passed
 
-    def relieve(self, after: float) -> None:
+    def relieve(self, after: float) -> str | None:
         """The relief thread's turn (http.keepalive_relief), while the main thread is inside
         a request and has given up the lock: once that request has lasted `after` seconds,
         pass every connection parked here between requests (and any accepted and not yet
@@ -1039,7 +1039,7 @@ class Worker:
         started = self.slot.in_request_since()
         now = time.monotonic()
         if started is None or now - started < after:
-            return
+            return None
         ids = self.id_of_listener
         ready = [
             (conn, ids[id(conn.listener)])
@@ -1047,14 +1047,14 @@ class Worker:
             if conn is not self.serving and id(conn.listener) in ids and _between_requests(conn)
         ]
         if not ready:
-            return
+            return None
         pid = self.free_peer(now)
         if pid is None:
             # a worker a reload replaced may have no free peer left in its generation, and
             # the master asks it to stop through the channel this thread does not read: a
             # later generation serving says so, and the master passes them to that one
             if not self.stopping and not self.slot.outdated():
-                return  # every other worker is busy too: look again next tick
+                return None  # every other worker is busy too: look again next tick
             pid = 0
         messages = 0
         for served in (True, False):
@@ -1065,7 +1065,7 @@ class Worker:
             if passed < len(group):
                 break
         if not messages:
-            return
+            return None
         self.unanswered += messages  # each is answered: taken, or back to us
         self.unanswered_until = now + PASS_ANSWER_WAIT
         if (
@@ -1075,8 +1075,8 @@ class Worker:
             and len(self.conns) < self.max_connections
         ):
             self.start_accepting()
-        log.debug("worker %d: %.1f s into a request; passed keep-alive connections to %s",
-                  self.spec.number, now - started, pid or "the master")
+        return (f"worker {self.spec.number}: {now - started:.1f} s into a request; passed "
+                f"keep-alive connections to {pid or 'the master'}")
 
     def free_peer(self, now: float) -> int | None:
         """The worker of this generation holding the fewest connections among those that can
