@@ -438,7 +438,10 @@ def test_max_requests_5_with_jitter_under_keepalive_and_pipelined_load(
     assert on_unix.failures == [], on_unix.verdict()
     pids = {body.split(b":")[1] for body in on_tcp.bodies + on_unix.bodies}
     assert len(pids) >= 6, f"only {len(pids)} workers served"
-    assert server.log().count("exited (recycled: max_requests)") >= 4
+    # a worker that served has asked to be replaced; its exit is logged once its successor
+    # is ready and it has finished, which may be a moment after the load stopped
+    wait_until(lambda: server.log().count("exited (recycled: max_requests)") >= 4, 15,
+               message="fewer than 4 recycled workers exited")
 
 
 def test_ttin_ttou_bursts_under_load_lose_nothing(

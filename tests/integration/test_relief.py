@@ -49,19 +49,29 @@ def sockets() -> Iterator[list[socket.socket]]:
         sock.close()
 
 
-def two_on_one_worker(server: Server, made: list[socket.socket]) -> tuple[int, socket.socket,
-                                                                            socket.socket]:
-    """(pid, a, b): two keep-alive connections that worker `pid` served and holds parked."""
+def on_one_worker(
+    server: Server, made: list[socket.socket], count: int
+) -> tuple[int, list[socket.socket]]:
+    """(pid, connections): `count` keep-alive connections that worker `pid` served and holds
+    parked, in the order it parked them."""
     held: dict[int, list[socket.socket]] = {}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        sock = connect(address(server), timeout=15)
+        sock = connect(address(server), timeout=20)
         made.append(sock)
         pid = int(ask(sock).body)
         held.setdefault(pid, []).append(sock)
-        if len(held[pid]) == 2:
-            return pid, held[pid][0], held[pid][1]
-    raise AssertionError(f"no two connections on one worker: {held}")
+        if len(held[pid]) == count:
+            return pid, held[pid]
+    raise AssertionError(f"no {count} connections on one worker: {held}")
+
+
+def two_on_one_worker(
+    server: Server, made: list[socket.socket]
+) -> tuple[int, socket.socket, socket.socket]:
+    """(pid, a, b): two keep-alive connections that worker `pid` served and holds parked."""
+    pid, (a, b) = on_one_worker(server, made, 2)
+    return pid, a, b
 
 
 def start_slow(server: Server, sock: socket.socket, path: str, tag: str) -> None:

@@ -19,15 +19,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import pytest
-
 from harness import (
     APPS,
-    Response,
+    ClientThreads,
     Server,
     ServerFactory,
     address,
@@ -39,47 +36,9 @@ from harness import (
     settings,
     wait_until,
 )
+from test_relief import ask, on_one_worker, sockets, start_slow
 
-
-def ask(sock: socket.socket, path: str = "/") -> Response:
-    sock.sendall(http_request("GET", path))
-    response = read_response(sock)
-    assert response.status == 200, response
-    return response
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    made: list[socket.socket] = []
-    yield made
-    for sock in made:
-        sock.close()
-
-
-def on_one_worker(
-    server: Server, made: list[socket.socket], count: int
-) -> tuple[int, list[socket.socket]]:
-    """(pid, connections): `count` keep-alive connections that worker `pid` served and holds
-    parked, in the order it parked them."""
-    held: dict[int, list[socket.socket]] = {}
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        sock = connect(address(server), timeout=20)
-        made.append(sock)
-        pid = int(ask(sock).body)
-        held.setdefault(pid, []).append(sock)
-        if len(held[pid]) == count:
-            return pid, held[pid]
-    raise AssertionError(f"no {count} connections on one worker: {held}")
-
-
-def start_slow(server: Server, sock: socket.socket, path: str, tag: str) -> None:
-    """Send a request that keeps its worker busy; return once the application is in it."""
-    sock.sendall(http_request("GET", path))
-    server.wait_for_log(re.compile(rf"pf_testapp: (sleeping {tag}|hanging)"))
-
-
-# --- DEFECT 1: connections moved together were served one after the other inside adopt()
+__all__ = ["sockets"]  # the fixture, shared with test_relief
 
 
 def test_a_moved_request_does_not_die_with_the_taker_stuck_on_another_moved_one(
@@ -390,33 +349,21 @@ def test_pipelined_requests_on_a_moved_connection_are_answered_in_order(
     assert int(ask(waiting).body) != busy
 
 
-class KeepAliveLoad:
+class KeepAliveLoad(ClientThreads):
     """Keep-alive clients, bounded in time: each sends one to three requests at once (a
     few of them slow), reads every answer, and starts a new connection only after an
     answer saying Connection: close. An end of stream or a reset on a connection holding
     a request without its answer is a lost request."""
 
     def __init__(self, server: Server, clients: int) -> None:
+        super().__init__()
         self.addr = address(server)
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
         self.sent = self.answered = self.closed_first = 0
         self.lost: list[str] = []
         self.phase = "start"  # what the test did last, for the report of a lost request
         self.threads = [
             threading.Thread(target=self.client, args=(n,), daemon=True) for n in range(clients)
         ]
-
-    def __enter__(self) -> KeepAliveLoad:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(30)
-        assert not any(t.is_alive() for t in self.threads), "a client thread is stuck"
 
     def client(self, n: int) -> None:
         rnd = random.Random(n)
