@@ -552,7 +552,17 @@ class Worker:
                 self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE
                 return
         self.accept_paused_until = 0.0
-        if not self.stopping and len(self.conns) < self.max_connections:
+        if not self.stopping:
+            self.accept_if_room()
+
+    def accept_if_room(self) -> None:
+        """Accept again once below workers.max_connections (unless short of descriptors:
+        resume_accepting decides then)."""
+        if (
+            not self.accepting
+            and not self.accept_paused_until
+            and len(self.conns) < self.max_connections
+        ):
             self.start_accepting()
 
     def take(self, conn: Connection) -> None:
@@ -725,12 +735,7 @@ class Worker:
     def drop(self, conn: Connection) -> None:
         self.slot.hold(len(self.conns) - (conn.fd in self.conns))
         if self.conns.pop(conn.fd, None) is not None:
-            if (
-                not self.accepting
-                and not self.accept_paused_until  # short of descriptors: resume_accepting
-                and len(self.conns) < self.max_connections
-            ):
-                self.start_accepting()
+            self.accept_if_room()
             if not self.conns and not self.stopping:
                 self.slot.set(Activity.IDLE)  # its last keep-alive client is gone
         if conn.adopted:
@@ -907,7 +912,7 @@ class Worker:
         now = time.monotonic()
         if now >= self.idle_grace_until:
             for conn in list(self.conns.values()):
-                if conn.parser.idle and conn.has_input() and not conn.linger_until:
+                if conn.parser.idle and not conn.linger_until and conn.has_input():
                     continue  # a request sent while this worker was busy: answered next
                 if conn.parser.idle and (conn.served or conn.linger_until):
                     self.drop(conn)  # between requests; a fresh one still gets its answer
@@ -1068,26 +1073,15 @@ class Worker:
             return None
         self.unanswered += messages  # each is answered: taken, or back to us
         self.unanswered_until = now + PASS_ANSWER_WAIT
-        if (
-            not self.accepting
-            and not self.accept_paused_until
-            and not self.stopping
-            and len(self.conns) < self.max_connections
-        ):
-            self.start_accepting()
+        if not self.stopping:
+            self.accept_if_room()
         return (f"worker {self.spec.number}: {now - started:.1f} s into a request; passed "
                 f"keep-alive connections to {pid or 'the master'}")
 
     def free_peer(self, now: float) -> int | None:
         """The worker of this generation holding the fewest connections among those that can
-        take one now (not stopping, not stuck in a request); None if there is none."""
-        slot = self.slot
-        loads: dict[int, tuple[int, int]] = {}
-        for pid, offset in slot.peers():
-            held = slot.held_by(pid, offset, now)
-            if held is not None:
-                loads[pid] = (held, offset)
-        lightest = _lightest(loads)
+        take one now; None if there is none."""
+        lightest = _lightest(self.peer_loads(now))
         return None if lightest is None else lightest[0]
 
     def adopt(
@@ -1196,12 +1190,19 @@ class Worker:
         passed before is in the counts by then (a taker is waiting in its loop)."""
         self.peers_until = now + PEERS_INTERVAL
         self.passes_left = BALANCE_BURST
-        self.loads = {}
-        for pid, offset in self.slot.peers():
-            held = self.slot.held_by(pid, offset, now)
-            if held is not None:
-                self.loads[pid] = (held, offset)
+        self.loads = self.peer_loads(now)
         self.lightest = _lightest(self.loads)
+
+    def peer_loads(self, now: float) -> dict[int, tuple[int, int]]:
+        """pid -> (connections held, slot offset) of the other workers of this generation
+        that can take a connection now: not stopping, not stuck in a request."""
+        slot = self.slot
+        loads: dict[int, tuple[int, int]] = {}
+        for pid, offset in slot.peers():
+            held = slot.held_by(pid, offset, now)
+            if held is not None:
+                loads[pid] = (held, offset)
+        return loads
 
     def on_signals(self) -> None:
         for signum in self.signals.drain():
