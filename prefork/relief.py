@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 
-from prefork.signals import set_mask
+from prefork.signals import all_blocked
 
 log = logging.getLogger("prefork")
 
@@ -61,11 +60,8 @@ class Relief:
     def start(self) -> None:
         """Start the thread with every signal blocked (it inherits the mask it is started
         with, so no signal is ever delivered to it, not even before its first bytecode)."""
-        previous = set_mask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
+        with all_blocked():
             self._thread.start()
-        finally:
-            set_mask(signal.SIG_SETMASK, previous)
 
     def _run(self) -> None:
         while True:

@@ -9,10 +9,11 @@ no allocation.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 
 # signal.pthread_sigmask turns the previous mask it returns into Signals members, paying for a
@@ -23,9 +24,23 @@ _pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = importlib.import_mo
 ).pthread_sigmask
 
 
+ALL_SIGNALS = frozenset(signal.valid_signals())  # computed once: it costs ~70 us a call
+
+
 def set_mask(how: int, mask: Iterable[int]) -> set[int]:
     """pthread_sigmask(); returns the previous mask as signal numbers."""
     return _pthread_sigmask(how, mask)
+
+
+@contextlib.contextmanager
+def all_blocked() -> Iterator[None]:
+    """Every signal blocked in this thread for the block, then the mask as it was: what a
+    thread or a forked child starts with (it inherits the mask)."""
+    previous = set_mask(signal.SIG_BLOCK, ALL_SIGNALS)
+    try:
+        yield
+    finally:
+        set_mask(signal.SIG_SETMASK, previous)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:

@@ -23,11 +23,10 @@ from typing import Protocol
 
 import psutil
 
-from prefork.signals import set_mask
+from prefork.signals import ALL_SIGNALS, set_mask
 
 log = logging.getLogger("prefork")
 
-ALL_SIGNALS = frozenset(signal.valid_signals())  # computed once: it costs ~70 us a call
 
 
 class Kernel(Protocol):

@@ -33,7 +33,7 @@ from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
 from prefork.notify import Announcer, been_ready, read_status
 from prefork.pidfile import PidFile, is_master, read_pid, write_atomically
-from prefork.signals import set_mask
+from prefork.signals import all_blocked, set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
 
 log = logging.getLogger("prefork")
@@ -271,16 +271,14 @@ class Upgrader:
         environ = dict(self.environ)
         environ[ENV] = handover.encode()
         fds = [lst.fd for lst in listeners] + [sock.fileno() for sock in admin_tcp]
-        old_mask = set_mask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            pid = os.fork()
-            if pid == 0:
-                _exec(self.command, self.cwd, environ, fds, self.caught, pre_exec)
+            with all_blocked():  # the child unblocks them once its handlers are set
+                pid = os.fork()
+                if pid == 0:
+                    _exec(self.command, self.cwd, environ, fds, self.caught, pre_exec)
         except OSError:
             self.put_back()
             raise
-        finally:
-            set_mask(signal.SIG_SETMASK, old_mask)
         self.pid = pid
         for listener in listeners:
             listener.shared_with = pid
