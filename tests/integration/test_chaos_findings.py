@@ -431,12 +431,22 @@ def test_max_requests_5_with_jitter_under_keepalive_and_pipelined_load(
         workers={"count": 2, "max_requests": 5, "max_requests_jitter": 3, "max_recycling": 2},
     )
     tcp, unix = server.addresses()
+    def served_by() -> set[bytes]:
+        return {body.split(b":")[1] for body in on_tcp.bodies + on_unix.bodies}
+
     with Load(tcp, MIXED) as on_tcp, Load(unix, MIXED) as on_unix:
         on_tcp.wait_for_requests(150, 20)
         on_unix.wait_for_requests(150, 20)
+        # workers come and go at the pace of their successors' boots, not of the requests
+        # (300 requests took as little as 0.3 s): the load goes on until enough have
+        wait_until(
+            lambda: len(served_by()) >= 6
+            and server.log().count("exited (recycled: max_requests)") >= 4,
+            20, message="fewer than 6 workers served, or fewer than 4 were recycled",
+        )
     assert on_tcp.failures == [], on_tcp.verdict()
     assert on_unix.failures == [], on_unix.verdict()
-    pids = {body.split(b":")[1] for body in on_tcp.bodies + on_unix.bodies}
+    pids = served_by()
     assert len(pids) >= 6, f"only {len(pids)} workers served"
     # a worker that served has asked to be replaced; its exit is logged once its successor
     # is ready and it has finished, which may be a moment after the load stopped
