@@ -104,6 +104,16 @@ def slow_boot(worker):
 """
 
 
+def not_on(
+    server: Server, made: list[socket.socket], pid: int
+) -> tuple[socket.socket, int] | None:
+    """A new keep-alive connection and the worker that served it, if that is not `pid`."""
+    sock = connect(address(server), timeout=20)
+    made.append(sock)
+    served = int(ask(sock).body)
+    return (sock, served) if served != pid else None
+
+
 def test_a_worker_awaiting_its_successor_takes_relieved_connections(
     server_factory: ServerFactory, sockets: list[socket.socket]
 ) -> None:
@@ -124,9 +134,11 @@ def test_a_worker_awaiting_its_successor_takes_relieved_connections(
         module="relief_hooks",
     )
     busy, (slow, waiting) = on_one_worker(server, sockets, 2)
-    other = connect(address(server), timeout=20)
-    sockets.append(other)
-    free = wait_until(lambda: (pid := int(ask(other).body)) != busy and pid, timeout=10)
+    # A new connection per try: asking again on one that `busy` accepted would drive
+    # `busy` itself to max_requests, and its successor would inherit every connection.
+    found = wait_until(lambda: not_on(server, sockets, busy), timeout=10)
+    assert found is not None  # wait_until returns only a truthy value
+    other, free = found
     asking = re.compile(rf"\(pid {free}\): \d+ requests served; asking to be replaced")
     wait_until(lambda: ask(other) and asking.search(server.log()), timeout=10)
     server.wait_for_log(re.compile(rf"\(pid {free}\) will be replaced"))
