@@ -29,6 +29,8 @@ _FIELD_OVERHEAD = 2 + 2  # ": " and CRLF
 _CHUNKED_BODY_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 _LENGTH_BODY_HEAD = b"POST / HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
 # The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
+# RFC 9112 3: method (a token, RFC 9110 5.6.2) SP request-target SP HTTP-version CRLF
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[0-9]\r\n")
 _AUTHORITY = re.compile(rb"[^:/?#]*://(?:[^@/?#]*@)?([^/?#]*)")
 
 
@@ -240,6 +242,8 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         """Parse `data`; raises ProtocolError when the request must be rejected."""
+        fresh = not self._started  # a message begins in this read, if any
+        done_before = self._last_done
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -253,6 +257,13 @@ class RequestParser:
                 return
             rest = data[exc.args[0] :]
         except httptools.HttpParserInvalidMethodError:
+            # RFC 9110 9.1: a well-formed request line whose method llhttp does not know
+            # (it parses a fixed list) names a method not implemented here. Judged when the
+            # read begins with it: no message was under way (nor a failed one) and none
+            # ended in this read. A line split over reads gets 400.
+            line = data.lstrip(b"\r\n")[: self.limits.max_request_line + 2]
+            if fresh and self._last_done is done_before and _REQUEST_LINE.match(line):
+                raise ProtocolError(501, "method not implemented") from None
             raise ProtocolError(400, "invalid method") from None
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None

@@ -166,6 +166,9 @@ REJECTIONS: dict[str, tuple[bytes, int]] = {
     "bare-lf-line-ends": (b"GET / HTTP/1.1\nHost: x\n\n", 400),
     "bare-cr-line-end": (b"GET / HTTP/1.1\rHost: x\r\n\r\n", 400),
     "method-not-a-token": (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    # a well-formed method llhttp does not parse (RFC 9110 9.1)
+    "method-unknown": (b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    "method-lowercase": (b"get / HTTP/1.1\r\nHost: x\r\n\r\n", 501),
     "method-with-nul": (b"GET\x00 / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     "tls-client-hello": (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", 400),
     # versions (RFC 9112 2.3; RFC 9110 15.6.6)
