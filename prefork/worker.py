@@ -81,6 +81,10 @@ _EPOLLIN = select.EPOLLIN
 # its first bytes before its read side is shut
 LATE_SESSION_WAIT = 1.0
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
+# the first byte of the master's messages about connections (Worker.on_connections)
+_CONNECTION_MESSAGES = frozenset(
+    bytes([kind[0]]) for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_BACK, MSG_TAKEN)
+)
 SWEEP_INTERVAL = 1.0
 # When a worker stops, its idle keep-alive connections stay open this long: a request the
 # client is sending at that moment is answered (with Connection: close) instead of racing
@@ -960,14 +964,7 @@ class Worker:
         if message is None:
             return
         data, fds = message
-        if data.startswith(MSG_CONNS):
-            self.adopt(chan.parse_conns(data, fds))
-            return
-        if data.startswith((MSG_FRESH, MSG_KEPT, MSG_BACK)):
-            conns = chan.parse_conns(data, fds)
-            if data.startswith(MSG_BACK):  # ours, which no other worker could take
-                self.unanswered = max(0, self.unanswered - 1)  # one answer per message
-            self.adopt(conns, fresh=True, served=data.startswith(MSG_KEPT))
+        if self.on_connections(data, fds):
             return
         for fd in fds:  # no other message carries descriptors
             os.close(fd)
@@ -975,8 +972,6 @@ class Worker:
             # the master died: nobody will replace us or watch our deadlines
             self.epoll.unregister(self.channel_fd)
             self.begin_stop()
-        elif data == MSG_TAKEN:
-            self.unanswered = max(0, self.unanswered - 1)
         elif data.startswith(MSG_HAND_OVER):
             self.begin_stop()
             self.hand_over(chan.parse_hand_over(data))
@@ -984,6 +979,45 @@ class Worker:
             self.begin_stop()
         elif data == MSG_REOPEN:
             self.spec.logs.reopen()
+
+    def on_connections(self, data: bytes, fds: list[int], read: bool = True) -> bool:
+        """A message that carries connections (or answers a pass): take them; False for
+        any other. Not `read`: park the fresh ones without reading them yet (the relief
+        thread, which never serves)."""
+        if data.startswith(MSG_CONNS):
+            self.adopt(chan.parse_conns(data, fds))
+        elif data.startswith((MSG_FRESH, MSG_KEPT, MSG_BACK)):
+            conns = chan.parse_conns(data, fds)
+            if data.startswith(MSG_BACK):  # ours, which no other worker could take
+                self.unanswered = max(0, self.unanswered - 1)  # one answer per message
+            self.adopt(conns, fresh=True, served=data.startswith(MSG_KEPT), read=read)
+        elif data == MSG_TAKEN:
+            self.unanswered = max(0, self.unanswered - 1)
+        else:
+            return False
+        return True
+
+    def take_from_channel(self) -> None:
+        """The relief thread's read of the channel, inside a long request: the connections
+        the master sent while this worker was free, before it began the request (a race
+        the master cannot see), would wait in the channel for that request to end, out of
+        reach of relief, and die with this worker at workers.timeout. Parked here, they
+        are passed on with the others. Only messages about connections are taken, in
+        order, up to the first of any other kind: stops and hand-overs stay for the main
+        thread."""
+        channel = self.spec.channel
+        while True:
+            try:
+                # the kind alone: a peek leaves the message, and its descriptors, queued
+                kind = channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except OSError:
+                return  # none waiting (or the master gone: the main thread sees to that)
+            if kind not in _CONNECTION_MESSAGES:
+                return
+            message = chan.receive(channel)
+            if message is None:
+                return
+            self.on_connections(*message, read=False)
 
     # keep-alive connections passed between workers -------------------------------------
 
@@ -1045,6 +1079,7 @@ class Worker:
         now = time.monotonic()
         if started is None or now - started < after:
             return None
+        self.take_from_channel()
         ids = self.id_of_listener
         ready = [
             (conn, ids[id(conn.listener)])
@@ -1085,7 +1120,11 @@ class Worker:
         return None if lightest is None else lightest[0]
 
     def adopt(
-        self, conns: list[tuple[int, int, float]], fresh: bool = False, served: bool = False
+        self,
+        conns: list[tuple[int, int, float]],
+        fresh: bool = False,
+        served: bool = False,
+        read: bool = True,
     ) -> None:
         """Park keep-alive connections another worker passed on, as if served here; one that
         cannot be kept (no such listener here, stopping, at max_connections) is closed and
@@ -1136,8 +1175,10 @@ class Worker:
         # Every one is parked before any is answered: a request already waiting on one is
         # answered now, however late, but one that runs long must not hold the others of
         # the message outside this worker's connections, where its relief thread cannot
-        # pass them on and they die with it at workers.timeout.
-        for conn in taken:
+        # pass them on and they die with it at workers.timeout. Not `read` (the relief
+        # thread), the loop reads them once the request in progress ends, if they are
+        # still here: epoll reports a request that is waiting.
+        for conn in taken if read else ():
             if self.conns.get(conn.fd) is conn:  # not passed on meanwhile (keepalive_relief)
                 self.on_readable(conn)
 

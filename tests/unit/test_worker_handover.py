@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import time
 
 import pytest
 
 from prefork import channel as chan
-from prefork.channel import MSG_BACK, MSG_BALANCE, MSG_FRESH
+from prefork.channel import MSG_BACK, MSG_BALANCE, MSG_FRESH, MSG_KEPT, MSG_RELIEF, MSG_STOP
 from prefork.scoreboard import Activity
 from prefork.worker import BALANCE_ABOVE
 from tests.unit.worker_rig import (
@@ -398,3 +399,69 @@ def test_a_worker_replaced_by_a_reload_passes_what_it_drains_with_no_peer_named(
     assert peer_of(fd) == queued.getsockname() and passed_lid == lid
     os.close(fd)
     assert old.unanswered == 1
+
+
+# --- keep-alive relief: what the master sent a worker that then began a long request
+
+
+def kept_for(rig: WorkerRig, master_end: socket.socket) -> socket.socket:
+    """A client whose served keep-alive connection the master has sent, as a relieved one
+    ("K"), down `master_end`: a worker that stops hands it over, and the master forwards it."""
+    origin, origin_master_end = rig.worker(number=3)
+    client = served_connection(rig, origin)
+    (lid,) = origin.listener_ids
+    origin.begin_stop()  # and no longer a taker
+    origin.hand_over({lid})
+    passed = receive_conns(origin_master_end)
+    assert chan.send_conns(master_end, passed, MSG_KEPT)
+    for fd, _, _ in passed:
+        os.close(fd)  # the master keeps no copy
+    return client
+
+
+def test_a_worker_in_a_long_request_passes_on_what_the_master_sent_it_meanwhile(
+    rig: WorkerRig,
+) -> None:
+    """The master sent a relieved connection to a worker that was free then, and that
+    began a long request before it read its channel (the master cannot see that race). The
+    connection waited in the channel, out of reach of relief, for the whole request, and
+    died with the worker at workers.timeout. Its relief thread now reads the channel's
+    connection messages and passes them on with the parked ones."""
+    stuck, stuck_master_end = rig.worker(number=1, keepalive_relief=0.2)
+    rig.worker(number=2, keepalive_relief=0.2)  # free: the taker
+    client = kept_for(rig, stuck_master_end)
+    stuck.slot.busy(b"GET", b"/slow", time.monotonic() - 1.0)  # began before reading it
+
+    assert stuck.relieve(0.2) is not None
+
+    deadline = time.monotonic() + DEADLINE
+    while (message := chan.receive(stuck_master_end)) is None:
+        assert time.monotonic() < deadline, "nothing was passed on"
+    data, fds = message
+    assert data.startswith(MSG_RELIEF)  # served: it goes on counting as a keep-alive one
+    pid, passed = chan.parse_balance(data, fds)
+    assert pid == WorkerRig.pid_of(2)
+    ((fd, _, _),) = passed
+    assert peer_of(fd) == client.getsockname()
+    os.close(fd)
+    assert not stuck.conns  # nor an epoll entry: nothing of it stays here
+    assert stuck.unanswered == 1
+
+
+def test_relief_leaves_a_stop_and_what_follows_it_in_the_channel(rig: WorkerRig) -> None:
+    """Messages are taken in order, and only those about connections: a stop (or a hand-over)
+    is the main thread's, and so is everything after it."""
+    stuck, stuck_master_end = rig.worker(number=1, keepalive_relief=0.2)
+    rig.worker(number=2, keepalive_relief=0.2)
+    stuck_master_end.send(MSG_STOP)
+    kept_for(rig, stuck_master_end)
+    stuck.slot.busy(b"GET", b"/slow", time.monotonic() - 1.0)
+
+    assert stuck.relieve(0.2) is None  # nothing parked to pass on
+    assert chan.receive(stuck_master_end) is None
+    assert not stuck.conns
+    stuck.slot.done()
+    stuck.on_channel()  # the main thread, after its request: the stop first
+    assert stuck.stopping
+    stuck.on_channel()  # then the connection, which a stopping worker still takes
+    assert len(stuck.conns) == 1
