@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 
-# master -> worker (one byte each, except MSG_CONNS, MSG_FRESH and MSG_BACK)
+# master -> worker (one byte each, except those that carry connections)
 MSG_STOP = b"S"  # finish what you hold, answer what is queued, exit
 # as MSG_STOP, but first pass idle keep-alive connections to the master: "H" + the ids
 # (listener_id) of the listeners whose connections the serving workers can take
@@ -33,9 +33,11 @@ MSG_BACK = b"N"
 MSG_TAKEN = b"T"  # master -> worker: another worker took what your last MSG_BALANCE carried
 # as MSG_BALANCE and MSG_FRESH, for keep-alive connections that have been served (their
 # client is between requests): "V" + pid + MSG_CONNS's body from a worker inside a long
-# request (http.keepalive_relief), passed on as "K" (answered as MSG_BALANCE is)
+# request (http.keepalive_relief), passed on as "K" (answered as MSG_BALANCE is), or back
+# to the sender as "M" (its own, still served ones, as MSG_BACK is for MSG_BALANCE)
 MSG_RELIEF = b"V"
 MSG_KEPT = b"K"
+MSG_KEPT_BACK = b"M"
 # both ways: "C" + for each connection its listener's id and the monotonic time at which it
 # is closed if still idle (CLOCK_MONOTONIC is one clock for every process); the descriptors
 # are attached in the same order

@@ -31,6 +31,7 @@ from prefork.channel import (
     MSG_CONNS,
     MSG_FRESH,
     MSG_KEPT,
+    MSG_KEPT_BACK,
     MSG_READY,
     MSG_RECYCLE,
     MSG_RELIEF,
@@ -615,7 +616,9 @@ class Master:
                 takers = self.hand_over_targets(source) + takers
             taker = self.deliver(conns, takers, forward)
             if taker is None and source.state in (WorkerState.READY, WorkerState.STOPPING):
-                taker = self.deliver(conns, [source], MSG_BACK)
+                # served ones stay served: a keep-alive deadline, and handed over at a stop
+                back = MSG_KEPT_BACK if forward == MSG_KEPT else MSG_BACK
+                taker = self.deliver(conns, [source], back)
             if taker is None:
                 log.debug("%s: no worker took %d new connections", source.describe(), len(conns))
             elif taker is not source:

@@ -38,6 +38,7 @@ from prefork.channel import (
     MSG_FRESH,
     MSG_HAND_OVER,
     MSG_KEPT,
+    MSG_KEPT_BACK,
     MSG_READY,
     MSG_RECYCLE,
     MSG_RELIEF,
@@ -83,7 +84,8 @@ LATE_SESSION_WAIT = 1.0
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 # the first byte of the master's messages about connections (Worker.on_connections)
 _CONNECTION_MESSAGES = frozenset(
-    bytes([kind[0]]) for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_BACK, MSG_TAKEN)
+    bytes([kind[0]])
+    for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_BACK, MSG_KEPT_BACK, MSG_TAKEN)
 )
 SWEEP_INTERVAL = 1.0
 # When a worker stops, its idle keep-alive connections stay open this long: a request the
@@ -986,11 +988,12 @@ class Worker:
         thread, which never serves)."""
         if data.startswith(MSG_CONNS):
             self.adopt(chan.parse_conns(data, fds))
-        elif data.startswith((MSG_FRESH, MSG_KEPT, MSG_BACK)):
+        elif data.startswith((MSG_FRESH, MSG_KEPT, MSG_BACK, MSG_KEPT_BACK)):
             conns = chan.parse_conns(data, fds)
-            if data.startswith(MSG_BACK):  # ours, which no other worker could take
+            if data.startswith((MSG_BACK, MSG_KEPT_BACK)):  # ours, no other worker took them
                 self.unanswered = max(0, self.unanswered - 1)  # one answer per message
-            self.adopt(conns, fresh=True, served=data.startswith(MSG_KEPT), read=read)
+            served = data.startswith((MSG_KEPT, MSG_KEPT_BACK))
+            self.adopt(conns, fresh=True, served=served, read=read)
         elif data == MSG_TAKEN:
             self.unanswered = max(0, self.unanswered - 1)
         else:

@@ -304,6 +304,24 @@ def test_a_balanced_connection_nobody_else_serves_goes_back_to_its_sender(
     assert rig.master.balanced == 0
 
 
+def test_a_relieved_connection_nobody_else_serves_goes_back_to_its_sender_as_served(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    """Back as MSG_BACK, the sender would take its served keep-alive client for one never
+    served: a deadline of header_timeout, not keepalive_timeout, and not handed over when
+    it stops."""
+    rig, (busy,) = serving(make_rig, listener, 1)
+    sock, client = connection(clients)
+    relieved = [(sock.fileno(), chan.listener_id(listener.fd), 5.0)]
+    sent = chan.send_conns(
+        rig.kernel.children[busy.pid], relieved, chan.balance_head(4242, chan.MSG_RELIEF)
+    )
+    assert sent
+    rig.tick()
+    assert arrived_fresh(rig, busy.pid, client, chan.MSG_KEPT_BACK)
+    assert (rig.master.relieved, rig.master.balanced) == (0, 0)
+
+
 def reloaded(
     make_rig: Callable[..., Rig], listener: Listener, count: int, new_listeners: list[Listener]
 ) -> tuple[Rig, list[WorkerHandle], WorkerHandle]:

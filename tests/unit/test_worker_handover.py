@@ -13,7 +13,15 @@ import time
 import pytest
 
 from prefork import channel as chan
-from prefork.channel import MSG_BACK, MSG_BALANCE, MSG_FRESH, MSG_KEPT, MSG_RELIEF, MSG_STOP
+from prefork.channel import (
+    MSG_BACK,
+    MSG_BALANCE,
+    MSG_FRESH,
+    MSG_KEPT,
+    MSG_KEPT_BACK,
+    MSG_RELIEF,
+    MSG_STOP,
+)
 from prefork.scoreboard import Activity
 from prefork.worker import BALANCE_ABOVE
 from tests.unit.worker_rig import (
@@ -404,16 +412,19 @@ def test_a_worker_replaced_by_a_reload_passes_what_it_drains_with_no_peer_named(
 # --- keep-alive relief: what the master sent a worker that then began a long request
 
 
-def kept_for(rig: WorkerRig, master_end: socket.socket) -> socket.socket:
+def kept_for(
+    rig: WorkerRig, master_end: socket.socket, head: bytes = MSG_KEPT
+) -> socket.socket:
     """A client whose served keep-alive connection the master has sent, as a relieved one
-    ("K"), down `master_end`: a worker that stops hands it over, and the master forwards it."""
+    (`head`), down `master_end`: a worker that stops hands it over, and the master forwards
+    it."""
     origin, origin_master_end = rig.worker(number=3)
     client = served_connection(rig, origin)
     (lid,) = origin.listener_ids
     origin.begin_stop()  # and no longer a taker
     origin.hand_over({lid})
     passed = receive_conns(origin_master_end)
-    assert chan.send_conns(master_end, passed, MSG_KEPT)
+    assert chan.send_conns(master_end, passed, head)
     for fd, _, _ in passed:
         os.close(fd)  # the master keeps no copy
     return client
@@ -465,3 +476,25 @@ def test_relief_leaves_a_stop_and_what_follows_it_in_the_channel(rig: WorkerRig)
     assert stuck.stopping
     stuck.on_channel()  # then the connection, which a stopping worker still takes
     assert len(stuck.conns) == 1
+
+
+def test_relieved_connections_sent_back_still_count_as_served(rig: WorkerRig) -> None:
+    """No other worker could take what a busy worker's relief passed: the master sends them
+    back (MSG_KEPT_BACK). They are still keep-alive clients between requests: the idle
+    deadline is keepalive_timeout's, and a stop hands them over with the others."""
+    worker, master_end = rig.worker(number=1, keepalive_relief=0.2, header_timeout=2)
+    client = kept_for(rig, master_end, MSG_KEPT_BACK)
+    worker.unanswered = 1  # the relief pass it answers
+
+    worker.on_channel()
+
+    conn = conn_of(worker, client)
+    assert conn.served == 1
+    assert conn.deadline > time.monotonic() + 2  # keepalive_timeout (30), not the head's
+    assert worker.unanswered == 0
+    (lid,) = worker.listener_ids
+    worker.begin_stop()
+    worker.hand_over({lid})
+    ((fd, _, _),) = receive_conns(master_end)
+    assert peer_of(fd) == client.getsockname()
+    os.close(fd)
