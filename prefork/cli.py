@@ -476,6 +476,7 @@ def bind_specs(config: Config) -> list[BindSpec]:
             None if b.owner is None else uid_of(b.owner),
             None if b.group is None else resolve_gid(b.group),
             b.tls is not None,
+            b.reuse_port,
         )
         for b in config.bind
     ]

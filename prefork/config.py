@@ -336,6 +336,20 @@ class BindConfig:
         default=None,
         metadata=_meta("Serve HTTPS on this socket (section `bind[].tls`); null = plain."),
     )
+    reuse_port: bool = field(
+        default=False,
+        metadata=_meta(
+            "Set SO_REUSEPORT on this TCP socket: another server of the same user that sets "
+            "it too (a second preforkd, the next release of a blue-green deployment) can "
+            "listen on the same address at once, and the kernel spreads new connections "
+            "between them; stopping one leaves the others serving. Off, a second server "
+            "fails with 'Address already in use', which is the safer default: with it on, "
+            "nothing stops a stray instance from taking a share of the traffic. A reload "
+            "turns it on for the sockets it keeps; turning it off takes a restart. Not "
+            "allowed on unix sockets; for "
+            "sockets systemd passes, the socket unit's ReusePort= decides.",
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -1639,6 +1653,10 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
         for key in ("mode", "owner", "group"):
             if getattr(obj, key) is not None:
                 raise entries[key].fail(_join(path, key), f"{key} applies only to unix sockets")
+    if isinstance(obj, BindConfig) and obj.address.startswith("unix:") and obj.reuse_port:
+        raise entries["reuse_port"].fail(
+            _join(path, "reuse_port"), "reuse_port applies only to TCP sockets"
+        )
     if isinstance(obj, WorkersConfig) and obj.max:
         if obj.max < obj.count:
             raise entries["max"].fail(

@@ -3,7 +3,8 @@ gunicorn's --print-config): the file, the command line, WEB_CONCURRENCY and the 
 merged, as YAML that loads back to the same settings.
 
 Paths are printed resolved (absolute), file modes as octal strings ('0660': read as octal
-when loaded back), a bind with nothing but an address as the bare address.
+when loaded back), a bind with nothing but an address (the rest at the defaults) as the bare
+address.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def _value(value: Any, f: dataclasses.Field[Any]) -> Any:
     if isinstance(value, BindConfig):
         rest = _section(value)
         address = rest.pop("address")
-        return address if all(v is None for v in rest.values()) else {"address": address, **rest}
+        if value == BindConfig(address):  # every other field at its default
+            return address
+        return {"address": address, **rest}
     if dataclasses.is_dataclass(value):
         return _section(value)
     if isinstance(value, tuple):

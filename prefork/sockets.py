@@ -83,6 +83,7 @@ class BindSpec:
     owner: int | None = None  # uid
     group: int | None = None  # gid
     tls: bool = False
+    reuse_port: bool = False  # SO_REUSEPORT (TCP)
 
 
 @dataclass(slots=True)
@@ -168,7 +169,7 @@ def defer_accept(listener: Listener, seconds: int) -> None:
             pass
 
 
-def _bind_tcp(address: Address, backlog: int) -> list[Listener]:
+def _bind_tcp(address: Address, backlog: int, reuse_port: bool = False) -> list[Listener]:
     """Bind every address `address.host` stands for: a name such as `localhost` may resolve
     to 127.0.0.1 and ::1, and a client may try either (nginx binds all of them too). With
     port 0 the others take the port the first one got. An address this machine does not
@@ -189,7 +190,7 @@ def _bind_tcp(address: Address, backlog: int) -> list[Listener]:
             if listeners and address.port == 0:
                 sockaddr = (sockaddr[0], listeners[0].address.port, *sockaddr[2:])
             try:
-                listeners.append(_bind_one(family, sockaddr, backlog))
+                listeners.append(_bind_one(family, sockaddr, backlog, reuse_port))
             except OSError as exc:
                 if len(unique) > 1 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     skipped.append(f"{sockaddr[0]} ({exc.strerror})")
@@ -206,10 +207,14 @@ def _bind_tcp(address: Address, backlog: int) -> list[Listener]:
     return listeners
 
 
-def _bind_one(family: int, sockaddr: tuple[Any, ...], backlog: int) -> Listener:
+def _bind_one(
+    family: int, sockaddr: tuple[Any, ...], backlog: int, reuse_port: bool = False
+) -> Listener:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::]:80 next to 0.0.0.0:80 must not collide, as in nginx's default
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -292,10 +297,20 @@ def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
     if before is not None:
         assert path is not None
         _set_mode_and_owner(path, spec)
+    reuse_port = _reuse_port(listener)
+    if reuse_port is not None and reuse_port != spec.reuse_port:
+        # read when another socket binds the port: once on, another server may join
+        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, spec.reuse_port)
+        if reuse_port:
+            log.warning("%s: reuse_port turned off; the kernel may still let other servers "
+                        "join this address until the socket is bound again (a restart)",
+                        listener.address)
     listener.configured, listener.tls = spec, spec.tls
 
     def undo() -> None:
         listener.configured, listener.tls = configured, tls
+        if reuse_port is not None and reuse_port != spec.reuse_port:
+            listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, reuse_port)
         if before is None or path is None:
             return
         try:
@@ -305,6 +320,14 @@ def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
             log.warning("cannot give %s its mode and owner back: %s", path, exc)
 
     return undo
+
+
+def _reuse_port(listener: Listener) -> bool | None:
+    """SO_REUSEPORT on a TCP socket we bound; None for a unix socket or one systemd passed
+    (its socket unit's ReusePort= decides)."""
+    if listener.address.kind != "tcp" or listener.inherited:
+        return None
+    return bool(listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
 def _reachable(listener: Listener) -> bool:
@@ -340,7 +363,7 @@ def bind(spec: BindSpec, backlog: int) -> list[Listener]:
     if spec.address.kind == "unix":
         listeners = [_bind_unix(spec, backlog)]
     else:
-        listeners = _bind_tcp(spec.address, backlog)
+        listeners = _bind_tcp(spec.address, backlog, spec.reuse_port)
     for listener in listeners:
         listener.configured = spec
         listener.tls = spec.tls

@@ -641,6 +641,25 @@ def test_bind_mode_on_tcp(write: Writer, loader: str) -> None:
     check_error(error_of(path), path, 5, "bind[1].mode", "only to unix sockets")
 
 
+def test_bind_reuse_port_on_unix(write: Writer, loader: str) -> None:
+    path = write(
+        """
+        app: m:app
+        bind:
+          - address: 127.0.0.1:80
+            reuse_port: true
+          - address: unix:/run/a.sock
+            reuse_port: true
+        """
+    )
+    check_error(error_of(path), path, 6, "bind[1].reuse_port", "only to TCP sockets")
+
+
+def test_bind_reuse_port(write: Writer) -> None:
+    path = write("app: m:app\nbind:\n  - {address: 127.0.0.1:8000, reuse_port: true}\n")
+    assert load(path).bind == (BindConfig("127.0.0.1:8000", reuse_port=True),)
+
+
 def test_bind_invalid_address(write: Writer, loader: str) -> None:
     path = write(
         """

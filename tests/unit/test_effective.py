@@ -44,7 +44,7 @@ def test_the_printed_settings_load_back_to_the_same_configuration(tmp_path: Path
     assert printed["bind"] == [
         "127.0.0.1:9000",
         {"address": f"unix:{tmp_path}/run.sock", "mode": "0660", "owner": "0", "group": None,
-         "tls": None},
+         "tls": None, "reuse_port": False},
     ]
     assert printed["umask"] == "027" and printed["workers"]["max_memory"] == 512
     assert printed["pythonpath"] == [str(tmp_path / "src")]  # resolved

@@ -162,3 +162,45 @@ def test_a_failed_bind_puts_the_kept_sockets_back() -> None:
             assert stat.S_IMODE(os.stat(address.path).st_mode) == 0o660
         finally:
             listener.close()
+
+
+def reuse_port(text: str, on: bool = True) -> BindSpec:
+    return BindSpec(parse_address(text), reuse_port=on)
+
+
+def test_reuse_port_lets_two_servers_listen_on_one_address(opened: list[Listener]) -> None:
+    port = free_port()
+    first = bind_all([reuse_port(f"127.0.0.1:{port}")], 16)
+    opened += first
+    second = bind_all([reuse_port(f"127.0.0.1:{port}")], 16)  # a second server's
+    opened += second
+    assert first[0].address.port == second[0].address.port == port
+    with pytest.raises(BindError, match="Address already in use"):
+        bind_all([spec(f"127.0.0.1:{port}")], 16)  # one that does not ask for it
+
+
+def test_without_reuse_port_a_second_server_is_refused(opened: list[Listener]) -> None:
+    port = free_port()
+    opened += bind_all([spec(f"127.0.0.1:{port}")], 16)
+    with pytest.raises(BindError, match="Address already in use"):
+        bind_all([reuse_port(f"127.0.0.1:{port}")], 16)
+
+
+def test_a_reload_turns_reuse_port_on_a_kept_socket_and_can_put_it_back(
+    opened: list[Listener],
+) -> None:
+    """The socket is kept (its queue with it); the option, read when another socket binds,
+    lets the next server join once the reload has set it, and a failed reload clears it
+    (the kernel's record of the port, already shared, is not undone)."""
+    port = free_port()
+    (listener,) = bind_all([spec(f"127.0.0.1:{port}")], 16)
+    opened.append(listener)
+    undo: list[Callable[[], None]] = []
+    assert bind_all([reuse_port(f"127.0.0.1:{port}")], 16, reuse=[listener], undo=undo) == [
+        listener
+    ]
+    opened += bind_all([reuse_port(f"127.0.0.1:{port}")], 16)  # joins
+    for put_back in reversed(undo):
+        put_back()
+    assert not listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    assert listener.configured is not None and not listener.configured.reuse_port
