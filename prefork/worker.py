@@ -82,10 +82,12 @@ _EPOLLIN = select.EPOLLIN
 # its first bytes before its read side is shut
 LATE_SESSION_WAIT = 1.0
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
-# the first byte of the master's messages about connections (Worker.on_connections)
-_CONNECTION_MESSAGES = frozenset(
-    bytes([kind[0]])
-    for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_BACK, MSG_KEPT_BACK, MSG_TAKEN)
+# the first byte of the master's messages about connections that the relief thread takes
+# (Worker.take_from_channel). Not MSG_BACK / MSG_KEPT_BACK: what no other worker could take
+# comes back, and taken by the thread it would be passed again on every tick, a ping-pong
+# with the master for the whole request (a stopping server, a single worker).
+_RELIEF_TAKES = frozenset(
+    bytes([kind[0]]) for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_TAKEN)
 )
 SWEEP_INTERVAL = 1.0
 # When a worker stops, its idle keep-alive connections stay open this long: a request the
@@ -378,7 +380,8 @@ class Worker:
             )
         self.watcher: Watcher | None = None  # reload mode
         # http.keepalive_relief: the thread, and the connection being served while the main
-        # thread has given up the lock (the one connection the thread must not pass)
+        # thread has given up the lock (the one connection the thread must not pass, evict,
+        # nor mark the worker idle around; None outside that request)
         self.relief: Relief | None = None
         self.serving: Connection | None = None
         if (
@@ -691,6 +694,8 @@ class Worker:
                     keep = protocol.serve(conn, keep_alive)
                 finally:
                     relief.lock.acquire()
+                    # out of the request: evict_idle and drop treat it as any other again
+                    self.serving = None
         except ProtocolError as exc:  # a request after a body the application read
             keep = None
             self.reject(conn, exc)
@@ -731,8 +736,14 @@ class Worker:
         """At the connection cap, close the longest-parked idle keep-alive connection (HTTP
         lets a server close an idle connection at any time) so a new client is not refused.
         Not one whose client has sent its next request (unread while this worker was busy):
-        closing over unread bytes resets the connection, and the request is lost."""
+        closing over unread bytes resets the connection, and the request is lost. Nor the
+        one being served: the relief thread parks what it takes from the channel while the
+        main thread is inside a request, and that connection, its request read whole, looks
+        idle and served."""
+        serving = self.serving
         for conn in self.conns.values():
+            if conn is serving:
+                continue
             if conn.parser.idle and conn.served and not conn.has_input():
                 self.drop(conn)
                 return True
@@ -742,8 +753,11 @@ class Worker:
         self.slot.hold(len(self.conns) - (conn.fd in self.conns))
         if self.conns.pop(conn.fd, None) is not None:
             self.accept_if_room()
-            if not self.conns and not self.stopping:
-                self.slot.set(Activity.IDLE)  # its last keep-alive client is gone
+            # its last keep-alive client is gone. Not by the relief thread inside a request
+            # (an eviction as it parks what it took from the channel): IDLE would erase the
+            # request's start, which the master's workers.timeout watches
+            if not self.conns and not self.stopping and self.serving is None:
+                self.slot.set(Activity.IDLE)
         if conn.adopted:
             # another process may still hold the open file for a moment (it is closed there
             # right after the hand-over), and the epoll entry lives as long as the file
@@ -1007,7 +1021,8 @@ class Worker:
         reach of relief, and die with this worker at workers.timeout. Parked here, they
         are passed on with the others. Only messages about connections are taken, in
         order, up to the first of any other kind: stops and hand-overs stay for the main
-        thread."""
+        thread, and so do connections sent back (MSG_BACK, MSG_KEPT_BACK: no other worker
+        could take them, and passed again they would only come back again)."""
         channel = self.spec.channel
         while True:
             try:
@@ -1015,7 +1030,7 @@ class Worker:
                 kind = channel.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except OSError:
                 return  # none waiting (or the master gone: the main thread sees to that)
-            if kind not in _CONNECTION_MESSAGES:
+            if kind not in _RELIEF_TAKES:
                 return
             message = chan.receive(channel)
             if message is None:

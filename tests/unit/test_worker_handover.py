@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import time
 
 import pytest
@@ -17,7 +16,6 @@ from prefork.channel import (
     MSG_BACK,
     MSG_BALANCE,
     MSG_FRESH,
-    MSG_KEPT,
     MSG_KEPT_BACK,
     MSG_RELIEF,
     MSG_STOP,
@@ -30,6 +28,7 @@ from tests.unit.worker_rig import (
     WorkerRig,
     closed_by_server,
     conn_of,
+    kept_for,
     peer_of,
     read_response,
     receive_conns,
@@ -410,24 +409,6 @@ def test_a_worker_replaced_by_a_reload_passes_what_it_drains_with_no_peer_named(
 
 
 # --- keep-alive relief: what the master sent a worker that then began a long request
-
-
-def kept_for(
-    rig: WorkerRig, master_end: socket.socket, head: bytes = MSG_KEPT
-) -> socket.socket:
-    """A client whose served keep-alive connection the master has sent, as a relieved one
-    (`head`), down `master_end`: a worker that stops hands it over, and the master forwards
-    it."""
-    origin, origin_master_end = rig.worker(number=3)
-    client = served_connection(rig, origin)
-    (lid,) = origin.listener_ids
-    origin.begin_stop()  # and no longer a taker
-    origin.hand_over({lid})
-    passed = receive_conns(origin_master_end)
-    assert chan.send_conns(master_end, passed, head)
-    for fd, _, _ in passed:
-        os.close(fd)  # the master keeps no copy
-    return client
 
 
 def test_a_worker_in_a_long_request_passes_on_what_the_master_sent_it_meanwhile(

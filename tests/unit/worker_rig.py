@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefork import channel as chan
-from prefork.channel import MSG_CONNS
+from prefork.channel import MSG_CONNS, MSG_KEPT
 from prefork.config import from_mapping
 from prefork.hooks import WorkerInfo
 from prefork.logs import Logs
@@ -176,3 +176,19 @@ def read_until_closed(client: socket.socket) -> bytes:
     while chunk := client.recv(65536):
         data += chunk
     return data
+
+
+def kept_for(rig: WorkerRig, master_end: socket.socket, head: bytes = MSG_KEPT) -> socket.socket:
+    """A client whose served keep-alive connection the master has sent down `master_end`
+    after `head` (a relieved one, by default): worker 3 serves it, stops and hands it over,
+    and the master forwards it, keeping no copy."""
+    origin, origin_master_end = rig.worker(number=3)
+    client = served_connection(rig, origin)
+    (lid,) = origin.listener_ids
+    origin.begin_stop()  # and no longer a taker
+    origin.hand_over({lid})
+    passed = receive_conns(origin_master_end)
+    assert chan.send_conns(master_end, passed, head)
+    for fd, _, _ in passed:
+        os.close(fd)
+    return client
