@@ -346,8 +346,8 @@ class BindConfig:
             "fails with 'Address already in use', which is the safer default: with it on, "
             "nothing stops a stray instance from taking a share of the traffic. A reload "
             "turns it on for the sockets it keeps; turning it off takes a restart. Not "
-            "allowed on unix sockets; for "
-            "sockets systemd passes, the socket unit's ReusePort= decides.",
+            "allowed on unix sockets; for sockets systemd passes, the socket unit's "
+            "ReusePort= decides.",
         ),
     )
 

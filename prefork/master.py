@@ -43,7 +43,7 @@ from prefork.config import Config, StatsdConfig, WorkersConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
-from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard
+from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard, SlotView
 from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
@@ -159,6 +159,14 @@ def eof_on_stop(handle: WorkerHandle) -> bool:
     the option off must still end the old workers' sessions)."""
     config = handle.config
     return config is not None and config.protocol == "tcp" and config.stream.eof_on_stop
+
+
+def _in_request_for(view: SlotView, now: float) -> float:
+    """How long a worker has been inside the HTTP request it is answering, by its slot
+    (-1.0: between requests); what workers.timeout judges, and what routing avoids."""
+    if view.activity in (Activity.BUSY, Activity.READING) and view.started > 0:
+        return now - view.started
+    return -1.0
 
 
 def pool_size(old: Config, new: Config, target: int) -> int:
@@ -654,10 +662,7 @@ class Master:
     def busy_for(self, handle: WorkerHandle, now: float) -> float:
         """How long `handle` has been inside the request it is answering (-1.0: between
         requests)."""
-        view = self.scoreboard.read(handle.slot)
-        if view.activity in (Activity.BUSY, Activity.READING) and view.started > 0:
-            return now - view.started
-        return -1.0
+        return _in_request_for(self.scoreboard.read(handle.slot), now)
 
     def tell(self, handle: WorkerHandle, message: bytes) -> bool:
         """One message, if the worker's channel takes it now (it never blocks the master)."""
@@ -794,12 +799,9 @@ class Master:
                 self.deadline_passed(handle, now)
             elif timeout and handle.state in (WorkerState.READY, WorkerState.STOPPING):
                 view = self.scoreboard.read(handle.slot)
-                if (
-                    view.activity in (Activity.BUSY, Activity.READING)
-                    and view.started
-                    and now - view.started > timeout
-                ):
-                    self.hung(handle, view.method, view.target, now - view.started, now)
+                busy = _in_request_for(view, now)
+                if busy > timeout:
+                    self.hung(handle, view.method, view.target, busy, now)
 
     def deadline_passed(self, handle: WorkerHandle, now: float) -> None:
         if handle.state is WorkerState.BOOTING:

@@ -298,7 +298,8 @@ def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
         assert path is not None
         _set_mode_and_owner(path, spec)
     reuse_port = _reuse_port(listener)
-    if reuse_port is not None and reuse_port != spec.reuse_port:
+    reuse_port_changes = reuse_port is not None and reuse_port != spec.reuse_port
+    if reuse_port_changes:
         # read when another socket binds the port: once on, another server may join
         listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, spec.reuse_port)
         if reuse_port:
@@ -309,8 +310,8 @@ def reconfigure(listener: Listener, spec: BindSpec) -> Callable[[], None]:
 
     def undo() -> None:
         listener.configured, listener.tls = configured, tls
-        if reuse_port is not None and reuse_port != spec.reuse_port:
-            listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, reuse_port)
+        if reuse_port_changes:
+            listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, bool(reuse_port))
         if before is None or path is None:
             return
         try:

@@ -28,7 +28,6 @@ from prefork.signals import ALL_SIGNALS, set_mask
 log = logging.getLogger("prefork")
 
 
-
 class Kernel(Protocol):
     def monotonic(self) -> float: ...
 

@@ -86,9 +86,7 @@ _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 # (Worker.take_from_channel). Not MSG_BACK / MSG_KEPT_BACK: what no other worker could take
 # comes back, and taken by the thread it would be passed again on every tick, a ping-pong
 # with the master for the whole request (a stopping server, a single worker).
-_RELIEF_TAKES = frozenset(
-    bytes([kind[0]]) for kind in (MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_TAKEN)
-)
+_RELIEF_TAKES = frozenset((MSG_CONNS, MSG_FRESH, MSG_KEPT, MSG_TAKEN))  # one byte each
 SWEEP_INTERVAL = 1.0
 # When a worker stops, its idle keep-alive connections stay open this long: a request the
 # client is sending at that moment is answered (with Connection: close) instead of racing

@@ -28,9 +28,9 @@ _FIELD_OVERHEAD = 2 + 2  # ": " and CRLF
 # "Connection: close" makes llhttp refuse whatever follows the body, as after an upgrade.
 _CHUNKED_BODY_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 _LENGTH_BODY_HEAD = b"POST / HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-# The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
 # RFC 9112 3: method (a token, RFC 9110 5.6.2) SP request-target SP HTTP-version CRLF
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[0-9]\r\n")
+# The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
 _AUTHORITY = re.compile(rb"[^:/?#]*://(?:[^@/?#]*@)?([^/?#]*)")
 
 

@@ -696,6 +696,14 @@ def _recv_through(sock: socket.socket, terminator: bytes, what: str) -> bytes:
         data += _recv_exactly(sock, len(peeked), what)
 
 
+def ask(sock: socket.socket, path: str = "/") -> Response:
+    """A GET on a connection kept open (keep-alive); asserts it was answered 200."""
+    sock.sendall(http_request("GET", path))
+    response = read_response(sock)
+    assert response.status == 200, response
+    return response
+
+
 def fetch(
     address: Address | str,
     method: str = "GET",

@@ -16,21 +16,13 @@ from harness import (
     Response,
     ServerFactory,
     address,
+    ask,
     connect,
     gone,
-    http_request,
-    read_response,
     settings,
     wait_until,
 )
 from prefork.worker import PEERS_INTERVAL
-
-
-def ask(sock: socket.socket) -> Response:
-    sock.sendall(http_request("GET", "/"))
-    response = read_response(sock)
-    assert response.status == 200
-    return response
 
 
 def closes(response: Response) -> bool:

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from harness import (
-    Response,
     Server,
     ServerFactory,
     address,
+    ask,
     connect,
     gone,
     http_request,
@@ -32,13 +32,6 @@ from harness import (
     settings,
     wait_until,
 )
-
-
-def ask(sock: socket.socket, path: str = "/") -> Response:
-    sock.sendall(http_request("GET", path))
-    response = read_response(sock)
-    assert response.status == 200, response
-    return response
 
 
 @pytest.fixture

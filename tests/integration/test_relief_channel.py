@@ -9,12 +9,10 @@ seconds (and logs `pf_testapp: sleeping T` first).
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import time
-from pathlib import Path
 
 import psutil
 
@@ -22,6 +20,7 @@ from harness import (
     Server,
     ServerFactory,
     address,
+    ask,
     connect,
     http_request,
     read_response,
@@ -29,7 +28,7 @@ from harness import (
     settings,
     wait_until,
 )
-from test_relief import ask, sockets, start_slow
+from test_relief import sockets, sockets_of, start_slow
 
 __all__ = ["sockets"]  # the fixture, shared with test_relief
 
@@ -73,11 +72,6 @@ def one_on_each(
         if set(latest) == pids:
             return latest
     raise AssertionError(f"not one connection on each of {pids}: {latest}")
-
-
-def sockets_of(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 # --- defect: the relief thread closed the connection its worker was serving --------------

@@ -28,6 +28,7 @@ from harness import (
     Server,
     ServerFactory,
     address,
+    ask,
     connect,
     gone,
     http_request,
@@ -36,7 +37,7 @@ from harness import (
     settings,
     wait_until,
 )
-from test_relief import ask, on_one_worker, sockets, start_slow
+from test_relief import on_one_worker, sockets, start_slow
 
 __all__ = ["sockets"]  # the fixture, shared with test_relief
 
