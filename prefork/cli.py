@@ -71,7 +71,7 @@ from prefork.logs import (
     without_console,
 )
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
-from prefork.notify import Announcer, SdNotify, been_ready, read_status
+from prefork.notify import Announcer, SdNotify, been_ready
 from prefork.pidfile import (
     PidFile,
     PidFileError,
@@ -82,7 +82,10 @@ from prefork.pidfile import (
     is_preforkd,
     read_cmdline,
     read_pid,
+    read_status,
     running_pid,
+    status_path,
+    written_before,
 )
 from prefork.privileges import drop_privileges, resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
@@ -877,7 +880,7 @@ class Startup:
             sd,
             watchdog,
             ready_fd,
-            f"{config.pidfile}.status" if config.pidfile else None,
+            status_path(config.pidfile) if config.pidfile else None,
         )
         try:
             if self.pidfile is not None:
@@ -1391,6 +1394,10 @@ def reload_running(endpoint: Endpoint, source: str | None, wait: float) -> int:
         print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a "
               "preforkd master; the pidfile is stale; nothing was sent", file=sys.stderr)
         return EXIT_RUNTIME_ERROR
+    if written_before(endpoint.pidfile, pid):
+        print(f"preforkd: not running: {started_later(pid, endpoint.pidfile)}; nothing was "
+              "sent", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
     # the file validated here is the one named on this command line; the master reads the
     # one it was started with, and applies that: checked and applied must be the same
     other = other_file(pid, source, endpoint) if source is not None else None
@@ -1398,12 +1405,12 @@ def reload_running(endpoint: Endpoint, source: str | None, wait: float) -> int:
         print(f"preforkd: warning: this command read {source}, but the server (pid {pid}) "
               f"reads {other} again at a reload, the file it was started with: the reload "
               "applies that file, which was not checked here", file=sys.stderr)
-    status_path = f"{endpoint.pidfile}.status"
-    serial = count_of(read_status(status_path), pid, "serial")
+    status_file = status_path(endpoint.pidfile)
+    serial = count_of(read_status(status_file), pid, "serial")
     os.kill(pid, signal.SIGHUP)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        status = read_status(status_path) or {}
+        status = read_status(status_file) or {}
         if count_of(status, pid, "serial") > serial and status.get("state") == "done":
             message = f"preforkd: {status.get('message', '')}"
             if status.get("ok") is True:
@@ -1500,6 +1507,10 @@ def signal_master(
         print(f"preforkd: not running: pid {pid} (from {endpoint.pidfile}) is not a preforkd "
               f"master ({how}), so the pidfile is stale; nothing was sent", file=sys.stderr)
         return None, EXIT_CONFIG_ERROR
+    if written_before(endpoint.pidfile, pid):
+        print(f"preforkd: not running: {started_later(pid, endpoint.pidfile)}; nothing to "
+              f"{command}", file=sys.stderr)
+        return None, EXIT_CONFIG_ERROR
     before(pid)
     try:
         os.kill(pid, sig)
@@ -1513,6 +1524,13 @@ def signal_master(
     return pid, 0
 
 
+def started_later(pid: int, pidfile: str) -> str:
+    """Why master `pid` is not the one that wrote `pidfile` (pidfile.written_before)."""
+    return (f"pid {pid} (from {pidfile}) is a preforkd master, but not the one that wrote "
+            f"the pidfile ({status_path(pidfile)} names a process of that pid that started "
+            "earlier), so the pidfile is stale")
+
+
 def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     """`preforkd upgrade`: USR2 to the master named by the pidfile, which starts a new master
     from the code installed now on the same sockets; once that one reports ready (its
@@ -1520,12 +1538,12 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     master serves alone; 1 if the old master refused (why is printed), the new one exited
     (before it was ready: the old one serves on), or either step took longer than `wait`;
     2, nothing sent, as signal_master says."""
-    status_path = f"{endpoint.pidfile}.status"
+    status_file = status_path(endpoint.pidfile or "")  # signal_master refuses no pidfile
     upgrades = 0
 
     def note_upgrades(pid: int) -> None:
         nonlocal upgrades
-        upgrades = count_of(read_status(status_path), pid, "upgrades")
+        upgrades = count_of(read_status(status_file), pid, "upgrades")
 
     old, code = signal_master(endpoint, "upgrade", signal.SIGUSR2, note_upgrades)
     if old is None:
@@ -1533,7 +1551,7 @@ def upgrade_running(endpoint: Endpoint, wait: float) -> int:
     assert endpoint.pidfile is not None
     deadline = time.monotonic() + wait
     while True:
-        status = read_status(status_path) or {}
+        status = read_status(status_file) or {}
         new = read_pid(endpoint.pidfile)
         if count_of(status, old, "upgrades") > upgrades:
             print(f"preforkd: {status.get('message', '')}", file=sys.stderr)

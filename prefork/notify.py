@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Mapping, MutableMapping
 
-from prefork.pidfile import write_atomically
+from prefork.pidfile import process_identity, write_atomically
 
 log = logging.getLogger("prefork")
 
@@ -73,6 +73,8 @@ class Announcer:
         self.upgrades = 0
         # whether ready() was called: every status record says it (been_ready below)
         self.been_ready = False
+        # which process wrote the records, and so the pidfile (pidfile.written_before)
+        self.identity = process_identity(os.getpid())
 
     def fds(self) -> list[int]:
         """What a worker must not inherit: the master's notify socket and the ready pipe."""
@@ -165,6 +167,8 @@ class Announcer:
         if path is None:
             return
         data["been_ready"] = self.been_ready
+        if self.identity is not None:
+            data["identity"] = self.identity
         try:
             write_atomically(path, json.dumps(data))
         except OSError as exc:
@@ -182,12 +186,3 @@ def been_ready(status: Mapping[str, object], pid: int) -> bool:
     if isinstance(flag, bool):
         return flag
     return status.get("state") in ("ready", "reloading", "done")
-
-
-def read_status(path: str) -> dict[str, object] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

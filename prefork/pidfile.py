@@ -8,6 +8,7 @@ same directory, then renamed).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 
@@ -168,9 +169,65 @@ def config_argument(argv: list[str]) -> str | None:
 
 
 def running_pid(path: str) -> int | None:
-    """The pid in `path` if it is a live preforkd master, else None."""
+    """The pid in `path` if it is a live preforkd master that may have written it (not
+    written_before), else None."""
     pid = read_pid(path)
-    return pid if pid is not None and is_preforkd(pid) else None
+    return pid if pid is not None and is_preforkd(pid) and not written_before(path, pid) else None
+
+
+def status_path(pidfile: str) -> str:
+    """The file beside a pidfile where its master records its state (notify.Announcer):
+    what `preforkd reload` and `upgrade` wait on, and who wrote the pidfile."""
+    return f"{pidfile}.status"
+
+
+def read_status(path: str) -> dict[str, object] | None:
+    """A status record (status_path), or None if there is none that parses."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells process `pid` from every other process that had or will have its pid:
+    the boot it runs in and the clock tick it started at (`BOOT_ID:TICKS`, /proc), or None
+    if either cannot be read. Not a wall-clock time: a clock stepped after boot (NTP on a
+    machine without a battery-backed clock) would make a master look younger than its
+    pidfile."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # after the command name (in parentheses, any bytes): fields 3 onwards; 22 is starttime
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    if not boot or len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return f"{boot}:{fields[19].decode()}"
+
+
+def written_before(pidfile: str, pid: int) -> bool:
+    """Whether the pidfile's pid `pid` is proven to belong to another process than the
+    master that wrote it: its status record (status_path) names `pid` with another process
+    identity. A machine rebooted, or a master killed, with the pidfile left behind, and the
+    pid now another preforkd master's (another service's, or a container's that gets the
+    same pid at every start): that master must not be taken for this pidfile's, refusing
+    a start or getting a `stop`. False when nothing proves it (no record, a record of
+    another pid or from a preforkd before identities, an identity that cannot be read):
+    then only the command line (is_preforkd) decides, as before."""
+    record = read_status(status_path(pidfile))
+    if record is None or record.get("pid") != pid:
+        return False
+    recorded = record.get("identity")
+    if not isinstance(recorded, str):
+        return False
+    now = process_identity(pid)
+    return now is not None and now != recorded
 
 
 class PidFile:
@@ -190,9 +247,13 @@ class PidFile:
             return
         if pid == self.replacing:
             return  # write() replaces it in one rename
-        if pid != os.getpid() and is_preforkd(pid):
+        if pid == os.getpid() or not is_preforkd(pid):
+            self._remove_stale(f"pid {pid} is not a running preforkd")  # its process is gone
+        elif written_before(self.path, pid):
+            self._remove_stale(f"pid {pid} is a preforkd master started after the one that "
+                               "wrote it")
+        else:
             raise PidFileError(f"already running as pid {pid} (pidfile {self.path})")
-        self._remove_stale(f"pid {pid} is not a running preforkd")  # its process is gone
 
     def _remove_stale(self, why: str) -> None:
         """Unlink a stale pidfile; PidFileError if that is not permitted (a directory the
@@ -239,6 +300,11 @@ class PidFile:
         except OSError as exc:
             raise PidFileError(f"cannot write pidfile {self.path}: {exc.strerror}") from None
         self.written = pid
+        if written_before(self.path, pid):
+            # an earlier process with this pid left its record (a container's master gets
+            # the same pid at every start): until this master writes its own, the record
+            # would make this pidfile look stale
+            _unlink_quietly(status_path(self.path))
 
     def remove(self) -> None:
         if self.written is not None and read_pid(self.path) == self.written:

@@ -31,8 +31,15 @@ import psutil
 
 from prefork.addresses import unix_path_length_problem
 from prefork.admin import AdminServer, open_admin
-from prefork.notify import Announcer, been_ready, read_status
-from prefork.pidfile import PidFile, is_master, read_pid, write_atomically
+from prefork.notify import Announcer, been_ready
+from prefork.pidfile import (
+    PidFile,
+    is_master,
+    read_pid,
+    read_status,
+    status_path,
+    write_atomically,
+)
 from prefork.signals import all_blocked, set_mask
 from prefork.sockets import BindError, BindSpec, Listener, adopt_fd, adopt_socket
 
@@ -249,8 +256,8 @@ class Upgrader:
             if self.pidfile is not None:
                 path = self.pidfile.path
                 self._copy_aside(path, path + OLD)
-                self._move(f"{path}.status", f"{path}{OLD}.status")
-                self.new_status = f"{path}.status"
+                self._move(status_path(path), status_path(path + OLD))
+                self.new_status = status_path(path)
             self._move_admin_socket(admin_target)
         except OSError:
             self.put_back()

@@ -7,7 +7,9 @@ which stops them by pid (SIGTERM, then SIGKILL to the group) whatever the test d
 
 from __future__ import annotations
 
+import json
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from harness import (
     wait_until,
     write_config,
 )
+from prefork.pidfile import process_identity, read_pid, status_path
 
 # --- preforkd stop ------------------------------------------------------------------------------
 
@@ -158,6 +161,76 @@ def test_reload_of_a_stale_pidfile_does_not_signal_the_program_that_has_its_pid(
     assert (f"preforkd: not running: pid {other_program.pid} (from {pidfile}) is not a "
             "preforkd master; the pidfile is stale; nothing was sent") in result.stderr
     assert other_program.poll() is None, "the other program was signalled"
+
+
+def earlier_identity(pid: int, how: str) -> str:
+    """A process identity (pidfile.process_identity) of `pid` that is not the live
+    process's: the same pid in an earlier boot, or one that started before it."""
+    identity = process_identity(pid)
+    assert identity is not None
+    boot, ticks = identity.split(":")
+    if how == "earlier boot":
+        return f"{uuid.uuid4()}:{ticks}"
+    return f"{boot}:{int(ticks) - 1}"
+
+
+def stale_pidfile_naming(pid: int, pidfile: Path, how: str) -> None:
+    """A pidfile (and its status record) left by a master of pid `pid` that is gone: killed,
+    or the machine rebooted, before it could remove them."""
+    pidfile.write_text(f"{pid}\n")
+    status = {"pid": pid, "serial": 0, "state": "ready", "been_ready": True,
+              "identity": earlier_identity(pid, how)}
+    Path(status_path(str(pidfile))).write_text(json.dumps(status))
+
+
+@pytest.mark.parametrize("how", ["earlier boot", "earlier start"])
+def test_stop_of_a_stale_pidfile_whose_pid_another_master_now_has_sends_nothing(
+    server_factory: ServerFactory, short_tmp: Path, tmp_path: Path, how: str
+) -> None:
+    """Defect: a pidfile left behind (a reboot, a killed master) whose pid is now another
+    preforkd master's (another service's; in a container, the same pid at every start):
+    `stop` took that master for the pidfile's and stopped it. Its status record says which
+    process wrote it, and that one started earlier."""
+    other = pidfile_server(server_factory, short_tmp)
+    stale = tmp_path / "gone.pid"
+    stale_pidfile_naming(other.pid, stale, how)
+
+    stopped = preforkd("stop", "-p", str(stale), "--wait", "5")
+    reloaded = preforkd("reload", "-p", str(stale), "--wait", "5")
+
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert reloaded.returncode == 1, reloaded.stdout + reloaded.stderr
+    why = (f"preforkd: not running: pid {other.pid} (from {stale}) is a preforkd master, but "
+           f"not the one that wrote the pidfile ({stale}.status names a process of that pid "
+           "that started earlier), so the pidfile is stale; nothing ")
+    assert stopped.stderr == why + "to stop\n"
+    assert reloaded.stderr == why + "was sent\n"
+    assert other.running()
+    assert fetch(other.addresses()[0]).status == 200
+    assert "reload" not in other.log().lower()
+
+
+def test_a_start_replaces_a_stale_pidfile_whose_pid_another_master_now_has(
+    server_factory: ServerFactory, short_tmp: Path
+) -> None:
+    """Defect: the same pidfile at a start was refused with "already running as pid N",
+    N being the other service's master; the start now replaces it."""
+    other = pidfile_server(server_factory, short_tmp)
+    stale = short_tmp / "gone.pid"
+    stale_pidfile_naming(other.pid, stale, "earlier start")
+
+    server = server_factory(settings(pidfile=str(stale)))
+
+    assert read_pid(str(stale)) == server.pid
+    assert other.running()
+    # its own record names it rightly: `stop` finds it
+    assert json.loads(Path(f"{stale}.status").read_text())["identity"] == process_identity(
+        server.pid
+    )
+    result = preforkd("stop", "-p", str(stale), "--wait", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert server.wait_exit(5) == 0
+    assert other.running()
 
 
 # --- the positional app ----------------------------------------------------------------------

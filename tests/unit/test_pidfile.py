@@ -1,16 +1,29 @@
-"""The pidfile when two starts race: both find no file at their start, the first to write
-wins, and the second is refused without touching the winner's file."""
+"""The pidfile when two starts race (both find no file at their start, the first to write
+wins, and the second is refused without touching the winner's file), and when its pid is
+proven to be another process's than the master that wrote it."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from prefork.pidfile import PidFile, PidFileError, create_exclusively, read_pid
+from prefork.pidfile import (
+    PidFile,
+    PidFileError,
+    create_exclusively,
+    process_identity,
+    read_pid,
+    running_pid,
+    status_path,
+    written_before,
+)
 
 
 @pytest.fixture
@@ -68,3 +81,51 @@ def test_create_exclusively_never_replaces(tmp_path: Path) -> None:
     assert not create_exclusively(path, "2\n")
     assert Path(path).read_text() == "1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # no temporary file left
+
+
+def record(pidfile: Path, **fields: object) -> None:
+    Path(status_path(str(pidfile))).write_text(json.dumps(fields))
+
+
+def test_only_a_record_of_the_same_pid_with_another_identity_proves_a_pidfile_stale(
+    tmp_path: Path, master_like: int
+) -> None:
+    pidfile = tmp_path / "p.pid"
+    pidfile.write_text(f"{master_like}\n")
+    now = process_identity(master_like)
+    assert now is not None and now != process_identity(os.getpid())
+    boot, ticks = now.split(":")
+    assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert running_pid(str(pidfile)) == master_like  # no record: the command line decides
+    unproven = [{"pid": master_like + 1, "identity": "x:1"},  # another pid's record
+                {"pid": master_like},  # a record from before identities
+                {"pid": master_like, "identity": now}]  # its own
+    for fields in unproven:
+        record(pidfile, **fields)
+        assert not written_before(str(pidfile), master_like), fields
+        assert running_pid(str(pidfile)) == master_like
+    for earlier in (f"{boot}:{int(ticks) - 1}", f"{uuid.uuid4()}:{ticks}"):
+        record(pidfile, pid=master_like, identity=earlier)
+        assert written_before(str(pidfile), master_like)
+        assert running_pid(str(pidfile)) is None
+        PidFile(str(pidfile)).write(4321)  # the start replaces it
+        assert read_pid(str(pidfile)) == 4321
+        pidfile.write_text(f"{master_like}\n")
+    assert process_identity(999999999) is None  # no such process: nothing is proven
+    record(pidfile, pid=999999999, identity="x:1")
+    assert not written_before(str(pidfile), 999999999)
+
+
+def test_a_master_that_gets_the_pid_of_an_earlier_record_removes_that_record(
+    tmp_path: Path,
+) -> None:
+    """A container's master has the same pid at every start: the record its killed
+    predecessor left would make the new pidfile look stale until the first one of its own."""
+    pidfile = tmp_path / "p.pid"
+    record(pidfile, pid=os.getpid(), identity="another-boot:1")
+    PidFile(str(pidfile)).write(os.getpid())
+    assert not Path(status_path(str(pidfile))).exists()
+    assert read_pid(str(pidfile)) == os.getpid()
+    record(pidfile, pid=os.getpid(), identity=process_identity(os.getpid()))
+    PidFile(str(pidfile)).write(os.getpid())  # its own record stays
+    assert Path(status_path(str(pidfile))).exists()
