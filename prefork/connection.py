@@ -23,6 +23,8 @@ _DONTWAIT = socket.MSG_DONTWAIT
 _POLLIN = select.POLLIN | select.POLLPRI
 _POLLOUT = select.POLLOUT
 _ERRORS = select.POLLERR | select.POLLHUP | select.POLLNVAL
+# SO_LINGER on with a timeout of 0: close() sends a reset instead of a FIN
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"
 # Send errors that mean the peer, or the network to it, ended the connection, besides
 # ConnectionError's (EPIPE, ECONNRESET, ...) which Python already sorts out: these arrive as a
 # plain OSError (ETIMEDOUT as TimeoutError). ETIMEDOUT: TCP gave up retransmitting or
@@ -93,6 +95,7 @@ class Connection:
         "remote",
         "adopted",
         "wait_until",
+        "resetting",
     )
 
     sendfile_ok = True  # a plain socket: file bodies may go out with os.sendfile
@@ -119,6 +122,7 @@ class Connection:
         # no wait on this client may last past this (monotonic): set per request, so that a
         # slow client costs its own connection before the master would kill the whole worker
         self.wait_until = math.inf
+        self.resetting = False  # the close is to be a reset (reset_on_close)
 
     # reading ---------------------------------------------------------------------------
 
@@ -210,13 +214,27 @@ class Connection:
         """After an error response: half-close, then (in the worker's epoll, not here) read and
         discard what the client still sends until it closes or `seconds` pass, so the
         response is not destroyed by a reset (RFC 9112 section 9.6). False if the socket is
-        already unusable."""
+        already unusable, or to be reset (reset_on_close): a half-close is the FIN that must
+        not be sent then."""
+        if self.resetting:
+            return False
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False
         self.linger_until = time.monotonic() + seconds
         return True
+
+    def reset_on_close(self) -> None:
+        """Make the coming close a reset, not a FIN: a body delimited by the close (HTTP/1.0,
+        which nginx speaks to its upstreams by default) that was cut short must not end in
+        what says "complete"; a client, or nginx passing it on chunked, sees the reset as the
+        error it is."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            return  # already unusable: nothing more goes out anyway
+        self.resetting = True
 
     def discard_input(self, limit: int = 1 << 20) -> bool:
         """Read and drop what is there; False once the client has closed (or sent too much)."""

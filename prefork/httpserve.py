@@ -336,6 +336,8 @@ class HttpProtocol:
                 )
             else:
                 log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
+            if response.cut_short():
+                conn.reset_on_close()  # a slow reader must not find a clean end later
             now = time.monotonic()
             if response.status_code:  # the application answered: the log says what went out
                 self.answered(env, request, response, now - start)
@@ -344,14 +346,25 @@ class HttpProtocol:
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
             response.keep_alive = False
+            if response.cut_short():
+                conn.reset_on_close()
             if not response.head_sent:
                 response.status_code = exc.status
                 response.bytes_sent = self._send_error(conn, exc.status, request.method == "HEAD")
-        except Exception:
+        except BaseException:
+            # SystemExit (argparse or click given bad input inside a view, an app's own
+            # sys.exit()), KeyboardInterrupt or asyncio.CancelledError out of the application
+            # are its errors too: let through, they ended the worker with no response, and
+            # every other connection it held, and the master took it for a crash (backoff,
+            # degraded). The worker's own exits never pass here: its signal handlers leave
+            # with os._exit.
             log.exception(
                 "error handling %s %s", request.method, request.target.decode("latin-1")
             )
             response.keep_alive = False
+            if response.cut_short():
+                # a body that ends at the close: a FIN would pass it off as complete
+                conn.reset_on_close()
             if not response.head_sent:
                 response.status_code = 500
                 response.bytes_sent = self._send_error(conn, 500, request.method == "HEAD")

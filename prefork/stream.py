@@ -27,7 +27,10 @@ from prefork.scoreboard import Activity, Slot
 _PROXY_PEEK = max(V1_MAX, 16 + V2_MAX_BODY)
 
 _RECEIVES = ("recv", "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into", "read")
-_SENDS = ("send", "sendall", "sendto", "sendmsg", "write")
+# sendfile: socket.sendfile waits for the client in its own selector and os.sendfile, never
+# through send(); unwrapped, a slow client's download counted as the handler's work (killed
+# as hung at workers.timeout) and its bytes were not counted at all
+_SENDS = ("send", "sendall", "sendto", "sendmsg", "write", "sendfile")
 
 
 def _waiting(name: str, base: Callable[..., Any], counts: bool) -> Callable[..., Any]:
@@ -39,6 +42,11 @@ def _waiting(name: str, base: Callable[..., Any], counts: bool) -> Callable[...,
         slot.set_activity(Activity.WAITING)
         try:
             result = base(self, *args, **kwargs)
+        except TimeoutError:
+            # this socket's timeout (stream.idle_timeout): the client's, as a TimeoutError
+            # from a backend the handler talks to is not (see timed_out)
+            self.pf_timed_out = True
+            raise
         finally:
             slot.set_activity(Activity.BUSY)
             self.pf_depth = 0
@@ -114,11 +122,19 @@ def _attach(sock: socket.socket, slot: Slot) -> None:
     sock.pf_slot = slot  # type: ignore[attr-defined]
     sock.pf_sent = 0  # type: ignore[attr-defined]
     sock.pf_depth = 0  # type: ignore[attr-defined]
+    sock.pf_timed_out = False  # type: ignore[attr-defined]
 
 
 def sent_by(sock: socket.socket) -> int:
     """Bytes the handler sent on a socket from open_stream."""
     return int(getattr(sock, "pf_sent", 0))
+
+
+def timed_out(sock: socket.socket) -> bool:
+    """Whether a blocking call on a socket from open_stream waited on the client past
+    stream.idle_timeout: a TimeoutError out of the handler is the idle client's (408) only
+    then."""
+    return bool(getattr(sock, "pf_timed_out", False))
 
 
 def _read_proxy_header(

@@ -66,6 +66,7 @@ from prefork.stream import (
     open_stream,
     peer_gone,
     sent_by,
+    timed_out,
     use_stream_sockets,
     wait_readable,
 )
@@ -817,9 +818,15 @@ class Worker:
             status = 400
             log.debug("worker %d: closing %s: %s", self.spec.number, _peer_text(peer), exc)
         except TimeoutError:
-            status = 408
-            log.info("stream handler for %s: the client was idle past stream.idle_timeout",
-                     _peer_text(addr))
+            if stream is not None and timed_out(stream):
+                status = 408
+                log.info("stream handler for %s: the client was idle past stream.idle_timeout",
+                         _peer_text(addr))
+            else:
+                # not the client's socket: a backend the handler talks to (its own timeout),
+                # which is the handler's failure, not an idle client
+                status = 500
+                log.exception("stream handler failed for %s", _peer_text(addr))
         except (ConnectionResetError, BrokenPipeError) as exc:
             if stream is None or not peer_gone(stream):
                 # not from the client's connection (a backend the handler talks to)
@@ -830,7 +837,9 @@ class Worker:
                 # error
                 log.info("stream handler for %s: the client closed the connection (%s)",
                          _peer_text(addr), exc.strerror or exc)
-        except Exception:
+        except BaseException:
+            # SystemExit, KeyboardInterrupt, asyncio.CancelledError too: the handler's errors,
+            # which must not end the worker (see HttpProtocol.respond)
             status = 500
             log.exception("stream handler failed for %s", _peer_text(addr))
         finally:

@@ -368,6 +368,7 @@ class Response:
         "chunked",
         "bytes_sent",
         "no_body",
+        "complete",  # finish() ended the body: what fails after (a close()) cut nothing
         "must_close",
         "heads",
         "_before",  # set only by a head that changed them: the keep_alive, server and date
@@ -401,6 +402,7 @@ class Response:
         self.chunked = False
         self.bytes_sent = 0
         self.no_body = request.method == "HEAD"
+        self.complete = False
 
     def start_response(
         self,
@@ -613,12 +615,22 @@ class Response:
             count -= sent
             self.bytes_sent += sent
 
+    def cut_short(self) -> bool:
+        """Whether the body, now ending early (an error, a client too slow), was framed by the
+        connection's close alone: no length and no chunking tell the client it is short."""
+        return (
+            self.head_sent
+            and not self.complete
+            and not self.no_body
+            and not self.chunked
+            and self.content_length is None
+        )
+
     def finish(self) -> None:
         """End the body: the last chunk, or note that a declared length was not reached."""
         if not self.head_sent:
             self.send_whole(b"")
-            return
-        if self.chunked:
+        elif self.chunked:
             self.conn.send(LAST_CHUNK, self.send_timeout)
         elif (
             self.content_length is not None
@@ -626,6 +638,7 @@ class Response:
             and self.bytes_sent < self.content_length
         ):
             self.keep_alive = False  # the client will see a short body; the framing is lost
+        self.complete = True
 
 
 def _seek(filelike: IO[bytes], fd: int, position: int) -> None:
