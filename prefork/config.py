@@ -626,7 +626,10 @@ class HttpConfig:
     max_header_size: int = field(
         default=65536,
         metadata=_meta(
-            "A bigger request head (bytes, in total) is answered with 431.", lo=256, hi=16777216
+            "A bigger request head (bytes, in total) is answered with 431; so is a chunked"
+            " body's trailer section that grows past it (and one read) while it arrives.",
+            lo=256,
+            hi=16777216,
         ),
     )
     max_body_size: int = field(

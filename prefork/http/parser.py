@@ -30,6 +30,40 @@ _CHUNKED_BODY_HEAD = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnecti
 _LENGTH_BODY_HEAD = b"POST / HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
 # RFC 9112 3: method (a token, RFC 9110 5.6.2) SP request-target SP HTTP-version CRLF
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [!-~]+ HTTP/1\.[0-9]\r\n")
+# Methods llhttp knows only for RTSP (or as the HTTP/2 preface, PRI): on an HTTP/1.x line it
+# refuses them with a plain parse error, where any other unknown method gets 501.
+_NON_HTTP_METHODS = frozenset(
+    {
+        b"ANNOUNCE",
+        b"DESCRIBE",
+        b"FLUSH",
+        b"GET_PARAMETER",
+        b"PAUSE",
+        b"PLAY",
+        b"PRI",
+        b"RECORD",
+        b"REDIRECT",
+        b"SETUP",
+        b"SET_PARAMETER",
+        b"TEARDOWN",
+    }
+)
+# A request line llhttp reads as HTTP although its protocol is RTSP (OPTIONS, GET, POST) or
+# ICE (SOURCE): llhttp parses them alike and keeps only the version digits.
+_OTHER_PROTOCOL = re.compile(rb"[\r\n]*[!-~]+ +[!-~]+ +(?:RTSP|ICE)/")
+# authority-form (RFC 9112 3.2.3): uri-host ":" port, the only target CONNECT takes
+_AUTHORITY_FORM = re.compile(rb"(?:\[[!-Z^-~]+\]|[^\[\]/?#@:]+):[0-9]+")
+# Host (RFC 9110 7.2): uri-host [":" port] (RFC 3986 3.2.2: IP-literal or reg-name, which
+# covers IPv4 addresses), or empty for a target URI without an authority. An IP-literal's
+# contents are left loose (IPv6, IPvFuture, a zone).
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Za-z._~!$&'()*+,;=:%-]+\]|(?:[0-9A-Za-z._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
+    rb"(?::[0-9]*)?"
+)
+# Host values already found valid: most requests carry one of a few, and a set lookup takes
+# the regular expression off their path. Bounded, as ENVIRON_KEYS is.
+_VALID_HOSTS: set[bytes] = set()
+_VALID_HOSTS_SIZE = 256
 # The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
 _AUTHORITY = re.compile(rb"[^:/?#]*://(?:[^@/?#]*@)?([^/?#]*)")
 
@@ -86,7 +120,7 @@ class Request:
         self.headers = headers
         self.keep_alive = keep_alive
         # an absolute-form target's host[:port], which replaces Host (see on_headers_complete)
-        self.path, self.query, self.authority = split_target(target, method == "CONNECT")
+        self.path, self.query, self.authority = split_target(target, method)
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False  # the client waits for 100 Continue (until it is asked)
@@ -119,24 +153,33 @@ class _BodyCallbacks:
     """The callbacks of a parser that reads only a body (RequestParser._ignore_upgrade); it
     has no head callbacks, so its synthetic head produces no request."""
 
-    __slots__ = ("on_body", "on_message_complete")
+    __slots__ = ("on_body", "on_message_complete", "on_chunk_header")
 
     def __init__(
-        self, on_body: Callable[[bytes], None], on_message_complete: Callable[[], None]
+        self,
+        on_body: Callable[[bytes], None],
+        on_message_complete: Callable[[], None],
+        on_chunk_header: Callable[[], None],
     ) -> None:
         self.on_body = on_body
         self.on_message_complete = on_message_complete
+        self.on_chunk_header = on_chunk_header  # so a trailer section is bounded here too
 
 
-def split_target(target: bytes, connect: bool = False) -> tuple[bytes, bytes, bytes | None]:
+def split_target(target: bytes, method: str = "") -> tuple[bytes, bytes, bytes | None]:
     """Split a request-target into raw (path, query, authority); absolute-form keeps only
     the path and query, and gives its authority (host[:port], no userinfo); the other forms
-    have no authority, and authority-form (`connect`: host:port) neither path nor query.
-    An unusable target is a 400."""
-    if connect:
+    have no authority, and authority-form (CONNECT's: host:port) neither path nor query.
+    An unusable target is a 400, and so is a form the `method` cannot take (RFC 9112 3.2:
+    authority-form is CONNECT's only form, asterisk-form is OPTIONS' alone; "" = any)."""
+    if method == "CONNECT":
+        if not _AUTHORITY_FORM.fullmatch(target):
+            raise ProtocolError(400, "CONNECT needs an authority-form target (host:port)")
         return b"", b"", None
     if target[:1] != b"/":
         if target == b"*":
+            if method and method != "OPTIONS":
+                raise ProtocolError(400, "an asterisk-form target is for OPTIONS only")
             return target, b"", None
         try:
             url = httptools.parse_url(target)  # absolute-form (RFC 9112 3.2.2)
@@ -179,6 +222,8 @@ class RequestParser:
         "_upgrade_body",
         "_last_done",
         "_checking_head",
+        "_line_read",
+        "_head_read",
     )
 
     def __init__(self, limits: Limits) -> None:
@@ -199,6 +244,11 @@ class RequestParser:
         self._upgrade_body = False  # _parser now reads only the body of an upgrade request
         self._last_done: Request | None = None  # the request whose message ended last
         self._checking_head = False  # inside on_headers_complete: True after it raised
+        # the read being fed, if no message was under way when it began: a request line
+        # there begins the read (after empty lines), and on_headers_complete can find its
+        # protocol name by the lengths of the method and target alone
+        self._line_read: bytes | None = None
+        self._head_read: bytes | None = None  # that read, for the message it began
 
     def head_so_far(self) -> tuple[str, bytes, str, list[tuple[bytes, bytes]]] | None:
         """After a ProtocolError, what is known of the head it rejected, for the access log:
@@ -244,6 +294,7 @@ class RequestParser:
         """Parse `data`; raises ProtocolError when the request must be rejected."""
         fresh = not self._started  # a message begins in this read, if any
         done_before = self._last_done
+        self._line_read = data if fresh else None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -261,8 +312,7 @@ class RequestParser:
             # (it parses a fixed list) names a method not implemented here. Judged when the
             # read begins with it: no message was under way (nor a failed one) and none
             # ended in this read. A line split over reads gets 400.
-            line = data.lstrip(b"\r\n")[: self.limits.max_request_line + 2]
-            if fresh and self._last_done is done_before and _REQUEST_LINE.match(line):
+            if fresh and self._last_done is done_before and self._unknown_method(data):
                 raise ProtocolError(501, "method not implemented") from None
             raise ProtocolError(400, "invalid method") from None
         except httptools.HttpParserInvalidURLError:
@@ -278,6 +328,14 @@ class RequestParser:
                 # left the queue already: its body can end in the read that brings them.
                 self.upgraded = True
                 return
+            if (
+                fresh
+                and self._last_done is done_before
+                and self._unknown_method(data, _NON_HTTP_METHODS)
+            ):
+                # an RTSP method (PLAY, SETUP...) on an HTTP/1.x line: unknown to HTTP as
+                # any other, though llhttp refuses it only once it read the version
+                raise ProtocolError(501, "method not implemented") from None
             raise ProtocolError(400, str(exc) or "malformed request") from None
         else:
             if self._in_head:
@@ -287,12 +345,22 @@ class RequestParser:
                 # applied to every complete head in on_headers_complete.
                 self._head_bytes += len(data)
                 if self._head_bytes > self.limits.max_header_size + HEAD_SLACK:
+                    if self._current is not None:  # after the last chunk (on_chunk_header)
+                        raise ProtocolError(431, "trailer section too large")
                     raise ProtocolError(431, "request header too large")
             return
         # Only an upgrade request whose body is read gets here. Its body starts in `rest`; it
         # is fed outside the except clause, or an error raised while parsing it would get the
         # HttpParserUpgrade as __context__ in place of the ProtocolError that explains it.
         self.feed(rest)
+
+    def _unknown_method(self, data: bytes, among: frozenset[bytes] | None = None) -> bool:
+        """Whether the read `data` begins (after empty lines) with a whole, well-formed
+        HTTP/1.x request line, whose method is one of `among` if given."""
+        line = data.lstrip(b"\r\n")[: self.limits.max_request_line + 2]
+        if not _REQUEST_LINE.match(line):
+            return False
+        return among is None or line[: line.find(b" ")] in among
 
     def _ignore_upgrade(self) -> bool:
         """Answer the upgrade request just parsed as plain HTTP/1.1 if it declares a body;
@@ -312,7 +380,9 @@ class RequestParser:
         request = self.requests[-1]
         if request.method == "CONNECT" or not (request.chunked or request.content_length):
             return False
-        reader = _new_parser(_BodyCallbacks(self.on_body, self.on_message_complete))
+        reader = _new_parser(
+            _BodyCallbacks(self.on_body, self.on_message_complete, self.on_chunk_header)
+        )
         if request.chunked:
             reader.feed_data(_CHUNKED_BODY_HEAD)
         else:
@@ -330,6 +400,8 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._started = True
         self._in_head = True
+        self._head_read = self._line_read  # a later message in the same read: None
+        self._line_read = None
         self._head_bytes = 0
         self._head_size = _LINE_OVERHEAD
         self._url = b""
@@ -360,6 +432,18 @@ class RequestParser:
         method = parser.get_method()
         if self._head_size + len(method) + len(self._url) > self.limits.max_header_size:
             raise ProtocolError(431, "request header too large")
+        read = self._head_read
+        if (
+            read is not None
+            and not read.startswith(b"HTTP/", len(method) + len(self._url) + 2)
+            and _OTHER_PROTOCOL.match(read)
+        ):
+            # RFC 9112 2.3: the protocol name is "HTTP" (case-sensitive); llhttp also reads
+            # RTSP/1.0 and ICE/1.0 lines, with a version it reports as HTTP's. The fast test
+            # fails only for empty lines before the request, extra spaces or another name.
+            # A request line that did not begin its read (pipelined behind a body, split
+            # over reads) is not looked at: llhttp frames it as HTTP either way.
+            raise ProtocolError(400, "not an HTTP request line")
         version = parser.get_http_version()
         if version != "1.1" and version[:2] != "1.":
             if version == "0.9":
@@ -389,7 +473,15 @@ class RequestParser:
         self._headers = []
         self._checking_head = False
 
+    def on_chunk_header(self) -> None:
+        # A chunk-size line was read. Until its data comes (never, for the last chunk: its
+        # trailer section follows), feed() bounds what arrives as it bounds a head: httptools
+        # gathers a trailer field in memory, growing it by concatenation, until it ends.
+        self._in_head = True
+        self._head_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self._in_head = False  # a chunk's data (see on_chunk_header)
         request = self._current
         assert request is not None
         request.body_size += len(body)
@@ -412,6 +504,7 @@ class RequestParser:
         content_length: int | None = None
         transfer_codings: list[bytes] = []
         hosts = 0
+        host = b""
         for name, value in request.headers:
             lname = name.lower()
             if lname == b"content-length":
@@ -427,6 +520,7 @@ class RequestParser:
                 transfer_codings.extend(c.strip().lower() for c in value.split(b",") if c.strip())
             elif lname == b"host":
                 hosts += 1
+                host = value
             elif lname == b"expect":
                 if value.strip().lower() == b"100-continue":
                     request.expect_continue = request.version != "1.0"
@@ -443,8 +537,16 @@ class RequestParser:
             if len(transfer_codings) > 1:
                 raise ProtocolError(501, "unsupported transfer coding")
             request.chunked = True
-        if request.version != "1.0" and hosts != 1:
+        if hosts != 1 and (hosts or request.version != "1.0"):
+            # RFC 9112 3.2: an HTTP/1.1 request without Host, any request with several
             raise ProtocolError(400, "missing Host" if hosts == 0 else "several Host fields")
+        if hosts and host not in _VALID_HOSTS:
+            # RFC 9112 3.2: a Host field with an invalid value MUST be answered 400 (the
+            # application would build URLs, or pick a site, from "a/b", "x:abc" or "a b")
+            if not _HOST.fullmatch(host):
+                raise ProtocolError(400, "invalid Host")
+            if len(_VALID_HOSTS) < _VALID_HOSTS_SIZE:
+                _VALID_HOSTS.add(host)
         limit = self.limits.max_body_size
         if content_length is not None and limit and content_length > limit:
             raise ProtocolError(413, "request body too large")
