@@ -31,6 +31,19 @@ def server_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S
         factory.stop_all()
 
 
+@pytest.fixture(scope="module")
+def module_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerFactory]:
+    """A server_factory shared by the tests of one module (parametrized cases against one
+    server); every server it made is stopped after the module."""
+    factory = ServerFactory(tmp_path_factory.mktemp(request.module.__name__))
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
+
+
 @pytest.fixture(name="require_tool")
 def require_tool_fixture() -> Callable[[str], str]:
     """harness.require_tool as a fixture: skip (or fail under CI=true) without a command."""

@@ -11,7 +11,6 @@ every socket wait has a timeout. Not repeated here: the rejections of test_harde
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -59,16 +58,6 @@ def app(environ, start_response):
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 H = b"Host: x\r\n"
 TE = b"Transfer-Encoding: chunked\r\n"
-
-
-@pytest.fixture(scope="module")
-def module_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Servers shared by the cases of this module (stopped after the module)."""
-    factory = ServerFactory(tmp_path_factory.mktemp("conformance"))
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
 
 
 @pytest.fixture(scope="module")

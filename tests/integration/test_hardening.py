@@ -16,7 +16,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +57,6 @@ def records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
-
-
-@pytest.fixture(scope="module")
-def module_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerFactory]:
-    """Servers shared by the parametrized cases of this module (stopped after the module)."""
-    factory = ServerFactory(tmp_path_factory.mktemp("hardening"))
-    try:
-        yield factory
-    finally:
-        factory.stop_all()
 
 
 def rejected(server: Server, data: bytes, timeout: float = 5.0) -> tuple[Response, bytes]:
