@@ -89,7 +89,7 @@ from prefork.pidfile import (
 )
 from prefork.privileges import drop_privileges, resolve_gid, uid_of
 from prefork.scoreboard import Scoreboard
-from prefork.signals import SignalQueue
+from prefork.signals import STOP_SIGNALS, SignalQueue, Stopped, stops_raise
 from prefork.sockets import (
     BindError,
     BindSpec,
@@ -777,7 +777,8 @@ class Startup:
         self.hook_imports = HookImports()
         self.reimport = Reimport()
         self.inherited_env: dict[str, str] = {}
-        self.signals: SignalQueue | None = None  # made early by a master USR2 started
+        self.signals: SignalQueue | None = None  # made early, by a master that does not detach
+        self.listeners: list[Listener] = []  # once bound
 
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
@@ -807,6 +808,40 @@ class Startup:
         return (err.st_dev, err.st_ino) == (console.st_dev, console.st_ino)
 
     def run(self) -> int:
+        if self.detach:
+            # the launcher: signals keep their defaults until the daemon it forks serves
+            prepared = self.start()
+        else:
+            # First thing: a stop that comes while the master imports hooks or a preloaded
+            # application, or binds, stops it now (signals.stops_raise); the other signals
+            # (and SIGCHLD) wait in the queue for the loop. With their defaults instead,
+            # HUP or USR1 to the process group would end a starting master, and as a
+            # container's PID 1 every one of them (docker stop's TERM) would be dropped.
+            # A master USR2 started needs this too: its exec left HUP, USR1, USR2, TTIN and
+            # TTOU ignored, for the signals sent to the whole process group while it loads.
+            self.signals = SignalQueue(catch=MASTER_SIGNALS)
+            try:
+                with stops_raise(STOP_SIGNALS):
+                    prepared = self.start()
+            except Stopped as exc:
+                return self.stopped_starting(exc.signum)
+        if isinstance(prepared, int):
+            return prepared
+        return self.launch(*prepared)
+
+    def stopped_starting(self, signum: int) -> int:
+        """TERM, INT or QUIT before the loop began: close what is bound (a unix socket's
+        file goes) and exit 0, as a stop asked for before ready does once serving."""
+        for listener in self.listeners:
+            if listener.sock.fileno() >= 0:
+                listener.close()
+        if self.logs is not None:
+            log.info("%s while starting: stopped before serving", signal.Signals(signum).name)
+        return 0
+
+    def start(self) -> tuple[list[Listener], object] | int:
+        """Up to the bound sockets and the preloaded application (those, or the exit status
+        of a start that failed)."""
         config = self.config
         if self.handover_error:
             return self.fail(self.handover_error)
@@ -828,9 +863,6 @@ class Startup:
         if self.handover is not None:
             log.info("upgrade: taking over the sockets of the master pid %d",
                      self.handover.from_pid)
-            # now, not when serving: HUP, USR1, TTIN... sent to the process group while this
-            # new master loads (its exec left them ignored) wait in the queue for its loop
-            self.signals = SignalQueue(catch=MASTER_SIGNALS)
         raise_fd_limit(config.workers.max_connections)
         self.inherited_env = dict(os.environ)
         apply_env(config.env)
@@ -849,7 +881,7 @@ class Startup:
                 log.error("cannot load the application:\n%s", traceback.format_exc())
                 return self.fail(str(exc), EXIT_APP_FAILED)
         try:
-            listeners = open_listeners(config, self.handover)
+            listeners = self.listeners = open_listeners(config, self.handover)
             self.tls = tls_contexts(config, listeners)
         except BindError as exc:
             return self.fail(str(exc))
@@ -857,6 +889,12 @@ class Startup:
             return self.fail(f"TLS: {exc}")
         for listener in listeners:
             log.info("listening at %s", listener.url(config.protocol))
+        return listeners, app
+
+    def launch(self, listeners: list[Listener], app: object) -> int:
+        """Detach (if asked), write the pidfile, serve."""
+        config = self.config
+        assert self.logs is not None
         sd, watchdog = SdNotify.from_environ(os.environ)
         ready_fd = None
         if self.detach:

@@ -44,6 +44,7 @@ from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
 from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard, SlotView
+from prefork.signals import STOP_SIGNALS, Stopped, stops_raise
 from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
@@ -1373,7 +1374,19 @@ class Master:
         log.info("HUP: reloading")
         self.announce.reloading()
         try:
-            new = self.reloader(self.current, self.all_listeners())
+            # a preloaded application's import can take as long as the first did, with the
+            # loop blocked: a stop meanwhile abandons it at once (the queue has the signal
+            # for the next tick) instead of waiting for the import, and for docker's SIGKILL.
+            # The reloader undoes what it did when its import raises; whatever else it left
+            # half done goes with the master, which stops at the next tick.
+            with stops_raise(STOP_SIGNALS):
+                new = self.reloader(self.current, self.all_listeners())
+        except Stopped as exc:
+            message = (f"reload abandoned: {signal.Signals(exc.signum).name} arrived while it "
+                       f"loaded; still serving generation {self.current.number}")
+            log.warning("%s", message)
+            self.reload_finished(False, message, under_way=self.reloading)
+            return
         except Exception as exc:
             message = f"reload failed: {exc}; still serving generation {self.current.number}"
             if self.reloading:

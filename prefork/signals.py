@@ -25,6 +25,8 @@ _pthread_sigmask: Callable[[int, Iterable[int]], set[int]] = importlib.import_mo
 
 
 ALL_SIGNALS = frozenset(signal.valid_signals())  # computed once: it costs ~70 us a call
+# What stops a master while it imports (stops_raise): at start, and a reload's import.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def set_mask(how: int, mask: Iterable[int]) -> set[int]:
@@ -94,6 +96,39 @@ class SignalQueue:
         signal.set_wakeup_fd(-1)
         os.close(self._reader)
         os.close(self._writer)
+
+
+class Stopped(BaseException):
+    """A stop signal (TERM, INT, QUIT) arrived while the master was starting, or importing
+    a reload's application; see stops_raise. A BaseException, so the application's or a
+    hook's `except Exception` does not swallow it while it imports."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stops_raise(stops: Iterable[int]) -> Iterator[None]:
+    """For the block, `stops` raise Stopped in the main thread instead of waiting in the
+    queue for a loop that has not begun (or is blocked in a reload's import): a master
+    importing a slow application (preload_app) or binding is stopped at once, as it would be
+    by the signals' defaults. Those defaults are no use to a container's PID 1: the kernel
+    drops every signal init has no handler for, so `docker stop`'s TERM would be lost and
+    the container killed 10 s later. Afterwards the handlers are the queue's again. The
+    wakeup fd recorded the stop all the same, so a loop that catches Stopped finds it in
+    the queue at its next tick."""
+    previous = {sig: signal.signal(sig, _stop) for sig in stops}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+            signal.siginterrupt(sig, False)  # as SignalQueue set it: signal() undid that
 
 
 def reset_inherited(signals: Iterable[signal.Signals]) -> None:

@@ -220,6 +220,12 @@ class Upgrader:
             return ("under systemd the service's main process cannot hand over to another: "
                     "`systemctl restart` (with socket activation no connection is refused "
                     "meanwhile), or HUP to reload the application")
+        if os.getpid() == 1:
+            # a container's main process (PID 1 of its pid namespace): when it exits, the
+            # kernel kills every other process in the namespace, the new master with it
+            return ("this master is PID 1 (a container's main process): its exit would end "
+                    "the new master too; restart the container instead, or HUP to reload "
+                    "the application")
         if self.replaced is not None and is_master(self.replaced):
             return f"the master this one replaced (pid {self.replaced}) still runs; stop it first"
         if any(listener.inherited for listener in listeners):
