@@ -1248,6 +1248,8 @@ class Master:
             if floor > 1:
                 log.warning("TTOU: a dynamic pool keeps at least workers.count (%d) workers",
                             floor)
+            else:
+                log.warning("TTOU: already at the minimum of 1 worker")
             return
         self.resize(self.target - 1)
         log.info("TTOU: %d workers", self.target)

@@ -300,8 +300,10 @@ def test_ttou_never_goes_below_one_worker(server_factory: ServerFactory) -> None
     server = server_factory(settings(workers={"count": 1}))
     (only,) = server.worker_pids()
     server.signal(signal.SIGTTOU)
+    # one at a time: two signals pending at once are delivered lowest number first (TTIN)
+    server.wait_for_log("TTOU: already at the minimum of 1 worker")
     server.signal(signal.SIGTTIN)
-    # Signals are handled in order: had TTOU dropped the target to 0, TTIN would say 1.
+    # had TTOU dropped the target to 0, TTIN would say 1
     server.wait_for_log("TTIN: 2 workers")
     assert "TTOU: 0" not in server.log()
     pids = wait_until(

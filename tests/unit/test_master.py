@@ -622,7 +622,9 @@ def test_ttou_retires_the_highest_numbered_worker(
     assert rig.kernel.spawned == [1000, 1001, 1002]
 
 
-def test_ttou_never_goes_below_one_worker(make_rig: Callable[..., Rig]) -> None:
+def test_ttou_never_goes_below_one_worker(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
     rig = make_rig(count=1)
     rig.start()
 
@@ -631,6 +633,7 @@ def test_ttou_never_goes_below_one_worker(make_rig: Callable[..., Rig]) -> None:
     assert rig.master.target == 1
     assert rig.kernel.received(1000) == b""
     assert rig.worker(1).state is WorkerState.READY
+    assert matching(caplog, "TTOU: already at the minimum of 1 worker", logging.WARNING)
 
 
 @pytest.mark.parametrize(
