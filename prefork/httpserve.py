@@ -336,8 +336,7 @@ class HttpProtocol:
                 )
             else:
                 log.debug("client %s: %s", env["REMOTE_ADDR"] or "(unix)", exc)
-            if response.cut_short():
-                conn.reset_on_close()  # a slow reader must not find a clean end later
+            response.cut()  # a slow reader must not find a clean end later
             now = time.monotonic()
             if response.status_code:  # the application answered: the log says what went out
                 self.answered(env, request, response, now - start)
@@ -346,8 +345,7 @@ class HttpProtocol:
         except ProtocolError as exc:
             # the request body broke the framing (or went over a limit) while being read
             response.keep_alive = False
-            if response.cut_short():
-                conn.reset_on_close()
+            response.cut()
             if not response.head_sent:
                 response.status_code = exc.status
                 response.bytes_sent = self._send_error(conn, exc.status, request.method == "HEAD")
@@ -362,9 +360,7 @@ class HttpProtocol:
                 "error handling %s %s", request.method, request.target.decode("latin-1")
             )
             response.keep_alive = False
-            if response.cut_short():
-                # a body that ends at the close: a FIN would pass it off as complete
-                conn.reset_on_close()
+            response.cut()
             if not response.head_sent:
                 response.status_code = 500
                 response.bytes_sent = self._send_error(conn, 500, request.method == "HEAD")

@@ -23,6 +23,7 @@ import enum
 import mmap
 import struct
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 SLOT_SIZE = 512
@@ -195,28 +196,31 @@ class Slot:
     def peers(self) -> list[tuple[int, int]]:
         """(pid, slot offset) of every other worker of this slot's generation that is
         serving; a scan of the whole board (~0.2 ms), so callers keep the answer a while."""
-        memory = self._memory
-        _, generation, _ = _IDENT.unpack_from(memory, self._offset + _IDENT_OFFSET)
-        found = []
-        for offset in range(0, len(memory), SLOT_SIZE):
-            if offset == self._offset or memory[offset] not in _SERVING:
-                continue
-            pid, gen, _ = _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)
-            if pid and gen == generation:
-                found.append((pid, offset))
-        return found
+        generation = self._generation()
+        return [
+            (pid, offset)
+            for pid, gen, offset in self._serving()
+            if gen == generation and offset != self._offset
+        ]
 
     def outdated(self) -> bool:
         """Whether a worker of a later generation serves: a reload replaced this slot's (a
         scan of the whole board, as peers())."""
+        generation = self._generation()
+        return any(gen > generation for _, gen, _ in self._serving())
+
+    def _generation(self) -> int:
+        _, generation, _ = _IDENT.unpack_from(self._memory, self._offset + _IDENT_OFFSET)
+        return int(generation)
+
+    def _serving(self) -> Iterator[tuple[int, int, int]]:
+        """(pid, generation, slot offset) of every worker on the board that is serving."""
         memory = self._memory
-        _, generation, _ = _IDENT.unpack_from(memory, self._offset + _IDENT_OFFSET)
         for offset in range(0, len(memory), SLOT_SIZE):
             if memory[offset] in _SERVING:
                 pid, gen, _ = _IDENT.unpack_from(memory, offset + _IDENT_OFFSET)
-                if pid and gen > generation:
-                    return True
-        return False
+                if pid:
+                    yield pid, gen, offset
 
     def held_by(self, pid: int, offset: int, now: float) -> int | None:
         """The connections worker `pid`, in the slot at `offset`, last said it holds; None

@@ -615,16 +615,18 @@ class Response:
             count -= sent
             self.bytes_sent += sent
 
-    def cut_short(self) -> bool:
-        """Whether the body, now ending early (an error, a client too slow), was framed by the
-        connection's close alone: no length and no chunking tell the client it is short."""
-        return (
+    def cut(self) -> None:
+        """The response ends here, early (an error, a client too slow): when the connection's
+        close alone frames its body (no length, no chunking to tell the client it is short),
+        make that close a reset, since a FIN would pass the body off as complete."""
+        if (
             self.head_sent
             and not self.complete
             and not self.no_body
             and not self.chunked
             and self.content_length is None
-        )
+        ):
+            self.conn.reset_on_close()
 
     def finish(self) -> None:
         """End the body: the last chunk, or note that a declared length was not reached."""
