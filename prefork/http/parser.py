@@ -65,7 +65,7 @@ _HOST = re.compile(
 _VALID_HOSTS: set[bytes] = set()
 _VALID_HOSTS_SIZE = 256
 # The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
-_AUTHORITY = re.compile(rb"[^:/?#]*://(?:[^@/?#]*@)?([^/?#]*)")
+_AUTHORITY = re.compile(rb"[^:/?#]*://([^@/?#]*@)?([^/?#]*)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,7 @@ class _BodyCallbacks:
 
 def split_target(target: bytes, method: str = "") -> tuple[bytes, bytes, bytes | None]:
     """Split a request-target into raw (path, query, authority); absolute-form keeps only
-    the path and query, and gives its authority (host[:port], no userinfo); the other forms
+    the path and query, and gives its authority (host[:port]; userinfo is a 400); the other forms
     have no authority, and authority-form (CONNECT's: host:port) neither path nor query.
     An unusable target is a 400, and so is a form the `method` cannot take (RFC 9112 3.2:
     authority-form is CONNECT's only form, asterisk-form is OPTIONS' alone; "" = any)."""
@@ -186,7 +186,11 @@ def split_target(target: bytes, method: str = "") -> tuple[bytes, bytes, bytes |
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
         found = _AUTHORITY.match(target)
-        return url.path or b"/", url.query or b"", (found and found[1]) or None
+        if found and found[1]:
+            # RFC 9110 4.2.4: no sender puts userinfo in an http(s) target; a recipient
+            # SHOULD treat it as an error (it hides the real authority, for phishing)
+            raise ProtocolError(400, "userinfo in the request target")
+        return url.path or b"/", url.query or b"", (found and found[2]) or None
     # find(), not `b"#" in target`: CPython 3.11 first tries the operand as an int, and
     # builds (then drops) a TypeError message for it on every request
     cut = target.find(b"#")
@@ -522,9 +526,11 @@ class RequestParser:
                 hosts += 1
                 host = value
             elif lname == b"expect":
-                if value.strip().lower() == b"100-continue":
+                # a list (RFC 9110 5.6.1): empty elements, and so an empty field, expect nothing
+                expected = {e.strip().lower() for e in value.split(b",")} - {b""}
+                if expected == {b"100-continue"}:
                     request.expect_continue = request.version != "1.0"
-                else:
+                elif expected:
                     raise ProtocolError(417, "unsupported expectation")
         if transfer_codings:
             if content_length is not None:

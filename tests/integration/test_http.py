@@ -394,7 +394,7 @@ def test_an_absolute_form_target_names_the_host(server_factory: ServerFactory) -
     server = server_factory(settings(workers={"count": 1}))
     with connect(address(server)) as sock:
         sock.sendall(
-            b"GET http://user@real.example:8080/environ?x=1 HTTP/1.1\r\n"
+            b"GET http://real.example:8080/environ?x=1 HTTP/1.1\r\n"
             b"Host: spoofed.example\r\n\r\n"
         )
         response = read_response(sock)
@@ -402,6 +402,26 @@ def test_an_absolute_form_target_names_the_host(server_factory: ServerFactory) -
     environ = json.loads(response.body)
     assert environ["HTTP_HOST"] == "real.example:8080"
     assert (environ["PATH_INFO"], environ["QUERY_STRING"]) == ("/environ", "x=1")
+
+
+@pytest.mark.parametrize("userinfo", [b"user@", b"user:pw@", b"@"])
+def test_userinfo_in_an_absolute_form_target_is_refused(
+    server_factory: ServerFactory, userinfo: bytes
+) -> None:
+    """RFC 9110 4.2.4: no sender puts userinfo in an http(s) target, and a recipient SHOULD
+    treat it as an error: it hides the real authority (http://bank.example@evil.example/).
+    nginx answers 400; preforkd once dropped it and served the request."""
+    server = server_factory(settings(workers={"count": 1}))
+    with connect(address(server)) as sock:
+        sock.sendall(
+            b"GET http://" + userinfo + b"real.example:8080/environ HTTP/1.1\r\n"
+            b"Host: real.example\r\n\r\n"
+        )
+        response = read_response(sock)
+        assert response.status == 400, response
+        assert response.header("connection") == "close"
+        sock.settimeout(5)
+        assert sock.recv(1) == b""  # and the connection is closed
 
 
 # --- binds, protocols, logs ---------------------------------------------------------------

@@ -363,12 +363,12 @@ def test_an_absolute_form_target_names_the_host(
     server_factory: ServerFactory,
 ) -> None:  # passes: coverage
     """RFC 9112 3.2.2 against the real server: the host and port of an absolute-form target
-    replace the Host field (userinfo dropped), the path and query are the target's, and an
+    replace the Host field, the path and query are the target's, and an
     HTTP/1.1 request still needs a Host field."""
     server = server_factory({"app": "app:app", "workers": {"count": 1}}, app_source=ENVIRON_APP)
     where = server.addresses()[0]
     with connect(where) as sock:
-        sock.sendall(b"GET http://user:pw@example.com:8080/a%20b?q=1 HTTP/1.1\r\n"
+        sock.sendall(b"GET http://example.com:8080/a%20b?q=1 HTTP/1.1\r\n"
                      b"Host: other.example\r\n\r\n")
         response = read_response(sock)
         assert response.status == 200

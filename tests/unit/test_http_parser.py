@@ -271,6 +271,18 @@ VALID: dict[str, tuple[bytes, list[dict[str, Any]], bool]] = {
         [{"expect_continue": False, "body": b"abc"}],
         False,
     ),
+    # an Expect list's empty elements expect nothing; so does an empty field (gunicorn and
+    # nginx ignore it; a 417 for it refused requests those servers took)
+    "expect_empty_field_is_no_expectation": (
+        head(b"PUT /f HTTP/1.1", HOST, b"Expect:", b"Content-Length: 3") + b"abc",
+        [{"expect_continue": False, "body": b"abc"}],
+        False,
+    ),
+    "expect_list_with_empty_elements": (
+        head(b"PUT /f HTTP/1.1", HOST, b"Expect: , 100-continue,", b"Content-Length: 3") + b"abc",
+        [{"expect_continue": True, "body": b"abc"}],
+        False,
+    ),
     "upgrade": (
         head(b"GET /ws HTTP/1.1", HOST, b"Connection: Upgrade", b"Upgrade: websocket")
         + b"\x81\x05not-http",
@@ -401,13 +413,20 @@ def test_split_target(target: bytes, path: bytes, query: bytes) -> None:
         (b"*", None),
         (b"http://h/x?y", b"h"),
         (b"https://h:443", b"h:443"),
-        (b"http://user:pw@example.com:8080/a", b"example.com:8080"),
         (b"http://[::1]:80?q", b"[::1]:80"),
         (b"HTTP://Example.COM/#f", b"Example.COM"),
     ],
 )
 def test_split_target_authority(target: bytes, authority: bytes | None) -> None:
     assert split_target(target)[2] == authority
+
+
+@pytest.mark.parametrize("target", [b"http://user:pw@example.com:8080/a", b"http://@a/", b"x://u@h"])
+def test_split_target_refuses_userinfo(target: bytes) -> None:
+    """RFC 9110 4.2.4: userinfo in a target is treated as an error, as nginx does."""
+    with pytest.raises(ProtocolError) as caught:
+        split_target(target)
+    assert caught.value.status == 400
 
 
 def test_absolute_form_host_replaces_the_host_field() -> None:
@@ -677,6 +696,11 @@ REJECT: dict[str, tuple[bytes, int, Limits | None]] = {
     # expectations (RFC 9110 10.1.1)
     "unknown_expectation": (
         head(b"POST / HTTP/1.1", HOST, b"Expect: something-else"),
+        417,
+        None,
+    ),
+    "unknown_expectation_beside_100_continue": (
+        head(b"POST / HTTP/1.1", HOST, b"Expect: 100-continue, something-else"),
         417,
         None,
     ),
