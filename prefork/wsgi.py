@@ -20,7 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, peer_failed
 from prefork.http import ProtocolError, Request
-from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk
+from prefork.http.response import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk, reason_phrase
 
 # Unread body bytes the server reads and discards after a response to keep the connection
 # (prefork.httpserve drains them); more, and the response says Connection: close.
@@ -36,6 +36,7 @@ _NO_BODY_STATUS = (b"204", b"304")  # 1xx never gets this far: _STATUS_RE refuse
 # are the server's business (100 Continue, from Input).
 # no control character but HTAB in a field value (RFC 9110 5.5) or a reason (RFC 9112 4)
 _STATUS_RE = re.compile(r"[2-5][0-9][0-9] [^\x00-\x08\x0a-\x1f\x7f]*\Z")
+_CODE_ONLY = re.compile(r"[2-5][0-9][0-9]\Z")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -300,6 +301,11 @@ def _check_head(status: str, headers: Iterable[tuple[str, str]]) -> CheckedHead:
     """Validate start_response's arguments (PEP 3333) and encode them."""
     # isinstance, not type() is: a str subclass equals (and hashes as) the plain string a
     # cached head was made from, so the cached and the fresh check must agree on it
+    if isinstance(status, str) and _CODE_ONLY.match(status):
+        # PEP 3333 asks for "200 OK", but gunicorn and uWSGI send a bare "200" on, and apps
+        # moved from them do return it: it gets its registered phrase (RFC 9112 4 lets a
+        # reason be empty, never the space before it: "HTTP/1.1 200" is malformed).
+        status = f"{status} {reason_phrase(int(status))}"
     if not isinstance(status, str) or not _STATUS_RE.match(status):
         if isinstance(status, str) and status[:1] == "1":
             raise ValueError(f"WSGI status {status!r} is interim, not a final status")

@@ -35,6 +35,11 @@ def status_line(status: int) -> str:
     return f"{status} {_REASONS.get(status, 'Unknown')}"
 
 
+def reason_phrase(status: int) -> str:
+    """The registered reason phrase of a status code; empty for an unregistered one."""
+    return _REASONS.get(status, "")
+
+
 class DateCache:
     """The Date header line, formatted at most once per second (RFC 9110 section 6.6.1)."""
 

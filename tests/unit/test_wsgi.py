@@ -568,7 +568,8 @@ def test_non_str_headers_are_type_errors(client: Client, headers: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "status", ["200", "OK", "2000 OK", "200OK", "200 OK\r\nX: y", "600 Nope", "099 Low", b"200 OK"]
+    "status",
+    ["OK", "2000 OK", " 200", "200\t", "200OK", "200 OK\r\nX: y", "600 Nope", "099 Low", b"200 OK"],
 )
 def test_invalid_status(client: Client, status: Any) -> None:
     with pytest.raises(ValueError):
@@ -580,6 +581,17 @@ def test_invalid_status(client: Client, status: Any) -> None:
 def test_valid_unusual_status(client: Client, status: str) -> None:
     _, raw = serve(client, simple_app([b"x"], status=status), get())
     assert raw.startswith(b"HTTP/1.1 " + status.encode() + b"\r\n")
+
+
+@pytest.mark.parametrize(
+    ("status", "line"), [("200", b"200 OK"), ("404", b"404 Not Found"), ("299", b"299 ")]
+)
+def test_a_bare_status_code_gets_its_reason_phrase(
+    client: Client, status: str, line: bytes
+) -> None:
+    """gunicorn and uWSGI pass a bare "200" on; an app moved from them must not get a 500."""
+    _, raw = serve(client, simple_app([b"x"], status=status), get())
+    assert raw.startswith(b"HTTP/1.1 " + line + b"\r\n")
 
 
 def test_app_must_call_start_response(client: Client) -> None:
