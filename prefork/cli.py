@@ -871,7 +871,9 @@ class Startup:
             self.hooks = self.hook_imports.load(config.hooks)
         except HookError as exc:
             return self.fail(str(exc))
-        self.hooks.call("on_starting", ServerInfo(config))
+        if not self.hooks.call("on_starting", ServerInfo(config)):
+            # a pre-flight check that fails (as in gunicorn, whose master exits on it)
+            return self.fail(f"{self.hooks.failure}; not starting")
         app = None
         if config.preload_app:
             try:

@@ -1064,11 +1064,12 @@ def _hook(doc: str) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
-    """Server hooks: `module:function` names, called at the moments below. A hook that raises
-    is logged with its traceback; see each one for what else follows."""
+    """Server hooks: `module:function` names, called at the moments below. A hook that raises,
+    or calls sys.exit(), is logged with its traceback; see each one for what else follows."""
 
     on_starting: str | None = _hook(
-        "on_starting(server): master, once, before sockets are bound."
+        "on_starting(server): master, once, before sockets are bound. Raising (or "
+        "sys.exit()) stops the start with exit status 1, before anything is bound."
     )
     when_ready: str | None = _hook(
         "when_ready(server): master, once every initial worker serves."

@@ -2,8 +2,8 @@
 
 Invariants: hook modules are imported in the master when the configuration is loaded (a
 missing function is a startup or reload error, not a surprise later); workers inherit them
-through fork. A hook that raises is logged with its traceback and reported to the caller,
-which decides what that means (boot failure, 500, nothing).
+through fork. A hook that raises (or calls sys.exit()) is logged with its traceback and
+reported to the caller, which decides what that means (boot failure, 500, nothing).
 """
 
 from __future__ import annotations
@@ -67,7 +67,10 @@ class Hooks:
             return True
         try:
             function(*args)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # a sys.exit() in a hook is its failure, as an exception is: in the master it
+            # would end the whole server, in a worker the requests it holds. Not every
+            # BaseException: signals.Stopped (a stop while the master starts) goes through.
             log.exception("hook %s (%s) failed", name, _describe(function))
             self.failure = f"hook {name} failed: {exc!r}"
             return False

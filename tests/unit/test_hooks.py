@@ -15,6 +15,7 @@ import pytest
 
 from prefork.config import HOOKS, Config, ConfigError, HooksConfig, from_mapping, load
 from prefork.hooks import HookError, HookImports, Hooks, ServerInfo, WorkerInfo
+from prefork.signals import Stopped
 
 HOOK_SOURCE = """
 calls = []
@@ -158,19 +159,41 @@ def test_a_raising_hook_does_not_stop_later_calls(hook_module: str) -> None:
     assert sys.modules[hook_module].calls == [("server",)]
 
 
-def test_base_exceptions_are_not_swallowed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("body", "failure"),
+    [("sys.exit(7)", "SystemExit(7)"), ("raise KeyboardInterrupt", "KeyboardInterrupt()")],
+)
+def test_sys_exit_in_a_hook_is_its_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str, failure: str
 ) -> None:
-    """SystemExit / KeyboardInterrupt from a hook are not "a hook failed": they propagate."""
+    """SystemExit / KeyboardInterrupt from a hook are "a hook failed", as an exception is:
+    through Hooks.call they ended the master (when_ready, child_exit) or a worker."""
     monkeypatch.syspath_prepend(str(tmp_path))
     name = f"pf_hooks_exit_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text("import sys\ndef leave(*a):\n    sys.exit(7)\n")
+    (tmp_path / f"{name}.py").write_text(f"import sys\ndef leave(*a):\n    {body}\n")
     try:
         hooks = Hooks(HooksConfig(worker_exit=f"{name}:leave"))
     finally:
         sys.modules.pop(name, None)
-    with pytest.raises(SystemExit):
-        hooks.call("worker_exit", None, None)
+    assert hooks.call("worker_exit", None, None) is False
+    assert hooks.failure == f"hook worker_exit failed: {failure}"
+
+
+def test_a_stop_while_starting_goes_through_a_hook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """signals.Stopped (TERM while the master starts) is not the hook's failure."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = f"pf_hooks_stop_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "from prefork.signals import Stopped\ndef leave(*a):\n    raise Stopped(15)\n"
+    )
+    try:
+        hooks = Hooks(HooksConfig(on_starting=f"{name}:leave"))
+    finally:
+        sys.modules.pop(name, None)
+    with pytest.raises(Stopped):
+        hooks.call("on_starting", None)
 
 
 def test_hook_arguments_carry_the_documented_attributes(config: Config) -> None:
