@@ -471,6 +471,8 @@ class Response:
             # server's status instead (respond() answers a ProtocolError before any head).
             raise self.request.error
         framing = b""
+        if self.request.method == "CONNECT" and self.status[:1] == b"2":
+            return self._tunnel_head()
         length = self.content_length
         if length is None and not self.status.startswith(_NO_BODY_STATUS):
             # Here no_body means HEAD. An empty body given for HEAD tells nothing of the GET
@@ -511,6 +513,20 @@ class Response:
             + framing
             + CRLF
         )
+
+    def _tunnel_head(self) -> bytes:
+        """A 2xx to CONNECT opens a tunnel: no Content-Length or Transfer-Encoding (RFC 9110
+        9.3.6: a server MUST NOT send them), the body goes out as the tunnel's bytes, and the
+        connection closes after it (a WSGI application has no tunnel to keep open)."""
+        self.content_length = None
+        self.keep_alive = False
+        headers = b"".join(
+            line + CRLF
+            for line in self.headers.split(CRLF)
+            if line and not line.lower().startswith(b"content-length:")
+        )
+        head = b"HTTP/1.1 " + self.status + CRLF + headers
+        return head + self.server_line + self.date_line + CRLF
 
     def write(self, data: bytes) -> None:
         """Send body bytes (the legacy write() callable and the iterable both end here)."""

@@ -594,6 +594,30 @@ def test_a_bare_status_code_gets_its_reason_phrase(
     assert raw.startswith(b"HTTP/1.1 " + line + b"\r\n")
 
 
+CONNECT = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+
+
+@pytest.mark.parametrize("body", [[b"tunnel", b" bytes"], iter([b"tunnel", b" bytes"])])
+def test_a_2xx_to_connect_has_no_framing_and_closes(client: Client, body: Any) -> None:
+    """RFC 9110 9.3.6: a server MUST NOT send Content-Length or Transfer-Encoding in a 2xx
+    to CONNECT (they had been sent, a known length or chunking): the body goes out as the
+    tunnel's bytes and the connection closes after it."""
+    headers = [("Content-Length", "12"), ("X-Tunnel", "yes")]
+    response, raw = serve(client, simple_app(body, headers=headers), CONNECT)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"X-Tunnel: yes" in head
+    assert b"content-length" not in head.lower() and b"transfer-encoding" not in head.lower()
+    assert rest == b"tunnel bytes"
+    assert response.keep_alive is False
+
+
+def test_a_refused_connect_is_framed_as_usual(client: Client) -> None:
+    """Pinned: only a 2xx opens a tunnel; a 405 to CONNECT is an ordinary response."""
+    _, raw = serve(client, simple_app([b"no"], status="405 Method Not Allowed"), CONNECT)
+    assert b"Content-Length: 2\r\n" in raw and raw.endswith(b"\r\n\r\nno")
+
+
 def test_app_must_call_start_response(client: Client) -> None:
     with pytest.raises(AssertionError):
         serve(client, lambda environ, start_response: [b"x"], get())
