@@ -153,17 +153,20 @@ class _BodyCallbacks:
     """The callbacks of a parser that reads only a body (RequestParser._ignore_upgrade); it
     has no head callbacks, so its synthetic head produces no request."""
 
-    __slots__ = ("on_body", "on_message_complete", "on_chunk_header")
+    __slots__ = ("on_body", "on_message_complete", "on_chunk_header", "on_chunk_complete")
 
     def __init__(
         self,
         on_body: Callable[[bytes], None],
         on_message_complete: Callable[[], None],
         on_chunk_header: Callable[[], None],
+        on_chunk_complete: Callable[[], None],
     ) -> None:
         self.on_body = on_body
         self.on_message_complete = on_message_complete
-        self.on_chunk_header = on_chunk_header  # so a trailer section is bounded here too
+        # so a trailer section and chunk-size lines are bounded here too
+        self.on_chunk_header = on_chunk_header
+        self.on_chunk_complete = on_chunk_complete
 
 
 def split_target(target: bytes, method: str = "") -> tuple[bytes, bytes, bytes | None]:
@@ -221,6 +224,7 @@ class RequestParser:
         "_current",
         "_started",
         "_in_head",
+        "_in_chunk_line",
         "_head_bytes",
         "_head_size",
         "_upgrade_body",
@@ -243,6 +247,7 @@ class RequestParser:
         self._current: Request | None = None
         self._started = False
         self._in_head = False
+        self._in_chunk_line = False  # _in_head bounds a chunk-size line, not a head or trailer
         self._head_bytes = 0
         self._head_size = 0
         self._upgrade_body = False  # _parser now reads only the body of an upgrade request
@@ -349,6 +354,8 @@ class RequestParser:
                 # applied to every complete head in on_headers_complete.
                 self._head_bytes += len(data)
                 if self._head_bytes > self.limits.max_header_size + HEAD_SLACK:
+                    if self._in_chunk_line:
+                        raise ProtocolError(400, "chunk extension too long")
                     if self._current is not None:  # after the last chunk (on_chunk_header)
                         raise ProtocolError(431, "trailer section too large")
                     raise ProtocolError(431, "request header too large")
@@ -385,7 +392,9 @@ class RequestParser:
         if request.method == "CONNECT" or not (request.chunked or request.content_length):
             return False
         reader = _new_parser(
-            _BodyCallbacks(self.on_body, self.on_message_complete, self.on_chunk_header)
+            _BodyCallbacks(
+                self.on_body, self.on_message_complete, self.on_chunk_header, self.on_chunk_complete
+            )
         )
         if request.chunked:
             reader.feed_data(_CHUNKED_BODY_HEAD)
@@ -395,6 +404,8 @@ class RequestParser:
         request.complete = False
         self._current = request
         self._started = True
+        self._in_head = self._in_chunk_line = request.chunked  # as on_headers_complete
+        self._head_bytes = 0
         self._parser = reader
         self._upgrade_body = True
         return True
@@ -404,6 +415,7 @@ class RequestParser:
     def on_message_begin(self) -> None:
         self._started = True
         self._in_head = True
+        self._in_chunk_line = False
         self._head_read = self._line_read  # a later message in the same read: None
         self._line_read = None
         self._head_bytes = 0
@@ -471,7 +483,8 @@ class RequestParser:
         request.upgrade = parser.should_upgrade()
         self._current = request
         self.requests.append(request)
-        self._in_head = False
+        # a chunked body begins with a chunk-size line, bounded as a head is (on_chunk_complete)
+        self._in_head = self._in_chunk_line = request.chunked
         self._head_bytes = 0
         self._url = b""
         self._headers = []
@@ -482,6 +495,15 @@ class RequestParser:
         # trailer section follows), feed() bounds what arrives as it bounds a head: httptools
         # gathers a trailer field in memory, growing it by concatenation, until it ends.
         self._in_head = True
+        self._in_chunk_line = False
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        # A chunk's data and CRLF were read: the next chunk-size line follows. llhttp skips
+        # its chunk extensions without keeping them, so they cost no memory, but they are not
+        # body bytes either: unbounded, they kept a worker reading one line forever, past
+        # max_body_size. feed() bounds the line as it bounds a head.
+        self._in_head = self._in_chunk_line = True
         self._head_bytes = 0
 
     def on_body(self, body: bytes) -> None:

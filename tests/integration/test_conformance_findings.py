@@ -195,6 +195,24 @@ def test_a_large_chunked_body_with_a_small_trailer_is_served(server: Server) -> 
     assert "HTTP_X_T" not in environ
 
 
+@pytest.mark.parametrize("before", [b"", b"5\r\nhello\r\n"], ids=["first", "later"])
+def test_a_chunk_extension_that_never_ends_gets_400_while_it_arrives(
+    server: Server, before: bytes
+) -> None:
+    """DEFECT (failed before the fix: no answer, the worker kept reading). llhttp skips a
+    chunk-size line's extensions without keeping them, so memory stays flat, but they are
+    neither head nor body: an endless one held the worker for as long as the client sent it,
+    at any speed above body_min_rate and past max_body_size. It is bounded as a head is."""
+    data = b"POST /echo HTTP/1.1\r\n" + H + TE + b"\r\n" + before + b"3;x=" + b"a" * 140000
+    with connect(address(server)) as sock:
+        sock.sendall(data)
+        received, closed = recv_within(sock, 5.0)
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert b"Connection: close\r\n" in received
+    assert closed
+    assert served(server, b"GET /next HTTP/1.1\r\n" + H + b"\r\n")["PATH_INFO"] == "/next"
+
+
 # --- DEFECT: invalid Host values --------------------------------------------------------------
 # RFC 9112 3.2: "A server MUST respond with a 400 ... to any request message that contains
 # more than one Host header field line or a Host header field with an invalid field value."

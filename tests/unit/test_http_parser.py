@@ -1041,3 +1041,45 @@ def test_error_response_without_server_header() -> None:
     raw = error_response(400, b"", b"")
     assert b"Server:" not in raw
     assert raw.startswith(b"HTTP/1.1 400 Bad Request\r\nContent-Type:")
+
+
+# --- chunk-size lines are bounded (their extensions are neither head nor body) ------------
+
+CHUNKED_POST = head(b"POST / HTTP/1.1", HOST, b"Transfer-Encoding: chunked")
+UPGRADE_POST = head(
+    b"POST / HTTP/1.1", HOST, b"Connection: Upgrade", b"Upgrade: h2c", b"Transfer-Encoding: chunked"
+)
+
+
+@pytest.mark.parametrize("start", [CHUNKED_POST, CHUNKED_POST + b"5\r\nhello\r\n", UPGRADE_POST])
+def test_an_endless_chunk_extension_is_a_400(start: bytes) -> None:
+    """llhttp skips chunk extensions without keeping them, and they are not body bytes: an
+    endless one held a worker reading a single line for as long as the client sent it, past
+    max_body_size (1.3 GB went through a 100-byte limit). It is bounded as a head is."""
+    parser = RequestParser(Limits(max_body_size=100))
+    parser.feed(start + b"3;name=")
+    with pytest.raises(ProtocolError) as caught:
+        for _ in range(100):
+            parser.feed(b"v" * 65536)
+    assert (caught.value.status, caught.value.reason) == (400, "chunk extension too long")
+
+
+def test_many_chunks_with_extensions_in_full_reads_are_served() -> None:
+    """Pinned: the bound is per line, not per body; 64 KiB reads of small chunks with
+    extensions, split anywhere, never add up to it."""
+    one = b"4;a=b;c=\"d e\"\r\nabcd\r\n"
+    body = one * 20000
+    parser = RequestParser(Limits())
+    data = CHUNKED_POST + body + b"0;last=1\r\nX-T: y\r\n\r\n"
+    for at in range(0, len(data), 65536):
+        parser.feed(data[at : at + 65536])
+    [request] = parser.requests
+    assert request.complete and request.body_size == 4 * 20000
+
+
+def test_a_long_but_bounded_chunk_extension_is_served() -> None:
+    parser = RequestParser(Limits())
+    parser.feed(CHUNKED_POST + b"3;x=" + b"v" * 60000)
+    parser.feed(b"v" * 60000 + b"\r\nabc\r\n0\r\n\r\n")
+    [request] = parser.requests
+    assert request.complete and b"".join(request.body) == b"abc"
