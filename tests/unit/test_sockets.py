@@ -204,3 +204,65 @@ def test_a_reload_turns_reuse_port_on_a_kept_socket_and_can_put_it_back(
         put_back()
     assert not listener.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
     assert listener.configured is not None and not listener.configured.reuse_port
+
+
+# --- a stopping listener refuses new connections (Listener.refuse_new) -------------------
+
+
+def _handshake_completes(port: int, timeout: float = 0.5) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(("127.0.0.1", port))
+        except TimeoutError:
+            return False  # the SYN was dropped
+        return True
+
+
+def test_refuse_new_keeps_the_queue_and_completes_no_new_handshake(
+    opened: list[Listener],
+) -> None:
+    """What is queued before is still accepted, with its bytes; a connection after gets no
+    handshake (its SYN is dropped), so nothing more can wait in the queue to be reset by
+    the close. Real sockets on loopback."""
+    [listener] = bind_all([spec("127.0.0.1:0")], 16)
+    opened.append(listener)
+    port = listener.address.port
+    assert port is not None
+    queued = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with queued:
+        queued.sendall(b"request")
+        assert listener.refuse_new() is True
+        assert not _handshake_completes(port)
+        listener.sock.settimeout(5)
+        accepted, _ = listener.sock.accept()
+        with accepted:
+            accepted.settimeout(5)
+            assert accepted.recv(16) == b"request"
+            accepted.sendall(b"answer")  # an accepted connection carries no filter
+            assert queued.recv(16) == b"answer"
+    assert listener.queued() == 0
+    listener.close()
+    assert not connects("127.0.0.1", port)  # and once closed, a client is refused
+
+
+@pytest.mark.parametrize("owner", ["systemd", "another master", "unix"])
+def test_refuse_new_leaves_a_socket_someone_else_keeps(
+    opened: list[Listener], owner: str, tmp_path: Any
+) -> None:
+    """systemd's socket outlives this master (a filter would stay on it for the next
+    start); one shared with the other master of an upgrade serves on; a unix socket's file
+    is removed at the close instead."""
+    if owner == "unix":
+        [listener] = bind_all([spec(f"unix:{tmp_path}/s.sock")], 16)
+    else:
+        [listener] = bind_all([spec("127.0.0.1:0")], 16)
+        if owner == "systemd":
+            listener.inherited = True
+        else:
+            listener.shared_with = os.getpid()  # alive
+    opened.append(listener)
+    assert listener.refuse_new() is False
+    if owner != "unix":
+        assert listener.address.port is not None
+        assert _handshake_completes(listener.address.port)
