@@ -122,6 +122,10 @@ STARTING = ("run", "check", "config")
 WEB_CONCURRENCY = "WEB_CONCURRENCY"
 # The mount prefix gunicorn takes from its environment (see with_script_name).
 SCRIPT_NAME = "SCRIPT_NAME"
+# The port platforms (Heroku, Cloud Run, Render, ...) give gunicorn to listen on (with_port).
+PORT = "PORT"
+# The proxies gunicorn trusts when nothing else says (see with_forwarded_allow_ips).
+FORWARDED_ALLOW_IPS = "FORWARDED_ALLOW_IPS"
 # How long `stop --force` waits for the master to die of SIGKILL (it cannot refuse).
 KILL_TIMEOUT = 5.0
 MASTER_SIGNALS = (
@@ -171,8 +175,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-w", "--workers", type=int, metavar="N", help="worker processes")
     p.add_argument("--app", metavar="MODULE:CALLABLE", help="the WSGI app or TCP handler")
     p.add_argument("--protocol", choices=("http", "tcp"))
-    p.add_argument("--pythonpath", action="append", metavar="DIR",
-                   help="directory prepended to sys.path, repeatable")
+    # comma-separated too, as gunicorn's --pythonpath: taken whole, "a,b" named no directory
+    p.add_argument("--pythonpath", action="extend", type=comma_list, metavar="DIR",
+                   help="directory prepended to sys.path, repeatable; DIR,DIR... as gunicorn")
     p.add_argument("--preload", action="store_true", default=None,
                    help="import the app in the master before forking")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="workers.timeout")
@@ -182,7 +187,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive", type=float, metavar="SECONDS", help="http.keepalive_timeout")
     p.add_argument("--reload", action="store_true", default=None,
                    help="development: restart workers when the code changes")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
+    # any case, as gunicorn (--log-level DEBUG) and the file's logging.level take it
+    p.add_argument("--log-level", type=str.lower,
+                   choices=("debug", "info", "warning", "error", "critical"))
     p.add_argument("--error-log", metavar="PATH", help='"-" for stderr')
     p.add_argument("--access-log", metavar="PATH", help='"-" for stdout')
     p.add_argument("-D", "--daemon", action="store_true", default=None,
@@ -244,6 +251,11 @@ OVERRIDES = {
     "user": "user",
     "group": "group",
 }
+
+
+def comma_list(text: str) -> list[str]:
+    """An option's comma-separated values, empty ones left out."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, object]:
@@ -377,7 +389,8 @@ def command(argv: Sequence[str] | None) -> int:
     def settings() -> dict[str, object]:
         if args.command not in STARTING:
             return overrides  # `reload` validates the file the master reads, with its own
-        return with_script_name(path, with_web_concurrency(path, overrides, environ), environ)
+        given = with_script_name(path, with_web_concurrency(path, overrides, environ), environ)
+        return with_forwarded_allow_ips(path, with_port(path, given, environ), environ)
 
     try:
         config = load(path, settings())
@@ -442,18 +455,70 @@ def with_script_name(
     return {**overrides, "http.script_name": text}
 
 
+def with_port(
+    path: str | None, overrides: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, object]:
+    """`overrides` plus bind `*:$PORT` (0.0.0.0) from the PORT environment variable when
+    neither -b, --set nor the file at `path` sets `bind`: gunicorn's default bind then. The
+    platforms that set PORT (Heroku, Cloud Run, Render, ...) route to that port on the
+    container's address, so a deployment moved over as it is listened on 127.0.0.1:8000,
+    where nothing reaches it, and failed its health check. Validated by load() as the
+    setting (from_environment names the variable); an empty value counts as unset."""
+    text = environ.get(PORT, "").strip()
+    if not text or setting_given(path, overrides, "bind"):
+        return dict(overrides)
+    return {**overrides, "bind": [f"*:{text}"]}
+
+
+def with_forwarded_allow_ips(
+    path: str | None, overrides: Mapping[str, object], environ: Mapping[str, str]
+) -> dict[str, object]:
+    """`overrides` plus http.forwarded_allow_ips from the FORWARDED_ALLOW_IPS environment
+    variable when neither --set nor the file at `path` sets it, read as gunicorn reads it: a
+    comma-separated list ('*' for all), unix-socket peers trusted too (gunicorn always trusts
+    them). Container images set it for gunicorn behind a proxy that is not on loopback;
+    ignored, X-Forwarded-Proto was too, and the application built http:// URLs (redirect
+    loops behind a TLS-terminating proxy). Validated by load() as the setting
+    (from_environment names the variable); an empty value counts as unset."""
+    text = environ.get(FORWARDED_ALLOW_IPS, "")
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if not entries or setting_given(path, overrides, "http.forwarded_allow_ips"):
+        return dict(overrides)
+    unix = [] if "unix" in entries or "*" in entries else ["unix"]
+    return {**overrides, "http.forwarded_allow_ips": [*entries, *unix]}
+
+
+def setting_given(path: str | None, overrides: Mapping[str, object], key: str) -> bool:
+    """Whether the command line (`overrides`) or the file at `path` sets `key`, a top-level
+    name or section.name."""
+    section, _, name = key.rpartition(".")
+    if key in overrides or (section and name in as_mapping(overrides.get(section))):
+        return True
+    if path is None:
+        return False
+    top = yaml_mapping(path)
+    return name in (as_mapping(top.get(section)) if section else top)
+
+
 # The settings an environment variable gives when neither the file nor a flag does.
-FROM_ENVIRONMENT = {"workers.count": WEB_CONCURRENCY, "http.script_name": SCRIPT_NAME}
+FROM_ENVIRONMENT = {
+    "workers.count": WEB_CONCURRENCY,
+    "http.script_name": SCRIPT_NAME,
+    "bind": PORT,
+    "http.forwarded_allow_ips": FORWARDED_ALLOW_IPS,
+}
 
 
 def from_environment(error: ConfigError, overrides: Mapping[str, object]) -> ConfigError:
     """`error` naming the variable when it is about a setting an environment variable gave
-    (WEB_CONCURRENCY, SCRIPT_NAME), not the command line; else `error` itself."""
-    variable = FROM_ENVIRONMENT.get(error.key or "")
+    (WEB_CONCURRENCY, SCRIPT_NAME, PORT, FORWARDED_ALLOW_IPS), not the command line; else
+    `error` itself. An item of a list setting (bind[0]) counts as the setting."""
+    key = (error.key or "").partition("[")[0]
+    variable = FROM_ENVIRONMENT.get(key)
     if (
         variable is not None
         and error.source == OVERRIDE_SOURCE
-        and error.key not in overrides
+        and key not in overrides
     ):
         return ConfigError(error.message, key=variable)
     return error

@@ -611,7 +611,12 @@ class HttpConfig:
     )
     max_request_line: int = field(
         default=8190,
-        metadata=_meta("A longer request line is answered with 414.", lo=64, hi=1048576),
+        metadata=_meta(
+            "A longer request line (method, target and version, not counting its CRLF, as "
+            "gunicorn's limit_request_line) is answered with 414.",
+            lo=64,
+            hi=1048576,
+        ),
     )
     max_header_fields: int = field(
         default=100,
@@ -645,7 +650,9 @@ class HttpConfig:
             "unix-socket peers, '*' for all. Only from these do the headers of "
             "forwarded_header set REMOTE_ADDR, wsgi.url_scheme, the host (HTTP_HOST, "
             "SERVER_NAME, SERVER_PORT) and the prefix (SCRIPT_NAME), and only these may send "
-            "a PROXY protocol header. [] trusts nobody.",
+            "a PROXY protocol header. [] trusts nobody. When neither the file nor --set "
+            "gives it, the FORWARDED_ALLOW_IPS environment variable does, read as gunicorn "
+            "reads it: comma-separated, unix-socket peers trusted too.",
             check=_check_proxy_entry,
         ),
     )
@@ -1160,7 +1167,9 @@ class Config:
             "address is a one-item list). Duplicates are an error. Sockets passed by systemd "
             "(socket activation) are served instead; each takes the `tls` of the entry for "
             "its address, matched by meaning (`*:PORT` matches any address on PORT, a name "
-            "its addresses), and a `tls` entry that matches none of them stops the start.",
+            "its addresses), and a `tls` entry that matches none of them stops the start. "
+            "When neither the file nor the command line gives it, the PORT environment "
+            "variable does, as in gunicorn (Heroku, Cloud Run, Render): `*:$PORT`.",
             nonempty=True,
             single=True,
         ),
@@ -2065,7 +2074,11 @@ def _sections() -> list[tuple[str, str, type, str]]:
             "`hooks`",
             "Server hooks, each `module:function`. `server` has `.config`, `.pid`, "
             "`.generation`, `.workers` (a list of worker objects); `worker` has `.number`, "
-            "`.pid`, `.generation`, `.config`. Hooks in the master must not block.",
+            "`.pid`, `.generation`, `.config`; both have `.log`, the error log's "
+            "logging.Logger (as gunicorn's `server.log` and `worker.log`). A function that "
+            "cannot be called with its hook's arguments (below) is an error when the hooks "
+            "are loaded (start, reload, `preforkd check`), as in gunicorn. Hooks in the "
+            "master must not block.",
             HooksConfig,
             "hooks.",
         ),

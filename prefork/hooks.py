@@ -9,6 +9,7 @@ reported to the caller, which decides what that means (boot failure, 500, nothin
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -19,6 +20,28 @@ from prefork.config import HOOKS, Config, HooksConfig
 from prefork.loader import FreshImports
 
 log = logging.getLogger("prefork")
+
+# The arguments preforkd calls each hook with, checked against its signature when it is
+# loaded: a hook that cannot take them (gunicorn's post_request(worker, req, environ, resp)
+# has one more) is an error at start or reload, as gunicorn checks a hook's arity, not a
+# TypeError logged at every request, or only on the day a worker times out (worker_abort).
+HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "on_starting": ("server",),
+    "when_ready": ("server",),
+    "pre_fork": ("server", "worker"),
+    "post_fork": ("server", "worker"),
+    "post_worker_init": ("worker",),
+    "worker_exit": ("server", "worker"),
+    "worker_int": ("worker",),
+    "worker_abort": ("worker",),
+    "child_exit": ("server", "worker"),
+    "nworkers_changed": ("server", "new_value", "old_value"),
+    "on_reload": ("server",),
+    "pre_exec": ("server",),
+    "pre_request": ("worker", "environ"),
+    "post_request": ("worker", "environ", "status"),
+    "on_exit": ("server",),
+}
 
 
 class HookError(Exception):
@@ -33,6 +56,10 @@ class WorkerInfo:
     generation: int
     config: Config
     pid: int | None = None  # None in pre_fork (not forked yet)
+    # The error log, as gunicorn's worker.log (and server.log): hooks written for gunicorn
+    # log with worker.log.info(...), and without it they failed with an AttributeError (in
+    # post_fork, a boot failure that stopped the server).
+    log: logging.Logger = field(default=logging.getLogger("prefork"), repr=False, compare=False)
 
 
 @dataclass
@@ -43,6 +70,7 @@ class ServerInfo:
     generation: int = 1
     workers: list[WorkerInfo] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
+    log: logging.Logger = field(default=logging.getLogger("prefork"), repr=False, compare=False)
 
 
 class Hooks:
@@ -100,7 +128,33 @@ def _resolve(name: str, ref: str) -> Callable[..., Any]:
         raise HookError(f"hooks.{name}: cannot load {ref!r}: {exc!r}") from exc
     if not callable(obj):
         raise HookError(f"hooks.{name}: {ref!r} is not callable")
+    _check_arguments(name, ref, obj)
     return obj  # type: ignore[no-any-return]
+
+
+def _check_arguments(name: str, ref: str, function: Callable[..., Any]) -> None:
+    """HookError if `function` cannot be called with hook `name`'s arguments."""
+    arguments = HOOK_ARGUMENTS[name]
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (some builtins): judged when called
+        return
+    try:
+        signature.bind(*arguments)
+    except TypeError as exc:
+        raise HookError(
+            f"hooks.{name}: {ref!r} cannot be called as {name}({', '.join(arguments)}): {exc}"
+            f"{GUNICORN_HINTS.get(name, '')}"
+        ) from None
+
+
+# What differs from gunicorn's hook of the same name, said when such a hook does not fit.
+GUNICORN_HINTS = {
+    "pre_request": " (gunicorn's pre_request(worker, req) gets a request object; preforkd "
+    "passes the WSGI environ: environ['REQUEST_METHOD'], environ['PATH_INFO'])",
+    "post_request": " (gunicorn's post_request(worker, req, environ, resp) has 4 arguments; "
+    "preforkd passes worker, environ and the status as an int)",
+}
 
 
 def _describe(function: Callable[..., Any]) -> str:
