@@ -51,6 +51,63 @@ _KEYED = re.compile(r"\{(?P<key>[^{}]+)\}(?P<kind>[ioe])")
 # RFC 9110 token: a header name
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 KNOWN_ATOMS = "h l u t r m U q H s B b f a T M D L p {header}i {header}o {variable}e"
+# uWSGI's logformat variables (written %(addr), without the s) and the atom that says the
+# same here, so that a logformat carried over from uWSGI gets a translation, not a hint to
+# write %(addr)s, which is no atom either; "" where preforkd logs nothing like it.
+_UWSGI_VARIABLES = {
+    "addr": "%(h)s", "user": "%(u)s", "ltime": "%(t)s", "ctime": "%(t)s",
+    "method": "%(m)s", "uri": "%({REQUEST_URI}e)s", "proto": "%(H)s", "status": "%(s)s",
+    "size": "%(B)s", "rsize": "%(B)s", "referer": "%(f)s", "uagent": "%(a)s",
+    "host": "%({host}i)s", "cl": "%({content-length}i)s", "secs": "%(L)s",
+    "msecs": "%(M)s", "micros": "%(D)s", "pid": "%(p)s",
+    "wid": "", "core": "", "time": "", "epoch": "", "ftime": "", "tmsecs": "",
+    "tmicros": "", "hsize": "", "pktsize": "", "modifier1": "", "headers": "",
+    "switches": "", "vars": "", "rss": "", "vsz": "", "rssM": "", "vszM": "",
+}
+
+
+# %(NAME) as uWSGI writes its variables (not followed by the s of a gunicorn atom), with
+# the brackets around a time (`t` has its own)
+_UWSGI_DIRECTIVE = re.compile(r"(\[?)%\(([^)]*)\)(?!s)(\]?)")
+
+
+def _uwsgi_atom(name: str) -> str | None:
+    """The atom for uWSGI logformat variable `name` ("" if none says the same); None if
+    `name` is not one. No uWSGI name is a gunicorn atom (one letter, or {key}i/o/e)."""
+    if name.startswith("var.") and len(name) > 4:
+        return f"%({{{name[4:]}}}e)s"
+    return _UWSGI_VARIABLES.get(name)
+
+
+def uwsgi_format(source: str) -> ValueError | None:
+    """The error for a format written with uWSGI's logformat variables: it names them and
+    gives the whole format in gunicorn's atoms, ready to paste; None for any other format."""
+    used: list[str] = []
+    missing: list[str] = []
+
+    def swap(match: re.Match[str]) -> str:
+        before, name, after = match.groups()
+        atom = _uwsgi_atom(name)
+        if atom is None:
+            return match.group()
+        used.append(f"%({name})")
+        if not atom:
+            missing.append(f"%({name})")
+            return before + "-" + after
+        if atom == "%(t)s" and before and after:
+            return atom  # [21/Nov/2026:13:05:02 +0000], brackets included
+        return before + atom + after
+
+    translated = _UWSGI_DIRECTIVE.sub(swap, source)
+    if not used:
+        return None
+    names = list(dict.fromkeys(used))
+    what = "is a uWSGI logformat variable" if len(names) == 1 else "are uWSGI logformat variables"
+    gaps = f" ({', '.join(missing)}: no atom says that, written - there)" if missing else ""
+    return ValueError(
+        f"{', '.join(names)} {what}; preforkd takes gunicorn's atoms, %(NAME)s: in those, "
+        f"{translated!r}{gaps}"
+    )
 
 
 def _escape_one(match: re.Match[str]) -> str:
@@ -253,6 +310,9 @@ def compile_format(source: str) -> AccessFormat:
         raise ValueError(
             f"must not contain control characters (tab aside), got {bad!r} in {source!r}"
         )
+    uwsgi = uwsgi_format(source)
+    if uwsgi is not None:  # before any other error, which would only hint at half of it
+        raise uwsgi
     template: list[str] = []
     getters: list[Getter] = []
     headers = False
@@ -279,7 +339,11 @@ def compile_format(source: str) -> AccessFormat:
         if getter is None:
             keyed = _keyed(name)
             if keyed is None:
-                raise ValueError(f"unknown atom %({name})s; the atoms are {KNOWN_ATOMS}")
+                atom = _uwsgi_atom(name)
+                alias = f" (uWSGI's %({name}) is {atom} here)" if atom else ""
+                raise ValueError(
+                    f"unknown atom %({name})s{alias}; the atoms are {KNOWN_ATOMS}"
+                )
             getter, reads_headers = keyed
             headers = headers or reads_headers
         template.append("%s")

@@ -95,6 +95,7 @@ from prefork.sockets import (
     BindSpec,
     Listener,
     bind_all,
+    capped_backlog,
     defer_accept,
     passed_socket_match,
     systemd_listeners,
@@ -737,6 +738,11 @@ def reloader(
         for listener in listeners:
             if listener not in held:
                 log.info("listening at %s", listener.url(config.protocol))
+        capped = capped_backlog(
+            [lst for lst in listeners if lst not in held], config.backlog, config.protocol
+        )
+        if capped is not None:
+            log.warning("%s", capped)
         if changed:
             log.info("reload: %s changed; the new generation logs with it (%s), the master "
                      "from when that generation serves", ", ".join(changed), logs.describe())
@@ -956,6 +962,9 @@ class Startup:
             return self.fail(f"TLS: {exc}")
         for listener in listeners:
             log.info("listening at %s", listener.url(config.protocol))
+        capped = capped_backlog(listeners, config.backlog, config.protocol)
+        if capped is not None:
+            log.warning("%s", capped)
         return listeners, app
 
     def launch(self, listeners: list[Listener], app: object) -> int:
@@ -1173,6 +1182,9 @@ def check(config: Config, detached: bool = False) -> int:
     try:  # the addresses stay bound meanwhile, as when the master opens the endpoint
         for listener in listeners:
             say(f"can bind {listener.url(config.protocol)}")
+        capped = capped_backlog(listeners, config.backlog, config.protocol)
+        if capped is not None:  # a warning: the start goes ahead with the smaller queue
+            say(f"warning: {capped}")
         return check_admin(config)
     finally:
         for listener in listeners:

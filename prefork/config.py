@@ -876,7 +876,8 @@ class LoggingConfig:
             "response header, `%({name}e)s` environ variable; `%%` is a literal %. Missing "
             "or empty values are `-` (i, o, e and u always are for the server's own error "
             "responses and for TCP connections); quotes, backslashes and control characters "
-            "are escaped. An unknown atom is an error.",
+            "are escaped. An unknown atom is an error; so is a uWSGI logformat (`%(addr) "
+            "%(method) %(uri)`), whose message gives it in these atoms.",
             check=_check_access_log_format,
         ),
     )
@@ -1175,7 +1176,14 @@ class Config:
         ),
     )
     backlog: int = field(
-        default=2048, metadata=_meta("listen() backlog of every socket.", lo=1, hi=65535)
+        default=2048,
+        metadata=_meta(
+            "listen() backlog of every socket (uWSGI's listen). The kernel caps it at "
+            "net.core.somaxconn without a word (uWSGI refuses to start); preforkd warns "
+            "when it did, at start and in `check`, naming the queue each socket got.",
+            lo=1,
+            hi=65535,
+        ),
     )
     proc_name: str | None = field(
         default=None,

@@ -19,6 +19,7 @@ from prefork.connection import ClientDisconnected, ClientTimeout, Connection, Re
 from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks
 from prefork.http import ProtocolError, Request, RequestParser
+from prefork.http.parser import UWSGI_PROTOCOL
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
@@ -48,6 +49,8 @@ ERROR_LINGER = 1.0
 # A request waiting on its client gives up this long (at most half of workers.timeout) before
 # the master would find the worker hung: the master checks about once a second.
 CLIENT_WAIT_MARGIN = 1.0
+# At most one warning this often (per worker) about requests in the uwsgi protocol.
+UWSGI_WARN_INTERVAL = 60.0
 # SERVER_PROTOCOL: what the client sent (PEP 3333); a higher 1.x is served as 1.1
 _PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
 
@@ -204,6 +207,7 @@ class HttpProtocol:
         # keys common to its requests, and what else they need (None: nothing, plain TCP)
         self._bases: dict[int, tuple[dict[str, Any], ListenerExtras | None]] = {}
         self.heads: HeadCache = {}  # start_response arguments already checked
+        self.uwsgi_warned = -math.inf  # when a uwsgi protocol packet was last logged
 
     def environ(self, conn: Connection, request: Request) -> dict[str, Any]:
         listener: Listener = conn.listener  # type: ignore[assignment]
@@ -224,7 +228,9 @@ class HttpProtocol:
         env["REQUEST_METHOD"] = request.method
         env["PATH_INFO"] = decode_path(request.path)
         env["QUERY_STRING"] = request.query.decode("latin-1")
-        env["RAW_URI"] = request.target.decode("latin-1")
+        # the target as sent: gunicorn's RAW_URI, and REQUEST_URI as uWSGI (and nginx's
+        # uwsgi_params), mod_wsgi and CGI name it, which applications moved from those read
+        env["RAW_URI"] = env["REQUEST_URI"] = request.target.decode("latin-1")
         env["SERVER_PROTOCOL"] = _PROTOCOLS.get(request.version) or "HTTP/" + request.version
         keys = ENVIRON_KEYS
         for name, value in request.headers:
@@ -445,7 +451,10 @@ class HttpProtocol:
         application reads it is respond()'s to answer and count). For the same reason it is
         not one of the slot's `requests`, on which max_requests recycles the worker."""
         start = time.monotonic()
-        log.debug("rejecting request from %s: %s", conn.peer, error)
+        if error.reason == UWSGI_PROTOCOL:
+            self.warn_uwsgi(conn, start)
+        else:
+            log.debug("rejecting request from %s: %s", conn.peer, error)
         head = rejected_head(conn.parser)
         sent = self._send_error(conn, error.status, head.method == "HEAD")
         now = time.monotonic()
@@ -466,6 +475,22 @@ class HttpProtocol:
                 self.worker_number,
                 protocol=None if head.version else "-",
             )
+
+    def warn_uwsgi(self, conn: Connection, now: float) -> None:
+        """Say why a proxy speaking uWSGI's binary protocol gets 400s: a uWSGI setup moved
+        to preforkd with nginx still on uwsgi_pass (nginx passes the 400 on and logs no
+        error of its own), which the debug line every other bad request gets would hide.
+        Every request of such a proxy is one, hence at most one line a minute."""
+        if now - self.uwsgi_warned < UWSGI_WARN_INTERVAL:
+            return
+        self.uwsgi_warned = now
+        listener: Listener = conn.listener  # type: ignore[assignment]
+        log.warning(
+            "%s: a request from %s in uWSGI's binary protocol (nginx uwsgi_pass, or a "
+            "uwsgi:// client) got 400: preforkd speaks HTTP; point nginx at it with "
+            "proxy_pass instead of uwsgi_pass",
+            listener.url("http"), remote_of(conn.peer)[0] or "a unix socket peer",
+        )
 
     def _access(
         self, env: dict[str, Any], request: Request, response: Response, duration: float

@@ -49,6 +49,19 @@ def parse_app_ref(ref: str) -> AppRef:
     """Parse an app reference; ValueError says what is wrong with it."""
     module, sep, rest = ref.strip().partition(":")
     if not module or not all(part.isidentifier() for part in module.split(".")):
+        path, _, callable_ = ref.strip().partition(":")
+        directory, _, filename = path.rpartition("/")
+        stem = filename.removesuffix(".py").removesuffix(".wsgi")
+        if stem != filename and stem.isidentifier():
+            # a file, as uWSGI's wsgi-file (or mod_wsgi's WSGIScriptAlias) names the app:
+            # say the module form, which imports the same file
+            raise ValueError(
+                f"must name a module, not a file: for {path!r} (uWSGI's wsgi-file) write "
+                f"app: '{stem}:{callable_ or 'application'}' and put "
+                f"{directory or '.'!r} in pythonpath"
+                + (" (a .wsgi file must first be renamed .py)" if filename.endswith(".wsgi")
+                   else "")
+            )
         raise ValueError(
             f"must be 'module', 'module:callable' or 'module:factory(...)', got {ref!r}"
         )
@@ -96,7 +109,12 @@ def load_app(ref: str) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(parsed.module)
     except Exception as exc:
-        raise AppLoadError(f"cannot import {parsed.module!r}: {exc!r}") from exc
+        hint = ""
+        stem, dot, suffix = parsed.module.rpartition(".")
+        if dot and suffix == "py" and isinstance(exc, ModuleNotFoundError):
+            # `app: wsgi.py`, uWSGI's `wsgi-file = wsgi.py`: the module is `wsgi`
+            hint = f" ({parsed.module!r} names a file: the module is {stem!r})"
+        raise AppLoadError(f"cannot import {parsed.module!r}: {exc!r}{hint}") from exc
     attrs = parsed.attrs
     if not attrs:
         name = next((n for n in DEFAULT_NAMES if hasattr(obj, n)), None)

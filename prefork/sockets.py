@@ -408,6 +408,27 @@ def bind(spec: BindSpec, backlog: int) -> list[Listener]:
     return listeners
 
 
+def capped_backlog(listeners: Iterable[Listener], backlog: int, protocol: str) -> str | None:
+    """What to warn about when the kernel holds fewer connections in these listeners'
+    accept queues than `backlog` asks: listen() silently caps it at net.core.somaxconn,
+    where uWSGI refuses to start ("Listen queue size is greater than the system max
+    net.core.somaxconn"), so an operator who raised the backlog should learn that it did
+    not take. None when every queue is as configured (or the kernel does not say).
+    Sockets systemd passed are left out: their unit's Backlog= sets their queue."""
+    capped = []
+    for listener in listeners:
+        queue = None if listener.inherited else listener.queue()
+        if queue is not None and queue[1] < backlog:
+            capped.append((listener.url(protocol), queue[1]))
+    if not capped:
+        return None
+    limits = ", ".join(f"{url} at {limit}" for url, limit in capped)
+    return (
+        f"backlog is {backlog}, but the kernel caps the accept queue of {limits} "
+        "(net.core.somaxconn): raise net.core.somaxconn with sysctl, or lower backlog"
+    )
+
+
 def bind_all(
     specs: Iterable[BindSpec],
     backlog: int,

@@ -66,6 +66,23 @@ _VALID_HOSTS: set[bytes] = set()
 _VALID_HOSTS_SIZE = 256
 # The authority of an absolute-form target (scheme "://" [userinfo "@"] host [":" port]).
 _AUTHORITY = re.compile(rb"[^:/?#]*://([^@/?#]*@)?([^/?#]*)")
+# The reason of the 400 that answers a uwsgi protocol packet (see uwsgi_packet).
+UWSGI_PROTOCOL = "a uwsgi protocol packet, not HTTP"
+# a CGI variable's name, as the first of a uwsgi packet's variables is (QUERY_STRING...)
+_CGI_NAME = re.compile(rb"[A-Z][A-Z0-9_]*")
+
+
+def uwsgi_packet(data: bytes) -> bool:
+    """Whether `data` begins like a packet of uWSGI's binary protocol, which nginx sends
+    with uwsgi_pass (and uWSGI's --socket expects): modifier1 0 (Python's, nginx's
+    default), a 16-bit little-endian size, modifier2 0, then the first variable as a 16-bit
+    size and an upper-case CGI name. No HTTP request begins with a NUL byte; this only
+    tells a proxy left on uwsgi_pass from other garbage, so the log can say what to fix."""
+    if len(data) < 7 or data[0] != 0 or data[3] != 0:
+        return False
+    size = data[4] | data[5] << 8
+    name = data[6 : 6 + size]
+    return 0 < size == len(name) and _CGI_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +338,11 @@ class RequestParser:
             # (it parses a fixed list) names a method not implemented here. Judged when the
             # read begins with it: no message was under way (nor a failed one) and none
             # ended in this read. A line split over reads gets 400.
-            if fresh and self._last_done is done_before and self._unknown_method(data):
-                raise ProtocolError(501, "method not implemented") from None
+            if fresh and self._last_done is done_before:
+                if self._unknown_method(data):
+                    raise ProtocolError(501, "method not implemented") from None
+                if uwsgi_packet(data):  # a 400 still, but one the worker logs as a warning
+                    raise ProtocolError(400, UWSGI_PROTOCOL) from None
             raise ProtocolError(400, "invalid method") from None
         except httptools.HttpParserInvalidURLError:
             raise ProtocolError(400, "invalid request target") from None
