@@ -481,8 +481,7 @@ def with_forwarded_allow_ips(
     ignored, X-Forwarded-Proto was too, and the application built http:// URLs (redirect
     loops behind a TLS-terminating proxy). Validated by load() as the setting
     (from_environment names the variable); an empty value counts as unset."""
-    text = environ.get(FORWARDED_ALLOW_IPS, "")
-    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    entries = comma_list(environ.get(FORWARDED_ALLOW_IPS, ""))
     if not entries or setting_given(path, overrides, "http.forwarded_allow_ips"):
         return dict(overrides)
     unix = [] if "unix" in entries or "*" in entries else ["unix"]
@@ -535,6 +534,16 @@ def found_endpoint(path: str | None, overrides: Mapping[str, object]) -> Endpoin
 
 
 # --- sockets ---------------------------------------------------------------------------------
+
+
+def log_listening(listeners: list[Listener], config: Config) -> None:
+    """The `listening at` line of each socket a start or a reload bound, and a warning if
+    the kernel gave any of them a shorter accept queue than `backlog` (capped_backlog)."""
+    for listener in listeners:
+        log.info("listening at %s", listener.url(config.protocol))
+    capped = capped_backlog(listeners, config.backlog, config.protocol)
+    if capped is not None:
+        log.warning("%s", capped)
 
 
 def bind_specs(config: Config) -> list[BindSpec]:
@@ -735,14 +744,7 @@ def reloader(
                 raise AppLoadError(f"the application called sys.exit({exc.code!r}) at "
                                    "import") from exc
             raise
-        for listener in listeners:
-            if listener not in held:
-                log.info("listening at %s", listener.url(config.protocol))
-        capped = capped_backlog(
-            [lst for lst in listeners if lst not in held], config.backlog, config.protocol
-        )
-        if capped is not None:
-            log.warning("%s", capped)
+        log_listening([lst for lst in listeners if lst not in held], config)
         if changed:
             log.info("reload: %s changed; the new generation logs with it (%s), the master "
                      "from when that generation serves", ", ".join(changed), logs.describe())
@@ -960,11 +962,7 @@ class Startup:
             return self.fail(str(exc))
         except (OSError, ValueError) as exc:
             return self.fail(f"TLS: {exc}")
-        for listener in listeners:
-            log.info("listening at %s", listener.url(config.protocol))
-        capped = capped_backlog(listeners, config.backlog, config.protocol)
-        if capped is not None:
-            log.warning("%s", capped)
+        log_listening(listeners, config)
         return listeners, app
 
     def launch(self, listeners: list[Listener], app: object) -> int:

@@ -59,7 +59,7 @@ class WorkerInfo:
     # The error log, as gunicorn's worker.log (and server.log): hooks written for gunicorn
     # log with worker.log.info(...), and without it they failed with an AttributeError (in
     # post_fork, a boot failure that stopped the server).
-    log: logging.Logger = field(default=logging.getLogger("prefork"), repr=False, compare=False)
+    log: logging.Logger = field(default=log, repr=False, compare=False)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ServerInfo:
     generation: int = 1
     workers: list[WorkerInfo] = field(default_factory=list)
     pid: int = field(default_factory=os.getpid)
-    log: logging.Logger = field(default=logging.getLogger("prefork"), repr=False, compare=False)
+    log: logging.Logger = field(default=log, repr=False, compare=False)
 
 
 class Hooks:

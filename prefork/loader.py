@@ -49,15 +49,14 @@ def parse_app_ref(ref: str) -> AppRef:
     """Parse an app reference; ValueError says what is wrong with it."""
     module, sep, rest = ref.strip().partition(":")
     if not module or not all(part.isidentifier() for part in module.split(".")):
-        path, _, callable_ = ref.strip().partition(":")
-        directory, _, filename = path.rpartition("/")
+        directory, _, filename = module.rpartition("/")  # `module` may be a file's path
         stem = filename.removesuffix(".py").removesuffix(".wsgi")
         if stem != filename and stem.isidentifier():
             # a file, as uWSGI's wsgi-file (or mod_wsgi's WSGIScriptAlias) names the app:
             # say the module form, which imports the same file
             raise ValueError(
-                f"must name a module, not a file: for {path!r} (uWSGI's wsgi-file) write "
-                f"app: '{stem}:{callable_ or 'application'}' and put "
+                f"must name a module, not a file: for {module!r} (uWSGI's wsgi-file) write "
+                f"app: '{stem}:{rest or 'application'}' and put "
                 f"{directory or '.'!r} in pythonpath"
                 + (" (a .wsgi file must first be renamed .py)" if filename.endswith(".wsgi")
                    else "")

@@ -1180,9 +1180,10 @@ class Master:
         timeout = self.current.config.workers.graceful_timeout
         log.info("TERM: stopping gracefully (up to %.0fs)", timeout)
         self.answer_what_waited()  # while the master still holds the listeners to hand on
-        for listener in self.all_listeners():
+        listeners = self.all_listeners()
+        for listener in listeners:
             listener.refuse_new()  # what is queued now is what the workers answer
-        self.close_listeners(self.all_listeners(), force=True)
+        self.close_listeners(listeners, force=True)
         for handle in list(self.workers.values()):
             if handle.state is WorkerState.STOPPING:
                 self.scoreboard.request_stop(handle.slot)  # it may be handing over: not now

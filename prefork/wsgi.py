@@ -470,9 +470,9 @@ class Response:
             # it. Frameworks turn the exception into their own 500 page; the client gets the
             # server's status instead (respond() answers a ProtocolError before any head).
             raise self.request.error
-        framing = b""
         if self.request.method == "CONNECT" and self.status[:1] == b"2":
             return self._tunnel_head()
+        framing = b""
         length = self.content_length
         if length is None and not self.status.startswith(_NO_BODY_STATUS):
             # Here no_body means HEAD. An empty body given for HEAD tells nothing of the GET

@@ -91,6 +91,17 @@ def assert_rejected(server: Server, data: bytes, status: int) -> None:
     assert rest == b"", f"bytes after the rejection (a smuggled answer?): {rest!r}"
 
 
+def assert_cut_off(server: Server, data: bytes, status: int) -> None:
+    """`data`, a request that never ends, is answered `status` with Connection: close while
+    it arrives, and the connection closed within 5 s."""
+    with connect(address(server)) as sock:
+        sock.sendall(data)
+        received, closed = recv_within(sock, 5.0)
+    assert received.startswith(b"HTTP/1.1 %d " % status), received[:200]
+    assert b"Connection: close\r\n" in received
+    assert closed
+
+
 def served(server: Server, data: bytes) -> dict[str, Any]:
     """`data` answered by the application on a connection that stays usable."""
     with connect(address(server)) as sock:
@@ -172,12 +183,7 @@ def test_a_trailer_field_that_never_ends_gets_431_while_it_arrives(server: Serve
         b"POST /echo HTTP/1.1\r\n" + H + TE + b"\r\n5\r\nhello\r\n0\r\nX-T: "
         + b"a" * (65536 + 65536 + 4096)
     )
-    with connect(address(server)) as sock:
-        sock.sendall(data)
-        received, closed = recv_within(sock, 5.0)
-    assert received.startswith(b"HTTP/1.1 431 "), received[:200]
-    assert b"Connection: close\r\n" in received
-    assert closed
+    assert_cut_off(server, data, 431)
 
 
 def test_a_large_chunked_body_with_a_small_trailer_is_served(server: Server) -> None:
@@ -204,12 +210,7 @@ def test_a_chunk_extension_that_never_ends_gets_400_while_it_arrives(
     neither head nor body: an endless one held the worker for as long as the client sent it,
     at any speed above body_min_rate and past max_body_size. It is bounded as a head is."""
     data = b"POST /echo HTTP/1.1\r\n" + H + TE + b"\r\n" + before + b"3;x=" + b"a" * 140000
-    with connect(address(server)) as sock:
-        sock.sendall(data)
-        received, closed = recv_within(sock, 5.0)
-    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
-    assert b"Connection: close\r\n" in received
-    assert closed
+    assert_cut_off(server, data, 400)
     assert served(server, b"GET /next HTTP/1.1\r\n" + H + b"\r\n")["PATH_INFO"] == "/next"
 
 
