@@ -181,24 +181,30 @@ def parser() -> argparse.ArgumentParser:
                    help="directory prepended to sys.path, repeatable; DIR,DIR... as gunicorn")
     p.add_argument("--preload", action="store_true", default=None,
                    help="import the app in the master before forking")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="workers.timeout")
+    p.add_argument("-t", "--timeout", type=float, metavar="SECONDS", help="workers.timeout")
     p.add_argument("--graceful-timeout", type=float, metavar="SECONDS",
                    help="workers.graceful_timeout")
     p.add_argument("--max-requests", type=int, metavar="N", help="workers.max_requests")
-    p.add_argument("--keepalive", type=float, metavar="SECONDS", help="http.keepalive_timeout")
+    p.add_argument("--max-requests-jitter", type=int, metavar="N",
+                   help="workers.max_requests_jitter")
+    p.add_argument("--keepalive", "--keep-alive", type=float, metavar="SECONDS",
+                   help="http.keepalive_timeout")
     p.add_argument("--reload", action="store_true", default=None,
                    help="development: restart workers when the code changes")
     # any case, as gunicorn (--log-level DEBUG) and the file's logging.level take it
     p.add_argument("--log-level", type=str.lower,
                    choices=("debug", "info", "warning", "error", "critical"))
-    p.add_argument("--error-log", metavar="PATH", help='"-" for stderr')
-    p.add_argument("--access-log", metavar="PATH", help='"-" for stdout')
+    p.add_argument("--error-log", "--error-logfile", "--log-file", metavar="PATH",
+                   help='"-" for stderr')
+    p.add_argument("--access-log", "--access-logfile", metavar="PATH", help='"-" for stdout')
     p.add_argument("-D", "--daemon", action="store_true", default=None,
                    help="detach into the background")
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground even if the configuration says daemon: true")
-    p.add_argument("-p", "--pidfile", metavar="PATH",
+    p.add_argument("-p", "--pidfile", "--pid", metavar="PATH",
                    help="write the master's pid here (reload, status, stop: find it here)")
+    p.add_argument("--chdir", metavar="DIR", help="change into DIR before loading the app")
+    p.add_argument("-n", "--name", metavar="NAME", help="proc_name: the name in process titles")
     p.add_argument("-u", "--user", metavar="USER", help="run the workers as this user")
     p.add_argument("-g", "--group", metavar="GROUP", help="run the workers with this group")
     p.add_argument("-s", "--set", action="append", dest="settings", metavar="KEY=VALUE",
@@ -215,6 +221,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="stop: KILL the master if it still runs after --wait")
     p.add_argument("--json", action="store_true", help="status: print the JSON document")
+    # gunicorn's spellings of two commands, so that a moved Procfile's check still runs
+    p.add_argument("--check-config", action="store_const", const="check", dest="command_flag",
+                   help="the check command, as gunicorn's --check-config")
+    p.add_argument("--print-config", action="store_const", const="config", dest="command_flag",
+                   help="the config command, as gunicorn's --print-config")
     p.add_argument("--version", action="version", version=f"preforkd {__version__}")
     return p
 
@@ -242,6 +253,7 @@ OVERRIDES = {
     "timeout": "workers.timeout",
     "graceful_timeout": "workers.graceful_timeout",
     "max_requests": "workers.max_requests",
+    "max_requests_jitter": "workers.max_requests_jitter",
     "keepalive": "http.keepalive_timeout",
     "log_level": "logging.level",
     "error_log": "logging.error_log",
@@ -251,7 +263,13 @@ OVERRIDES = {
     "pidfile": "pidfile",
     "user": "user",
     "group": "group",
+    "chdir": "chdir",
+    "name": "proc_name",
 }
+
+
+# gunicorn's flags for what preforkd does as commands (`--check-config` is `check`).
+COMMAND_FLAGS = {"check": "--check-config", "config": "--print-config"}
 
 
 def comma_list(text: str) -> list[str]:
@@ -313,6 +331,14 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     split_settings(p, args)
     words = [w for w in (args.command, args.positional_app) if w is not None]
     del args.positional_app
+    command = args.command_flag
+    del args.command_flag
+    if command is not None:  # --check-config: the command "check" before the words
+        if words and words[0] in COMMANDS and words[0] != command:
+            p.error(f"{COMMAND_FLAGS[command]} and the command {words[0]!r} ask for "
+                    "different things")
+        if not words or words[0] != command:
+            words.insert(0, command)
     named = bool(words) and words[0] in COMMANDS
     args.command = words.pop(0) if named else "run"
     if not words:

@@ -900,8 +900,9 @@ class LoggingConfig:
             "a library prints lands in the error log instead of a detached daemon's "
             "/dev/null, a line at a time (sys.stdout becomes line-buffered), and it follows "
             "the error log through a reopen (USR1) and a reload. An access_log of \"-\" "
-            "then goes there too. Needs error_log to be a file (not \"-\", not syslog). Read "
-            "at start: a reload that changes it says it waits for a restart."
+            "then goes there too. Needs error_log to be a file, not syslog; with error_log \"-\" "
+            "it does nothing (standard output stays as it is, as in gunicorn). Read at start: "
+            "a reload that changes it says it waits for a restart."
         ),
     )
     syslog: SyslogConfig = field(
@@ -1008,9 +1009,12 @@ def _check_statsd_tag(value: str, base_dir: str) -> str:
 
 
 def _check_statsd_prefix(value: str, base_dir: str) -> str:
-    if value and not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", value):
+    # gunicorn's statsd_prefix is written with its separator ("myapp."), which it folds
+    # into one: taken here as "myapp", so that a moved setting names the same metrics
+    name = value.rstrip(".") if value.strip(".") else value
+    if name and not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", name):
         raise ValueError(f"must be dot-separated names (letters, digits, _-), got {value!r}")
-    return value
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -1030,7 +1034,8 @@ class StatsdConfig:
     prefix: str = field(
         default="preforkd",
         metadata=_meta(
-            "Prefix of every metric name (dot-separated names; \"\" = none).",
+            "Prefix of every metric name (dot-separated names; \"\" = none). A trailing "
+            "dot is dropped: gunicorn's \"myapp.\" is \"myapp\".",
             check=_check_statsd_prefix,
         ),
     )
@@ -1501,6 +1506,10 @@ class YamlText(str):
 
 
 def _from_yaml_text(text: str, origin: _Origin, path: str) -> _Raw:
+    if text.strip() == "-":
+        # YAML reads a lone "-" as a list holding one null, which no setting takes; on a
+        # command line it is the "-" (stdout, stderr) of the log settings, as --error-log -
+        return _Raw("-", origin)
     try:
         node = yaml.compose(str(text), Loader=_LOADER)
         if node is None:  # "" or only a comment: null, as in the file
@@ -1653,13 +1662,11 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
     if isinstance(obj, TLSConfig):
         _check_tls(obj, entries, path)
-    if isinstance(obj, LoggingConfig) and obj.capture_output and (
-        obj.syslog.enabled or obj.error_log == "-"
-    ):
-        instead = "syslog" if obj.syslog.enabled else 'error_log "-"'
+    # with error_log "-" there is nothing to do (stdout is left alone), as in gunicorn
+    if isinstance(obj, LoggingConfig) and obj.capture_output and obj.syslog.enabled:
         raise entries["capture_output"].fail(
             _join(path, "capture_output"),
-            f"needs logging.error_log to be a file: with {instead} there is no file for "
+            "needs logging.error_log to be a file: with syslog there is no file for "
             "standard output to share",
         )
     if isinstance(obj, LoggingConfig) and not obj.syslog.enabled:  # else the files are unused

@@ -10,10 +10,8 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
 from detached import Daemons, preforkd, read_pid
-from harness import fetch, parse_addresses, wait_until, write_config
+from harness import ServerFactory, address, fetch, parse_addresses, wait_until, write_config
 
 PRINT_APP = """
 import os
@@ -130,21 +128,30 @@ def test_without_it_a_daemon_prints_nowhere(daemons: Daemons, tmp_path: Path) ->
     assert "imported in" not in text(error_log)
 
 
-@pytest.mark.parametrize(
-    ("logging", "why"),
-    [
-        ({"error_log": "-", "capture_output": True}, 'with error_log "-"'),
-        ({"error_log": "/tmp/x.log", "capture_output": True, "syslog": {"enabled": True}},
-         "with syslog"),
-    ],
-)
-def test_capture_output_without_an_error_log_file_is_a_config_error(
-    tmp_path: Path, logging: dict[str, object], why: str
-) -> None:
+def test_capture_output_with_syslog_is_a_config_error(tmp_path: Path) -> None:
+    logging = {"error_log": "/tmp/x.log", "capture_output": True, "syslog": {"enabled": True}}
     config = write_config(tmp_path, {"app": "x:app", "logging": logging})
     result = preforkd("check", "-c", str(config))
     assert result.returncode == 2, result.stdout + result.stderr
     line = config.read_text().splitlines().index("  capture_output: true") + 1
     expected = (f"{config}:{line}: logging.capture_output: needs logging.error_log to be a "
-                f"file: {why}")
+                "file: with syslog")
     assert expected in result.stderr, result.stderr
+
+
+def test_capture_output_with_error_log_on_stderr_leaves_stdout_as_it_is(
+    server_factory: ServerFactory,
+) -> None:
+    """gunicorn takes capture_output with errorlog "-" and leaves stdout alone; a config
+    moved over with both was refused ("needs logging.error_log to be a file") and did not
+    start. Now it starts, and what the application prints goes where it went without it."""
+    server = server_factory(
+        {"app": "printapp:application", "workers": {"count": 1},
+         "logging": {"error_log": "-", "capture_output": True}},
+        app_source=PRINT_APP, module="printapp",
+    )
+    assert fetch(address(server), target="/shown").status == 200
+    wait_until(lambda: "printed for /shown" in server.stdout(), 10,
+               message=f"not on stdout: {server.stdout()[-2000:]}")
+    assert "half a line, then its end" in server.stdout()
+    assert "printed for" not in server.log()

@@ -39,6 +39,16 @@ def test_set_and_env_become_overrides_under_the_named_options() -> None:
     }
 
 
+def test_a_lone_dash_given_to_set_is_the_string_not_a_yaml_list() -> None:
+    # YAML reads "-" alone as [None]: --set logging.error_log=- was refused with "must be
+    # a string, got [None]", where --error-log - was taken
+    argv = ["--set", "logging.error_log=-", "-s", "logging.access_log= - ", "app:application"]
+    config = load(None, overrides_from(parse(argv)))
+    assert (config.logging.error_log, config.logging.access_log) == ("-", "-")
+    argv = ["--set", "http.forwarded_allow_ips=- 10.0.0.1", "app:application"]  # still YAML
+    assert load(None, overrides_from(parse(argv))).http.forwarded_allow_ips == ("10.0.0.1",)
+
+
 def test_env_on_the_command_line_adds_to_the_files_mapping(tmp_path: Path) -> None:
     path = tmp_path / "preforkd.yaml"
     path.write_text("app: app:application\nenv: {FROM_FILE: '1', BOTH: file}\n")
@@ -119,3 +129,47 @@ def test_status_finds_a_pidfile_given_to_set(tmp_path: Path) -> None:
     pidfile = tmp_path / "x.pid"
     endpoint = read_endpoint(None, overrides_from(parse(["--set", f'pidfile="{pidfile}"'])))
     assert endpoint.pidfile == str(pidfile)
+
+
+def test_gunicorns_flag_spellings_set_the_same_settings(tmp_path: Path) -> None:
+    # a Procfile or Dockerfile moved from gunicorn: each of these was an argparse error
+    argv = ["-t", "45", "--keep-alive", "2", "--access-logfile", "-", "--error-logfile",
+            f"{tmp_path}/error.log", "--max-requests", "1000", "--max-requests-jitter", "50",
+            "--pid", "/run/app.pid", "-n", "shop", "--chdir", str(tmp_path),
+            "shop.wsgi:application"]
+    config = load(None, overrides_from(parse(argv)))
+    assert config.workers.timeout == 45 and config.http.keepalive_timeout == 2
+    assert config.logging.access_log == "-"
+    assert config.logging.error_log == f"{tmp_path}/error.log"
+    assert (config.workers.max_requests, config.workers.max_requests_jitter) == (1000, 50)
+    assert config.pidfile == "/run/app.pid" and config.proc_name == "shop"
+    assert config.chdir == str(tmp_path) and config.app == "shop.wsgi:application"
+    log_file = load(None, overrides_from(parse(["--log-file", "-", "a:b"])))
+    assert log_file.logging.error_log == "-"
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "app"),
+    [
+        (["--check-config", "app:application"], "check", "app:application"),
+        (["app:application", "--check-config"], "check", "app:application"),
+        (["check", "--check-config"], "check", None),
+        (["--print-config", "-c", "x.yaml"], "config", None),
+    ],
+)
+def test_check_config_and_print_config_are_the_commands(
+    argv: list[str], command: str, app: str | None
+) -> None:
+    args = parse(argv)
+    assert (args.command, args.app) == (command, app)
+
+
+def test_a_command_flag_beside_another_command_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(["stop", "--check-config"])
+    assert exited.value.code == 2
+    assert "--check-config and the command 'stop' ask for different things" in (
+        capsys.readouterr().err
+    )

@@ -97,6 +97,19 @@ def test_prefix_and_dogstatsd_tags() -> None:
         sink.close()
 
 
+def test_gunicorns_prefix_with_its_trailing_dot_names_the_same_metrics(tmp_path: Path) -> None:
+    # statsd_prefix = "myapp." moved over as it stands was an error ("dot-separated names")
+    path = tmp_path / "preforkd.yaml"
+    path.write_text("app: m:app\nstatsd:\n  address: 127.0.0.1:8125\n  prefix: myapp.\n")
+    config = load(str(path)).statsd
+    assert config.prefix == "myapp"
+    sink = StatsdSink(config)
+    try:
+        assert "myapp.requests:1|c" in sink.lines(snapshot(requests=1))
+    finally:
+        sink.close()
+
+
 def test_lines_are_packed_into_datagrams_under_the_limit(receiver: socket.socket) -> None:
     sink = StatsdSink(StatsdConfig(address=address_of(receiver)))
     try:
