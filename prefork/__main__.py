@@ -1,7 +1,16 @@
-"""`python -m prefork` runs the preforkd command."""
+"""`python -m prefork`, and the preforkd console script: run the preforkd command."""
 
 import sys
 
-from prefork.cli import main
+from prefork.early import EarlySignals
 
-sys.exit(main())
+
+def entry() -> int:
+    early = EarlySignals.hold()  # first: the imports below take a few tenths of a second
+    from prefork.cli import main
+
+    return main(early=early)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -59,6 +59,7 @@ from prefork.config import (
     load,
 )
 from prefork.daemon import detach, under_systemd
+from prefork.early import EarlySignals
 from prefork.effective import as_yaml
 from prefork.hooks import HookError, HookImports, Hooks, ServerInfo
 from prefork.loader import AppLoadError, Reimport, load_app, prepare
@@ -357,15 +358,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> int:
     """Run one command. Its lines go out through say(), so a reader that closes stdout
     early (`preforkd status | head -1`) neither stops it nor changes its exit status; output
-    that bypasses say() (argparse's --help) ends it quietly with 1."""
+    that bypasses say() (argparse's --help) ends it quietly with 1. `early`: the signals
+    the entry point held while this module was imported (prefork.early)."""
     code = EXIT_RUNTIME_ERROR
     try:
         try:
-            code = command(argv)
+            code = command(argv, early)
         finally:  # here, not at exit: --help and --version leave through SystemExit
+            if early is not None:
+                early.release()  # a command that did not, e.g. one refused by parse()
             if sys.stdout is not None:  # None: started without a file descriptor 1
                 sys.stdout.flush()
     except BrokenPipeError:
@@ -397,9 +401,11 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
-def command(argv: Sequence[str] | None) -> int:
+def command(argv: Sequence[str] | None, early: EarlySignals | None = None) -> int:
     inherited = open_fds()  # whatever our caller left open is not ours to keep as a daemon
     args = parse(argv)
+    if early is not None and args.command != "run":
+        early.release()  # only a starting master has handlers of its own for them
     path = config_path(args)
     overrides = overrides_from(args)
     if args.command == "status":
@@ -441,6 +447,7 @@ def command(argv: Sequence[str] | None) -> int:
     return Startup(
         config, lambda: load(path, settings(), started_in), args.foreground, inherited,
         daemon_flag="daemon" in overrides,  # -D or --set daemon=...
+        early=early,
     ).run()
 
 
@@ -843,8 +850,10 @@ class Startup:
         foreground: bool,
         inherited_fds: set[int] | None = None,
         daemon_flag: bool = False,
+        early: EarlySignals | None = None,
     ) -> None:
         self.inherited_fds = inherited_fds or set()
+        self.early = early
         self.config = config
         self.reread = reread
         self.started_in = started_in()
@@ -907,8 +916,11 @@ class Startup:
         return (err.st_dev, err.st_ino) == (console.st_dev, console.st_ino)
 
     def run(self) -> int:
+        early = self.early
         if self.detach:
             # the launcher: signals keep their defaults until the daemon it forks serves
+            if early is not None:
+                early.release()
             prepared = self.start()
         else:
             # First thing: a stop that comes while the master imports hooks or a preloaded
@@ -957,6 +969,10 @@ class Startup:
         except OSError as exc:
             return self.fail(f"cannot open the logs: {exc}")
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
+        if self.early is not None:
+            # what came while the modules were imported, now to this master's handlers
+            # (set in run()), with the log open to say what a stop did
+            self.early.release()
         if self.stays:
             log.info("daemon: staying in the foreground: %s", self.stays)
         if self.handover is not None:

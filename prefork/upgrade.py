@@ -144,6 +144,23 @@ class Handover:
         return sockets
 
 
+# The inits containers run their one process under (by /proc/PID/comm): each forwards
+# signals to its child and exits with it, whatever else runs (tini is docker run --init's
+# docker-init; catatonit is podman's --init).
+INIT_SHIMS = frozenset({"tini", "tini-static", "docker-init", "dumb-init", "catatonit"})
+
+
+def init_shim_parent() -> str | None:
+    """"tini (pid 1)" when this process's parent is one of INIT_SHIMS, else None."""
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/comm", encoding="utf-8", errors="replace") as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return f"{name} (pid {parent})" if name in INIT_SHIMS else None
+
+
 def upgrade_partners(pid: int, pidfile: str) -> list[tuple[int, str]]:
     """The other master of an upgrade under way beside master `pid`, as (pid, "new"/"old"):
     the new master `pid` started (its child: it serves on when only its parent stops, which
@@ -226,6 +243,13 @@ class Upgrader:
             return ("this master is PID 1 (a container's main process): its exit would end "
                     "the new master too; restart the container instead, or HUP to reload "
                     "the application")
+        shim = init_shim_parent()
+        if shim is not None:
+            # tini (docker run --init), dumb-init, catatonit: each exits as soon as its one
+            # child does, and as the container's PID 1 takes the namespace down with it
+            return (f"this master's parent is {shim}, a container's init that exits when "
+                    "this master does, ending the new master too; restart the container "
+                    "instead, or HUP to reload the application")
         if self.replaced is not None and is_master(self.replaced):
             return f"the master this one replaced (pid {self.replaced}) still runs; stop it first"
         if any(listener.inherited for listener in listeners):
