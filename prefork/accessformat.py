@@ -110,6 +110,82 @@ def uwsgi_format(source: str) -> ValueError | None:
     )
 
 
+# Apache's LogFormat directives (mod_log_config) and the atom that says the same here, so
+# that a LogFormat carried over from an Apache (mod_wsgi) site gets a translation instead of
+# "a lone '%'"; "" where preforkd logs nothing like it. %q has no leading "?" here.
+_APACHE_DIRECTIVES = {
+    "h": "%(h)s", "a": "%(h)s", "l": "%(l)s", "u": "%(u)s", "t": "%(t)s", "r": "%(r)s",
+    "s": "%(s)s", "b": "%(b)s", "B": "%(B)s", "D": "%(D)s", "T": "%(T)s", "m": "%(m)s",
+    "U": "%(U)s", "q": "%(q)s", "H": "%(H)s", "P": "%(p)s",
+    "A": "", "p": "", "v": "", "V": "", "X": "", "I": "", "O": "", "S": "", "k": "",
+    "L": "", "R": "", "f": "",
+}
+# Apache's %{ms}T and %{us}T (2.4.13+); its other %{...}T and %{...}t have no atom
+_APACHE_TIMES = {"ms": "%(M)s", "us": "%(D)s", "s": "%(T)s"}
+# %[<>][!]NNN,NNN{key}X: Apache's directive, with its optional modifiers (the first or last
+# status of an internal redirect, the statuses it is logged for) and key
+_APACHE_DIRECTIVE = re.compile(
+    r"%(?P<mods>[<>]?!?(?:\d{3}(?:,\d{3})*)?[<>]?)(?:\{(?P<key>[^{}]*)\})?(?P<letter>[A-Za-z])"
+)
+
+
+def _apache_atom(key: str | None, letter: str) -> str | None:
+    """The atom for Apache LogFormat directive %{key}letter ("" if none says the same);
+    None if it is not one."""
+    if key is not None:
+        if letter in "ioe" and key:
+            return f"%({{{key}}}{letter})s"
+        if letter == "T":
+            return _APACHE_TIMES.get(key, "")
+        if letter in "atCnp^":
+            return ""  # %{c}a, %{format}t, a cookie, a note, %{remote}p: nothing alike
+        return None
+    return _APACHE_DIRECTIVES.get(letter)
+
+
+def apache_format(source: str) -> ValueError | None:
+    """The error for a format written with Apache's LogFormat directives (%h %>s
+    %{Referer}i, or the nickname `common`): it gives the whole format in gunicorn's atoms,
+    ready to paste; None for any other format. A format with no directive of Apache's, or
+    with gunicorn's %(NAME)s atoms only, is not one."""
+    given = source
+    if source.strip().lower() == "common":
+        source = '%h %l %u %t "%r" %>s %b'
+        what = "Apache's nickname for '%h %l %u %t \"%r\" %>s %b'"
+    else:
+        what = "written with Apache LogFormat directives"
+    missing: list[str] = []
+    found = False
+
+    def swap(match: re.Match[str]) -> str:
+        nonlocal found
+        atom = _apache_atom(match.group("key"), match.group("letter"))
+        if atom is None:
+            return match.group()
+        found = True
+        if not atom:
+            missing.append(match.group())
+            return "-"
+        return atom
+
+    # what is not %(NAME)s, %% or a directive stays as written; Apache's config file writes
+    # a quote inside its quoted format as \", which YAML's single quotes keep as it is
+    pieces = re.split(r"(%\([^)]*\)s|%%)", source)
+    translated = "".join(
+        piece if index % 2 else _APACHE_DIRECTIVE.sub(swap, piece)
+        for index, piece in enumerate(pieces)
+    ).replace('\\"', '"')
+    if not found:
+        return None
+    gaps = f" ({', '.join(dict.fromkeys(missing))}: no atom says that, written - there)" if (
+        missing
+    ) else ""
+    return ValueError(
+        f"{given!r} is {what}; preforkd takes gunicorn's atoms, %(NAME)s: "
+        f"in those, {translated!r}{gaps}"
+    )
+
+
 def _escape_one(match: re.Match[str]) -> str:
     char = match.group()
     if char in '"\\':
@@ -313,6 +389,9 @@ def compile_format(source: str) -> AccessFormat:
     uwsgi = uwsgi_format(source)
     if uwsgi is not None:  # before any other error, which would only hint at half of it
         raise uwsgi
+    apache = apache_format(source)
+    if apache is not None:  # before "a lone '%'", which says nothing of the atoms to use
+        raise apache
     template: list[str] = []
     getters: list[Getter] = []
     headers = False

@@ -179,7 +179,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=("http", "tcp"))
     # comma-separated too, as gunicorn's --pythonpath: taken whole, "a,b" named no directory
     p.add_argument("--pythonpath", action="extend", type=comma_list, metavar="DIR",
-                   help="directory prepended to sys.path, repeatable; DIR,DIR... as gunicorn")
+                   help="directory prepended to sys.path, repeatable; DIR,DIR... as gunicorn "
+                        "(replaces the file's list)")
     p.add_argument("--preload", action="store_true", default=None,
                    help="import the app in the master before forking")
     p.add_argument("-t", "--timeout", type=float, metavar="SECONDS", help="workers.timeout")
@@ -203,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", action="store_true",
                    help="stay in the foreground even if the configuration says daemon: true")
     p.add_argument("-p", "--pidfile", "--pid", metavar="PATH",
-                   help="write the master's pid here (reload, status, stop: find it here)")
+                   help="write the master's pid here (reload, status, stop, upgrade: find "
+                        "it here)")
     p.add_argument("--chdir", metavar="DIR", help="change into DIR before loading the app")
     p.add_argument("-n", "--name", metavar="NAME", help="proc_name: the name in process titles")
     p.add_argument("-u", "--user", metavar="USER", help="run the workers as this user")

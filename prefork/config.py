@@ -877,7 +877,8 @@ class LoggingConfig:
             "or empty values are `-` (i, o, e and u always are for the server's own error "
             "responses and for TCP connections); quotes, backslashes and control characters "
             "are escaped. An unknown atom is an error; so is a uWSGI logformat (`%(addr) "
-            "%(method) %(uri)`), whose message gives it in these atoms.",
+            "%(method) %(uri)`) or an Apache LogFormat (`%h %>s %{Referer}i`, or `common`), "
+            "whose message gives it in these atoms.",
             check=_check_access_log_format,
         ),
     )
@@ -2122,7 +2123,24 @@ def _sections() -> list[tuple[str, str, type, str]]:
         (
             "`admin`",
             "The master's status endpoint: `/status` (JSON), `/metrics` (Prometheus text), "
-            "`/ready`, `/live`; `preforkd status -c FILE` reads it.",
+            "`/ready` (200 while a worker of the serving generation is ready, else 503), "
+            "`/live` (200 while the master's loop answers); `preforkd status -c FILE` reads it. "
+            # every family metrics_text exports, for dashboards and alerts: the names were
+            # nowhere but in the code (a test compares this list with a live /metrics)
+            "The metric families of `/metrics`: `preforkd_requests_total{class}` (responses "
+            "by status class, the server's own error answers included), "
+            "`preforkd_request_duration_seconds` (histogram), "
+            "`preforkd_response_body_bytes_total`, `preforkd_workers{state}`, "
+            "`preforkd_worker_recycles_total{reason}`, `preforkd_worker_restarts_total`, "
+            "`preforkd_worker_boot_failures_total`, `preforkd_connections_handed_over_total`, "
+            "`preforkd_connections_balanced_total`, `preforkd_connections_relieved_total`, "
+            "`preforkd_reloads_total{result}`, `preforkd_listen_queue{listener}`, "
+            "`preforkd_listen_queue_limit{listener}`, `preforkd_listen_queue_full_total{listener}` "
+            "(a listener whose queue the kernel does not report has none of these three), "
+            "`preforkd_degraded`, `preforkd_generation`, "
+            "`preforkd_worker_memory_uss_bytes{worker,pid}` "
+            "(`preforkd_worker_memory_rss_bytes` for a worker whose USS cannot be read), "
+            "`preforkd_worker_connections{worker,pid}`, `preforkd_start_time_seconds`.",
             AdminConfig,
             "admin.",
         ),

@@ -27,6 +27,7 @@ from prefork.sockets import Listener
 from prefork.wsgi import (
     DRAIN_LIMIT,
     ENVIRON_KEYS,
+    ErrorsToLog,
     FileWrapper,
     HeadCache,
     Input,
@@ -73,9 +74,12 @@ class ListenerExtras(NamedTuple):
     mount: str  # http.script_name, stripped from PATH_INFO
 
 
-def base_environ(listener: Listener, script_name: str = "", tls: bool = False) -> dict[str, Any]:
+def base_environ(
+    listener: Listener, script_name: str = "", tls: bool = False, errors: ErrorsToLog | None = None
+) -> dict[str, Any]:
     """The environ keys that are the same for every request on `listener` (served with TLS
-    by this worker's generation: `tls`)."""
+    by this worker's generation: `tls`); wsgi.errors is `errors`, or else sys.stderr (fd 2,
+    the error log file)."""
     address = listener.address
     if address.kind == "unix":
         server_name, server_port = "localhost", "0"
@@ -84,7 +88,7 @@ def base_environ(listener: Listener, script_name: str = "", tls: bool = False) -
     environ = {
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": "https" if tls else "http",
-        "wsgi.errors": sys.stderr,
+        "wsgi.errors": sys.stderr if errors is None else errors,
         "wsgi.multithread": False,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
@@ -208,6 +212,11 @@ class HttpProtocol:
         self._bases: dict[int, tuple[dict[str, Any], ListenerExtras | None]] = {}
         self.heads: HeadCache = {}  # start_response arguments already checked
         self.uwsgi_warned = -math.inf  # when a uwsgi protocol packet was last logged
+        # wsgi.errors: with the error log on syslog, fd 2 is not the error log (a daemon's is
+        # /dev/null), so what the application writes there goes through the logger instead
+        self.errors: ErrorsToLog | None = (
+            ErrorsToLog(logging.getLogger("prefork.wsgi")) if logs.syslog is not None else None
+        )
 
     def environ(self, conn: Connection, request: Request) -> dict[str, Any]:
         listener: Listener = conn.listener  # type: ignore[assignment]
@@ -216,7 +225,7 @@ class HttpProtocol:
             tls = listener.fd in self.tls_fds
             needs = ListenerExtras(listener.address.kind == "unix", tls, self.script_name)
             known = self._bases[id(listener)] = (
-                base_environ(listener, self.script_name, tls),
+                base_environ(listener, self.script_name, tls, self.errors),
                 needs if any(needs) else None,
             )
         base, extras = known

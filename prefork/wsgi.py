@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import logging
 import os
 import re
 import time
@@ -61,10 +62,36 @@ def environ_key(name: bytes) -> str | None:
 
 
 def decode_path(raw: bytes) -> str:
-    """PATH_INFO per PEP 3333: percent-decoded bytes, as latin-1."""
-    if raw.find(b"%") < 0:  # not `in`: see split_target
-        return raw.decode("latin-1")
-    return unquote_to_bytes(raw).decode("latin-1")
+    """PATH_INFO per PEP 3333: percent-decoded bytes, as latin-1, without dot segments."""
+    # find, not `in`: see split_target
+    text = raw.decode("latin-1") if raw.find(b"%") < 0 else unquote_to_bytes(raw).decode("latin-1")
+    if text.find("/.") < 0:
+        return text
+    return remove_dot_segments(text)
+
+
+def remove_dot_segments(path: str) -> str:
+    """`path` with its "." and ".." segments resolved (RFC 3986 5.2.4; a ".." at the root
+    goes no higher), as Apache resolves them before mod_wsgi sees PATH_INFO, and nginx before it
+    matches a location. Left in, "/app/../admin" reached an application mounted at /app
+    (http.script_name) as PATH_INFO "/../admin", and "/public/%2e%2e/admin" went past a
+    middleware's PATH_INFO.startswith("/admin") check, or out of a directory an application
+    serves files from: nginx's proxy_pass passes the target on as the client sent it.
+    Decoded first (%2e%2e is ".." too, as in Apache); REQUEST_URI and RAW_URI keep the
+    target as sent."""
+    if not path.startswith("/"):
+        return path  # "*", or a CONNECT's authority: not a path of segments
+    segments = path.split("/")
+    kept: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if kept:
+                kept.pop()
+        elif segment != ".":
+            kept.append(segment)
+    if segments[-1] in (".", ".."):
+        kept.append("")  # "/a/b/.." is the directory "/a/", trailing slash included
+    return "/" + "/".join(kept)
 
 
 class FileWrapper:
@@ -147,6 +174,42 @@ def sendfile_fd(wrapper: FileWrapper) -> int | None:
         return fd if fd is not None and owner.fileno() == fd else None  # the same file
     except (OSError, ValueError):
         return None
+
+
+class ErrorsToLog(io.TextIOBase):
+    """wsgi.errors when the error log goes to syslog: each line written becomes a record of
+    the error log (at ERROR, as mod_wsgi's land in Apache's error log as [wsgi:error]).
+
+    Otherwise wsgi.errors is sys.stderr, whose fd 2 is the error log file; with syslog, fd 2
+    is the terminal the server started from, or a detached daemon's /dev/null, and what the
+    application wrote to wsgi.errors was lost. A line is kept until its newline, a flush(),
+    or LINE_LIMIT characters."""
+
+    LINE_LIMIT = 1 << 16
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self._log = logger
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        data = self._partial + text
+        *lines, self._partial = data.split("\n")
+        for line in lines:
+            self._log.error("%s", line)
+        if len(self._partial) >= self.LINE_LIMIT:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            line, self._partial = self._partial, ""
+            self._log.error("%s", line)
 
 
 class Input:

@@ -19,13 +19,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psutil
 import pytest
 import yaml
 
 T = TypeVar("T")
+# typing.Self is Python 3.11; the project supports 3.10 (pyproject's requires-python), and
+# `make test` there failed at this import before collecting a single test.
+ClientsT = TypeVar("ClientsT", bound="ClientThreads")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "prefork")
@@ -166,7 +169,7 @@ class ClientThreads:
         self.retries = 0
         self.failures: list[str] = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self: ClientsT) -> ClientsT:
         for thread in self.threads:
             thread.start()
         return self
