@@ -9,6 +9,7 @@ a socket (prefork.signals); every OS call goes through `Kernel` so `tick` is uni
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import math
 import os
@@ -182,6 +183,27 @@ def pool_size(old: Config, new: Config, target: int) -> int:
     return target
 
 
+# Signals that only wake the loop: they do not separate two HUPs (collapse_reloads).
+WAKE_ONLY = (signal.SIGCHLD, 0)
+
+
+def collapse_reloads(signals: list[int]) -> list[int]:
+    """The signals one tick acts on: a HUP followed by another (wake-ups between them
+    aside), or by a stop anywhere after it, is left out. Both HUPs were delivered before the
+    loop read either, so the one reload reads the file every sender edited; each read a
+    preloaded application again, with the loop blocked, only for the next to throw it away
+    (a burst of 20 HUPs: as many imports in a row, and a TERM behind them waited for all).
+    A stop already queued abandons a reload as one arriving during its import does."""
+    kept: list[int] = []
+    for index, signum in enumerate(signals):
+        if signum == signal.SIGHUP:
+            rest = [s for s in signals[index + 1 :] if s not in WAKE_ONLY]
+            if rest[:1] == [signal.SIGHUP] or any(s in STOP_SIGNALS for s in rest):
+                continue
+        kept.append(signum)
+    return kept
+
+
 class SignalSource(Protocol):
     def fileno(self) -> int: ...
 
@@ -289,7 +311,7 @@ class Master:
         """One pass of the loop; False once the master should exit."""
         ready_fds = self.sleep()
         self.reap()
-        for signum in self.signals.drain():
+        for signum in collapse_reloads(self.signals.drain()):
             self.handlers.get(signum, lambda: None)()
         self.read_channels(ready_fds)
         if self.admin is not None:
@@ -1385,12 +1407,23 @@ class Master:
             # The reloader undoes what it did when its import raises; whatever else it left
             # half done goes with the master, which stops at the next tick.
             with stops_raise(STOP_SIGNALS):
+                # What the generations this one replaced left (their configuration, hooks,
+                # a preloaded application's modules: cycles, every one) is collected first,
+                # so the import reuses that memory: the collector's own thresholds let
+                # garbage the size of a few applications pile up. The loop waits for the
+                # import anyway, and a stop meanwhile still abandons the reload.
+                gc.collect()
                 new = self.reloader(self.current, self.all_listeners())
         except Stopped as exc:
             message = (f"reload abandoned: {signal.Signals(exc.signum).name} arrived while it "
                        f"loaded; still serving generation {self.current.number}")
             log.warning("%s", message)
             self.reload_finished(False, message, under_way=self.reloading)
+            # The stop now, not at the next tick: the HUPs that arrived with it during the
+            # import come first in the queue, and would import again, with nothing left to
+            # interrupt that import. The stop's own byte is in the queue too: the next
+            # tick finds it and, stopping already, does nothing more.
+            self.handlers[exc.signum]()
             return
         except Exception as exc:
             message = f"reload failed: {exc}; still serving generation {self.current.number}"

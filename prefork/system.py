@@ -60,18 +60,27 @@ class System:
         """fork(); the child runs `child()` and exits with its result. The parent's copy of
         `child_end` (the worker's side of its channel) is closed."""
         old_mask = set_mask(signal.SIG_BLOCK, ALL_SIGNALS)
-        # The child inherits the master's objects in the permanent generation, so its
-        # collections skip them: a full collection in a fresh worker would otherwise touch
-        # every page of the inherited heap (copy-on-write faults) for nothing. The master
-        # unfreezes at once, so its own garbage cycles are still collected.
-        gc.freeze()
+        # The child freezes what it inherits (gc.freeze: into the permanent generation), so
+        # its collections skip the master's objects: a full collection in a fresh worker
+        # would otherwise touch every page of the inherited heap (copy-on-write faults) for
+        # nothing. Frozen in the child, not around fork() in the master: gc.unfreeze() puts
+        # everything back in the oldest generation without counting it as pending there, so
+        # a master that forks more often than its young generations fill never collected
+        # again, and every reload's cycles stayed (a preloaded app's modules: MiBs a HUP).
+        # No collection in between: after fork(), the at-fork hooks allocate.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             pid = os.fork()
         except BaseException:
-            gc.unfreeze()
+            if collecting:
+                gc.enable()
             set_mask(signal.SIG_SETMASK, old_mask)
             raise
         if pid == 0:
+            gc.freeze()  # touches only the list heads: no page is copied for it
+            if collecting:
+                gc.enable()
             code = 1
             try:
                 code = child()
@@ -85,7 +94,8 @@ class System:
                     sys.stderr.flush()
                 finally:
                     os._exit(code)
-        gc.unfreeze()
+        if collecting:
+            gc.enable()
         set_mask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         return pid
