@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -732,3 +733,44 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True, timeout=60,
     )
     return cert, key
+
+
+# --- the migration guides' worked examples ---------------------------------------------------
+
+
+def guide_block(guide: Path, language: str, after: str) -> str:
+    """The first ```LANGUAGE block of the markdown file `guide` after the text `after`."""
+    text = guide.read_text()
+    start = text.index(after)
+    match = re.search(rf"```{language}\n(.*?)```", text[start:], re.DOTALL)
+    assert match is not None, f"no {language} block after {after!r} in {guide}"
+    return match.group(1)
+
+
+def example_site(guide: Path, base: Path, name: str, app_source: str,
+                 empty_modules: Sequence[str] = ()) -> str:
+    """The guide's worked preforkd.yaml (its first yaml block after "The same in") with
+    /srv/NAME, /run/NAME and /var/log/NAME moved under `base`, where a stand-in
+    myproject.wsgi (`app_source`, and `empty_modules` of myproject beside it) is written,
+    readable by www-data, whom the example runs its workers as (skipped without root or
+    without that user)."""
+    if os.geteuid() != 0:
+        pytest.skip("the example runs its workers as www-data: needs root")
+    try:
+        pwd.getpwnam("www-data")
+    except KeyError:
+        pytest.skip("no www-data user")
+    text = guide_block(guide, "yaml", "The same in")
+    for old, new in ((f"/srv/{name}", f"{base}/srv"), (f"/run/{name}", f"{base}/run"),
+                     (f"/var/log/{name}", f"{base}/log")):
+        text = text.replace(old, new)
+    project = base / "srv" / "current" / "myproject"
+    project.mkdir(parents=True)
+    (base / "run").mkdir()
+    (base / "log").mkdir()
+    for module in ("__init__", *empty_modules):
+        (project / f"{module}.py").write_text("")
+    (project / "wsgi.py").write_text(app_source)
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return text

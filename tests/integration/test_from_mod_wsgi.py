@@ -22,8 +22,6 @@ nginx through test_nginx's Nginx, stopped by pid in a `finally`.
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import re
 import signal
 import socket
@@ -32,7 +30,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from detached import preforkd
@@ -41,7 +38,9 @@ from harness import (
     Datagrams,
     ServerFactory,
     connect,
+    example_site,
     fetch,
+    guide_block,
     http_request,
     read_response,
     recv_within,
@@ -370,39 +369,6 @@ def test_winch_out_of_apache_habit_stops_nothing_and_loses_nothing(
 # --- PINNED: the guide's worked example -----------------------------------------------------
 
 
-def guide_block(language: str, after: str) -> str:
-    """The first ```LANGUAGE block of the guide after the text `after`."""
-    text = GUIDE.read_text()
-    start = text.index(after)
-    match = re.search(rf"```{language}\n(.*?)```", text[start:], re.DOTALL)
-    assert match is not None, f"no {language} block after {after!r} in {GUIDE}"
-    return match.group(1)
-
-
-def example_site(base: Path) -> str:
-    """The guide's preforkd.yaml with /srv/shop, /run/shop and /var/log/shop moved under
-    `base`, where a stand-in myproject.wsgi is written; readable by www-data."""
-    if os.geteuid() != 0:
-        pytest.skip("the example runs its workers as www-data: needs root")
-    try:
-        pwd.getpwnam("www-data")
-    except KeyError:
-        pytest.skip("no www-data user")
-    text = guide_block("yaml", "The same in")
-    for old, new in (("/srv/shop", f"{base}/srv"), ("/run/shop", f"{base}/run"),
-                     ("/var/log/shop", f"{base}/log")):
-        text = text.replace(old, new)
-    project = base / "srv" / "current" / "myproject"
-    project.mkdir(parents=True)
-    (base / "run").mkdir()
-    (base / "log").mkdir()
-    (project / "__init__.py").write_text("")
-    (project / "wsgi.py").write_text(APP)
-    for path in [base, *base.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return text
-
-
 def test_the_worked_example_passes_check_and_serves(
     server_factory: ServerFactory, short_tmp: Path
 ) -> None:
@@ -410,7 +376,7 @@ def test_the_worked_example_passes_check_and_serves(
     no warning); a server started from it serves under /shop on the socket nginx needs,
     sends print() to the error log file (as mod_wsgi's WSGIRestrictStdout Off), logs
     requests in Apache's combined layout, and leaves nothing behind at TERM."""
-    text = example_site(short_tmp)
+    text = example_site(GUIDE, short_tmp, "shop", APP)
     config = short_tmp / "preforkd.yaml"
     config.write_text(text)
     result = preforkd("check", "-c", str(config))
@@ -442,7 +408,7 @@ def test_the_worked_example_nginx_block_mounts_under_shop(
     WSGIScriptAlias /shop, the client's address and Host; a target with a dot segment,
     which nginx passes on as the client wrote it, reaches it resolved (this part failed
     before the dot-segment fix: PATH_INFO was /static/../env)."""
-    guide = guide_block("nginx", "nginx in front")
+    guide = guide_block(GUIDE, "nginx", "nginx in front")
     location = re.search(r"location /shop \{\n(.*?)\n    \}", guide, re.DOTALL)
     assert location is not None, guide
     block = location.group(1).replace("http://shop", "http://shop_app")

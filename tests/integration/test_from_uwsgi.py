@@ -18,7 +18,6 @@ by a timeout; nginx through test_nginx's Nginx, stopped by pid in a `finally`.
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import re
 import signal
@@ -33,7 +32,9 @@ from detached import preforkd
 from harness import (
     ServerFactory,
     connect,
+    example_site,
     fetch,
+    guide_block,
     http_request,
     read_response,
     recv_within,
@@ -414,47 +415,13 @@ def test_a_request_outside_the_mount_gets_400(server_factory: ServerFactory) -> 
 # --- PINNED: the guide's worked example -----------------------------------------------------
 
 
-def guide_block(language: str, after: str) -> str:
-    """The first ```LANGUAGE block of the guide after the text `after`."""
-    text = GUIDE.read_text()
-    start = text.index(after)
-    match = re.search(rf"```{language}\n(.*?)```", text[start:], re.DOTALL)
-    assert match is not None, f"no {language} block after {after!r} in {GUIDE}"
-    return match.group(1)
-
-
-def example_site(base: Path) -> str:
-    """The guide's preforkd.yaml with /srv/myapp, /run/myapp and /var/log/myapp moved under
-    `base`, where a stand-in myproject.wsgi is written; readable by www-data."""
-    if os.geteuid() != 0:
-        pytest.skip("the example runs its workers as www-data: needs root")
-    try:
-        pwd.getpwnam("www-data")
-    except KeyError:
-        pytest.skip("no www-data user")
-    text = guide_block("yaml", "The same in")
-    for old, new in (("/srv/myapp", f"{base}/srv"), ("/run/myapp", f"{base}/run"),
-                     ("/var/log/myapp", f"{base}/log")):
-        text = text.replace(old, new)
-    project = base / "srv" / "current" / "myproject"
-    project.mkdir(parents=True)
-    (base / "run").mkdir()
-    (base / "log").mkdir()
-    (project / "__init__.py").write_text("")
-    (project / "settings.py").write_text("")
-    (project / "wsgi.py").write_text(APP)
-    for directory in [base, *base.rglob("*")]:
-        directory.chmod(0o755 if directory.is_dir() else 0o644)
-    return text
-
-
 def test_the_worked_example_passes_check_and_serves(
     server_factory: ServerFactory, short_tmp: Path
 ) -> None:
     """PINNED. The guide's translation of the uwsgi.ini validates with `preforkd check` (exit
     0, no warning), and a server started from it makes the socket nginx needs (mode 660,
     www-data's), serves on it, and leaves nothing behind at TERM."""
-    text = example_site(short_tmp)
+    text = example_site(GUIDE, short_tmp, "myapp", APP, ["settings"])
     config = short_tmp / "preforkd.yaml"
     config.write_text(text)
     result = preforkd("check", "-c", str(config))
@@ -495,7 +462,7 @@ def test_the_worked_example_nginx_block_forwards_the_client(
     uwsgi_pass) over a unix socket: the application gets the client's address, the Host the
     client sent, the scheme and REQUEST_URI, with no forwarded_allow_ips setting (a unix
     socket peer is trusted by default), on upstream keep-alive."""
-    guide = guide_block("nginx", "and after:")
+    guide = guide_block(GUIDE, "nginx", "and after:")
     for line in NGINX_LOCATION.strip().splitlines():
         assert line.strip() in guide, f"the guide lost {line.strip()!r}"
     sock = short_tmp / "http.sock"
