@@ -1260,8 +1260,13 @@ class Master:
                 log.warning("TTIN: already at the maximum of %d workers%s", self.target,
                             " (workers.max)" if limit == workers.max else "")
                 return
-            self.resize(self.target + 1)
-            self.paused = None  # after a WINCH: the pool grows from none
+            size = self.target + 1
+            if self.paused is not None and workers.max:
+                # after a WINCH a dynamic pool comes back to its floor, which TTOU and the
+                # spare-server rule keep it at: one worker left it below that for good
+                size = max(size, workers.count)
+            self.resize(size)
+            self.paused = None  # after a WINCH: the pool grows from none (or its floor)
             log.info("TTIN: %d workers", self.target)
 
     def fewer_workers(self) -> None:

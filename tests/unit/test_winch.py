@@ -152,6 +152,21 @@ def test_winch_while_stopping_changes_nothing(make_rig: Callable[..., Rig]) -> N
     assert rig.master.paused is None
 
 
+def test_ttin_after_winch_brings_a_dynamic_pool_back_to_its_floor(
+    make_rig: Callable[..., Rig],
+) -> None:
+    # it started one worker, below workers.count, where TTOU then said "a dynamic pool
+    # keeps at least workers.count" and nothing brought it back up
+    rig = make_rig(count=3, max=6)
+    rig.start()
+    stop_all(rig)
+    rig.signal(signal.SIGTTIN)
+    assert sorted(h.number for h in rig.live()) == [1, 2, 3]
+    assert (rig.master.target, rig.master.paused) == (3, None)
+    rig.signal(signal.SIGTTIN)  # the pause is over: one more, as ever
+    assert rig.master.target == 4
+
+
 def test_no_replacement_starts_while_the_workers_are_stopped(
     make_rig: Callable[..., Rig],
 ) -> None:
