@@ -355,6 +355,8 @@ class HttpProtocol:
             now = time.monotonic()
             if response.status_code:  # the application answered: the log says what went out
                 self.answered(env, request, response, now - start)
+            elif self.errors is not None:
+                self.errors.flush()  # as answered() does
             self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
             return False
         except ProtocolError as exc:
@@ -403,7 +405,8 @@ class HttpProtocol:
         self, env: dict[str, Any], request: Request, response: Response, duration: float
     ) -> None:
         """The access log line and the post_request hook of a response, whole or cut short by
-        the client (its bytes count what was sent)."""
+        the client (its bytes count what was sent); then the end of what the request wrote
+        to wsgi.errors."""
         if self.logs.access_enabled and not (
             self.skipping
             and response.status_code < 400
@@ -412,6 +415,11 @@ class HttpProtocol:
             self._access(env, request, response, duration)
         if self.post_request is not None and self.hooks is not None:
             self.hooks.call("post_request", self.worker_info, env, response.status_code)
+        if self.errors is not None:
+            # A last line without its newline is a record of its own when its request ends,
+            # as mod_wsgi's wsgi.errors (one per request) is flushed then: kept, it began the
+            # next request's line, or was lost with the worker (os._exit flushes nothing).
+            self.errors.flush()
 
     def _drain(self, conn: Connection, request: Request) -> bool:
         """Read and discard the rest of an unread body, up to DRAIN_LIMIT bytes and for at

@@ -189,18 +189,27 @@ WAKE_ONLY = (signal.SIGCHLD, 0)
 
 def collapse_reloads(signals: list[int]) -> list[int]:
     """The signals one tick acts on: a HUP followed by another (wake-ups between them
-    aside), or by a stop anywhere after it, is left out. Both HUPs were delivered before the
-    loop read either, so the one reload reads the file every sender edited; each read a
-    preloaded application again, with the loop blocked, only for the next to throw it away
-    (a burst of 20 HUPs: as many imports in a row, and a TERM behind them waited for all).
-    A stop already queued abandons a reload as one arriving during its import does."""
+    aside) is left out. Both HUPs were delivered before the loop read either, so the one
+    reload reads the file every sender edited; each read a preloaded application again,
+    with the loop blocked, only for the next to throw it away (a burst of 20 HUPs: as many
+    imports in a row, and a TERM behind them waited for all). A HUP with a stop anywhere
+    after it starts no reload, as a stop arriving during its import abandons one: it goes
+    after the stop (one for all of them), where reload() refuses it and says so in
+    PIDFILE.status, so a `preforkd reload` that sent it answers now, not once the stop
+    ends."""
     kept: list[int] = []
+    refused = False
     for index, signum in enumerate(signals):
         if signum == signal.SIGHUP:
             rest = [s for s in signals[index + 1 :] if s not in WAKE_ONLY]
-            if rest[:1] == [signal.SIGHUP] or any(s in STOP_SIGNALS for s in rest):
+            if any(s in STOP_SIGNALS for s in rest):
+                refused = True
+                continue
+            if rest[:1] == [signal.SIGHUP]:
                 continue
         kept.append(signum)
+    if refused and signal.SIGHUP not in kept:  # a kept HUP came after every stop already
+        kept.append(signal.SIGHUP)
     return kept
 
 

@@ -182,8 +182,8 @@ class ErrorsToLog(io.TextIOBase):
 
     Otherwise wsgi.errors is sys.stderr, whose fd 2 is the error log file; with syslog, fd 2
     is the terminal the server started from, or a detached daemon's /dev/null, and what the
-    application wrote to wsgi.errors was lost. A line is kept until its newline, a flush(),
-    or LINE_LIMIT characters."""
+    application wrote to wsgi.errors was lost. A line is kept until its newline, a flush()
+    (the worker's at the end of each request, too), or LINE_LIMIT characters."""
 
     LINE_LIMIT = 1 << 16
 
