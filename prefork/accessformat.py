@@ -103,10 +103,16 @@ def uwsgi_format(source: str) -> ValueError | None:
         return None
     names = list(dict.fromkeys(used))
     what = "is a uWSGI logformat variable" if len(names) == 1 else "are uWSGI logformat variables"
-    gaps = f" ({', '.join(missing)}: no atom says that, written - there)" if missing else ""
+    return _translated(f"{', '.join(names)} {what}", translated, missing)
+
+
+def _translated(subject: str, translated: str, missing: list[str]) -> ValueError:
+    """The error for a format in another server's notation (`subject` says which): the
+    whole of it in atoms (`translated`), and what had none (`missing`, written - there)."""
+    gaps = (f" ({', '.join(dict.fromkeys(missing))}: no atom says that, written - there)"
+            if missing else "")
     return ValueError(
-        f"{', '.join(names)} {what}; preforkd takes gunicorn's atoms, %(NAME)s: in those, "
-        f"{translated!r}{gaps}"
+        f"{subject}; preforkd takes gunicorn's atoms, %(NAME)s: in those, {translated!r}{gaps}"
     )
 
 
@@ -177,13 +183,7 @@ def apache_format(source: str) -> ValueError | None:
     ).replace('\\"', '"')
     if not found:
         return None
-    gaps = f" ({', '.join(dict.fromkeys(missing))}: no atom says that, written - there)" if (
-        missing
-    ) else ""
-    return ValueError(
-        f"{given!r} is {what}; preforkd takes gunicorn's atoms, %(NAME)s: "
-        f"in those, {translated!r}{gaps}"
-    )
+    return _translated(f"{given!r} is {what}", translated, missing)
 
 
 def _escape_one(match: re.Match[str]) -> str:

@@ -461,9 +461,7 @@ def with_web_concurrency(
     the setting, so a bad value fails as one would in the file (from_environment names the
     variable); an empty value counts as unset."""
     text = environ.get(WEB_CONCURRENCY, "")
-    if not text or "workers.count" in overrides or "count" in as_mapping(overrides.get("workers")):
-        return dict(overrides)
-    if path is not None and "count" in as_mapping(yaml_mapping(path).get("workers")):
+    if not text or setting_given(path, overrides, "workers.count"):
         return dict(overrides)
     value: object
     try:
@@ -482,11 +480,7 @@ def with_script_name(
     serve every URL one prefix off without a word. Validated by load() as the setting
     (from_environment names the variable); an empty value counts as unset."""
     text = environ.get(SCRIPT_NAME, "")
-    if not text or "http.script_name" in overrides or "script_name" in as_mapping(
-        overrides.get("http")
-    ):
-        return dict(overrides)
-    if path is not None and "script_name" in as_mapping(yaml_mapping(path).get("http")):
+    if not text or setting_given(path, overrides, "http.script_name"):
         return dict(overrides)
     return {**overrides, "http.script_name": text}
 
@@ -918,11 +912,8 @@ class Startup:
         return (err.st_dev, err.st_ino) == (console.st_dev, console.st_ino)
 
     def run(self) -> int:
-        early = self.early
         if self.detach:
             # the launcher: signals keep their defaults until the daemon it forks serves
-            if early is not None:
-                early.release()
             prepared = self.start()
         else:
             # First thing: a stop that comes while the master imports hooks or a preloaded
@@ -973,7 +964,8 @@ class Startup:
         log.info("preforkd %s starting (pid %d)", __version__, os.getpid())
         if self.early is not None:
             # what came while the modules were imported, now to this master's handlers
-            # (set in run()), with the log open to say what a stop did
+            # (set in run()), with the log open to say what a stop did; a daemon's
+            # launcher has none: the defaults are back, and act on them
             self.early.release()
         if self.stays:
             log.info("daemon: staying in the foreground: %s", self.stays)
