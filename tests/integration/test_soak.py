@@ -165,10 +165,15 @@ def census(server: Server, admin_socket: Path) -> dict[str, Any]:
     }
 
 
-def settled(server: Server, admin_socket: Path, workers: int) -> dict[str, Any] | None:
+def settled(
+    server: Server, admin_socket: Path, workers: int, last: list[dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
     """The census once `workers` idle workers of the serving generation are all the master
-    has (no worker booting, stopping or unreaped), else None (for wait_until)."""
+    has (no worker booting, stopping or unreaped), else None (for wait_until); `last` keeps
+    the census seen, for the message of a wait that ends without it."""
     seen = census(server, admin_socket)
+    if last is not None:
+        last[:] = [seen]
     live = [status for status in seen["children"].values() if status != "zombie"]
     if (
         seen["state"] == "running"
@@ -181,6 +186,22 @@ def settled(server: Server, admin_socket: Path, workers: int) -> dict[str, Any] 
     ):
         return seen
     return None
+
+
+def wait_settled(
+    server: Server, admin_socket: Path, workers: int, timeout: float, message: str
+) -> dict[str, Any]:
+    """wait_until(settled): a wait that ends without it says what the master had last."""
+    last: list[dict[str, Any]] = []
+    try:
+        found = wait_until(
+            lambda: settled(server, admin_socket, workers, last), timeout, message=message
+        )
+    except AssertionError as exc:
+        shown = {k: v for k, v in last[0].items() if k != "non_sockets"} if last else None
+        raise AssertionError(f"{exc}; the last census: {shown}") from None
+    assert found is not None  # wait_until returns only what is truthy
+    return found
 
 
 # --- the load --------------------------------------------------------------------------------
@@ -339,7 +360,7 @@ def test_churn_soak_loses_no_request_and_leaks_nothing(
         "logging": {"access_log": str(short_tmp / "access.log")},
     })
     addresses = [server.addresses()[0], ("unix", str(unix))]
-    before = wait_until(lambda: settled(server, admin, 2), 15, message="never settled")
+    before = wait_settled(server, admin, 2, 15, "never settled")
     assert before is not None
 
     with MixedLoad(addresses) as load:
@@ -374,7 +395,7 @@ def test_churn_soak_loses_no_request_and_leaks_nothing(
         server.wait_for_log(RELOADED, 20, since=since)
         load.wait_for_requests(50)
 
-    after = wait_until(lambda: settled(server, admin, 2), 20, message="never settled again")
+    after = wait_settled(server, admin, 2, 20, "never settled again")
     assert after is not None
     assert load.failures == [], (
         f"{len(load.failures)} of {load.sent} requests lost or wrong "
