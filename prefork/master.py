@@ -1181,9 +1181,19 @@ class Master:
             # over: every response until the worker reads its channel would close a
             # connection that could have been passed on
             self.scoreboard.request_stop(handle.slot)
-        if not self.tell(handle, message) or (message == MSG_STOP and eof_on_stop(handle)):
+        if (
+            not self.tell(handle, message)
+            or (message == MSG_STOP and eof_on_stop(handle))
+            or (handle.state is WorkerState.BOOTING and self.stop is Stop.NONE)
+        ):
             # a stream handler holds the worker and reads no channel: TERM reaches it
-            # (stream.eof_on_stop); otherwise TERM is the same graceful stop as MSG_STOP
+            # (stream.eof_on_stop). A booting worker reads none until it is ready, and has
+            # accepted nothing: TERM ends it at once (worker_main) instead of after an
+            # import that would go on for nothing (a reload abandoned, fewer workers) while
+            # others serve its sockets. Not in a graceful stop: a worker booting then may be
+            # the one to answer what is queued (answer_what_waited, a new address's canary).
+            # Otherwise, also for one that became ready meanwhile, TERM is the same graceful
+            # stop as MSG_STOP.
             self.scoreboard.request_stop(handle.slot)
             self.kernel.kill(handle.pid, signal.SIGTERM)
         handle.to(WorkerState.STOPPING, self.kernel.monotonic() + timeout, reason)

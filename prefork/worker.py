@@ -59,7 +59,7 @@ from prefork.logs import Logs
 from prefork.privileges import drop_privileges
 from prefork.relief import Relief
 from prefork.scoreboard import Activity, Slot
-from prefork.signals import SignalQueue, set_mask
+from prefork.signals import SignalQueue, Stopped, set_mask, stops_raise
 from prefork.sockets import Listener
 from prefork.stream import (
     StreamRefused,
@@ -240,8 +240,35 @@ def worker_main(spec: WorkerSpec) -> int:
     # INT/QUIT exit at once; SIGABRT from the master dumps every stack (faulthandler)
     exit_on_signals(spec.hooks, info)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    # the master blocked every signal around fork(); our own handlers are in place now
-    set_mask(signal.SIG_SETMASK, ())
+    # Until it reports ready the worker has accepted nothing, so a stop then (a reload
+    # abandoned while its canary imports, TTOU, the master stopping) ends it at once instead
+    # of after its import: TERM raises Stopped. From MSG_READY on, TERM waits in the queue
+    # for the loop's graceful stop; one that arrives at the switch is handled either way.
+    try:
+        with stops_raise((signal.SIGTERM,)):
+            # the master blocked every signal around fork(); our own handlers are in place
+            # now (a TERM sent meanwhile is delivered here)
+            set_mask(signal.SIG_SETMASK, ())
+            booted = boot(spec, signals, info)
+    except Stopped:
+        log.info("worker %d: stopped before it was ready", spec.number)
+        return EXIT_OK
+    if isinstance(booted, int):
+        return booted
+    worker = booted
+    try:
+        spec.channel.sendall(MSG_READY)
+    except OSError:
+        return EXIT_OK  # the master is already gone
+    try:
+        return worker.run()
+    finally:
+        spec.hooks.call("worker_exit", spec.server, info)
+
+
+def boot(spec: WorkerSpec, signals: SignalQueue, info: WorkerInfo) -> Worker | int:
+    """The worker's set-up up to ready: its process, hooks, application and event loop; the
+    Worker, or the exit status of a worker that cannot serve."""
     config = spec.config
     if spec.environ is not None:
         os.environ.clear()
@@ -281,14 +308,7 @@ def worker_main(spec: WorkerSpec) -> int:
     except OSError:
         log.exception("worker %d: cannot set up its event loop", spec.number)
         return EXIT_BOOT_ERROR
-    try:
-        spec.channel.sendall(MSG_READY)
-    except OSError:
-        return EXIT_OK  # the master is already gone
-    try:
-        return worker.run()
-    finally:
-        spec.hooks.call("worker_exit", spec.server, info)
+    return worker
 
 
 class Worker:

@@ -472,6 +472,8 @@ def test_term_while_booting_stops_the_booting_worker_too(make_rig: Callable[...,
 
     assert [h.state for h in rig.handles()] == [WorkerState.STOPPING] * 2
     assert not rig.master.ever_ready
+    # no TERM: in a graceful stop a booting worker may be the one to answer what is queued
+    assert rig.kernel.kills == []
 
 
 def test_term_falls_back_to_sigterm_without_a_channel(make_rig: Callable[..., Rig]) -> None:
@@ -855,6 +857,40 @@ def test_reload_boots_a_canary_before_touching_the_old_workers(
     assert rig.kernel.received(1001) == rig.kernel.received(1002) == b""
     assert old[0].state is WorkerState.STOPPING
     assert matching(caplog, "generation 2 is serving")
+
+
+def test_a_second_hup_ends_the_abandoned_canary_at_once(make_rig: Callable[..., Rig]) -> None:
+    """The first reload's canary is still booting (importing) when a second HUP abandons
+    it: it is sent TERM besides the stop message, which it reads only once ready, so that it
+    ends at once (worker_main) instead of finishing an import for nothing."""
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    old = rig.start()
+    rig.signal(signal.SIGHUP)
+    first = rig.worker(1, generation=2)
+
+    rig.signal(signal.SIGHUP)
+
+    assert first.state is WorkerState.STOPPING and first.reason == "reload abandoned"
+    assert rig.kernel.received(first.pid) == MSG_STOP
+    assert rig.kernel.kills == [(first.pid, signal.SIGTERM)]
+    second = rig.worker(1, generation=3)
+    assert second.state is WorkerState.BOOTING
+    assert [rig.kernel.received(h.pid) for h in old] == [b""] * 2  # the old ones serve on
+    rig.exit(first.pid, exit_status(0))
+    rig.boot(second.pid)
+    assert rig.master.current.number == 3
+
+
+def test_ttou_ends_a_booting_worker_at_once(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig(count=3)
+    rig.tick()
+    rig.boot(1000, 1001)
+
+    rig.signal(signal.SIGTTOU)  # worker 3, still booting
+
+    assert rig.kernel.received(1002) == MSG_HAND_OVER
+    assert rig.kernel.kills == [(1002, signal.SIGTERM)]
+    assert rig.kernel.received(1000) == rig.kernel.received(1001) == b""
 
 
 def test_reload_replaces_the_old_workers_one_at_a_time(make_rig: Callable[..., Rig]) -> None:
