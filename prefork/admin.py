@@ -361,7 +361,7 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         f"preforkd {master['version']}  master pid {master['pid']}  generation "
         f"{master['generation']}  {master['state']}  up {_duration(master['uptime'])}",
         f"{len(snapshot['workers'])} workers (target {master['target_workers']}): "
-        + ", ".join(f"{n} {s}" for s, n in snapshot["workers_by_state"].items() if n)
+        + _by_state(snapshot)
         + f"; {totals['requests']} requests",
         "",
         f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'CONNS':>6} "
@@ -385,6 +385,16 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
             f"{w['requests']:>8} {w['connections']:>6} {shown:>9}  {age:>7}  {request}"
         )
     return "\n".join(lines)
+
+
+def _by_state(snapshot: Mapping[str, Any]) -> str:
+    """How many workers are in each state; what an empty pool means (WINCH, or a stop)."""
+    counts = ", ".join(f"{n} {s}" for s, n in snapshot["workers_by_state"].items() if n)
+    if counts:
+        return counts
+    if snapshot["master"]["state"] == "workers stopped":
+        return "none since WINCH (HUP or TTIN starts them)"
+    return "none"
 
 
 def _duration(seconds: float) -> str:

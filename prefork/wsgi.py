@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -183,7 +184,9 @@ class ErrorsToLog(io.TextIOBase):
     Otherwise wsgi.errors is sys.stderr, whose fd 2 is the error log file; with syslog, fd 2
     is the terminal the server started from, or a detached daemon's /dev/null, and what the
     application wrote to wsgi.errors was lost. A line is kept until its newline, a flush()
-    (the worker's at the end of each request, too), or LINE_LIMIT characters."""
+    (the worker's at the end of each request, too), or LINE_LIMIT characters. Threads of
+    the application may share it, as they share sys.stderr: a lock keeps each one's pieces
+    of a line from being lost or taken into another's line, as far as a whole write goes."""
 
     LINE_LIMIT = 1 << 16
 
@@ -191,6 +194,7 @@ class ErrorsToLog(io.TextIOBase):
         super().__init__()
         self._log = logger
         self._partial = ""
+        self._lock = threading.Lock()
 
     def writable(self) -> bool:
         return True
@@ -198,17 +202,20 @@ class ErrorsToLog(io.TextIOBase):
     def write(self, text: str) -> int:
         if not isinstance(text, str):
             raise TypeError(f"write() argument must be str, not {type(text).__name__}")
-        data = self._partial + text
-        *lines, self._partial = data.split("\n")
+        with self._lock:
+            data = self._partial + text
+            *lines, self._partial = data.split("\n")
+            if len(self._partial) >= self.LINE_LIMIT:
+                lines.append(self._partial)
+                self._partial = ""
         for line in lines:
             self._log.error("%s", line)
-        if len(self._partial) >= self.LINE_LIMIT:
-            self.flush()
         return len(text)
 
     def flush(self) -> None:
-        if self._partial:
+        with self._lock:
             line, self._partial = self._partial, ""
+        if line:
             self._log.error("%s", line)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from prefork.admin import status_table
 from prefork.channel import MSG_STOP
 from prefork.master import Generation, WorkerState
 from prefork.sockets import Listener
@@ -49,6 +50,10 @@ def test_winch_stops_every_worker_and_starts_none(
     snapshot = rig.snapshot()["master"]
     assert snapshot["state"] == "workers stopped" and snapshot["ready"] is False
     assert rig.master.summary().endswith("(workers stopped by WINCH)")
+    header = status_table(rig.snapshot()).splitlines()[:2]
+    assert "workers stopped" in header[0]
+    assert header[1].startswith("0 workers (target 0): none since WINCH (HUP or TTIN starts "
+                                "them); ")
 
 
 def reloader_of(configs: list[object]) -> Callable[[Generation, list[Listener]], Generation]:
