@@ -949,6 +949,10 @@ class Master:
             old = self.recycle_queue.pop(0)
             if self.workers.get(old.pid) is not old or old.state is not WorkerState.READY:
                 continue
+            if old.generation != self.current.number:
+                # a reload took over since it was queued: the roll-out replaces it, and a
+                # successor here would be the new generation's second worker of its number
+                continue
             if now < self.backoff_until.get(old.number, 0.0):
                 waiting.append(old)  # its last successor failed to boot: back off
                 continue

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from prefork.channel import MSG_BOOT_ERROR, MSG_HAND_OVER, MSG_READY, MSG_REOPEN, MSG_STOP
+from prefork.channel import (
+    MSG_BOOT_ERROR,
+    MSG_HAND_OVER,
+    MSG_READY,
+    MSG_RECYCLE,
+    MSG_REOPEN,
+    MSG_STOP,
+)
 from prefork.config import Config, from_mapping
 from prefork.master import (
     BACKOFF_FIRST,
@@ -891,6 +898,36 @@ def test_ttou_ends_a_booting_worker_at_once(make_rig: Callable[..., Rig]) -> Non
     assert rig.kernel.received(1002) == MSG_HAND_OVER
     assert rig.kernel.kills == [(1002, signal.SIGTERM)]
     assert rig.kernel.received(1000) == rig.kernel.received(1001) == b""
+
+
+def test_a_recycle_queued_before_a_reload_starts_no_second_worker_of_its_number(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """DEFECT (the churn soak's pool stuck at 3 of 2). Worker 2's successor asked to be
+    replaced (max_requests) while its predecessor still stopped (max_recycling 1), so it
+    waited in the recycle queue; a reload then took over, and its roll-out started the new
+    generation's worker 2. When the predecessor exited, the queue started a successor for
+    the outdated worker 2 as well -- in the new generation, with number 2 again: two
+    workers 2 for good, a pool one over its size that nothing shrank. A reload replaces an
+    outdated worker anyway: the queue now skips it."""
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    rig.start()
+    rig.say([1001], MSG_RECYCLE)  # worker 2 reaches max_requests
+    assert rig.handle(1002).replaces == 1001
+    rig.boot(1002)  # worker 1001 hands over, stopping
+    rig.say([1002], MSG_RECYCLE)  # queued: 1001 is still being replaced
+    assert rig.kernel.spawned == [1000, 1001, 1002]
+
+    rig.signal(signal.SIGHUP)
+    rig.boot(rig.worker(1, generation=2).pid)  # generation 2 serves; its worker 2 boots
+    rig.exit(1001, exit_status(0))  # meanwhile the recycled predecessor is gone
+    for _ in range(3):
+        rig.boot_all()
+        for handle in rig.in_state(WorkerState.STOPPING):
+            rig.exit(handle.pid, exit_status(0))
+
+    assert [h.number for h in rig.live()] == [1, 2]
+    assert {h.generation for h in rig.live()} == {2}
 
 
 def test_reload_replaces_the_old_workers_one_at_a_time(make_rig: Callable[..., Rig]) -> None:
