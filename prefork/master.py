@@ -45,7 +45,7 @@ from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.logs import unused_fds
 from prefork.notify import Announcer
 from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard, SlotView
-from prefork.signals import STOP_SIGNALS, Stopped, stops_raise
+from prefork.signals import STOP_SIGNALS, Stopped, blocked, stops_raise
 from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
@@ -1439,8 +1439,11 @@ class Master:
                 # a preloaded application's modules: cycles, every one) is collected first,
                 # so the import reuses that memory: the collector's own thresholds let
                 # garbage the size of a few applications pile up. The loop waits for the
-                # import anyway, and a stop meanwhile still abandons the reload.
-                gc.collect()
+                # import anyway, and a stop meanwhile still abandons the reload: held
+                # until the collection ends, since the finalizers it runs would swallow the
+                # Stopped raised inside one ("Exception ignored in ...").
+                with blocked(STOP_SIGNALS):
+                    gc.collect()
                 new = self.reloader(self.current, self.all_listeners())
         except Stopped as exc:
             message = (f"reload abandoned: {signal.Signals(exc.signum).name} arrived while it "

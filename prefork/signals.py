@@ -35,14 +35,20 @@ def set_mask(how: int, mask: Iterable[int]) -> set[int]:
 
 
 @contextlib.contextmanager
-def all_blocked() -> Iterator[None]:
-    """Every signal blocked in this thread for the block, then the mask as it was: what a
-    thread or a forked child starts with (it inherits the mask)."""
-    previous = set_mask(signal.SIG_BLOCK, ALL_SIGNALS)
+def blocked(signals: Iterable[int]) -> Iterator[None]:
+    """`signals` blocked in this thread for the block, then the mask as it was: one that
+    arrives meanwhile is delivered as the block ends."""
+    previous = set_mask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
         set_mask(signal.SIG_SETMASK, previous)
+
+
+def all_blocked() -> contextlib.AbstractContextManager[None]:
+    """Every signal blocked in this thread for the block, then the mask as it was: what a
+    thread or a forked child starts with (it inherits the mask)."""
+    return blocked(ALL_SIGNALS)
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
