@@ -150,15 +150,37 @@ class Handover:
 INIT_SHIMS = frozenset({"tini", "tini-static", "docker-init", "dumb-init", "catatonit"})
 
 
-def init_shim_parent() -> str | None:
-    """"tini (pid 1)" when this process's parent is one of INIT_SHIMS, else None."""
-    parent = os.getppid()
-    try:
-        with open(f"/proc/{parent}/comm", encoding="utf-8", errors="replace") as f:
-            name = f.read().strip()
-    except OSError:
-        return None
-    return f"{name} (pid {parent})" if name in INIT_SHIMS else None
+# Shells a container's command runs under (`sh -c "preforkd ..."`): each waits for its
+# child and exits with it.
+WAITING_SHELLS = frozenset({"sh", "bash", "dash", "ash", "zsh", "busybox"})
+
+
+def container_chain(proc: str = "/proc", parent: int | None = None) -> list[str] | None:
+    """This process's ancestors, as "tini (pid 1)", when the exit of this master ends them
+    all down to PID 1 of its pid namespace, and so the namespace (a container) with its
+    every process: each is one of INIT_SHIMS or WAITING_SHELLS, and the chain reaches PID 1
+    (`docker run --init` = tini -> preforkd; `sh -c` as the container's command, with or
+    without --init). None otherwise: an init that outlives its children (systemd, s6, a
+    supervisor) or a login shell's ancestors (sshd) are somewhere in the chain."""
+    chain: list[str] = []
+    pid = os.getppid() if parent is None else parent
+    for _ in range(64):
+        if pid <= 0:
+            return None
+        try:
+            with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                name = f.read().strip()
+            with open(f"{proc}/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return None
+        if name not in INIT_SHIMS and name not in WAITING_SHELLS:
+            return None
+        chain.append(f"{name} (pid {pid})")
+        if pid == 1:
+            return chain
+        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])  # the ppid field
+    return None
 
 
 def upgrade_partners(pid: int, pidfile: str) -> list[tuple[int, str]]:
@@ -243,13 +265,15 @@ class Upgrader:
             return ("this master is PID 1 (a container's main process): its exit would end "
                     "the new master too; restart the container instead, or HUP to reload "
                     "the application")
-        shim = init_shim_parent()
-        if shim is not None:
-            # tini (docker run --init), dumb-init, catatonit: each exits as soon as its one
-            # child does, and as the container's PID 1 takes the namespace down with it
-            return (f"this master's parent is {shim}, a container's init that exits when "
-                    "this master does, ending the new master too; restart the container "
-                    "instead, or HUP to reload the application")
+        chain = container_chain()
+        if chain is not None:
+            # tini (docker run --init), dumb-init, catatonit, a `sh -c` command: each exits
+            # as soon as its one child does, and PID 1 takes the namespace down with it
+            what = (f"this master's parent is {chain[0]}, a container's init" if len(chain) == 1
+                    else f"this master's ancestors, {' <- '.join(chain)}, end in a container's "
+                    "PID 1 and each")
+            return (f"{what} that exits when this master does, ending the new master too; "
+                    "restart the container instead, or HUP to reload the application")
         if self.replaced is not None and is_master(self.replaced):
             return f"the master this one replaced (pid {self.replaced}) still runs; stop it first"
         if any(listener.inherited for listener in listeners):

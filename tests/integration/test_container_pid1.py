@@ -390,6 +390,30 @@ def test_usr2_is_refused_under_tini(
     assert server.wait_exit(10) == 0
 
 
+def test_usr2_is_refused_under_a_shell_that_is_pid_1(
+    server_factory: ServerFactory, require_tool: Callable[[str], str]
+) -> None:
+    """DEFECT (fixed). `sh -c "preforkd ..."` as a container's command (with --init: tini
+    -> sh -> preforkd, the same): only a direct parent that is tini was refused, so USR2
+    went ahead here; the old master's exit then ends the shell, which is PID 1, and the
+    namespace with the new master. Refused now, naming the chain."""
+    tini = require_tool("tini")
+    shell = ("sh", "-c", '"$@"; exit $?', "sh")  # waits for preforkd: no exec of the last command
+    server = start(server_factory, command=(*UNSHARE, tini, "--", *shell, *DEFAULT_COMMAND))
+    (sh,) = psutil.Process(init_pid(server)).children()
+    (master,) = sh.children()
+    before = sorted(child.pid for child in master.children())
+    os.kill(master.pid, signal.SIGUSR2)
+    server.wait_for_log(re.compile(
+        r"USR2 ignored: this master's ancestors, sh \(pid \d+\) <- tini \(pid 1\), end in "
+        r"a container's PID 1"
+    ))
+    assert sorted(child.pid for child in master.children()) == before  # no new master
+    assert fetch(server.addresses()[0]).status == 200
+    os.kill(master.pid, signal.SIGTERM)
+    assert server.wait_exit(10) == 0
+
+
 # --- pinned: stops and other signals --------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from prefork.upgrade import (
     PassedSocket,
     Upgrader,
     _exec,
+    container_chain,
     new_master_command,
     started_in,
 )
@@ -162,6 +163,40 @@ report = {
 with open(sys.argv[1], "w") as f:
     json.dump(report, f)
 """
+
+
+def fake_proc(root: Path, processes: dict[int, tuple[str, int]]) -> str:
+    """A /proc with `pid: (comm, ppid)` for each process."""
+    for pid, (name, ppid) in processes.items():
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "comm").write_text(name + "\n")
+        (root / str(pid) / "stat").write_text(f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1\n")
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    ("processes", "expected"),
+    [
+        # docker run --init: tini is PID 1 and the parent
+        ({1: ("tini", 0)}, ["tini (pid 1)"]),
+        # `sh -c "preforkd ..."` as the container's command, with and without --init
+        ({7: ("sh", 1), 1: ("tini", 0)}, ["sh (pid 7)", "tini (pid 1)"]),
+        ({1: ("sh", 0)}, ["sh (pid 1)"]),
+        # a shell on a host or in a systemd container: the chain ends in an init that stays
+        ({900: ("bash", 850), 850: ("sshd", 1), 1: ("systemd", 0)}, None),
+        ({40: ("bash", 1), 1: ("s6-svscan", 0)}, None),
+        # the chain is cut (a process gone meanwhile): nothing is claimed
+        ({7: ("sh", 5)}, None),
+    ],
+)
+def test_a_chain_of_waiting_parents_down_to_pid_1_is_a_container(
+    tmp_path: Path, processes: dict[int, tuple[str, int]], expected: list[str] | None
+) -> None:
+    """DEFECT. Only the direct parent was checked for tini and its kind: under `sh -c`
+    (with --init or as PID 1 itself) USR2 went ahead, and the old master's exit ended the
+    shell, PID 1, and the container with the new master."""
+    parent = next(iter(processes))
+    assert container_chain(fake_proc(tmp_path, processes), parent) == expected
 
 
 def test_start_moves_the_files_aside_execs_and_puts_them_back(
