@@ -2,14 +2,16 @@
 
 import sys
 
-from prefork.early import EarlySignals
+from prefork.early import EarlySignals, ignore_until_exit
 
 
 def entry() -> int:
     early = EarlySignals.hold()  # first: the imports below take a few tenths of a second
     from prefork.cli import main
 
-    return main(early=early)
+    code = main(early=early)
+    ignore_until_exit()  # what is left is the interpreter's teardown: the status stands
+    return code
 
 
 if __name__ == "__main__":

@@ -69,3 +69,15 @@ class EarlySignals:
                 signal.signal(sig, previous)
         for sig in self.received:
             signal.raise_signal(sig)
+
+
+def ignore_until_exit() -> None:
+    """Once the command is done: ignore what HELD names for the rest of the process's life.
+    Before it tears the modules down the interpreter puts SIG_DFL back for every signal with
+    a Python handler, and that teardown takes a while for a large heap (a preloaded
+    application's): a TERM meanwhile (a second stop, systemd's after `preforkd stop`) killed
+    a master that had finished its graceful stop, status 143 instead of 0, and TTIN or TTOU
+    suspended it. An ignored signal is left as it is."""
+    for sig in HELD:
+        signal.signal(sig, signal.SIG_IGN)
+
