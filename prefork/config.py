@@ -849,7 +849,13 @@ class LoggingConfig:
         default="-",
         metadata=_meta(
             'Error log file; "-" = stderr (syslog in a detached daemon). Its directory must '
-            "exist (unless syslog.enabled).",
+            "exist (unless syslog.enabled). It is also file descriptor 2 of the master and "
+            "the workers, so what bypasses logging (faulthandler's stack dump of a worker "
+            "killed at workers.timeout, print(file=sys.stderr), warnings, C libraries) lands "
+            "in it. When the error log is syslog, each worker's file descriptor 2 is a pipe "
+            "to the master, which logs each line written there as an ERROR record with the "
+            "worker's pid (`worker N stderr: LINE`); the master's own stays the terminal it "
+            "started from (a detached daemon's /dev/null).",
             path=True,
         ),
     )
@@ -901,9 +907,11 @@ class LoggingConfig:
             "a library prints lands in the error log instead of a detached daemon's "
             "/dev/null, a line at a time (sys.stdout becomes line-buffered), and it follows "
             "the error log through a reopen (USR1) and a reload. An access_log of \"-\" "
-            "then goes there too. Needs error_log to be a file, not syslog; with error_log \"-\" "
-            "it does nothing (standard output stays as it is, as in gunicorn). Read at start: "
-            "a reload that changes it says it waits for a restart."
+            "then goes there too. With the error log on syslog, the workers' standard output "
+            "goes where their standard error does, a line per ERROR record (the master's "
+            "stays as it is); with error_log \"-\" on stderr it does nothing (standard "
+            "output stays as it is, as in gunicorn). Read at start: a reload that changes it "
+            "says it waits for a restart."
         ),
     )
     syslog: SyslogConfig = field(
@@ -1663,13 +1671,6 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     """Rules that involve more than one field."""
     if isinstance(obj, TLSConfig):
         _check_tls(obj, entries, path)
-    # with error_log "-" there is nothing to do (stdout is left alone), as in gunicorn
-    if isinstance(obj, LoggingConfig) and obj.capture_output and obj.syslog.enabled:
-        raise entries["capture_output"].fail(
-            _join(path, "capture_output"),
-            "needs logging.error_log to be a file: with syslog there is no file for "
-            "standard output to share",
-        )
     if isinstance(obj, LoggingConfig) and not obj.syslog.enabled:  # else the files are unused
         for key in ("error_log", "access_log"):
             filename = getattr(obj, key)

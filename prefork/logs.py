@@ -206,6 +206,7 @@ class Logs:
         syslog_takes: tuple[bool, bool] = (True, True),
         detached: bool = False,
         capture: bool = False,
+        capture_output: bool | None = None,
     ) -> None:
         """`syslog`: (address, facility, ident) to send the logs `syslog_takes` names there
         instead: (error log, access log), both unless told otherwise (syslog_for says which).
@@ -219,7 +220,9 @@ class Logs:
         `detached`: a daemon's setup, which has no standard output or error: what "-" means
         to the setup a reload makes next is syslog (stderr()).
         `capture`: standard output follows the error log (logging.capture_output; the
-        start's value, which a reload's setup keeps)."""
+        start's value, which a reload's setup keeps).
+        `capture_output`: the setting as the start read it (None: `capture`), for the pipe
+        a worker's fd 1 shares with its fd 2 when the error log is syslog."""
         self.level = level
         self.workers_as = workers_as
         self.detached = detached
@@ -228,6 +231,9 @@ class Logs:
         # only to a file: a daemon's /dev/stderr that became syslog (without_console) has
         # none, and fd 1 would be /dev/null as without it
         self.capture = capture and self.syslog is None and error_log != "-"
+        # the setting itself: with the error log on syslog, the workers' fd 1 joins their fd 2
+        # in the pipe the master reads (prefork.stderrpipe), as `capture` does a file's
+        self.capture_output = capture if capture_output is None else capture_output
         self.access_syslog = syslog if syslog_takes[1] and access_log is not None else None
         self._error_handlers: list[logging.Handler] = []
         self._access_handlers: list[logging.Handler] = []
@@ -485,6 +491,8 @@ class Logs:
         else:
             access = self.access_path or ("stdout" if self.access_enabled else "off")
         captured = ", standard output to the error log" if self.capture else ""
+        if self.capture_output and self.syslog is not None:
+            captured = ", the workers' standard output to the error log"
         return f"error log {error}, access log {access}, level {self.level}{captured}"
 
     def reopen(self) -> bool:
@@ -624,6 +632,13 @@ def _is_devnull(fd: int) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == null.st_rdev
 
 
+def error_log_on_syslog(logs: object) -> bool:
+    """Whether the error log of `logs` is syslog, so that fd 2 of its workers is no log at
+    all (the master's terminal, a daemon's /dev/null) and the master reads it through a
+    pipe instead (prefork.stderrpipe). What is not a Logs (a test's fake) is not."""
+    return isinstance(logs, Logs) and logs.syslog is not None
+
+
 def unused_fds(mine: object, setups: Iterable[object]) -> list[int]:
     """What a worker logging with `mine` closes right after fork: the descriptors of the
     master's other logging setups in `setups` (another generation's files and sockets),
@@ -702,6 +717,9 @@ def for_reload(
             install=False,
             # read at start (cli.FIXED_AT_START): fd 1 of a process is not put back
             capture=previous.capture if previous is not None else settings.capture_output,
+            capture_output=(
+                previous.capture_output if previous is not None else settings.capture_output
+            ),
             syslog_takes=takes,
         )
     except OSError as exc:

@@ -42,13 +42,14 @@ from prefork.channel import (
 )
 from prefork.config import Config, StatsdConfig, WorkersConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
-from prefork.logs import unused_fds
+from prefork.logs import error_log_on_syslog, unused_fds
 from prefork.notify import Announcer
 from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard, SlotView
 from prefork.signals import STOP_SIGNALS, Stopped, blocked, stops_raise
 from prefork.sockets import Listener
 from prefork.statsd import StatsdSink
 from prefork.status import snapshot
+from prefork.stderrpipe import StderrReader, open_pipe
 from prefork.system import Kernel, describe_status
 from prefork.upgrade import Upgrader
 from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, WorkerSpec, worker_main
@@ -117,6 +118,8 @@ class WorkerHandle:
     # the configuration it was forked with (its generation's): what hooks are told of it,
     # and how it is stopped (stream.eof_on_stop); None only in tests' hand-made handles
     config: Config | None = None
+    # its fd 2, read into the error log when that is syslog (prefork.stderrpipe); else None
+    stderr: StderrReader | None = None
 
     def to(self, state: WorkerState, deadline: float = math.inf, reason: str = "") -> None:
         if state not in TRANSITIONS[self.state]:
@@ -323,6 +326,7 @@ class Master:
         for signum in collapse_reloads(self.signals.drain()):
             self.handlers.get(signum, lambda: None)()
         self.read_channels(ready_fds)
+        self.read_stderr(ready_fds)
         if self.admin is not None:
             self.admin.handle(set(ready_fds), self.kernel.monotonic())
         self.enforce_deadlines()
@@ -368,6 +372,7 @@ class Master:
                     wake_at = min(wake_at, max(ends, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
+        fds.extend(h.stderr.fd for h in self.workers.values() if h.stderr is not None)
         if self.admin is not None:
             fds.extend(self.admin.fds())
         return self.kernel.wait(fds, wake_at - now)
@@ -386,11 +391,18 @@ class Master:
             return None
 
     def _spawn(self, number: int, generation: Generation, slot: int) -> WorkerHandle:
-        parent_end, child_end = chan.pair()
-        parent_end.setblocking(False)
         # the generation's own logging setup, which the worker installs (its error log on fd
         # 2) before anything else; the other generation's files it closes
         logs = generation.logs if generation.logs is not None else self.logs
+        # with the error log on syslog, fd 2 is no log: the worker's goes to a pipe we read
+        stderr = open_pipe() if error_log_on_syslog(logs) else None
+        try:
+            parent_end, child_end = chan.pair()
+        except OSError:
+            for fd in stderr or ():
+                os.close(fd)
+            raise
+        parent_end.setblocking(False)
         spec = WorkerSpec(
             number=number,
             generation=generation.number,
@@ -404,12 +416,15 @@ class Master:
             hooks=generation.hooks,
             server=self.server_info(),
             environ=generation.environ,
+            stderr=None if stderr is None else stderr[1],
             close_fds=[
+                *(() if stderr is None else stderr[:1]),
                 *self.close_in_child,
                 *self.announce.fds(),
                 *(self.admin.fds() if self.admin is not None else []),
                 parent_end.fileno(),
                 *(h.channel.fileno() for h in self.workers.values() if h.channel is not None),
+                *(h.stderr.fd for h in self.workers.values() if h.stderr is not None),
                 *(
                     listener.fd
                     for listener in self.all_listeners()
@@ -426,10 +441,16 @@ class Master:
         except OSError:
             parent_end.close()
             child_end.close()
+            if stderr is not None:
+                os.close(stderr[0])
             raise
+        finally:
+            if stderr is not None:
+                os.close(stderr[1])  # the worker's; ours would keep the pipe from EOF
         handle = WorkerHandle(
             number, pid, slot, generation.number, parent_end, self.kernel.monotonic(),
             config=generation.config,
+            stderr=None if stderr is None else StderrReader(stderr[0]),
         )
         handle.deadline = handle.started + generation.config.workers.boot_timeout
         self.workers[pid] = handle
@@ -455,6 +476,10 @@ class Master:
         if handle.channel is not None:
             handle.channel.close()
             handle.channel = None
+        if handle.stderr is not None:  # what it wrote last (a stack dump), before its end
+            self.log_stderr(handle, handle.stderr.drain())
+            handle.stderr.close()
+            handle.stderr = None
         self.retired_counters += self.scoreboard.counters(handle.slot)
         self.scoreboard.clear(handle.slot)
         self.free_slots.append(handle.slot)
@@ -558,6 +583,26 @@ class Master:
         for handle in list(self.workers.values()):
             if handle.channel is not None and handle.channel.fileno() in ready:
                 self.read_channel(handle)
+
+    def read_stderr(self, ready_fds: list[int]) -> None:
+        """What the workers whose error log is syslog wrote to fd 2 (READ_SIZE each)."""
+        ready = set(ready_fds)
+        for handle in list(self.workers.values()):
+            if handle.stderr is not None and handle.stderr.fd in ready:
+                self.log_stderr(handle, handle.stderr.read())
+
+    def log_stderr(self, handle: WorkerHandle, lines: list[str]) -> None:
+        """Each line an ERROR record of the master's error log, as if the worker had
+        logged it (its pid: syslog's pid field), `worker N stderr: LINE`."""
+        if not lines or not log.isEnabledFor(logging.ERROR):
+            return
+        for line in lines:
+            record = log.makeRecord(
+                log.name, logging.ERROR, __file__, 0, "worker %d stderr: %s",
+                (handle.number, line), None,
+            )
+            record.process = handle.pid
+            log.handle(record)
 
     def read_channel(self, handle: WorkerHandle) -> None:
         """What the worker sent since the last tick, one message at a time."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
+import io
 import logging
 import math
 import os
@@ -140,6 +141,9 @@ class WorkerSpec:
     hooks: Hooks = field(default_factory=Hooks)
     server: ServerInfo | None = None  # the master, as hooks see it
     environ: dict[str, str] | None = None  # the generation's environment (None: inherited)
+    # the write end of the pipe the master reads into a syslog error log, for fd 2 (and fd 1
+    # with capture_output); None: fd 2 is the error log itself (a file, the terminal)
+    stderr: int | None = None
 
 
 def boot_error(spec: WorkerSpec, why: str, code: int) -> int:
@@ -219,6 +223,35 @@ def _flush_std() -> None:
             pass
 
 
+def to_master(fd: int, capture: bool) -> None:
+    """Point fd 2 (and with `capture`, fd 1: logging.capture_output) at the pipe `fd` that
+    the master reads into the error log on syslog (prefork.stderrpipe), line-buffered."""
+    for stream, target in ((sys.stderr, 2), (sys.stdout, 1)):
+        if target == 1 and not capture:
+            continue
+        _flush_std()
+        os.dup2(fd, target)
+        if isinstance(stream, io.TextIOWrapper):
+            with contextlib.suppress(OSError, ValueError):
+                if stream.fileno() == target:
+                    stream.reconfigure(line_buffering=True)
+    os.close(fd)
+
+
+def quiet_stderr() -> None:
+    """The master is gone, and with it the read end of the pipe that is fd 2 (and fd 1 with
+    capture_output): /dev/null instead, so that a print to sys.stderr from now on does not
+    raise BrokenPipeError (SIGPIPE is ignored, as Python sets it, so it kills nothing)."""
+    _flush_std()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        if os.path.sameopenfile(1, 2):
+            os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    finally:
+        os.close(devnull)
+
+
 def worker_main(spec: WorkerSpec) -> int:
     """The child's side of fork(): set up, load the app, report ready, serve."""
     for fd in spec.close_fds:
@@ -230,6 +263,8 @@ def worker_main(spec: WorkerSpec) -> int:
     # reload's canary and replacements get the new one while the master still has the old),
     # its level and its access log
     spec.logs.install()
+    if spec.stderr is not None:
+        to_master(spec.stderr, capture=spec.logs.capture_output)
     info = WorkerInfo(spec.number, spec.generation, spec.config, os.getpid())
     signals = SignalQueue(
         catch=(signal.SIGTERM, signal.SIGUSR1),
@@ -1014,6 +1049,8 @@ class Worker:
         if not data:
             # the master died: nobody will replace us or watch our deadlines
             self.epoll.unregister(self.channel_fd)
+            if self.spec.stderr is not None:
+                quiet_stderr()  # nobody reads our stderr either
             self.begin_stop()
         elif data.startswith(MSG_HAND_OVER):
             self.begin_stop()

@@ -128,17 +128,6 @@ def test_without_it_a_daemon_prints_nowhere(daemons: Daemons, tmp_path: Path) ->
     assert "imported in" not in text(error_log)
 
 
-def test_capture_output_with_syslog_is_a_config_error(tmp_path: Path) -> None:
-    logging = {"error_log": "/tmp/x.log", "capture_output": True, "syslog": {"enabled": True}}
-    config = write_config(tmp_path, {"app": "x:app", "logging": logging})
-    result = preforkd("check", "-c", str(config))
-    assert result.returncode == 2, result.stdout + result.stderr
-    line = config.read_text().splitlines().index("  capture_output: true") + 1
-    expected = (f"{config}:{line}: logging.capture_output: needs logging.error_log to be a "
-                "file: with syslog")
-    assert expected in result.stderr, result.stderr
-
-
 def test_capture_output_with_error_log_on_stderr_leaves_stdout_as_it_is(
     server_factory: ServerFactory,
 ) -> None:

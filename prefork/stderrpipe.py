@@ -1,0 +1,126 @@
+"""A worker's standard error as error-log records, when the error log is syslog.
+
+With the error log on syslog, fd 2 of the master is the terminal it started from (a
+detached daemon's /dev/null), so what bypasses `logging` (faulthandler's stack dump at
+workers.timeout, print(file=sys.stderr), warnings, C libraries, a fatal error) was lost.
+Each worker then gets a pipe of its own as fd 2; the master reads it in its loop (the read
+end is in its poll set) and logs each line as an ERROR record carrying the worker's pid
+(Master.read_stderr). One pipe per worker, not one for the server: faulthandler writes a
+line in many pieces, and two workers' dumps would interleave mid-line in a shared pipe, nor
+could a line be told apart by worker.
+
+The write end stays blocking: O_NONBLOCK would make sys.stderr raise BlockingIOError in the
+application on a full pipe (and lose the rest of the line). A worker blocks only while the
+master is not reading (its loop blocked in a preloaded reload's import, a hook), and the
+pipe holds PIPE_SIZE meanwhile; once the master is gone the read end is closed and a write
+fails (EPIPE; SIGPIPE is ignored, as Python sets it) instead of blocking.
+
+Invariants: `Lines` does no I/O; `StderrReader` is the master's only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default: what an unprivileged user may set
+READ_SIZE = 65536  # per pipe per tick: a worker that floods its stderr cannot hold the loop
+# A longer line is cut into records of this many bytes: rsyslog's default maxMessageSize is
+# 8 KiB (it truncates above), and a unix datagram must fit its socket's buffer.
+LINE_MAX = 8000
+
+
+def open_pipe() -> tuple[int, int]:
+    """(read end, write end): both close-on-exec (the write end loses it when dup2'ed onto
+    fd 2, so the worker's own children write there too), the read end non-blocking, the
+    buffer PIPE_SIZE where the system allows it (else the default 64 KiB)."""
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(read_end, False)
+    try:
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # above pipe-max-size, or the user's pipe-user-pages-soft is used up
+        pass
+    return read_end, write_end
+
+
+def _cut(data: bytes, limit: int) -> int:
+    """Where to cut `data` (longer than `limit`) at most `limit` bytes in: before a UTF-8
+    character that would straddle the cut, so that neither piece decodes to a U+FFFD."""
+    for cut in range(limit, max(limit - 3, 1) - 1, -1):
+        if data[cut] & 0xC0 != 0x80:  # not a continuation byte: a character starts here
+            return cut
+    return limit  # not UTF-8 anyway
+
+
+class Lines:
+    """Bytes in, lines out: a line is kept until its newline arrives (or LINE_MAX bytes of
+    it, which go out as a record of their own), the rest at end of file (finish). Bytes that
+    are not UTF-8 are decoded with U+FFFD; a trailing CR goes, and so do empty lines
+    (faulthandler separates threads with one)."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        pieces = (self._partial + data).split(b"\n")
+        rest = pieces.pop()
+        while len(rest) > LINE_MAX:
+            cut = _cut(rest, LINE_MAX)
+            pieces.append(rest[:cut])
+            rest = rest[cut:]
+        self._partial = rest
+        return _decoded(pieces)
+
+    def finish(self) -> list[str]:
+        """The last line, which had no newline."""
+        rest, self._partial = self._partial, b""
+        return _decoded([rest])
+
+
+def _decoded(pieces: list[bytes]) -> list[str]:
+    lines: list[str] = []
+    for piece in pieces:
+        while len(piece) > LINE_MAX:
+            cut = _cut(piece, LINE_MAX)
+            lines.append(piece[:cut].decode("utf-8", "replace"))
+            piece = piece[cut:]
+        text = piece.rstrip(b"\r").decode("utf-8", "replace")
+        if text.strip():
+            lines.append(text)
+    return lines
+
+
+class StderrReader:
+    """The master's end of one worker's stderr pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lines = Lines()
+
+    def read(self) -> list[str]:
+        """What one read brings (READ_SIZE at most): its complete lines."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        return self.lines.feed(data) if data else []
+
+    def drain(self) -> list[str]:
+        """Everything left, the last line without its newline too: the worker has exited.
+        Ends at what is there now (a process the worker started may still hold the write
+        end; it gets EPIPE once this end is closed)."""
+        lines: list[str] = []
+        while True:
+            try:
+                data = os.read(self.fd, READ_SIZE)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            lines.extend(self.lines.feed(data))
+        return lines + self.lines.finish()
+
+    def close(self) -> None:
+        os.close(self.fd)

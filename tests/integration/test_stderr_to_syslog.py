@@ -1,0 +1,190 @@
+"""A worker's standard error reaches the error log when that is syslog: each worker's fd 2
+is a pipe the master reads, and each line becomes an ERROR record with the worker's pid
+(prefork/stderrpipe.py). Against a private rsyslogd (test_syslog.Rsyslog) and real
+servers: a detached daemon (its fd 2 was /dev/null) and foreground ones.
+
+Each test failed on the code before the pipe: the lines never reached syslog (in a daemon
+they went to /dev/null, in the foreground to the terminal), and capture_output with syslog
+was refused as a configuration error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detached import Daemons, read_pid
+from harness import (
+    ServerFactory,
+    connect,
+    fetch,
+    http_request,
+    parse_addresses,
+    wait_until,
+    write_config,
+)
+from test_syslog import Line, Rsyslog
+
+APP = """
+import os
+import sys
+import time
+
+if os.path.exists(os.path.join(os.path.dirname(__file__), "slow")):
+    # a reload's preloaded import that holds the master's loop for seconds
+    open(os.path.join(os.path.dirname(__file__), "import-started"), "w").close()
+    time.sleep(5)
+    open(os.path.join(os.path.dirname(__file__), "import-done"), "w").close()
+
+
+def hang_here():
+    time.sleep(60)
+
+
+def application(environ, start_response):
+    path = environ["PATH_INFO"]
+    if path == "/print":
+        print("printed to stderr by", os.getpid(), file=sys.stderr)
+        os.write(2, b"first of two\\nsecond \\xff of two\\n")
+    elif path == "/partial":
+        os.write(2, b"a last line without its newline")
+        os._exit(3)
+    elif path == "/hang":
+        hang_here()
+    elif path == "/burst":
+        for number in range(3000):
+            print(f"burst {number:04d} " + "x" * 100, file=sys.stderr)
+    elif path == "/stdout":
+        print("printed to stdout by", os.getpid())
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"""
+
+
+@pytest.fixture
+def rsyslog(require_tool: Any, short_tmp: Path) -> Iterator[Rsyslog]:
+    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def address_from(rsyslog: Rsyslog, pid: int | None = None) -> tuple[Any, ...]:
+    listening = rsyslog.wait_for(
+        lambda line: "listening at" in line.message and pid in (None, line.pid), "listening")
+    return parse_addresses(listening.message)[0]
+
+
+def stderr_lines(rsyslog: Rsyslog, pid: int) -> list[Line]:
+    return [line for line in rsyslog.lines() if line.pid == pid and " stderr: " in line.message]
+
+
+def test_a_daemons_worker_stderr_and_its_stack_dump_at_the_timeout_reach_syslog(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
+    """A detached daemon whose error log is syslog ("-"): its fd 2 is /dev/null, and what a
+    worker printed to stderr, and faulthandler's stack dump of a worker killed at
+    workers.timeout (what an operator needs to see why it hung), were lost. Each line now
+    arrives as an ERROR record with the worker's pid, the dump's lines in order; bytes that
+    are not UTF-8 become U+FFFD, and a last line without its newline comes at the exit."""
+    pidfile = tmp_path / "preforkd.pid"
+    config = write_config(tmp_path, {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        "workers": {"count": 1, "timeout": 1, "timeout_grace": 2},
+        "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    master = read_pid(pidfile)
+    assert master is not None
+    address = address_from(rsyslog)
+
+    worker = int(fetch(address, target="/print").body)
+    for text in (f"printed to stderr by {worker}", "first of two", "second \ufffd of two"):
+        line = rsyslog.wait_for(
+            lambda line, text=text: line.pid == worker  # type: ignore[misc]
+            and line.message.endswith(f"worker 1 stderr: {text}"), repr(text))
+        assert (line.severity, line.program) == ("err", "preforkd"), line
+
+    with pytest.raises((OSError, EOFError)):
+        fetch(address, target="/partial")  # the worker exits without an answer
+    rsyslog.wait_for(lambda line: line.pid == worker and line.message.endswith(
+        "worker 1 stderr: a last line without its newline"), "the last partial line")
+
+    successor = wait_until(lambda: _worker_of(address, worker), 15, message="no new worker")
+    with connect(address) as sock:
+        sock.sendall(http_request("GET", "/hang"))
+        rsyslog.wait_for(lambda line: line.pid == successor and "hang_here" in line.message,
+                         "the stack dump", timeout=20)
+    rsyslog.wait_for(lambda line: line.pid == master and "SIGABRT" in line.message
+                     and "exited" in line.message, "the worker's end", timeout=10)
+    dump = [line.message.split(" stderr: ", 1)[1] for line in stderr_lines(rsyslog, successor)]
+    current = next(i for i, text in enumerate(dump) if text.startswith("Current thread 0x"))
+    frames = dump[current + 1:]
+    assert frames[0].startswith('  File "') and frames[0].endswith(" in hang_here"), dump
+    assert frames[1].endswith(" in application"), dump  # most recent call first, in order
+
+
+def _worker_of(address: tuple[Any, ...], old: int) -> int | None:
+    try:
+        pid = int(fetch(address, target="/", timeout=2).body)
+    except (OSError, EOFError):
+        return None
+    return pid if pid != old else None
+
+
+def test_a_burst_of_stderr_while_the_master_imports_a_reload_does_not_hold_the_worker(
+    rsyslog: Rsyslog, server_factory: ServerFactory
+) -> None:
+    """While the master's loop is blocked (a reload importing a preloaded application for
+    5 s), nobody reads the pipes: a worker writing ~320 KiB to stderr meanwhile must not
+    block on a full pipe (64 KiB by default; 1 MiB asked for), and every line arrives, in
+    order, once the master reads again."""
+    server = server_factory({
+        "app": "app:application",
+        "preload_app": True,
+        "workers": {"count": 1},
+        "logging": {"syslog": {"enabled": True, "address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP, wait_ready=False)
+    address = address_from(rsyslog, server.pid)
+    rsyslog.wait_for(lambda line: "ready: 1 worker" in line.message, "ready")
+    directory = server.config.parent
+    (directory / "slow").write_text("")
+    server.signal(1)  # HUP
+    wait_until((directory / "import-started").exists, 10, message="the reload's import")
+    worker = int(fetch(address, target="/burst", timeout=4).body)
+    assert not (directory / "import-done").exists(), "the worker waited for the master"
+
+    def burst() -> list[str] | None:
+        lines = [line.message.split(" stderr: ", 1)[1]
+                 for line in stderr_lines(rsyslog, worker)]
+        return lines if len(lines) >= 3000 else None
+
+    lines = wait_until(burst, 30, message="not every line of the burst reached syslog")
+    assert lines == [f"burst {number:04d} " + "x" * 100 for number in range(3000)]
+
+
+def test_capture_output_with_syslog_sends_the_workers_stdout_there(
+    rsyslog: Rsyslog, server_factory: ServerFactory
+) -> None:
+    """capture_output with the error log on syslog was refused ("there is no file for
+    standard output to share"); the workers' fd 1 now shares their stderr's pipe."""
+    server = server_factory({
+        "app": "app:application",
+        "workers": {"count": 1},
+        "logging": {"capture_output": True,
+                    "syslog": {"enabled": True, "address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP, wait_ready=False)
+    address = address_from(rsyslog, server.pid)
+    worker = int(fetch(address, target="/stdout").body)
+    rsyslog.wait_for(lambda line: line.pid == worker and line.message.endswith(
+        f"worker 1 stderr: printed to stdout by {worker}"), "the printed line")
+    assert "printed to" not in server.log() + server.stdout()
