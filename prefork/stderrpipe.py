@@ -107,10 +107,11 @@ class StderrReader:
 
     def drain(self) -> list[str]:
         """Everything left, the last line without its newline too: the worker has exited.
-        Ends at what is there now (a process the worker started may still hold the write
-        end; it gets EPIPE once this end is closed)."""
+        Ends at what is there now, and after a full pipe's worth at most (a process the
+        worker started may still hold the write end, even write on: it gets EPIPE once this
+        end is closed)."""
         lines: list[str] = []
-        while True:
+        for _ in range(PIPE_SIZE // READ_SIZE + 1):
             try:
                 data = os.read(self.fd, READ_SIZE)
             except InterruptedError:
