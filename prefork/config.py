@@ -1146,12 +1146,17 @@ class HooksConfig:
         "exits and the old master serves on."
     )
     pre_request: str | None = _hook(
-        "pre_request(worker, environ): the worker, before the app is called. Raising "
-        "answers that request with 500."
+        "pre_request(worker, req): the worker, before the app is called. req is the "
+        "request's WSGI environ as a mapping (req['PATH_INFO']; a write reaches the app) "
+        "with gunicorn's Request attributes (req.method, req.path, req.headers, ...). "
+        "Raising answers that request with 500."
     )
     post_request: str | None = _hook(
         "post_request(worker, environ, status): the worker, after the response was sent "
-        "(status: the int code)."
+        "(status: the int code); or gunicorn's post_request(worker, req, environ, resp), "
+        "told by its signature: req as pre_request's (the same object), resp with "
+        "gunicorn's Response attributes (resp.status, resp.status_code, resp.headers, "
+        "resp.sent)."
     )
     on_exit: str | None = _hook("on_exit(server): master, last, once every worker has exited.")
 

@@ -22,9 +22,10 @@ from prefork.loader import FreshImports
 log = logging.getLogger("prefork")
 
 # The arguments preforkd calls each hook with, checked against its signature when it is
-# loaded: a hook that cannot take them (gunicorn's post_request(worker, req, environ, resp)
-# has one more) is an error at start or reload, as gunicorn checks a hook's arity, not a
-# TypeError logged at every request, or only on the day a worker times out (worker_abort).
+# loaded: a hook that cannot take them is an error at start or reload, as gunicorn checks a
+# hook's arity, not a TypeError logged at every request, or only on the day a worker times
+# out (worker_abort). pre_request's `req` is a hookargs.HookRequest: the environ as a
+# mapping, and gunicorn's Request attributes.
 HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "on_starting": ("server",),
     "when_ready": ("server",),
@@ -38,9 +39,15 @@ HOOK_ARGUMENTS: dict[str, tuple[str, ...]] = {
     "nworkers_changed": ("server", "new_value", "old_value"),
     "on_reload": ("server",),
     "pre_exec": ("server",),
-    "pre_request": ("worker", "environ"),
+    "pre_request": ("worker", "req"),
     "post_request": ("worker", "environ", "status"),
     "on_exit": ("server",),
+}
+# Another form a hook may take, chosen by its signature when it is loaded (the first form
+# that fits wins, HOOK_ARGUMENTS' first): gunicorn's post_request, whose `req` is a
+# HookRequest and `resp` a HookResponse.
+HOOK_ALTERNATIVES: dict[str, tuple[str, ...]] = {
+    "post_request": ("worker", "req", "environ", "resp"),
 }
 
 
@@ -76,13 +83,15 @@ class ServerInfo:
 class Hooks:
     def __init__(self, config: HooksConfig | None = None) -> None:
         self.functions: dict[str, Callable[..., Any]] = {}
+        # the arguments each loaded hook takes: HOOK_ARGUMENTS' or HOOK_ALTERNATIVES'
+        self.forms: dict[str, tuple[str, ...]] = {}
         self.failure = ""  # what the last hook that raised said: "hook NAME failed: ..."
         if config is None:
             return
         for name in HOOKS:
             ref = getattr(config, name)
             if ref is not None:
-                self.functions[name] = _resolve(name, ref)
+                self.functions[name], self.forms[name] = _resolve(name, ref)
 
     def get(self, name: str) -> Callable[..., Any] | None:
         return self.functions.get(name)
@@ -118,7 +127,8 @@ class HookImports(FreshImports):
         return self.load_afresh(lambda: Hooks(config))
 
 
-def _resolve(name: str, ref: str) -> Callable[..., Any]:
+def _resolve(name: str, ref: str) -> tuple[Callable[..., Any], tuple[str, ...]]:
+    """The function `ref` names, and the arguments it is to be called with."""
     module_name, _, attr = ref.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
@@ -128,33 +138,29 @@ def _resolve(name: str, ref: str) -> Callable[..., Any]:
         raise HookError(f"hooks.{name}: cannot load {ref!r}: {exc!r}") from exc
     if not callable(obj):
         raise HookError(f"hooks.{name}: {ref!r} is not callable")
-    _check_arguments(name, ref, obj)
-    return obj  # type: ignore[no-any-return]
+    return obj, _arguments_of(name, ref, obj)
 
 
-def _check_arguments(name: str, ref: str, function: Callable[..., Any]) -> None:
-    """HookError if `function` cannot be called with hook `name`'s arguments."""
-    arguments = HOOK_ARGUMENTS[name]
+def _arguments_of(name: str, ref: str, function: Callable[..., Any]) -> tuple[str, ...]:
+    """The arguments hook `name` is to be called with: the first of its forms `function`
+    can take; HookError if it can take none."""
+    forms = [HOOK_ARGUMENTS[name]]
+    if name in HOOK_ALTERNATIVES:
+        forms.append(HOOK_ALTERNATIVES[name])
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # no signature to read (some builtins): judged when called
-        return
-    try:
-        signature.bind(*arguments)
-    except TypeError as exc:
-        raise HookError(
-            f"hooks.{name}: {ref!r} cannot be called as {name}({', '.join(arguments)}): {exc}"
-            f"{GUNICORN_HINTS.get(name, '')}"
-        ) from None
-
-
-# What differs from gunicorn's hook of the same name, said when such a hook does not fit.
-GUNICORN_HINTS = {
-    "pre_request": " (gunicorn's pre_request(worker, req) gets a request object; preforkd "
-    "passes the WSGI environ: environ['REQUEST_METHOD'], environ['PATH_INFO'])",
-    "post_request": " (gunicorn's post_request(worker, req, environ, resp) has 4 arguments; "
-    "preforkd passes worker, environ and the status as an int)",
-}
+        return forms[0]
+    errors = []
+    for arguments in forms:
+        try:
+            signature.bind(*arguments)
+        except TypeError as exc:
+            errors.append(str(exc))
+        else:
+            return arguments
+    called_as = " or ".join(f"{name}({', '.join(arguments)})" for arguments in forms)
+    raise HookError(f"hooks.{name}: {ref!r} cannot be called as {called_as}: {errors[0]}")
 
 
 def _describe(function: Callable[..., Any]) -> str:

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 from prefork import __version__
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
 from prefork.forwarded import TrustedProxies
-from prefork.hooks import Hooks
+from prefork.hookargs import HookRequest, HookResponse
+from prefork.hooks import HOOK_ARGUMENTS, Hooks
 from prefork.http import ProtocolError, Request, RequestParser
 from prefork.http.parser import UWSGI_PROTOCOL
 from prefork.http.response import DateCache, error_response
@@ -191,6 +192,11 @@ class HttpProtocol:
         self.script_name = script_name
         self.pre_request = hooks.get("pre_request") if hooks is not None else None
         self.post_request = hooks.get("post_request") if hooks is not None else None
+        # gunicorn's post_request(worker, req, environ, resp), told by its signature
+        self.gunicorn_post_request = (
+            self.post_request is not None and hooks is not None
+            and hooks.forms["post_request"] != HOOK_ARGUMENTS["post_request"]
+        )
         self.hooks = hooks
         self.worker_info = worker_info
         self.app = mounted(app) if script_name else app
@@ -336,11 +342,13 @@ class HttpProtocol:
             self.heads,
         )
         self.slot.busy(request.method.encode("latin-1"), request.target[:192], start)
+        # the hooks' `req`, made only for a hook that takes one; post_request gets the same
+        req: HookRequest | None = None
         try:
-            if self.pre_request is not None and self.hooks is not None and not self.hooks.call(
-                "pre_request", self.worker_info, env
-            ):
-                raise RuntimeError("the pre_request hook failed")
+            if self.pre_request is not None and self.hooks is not None:
+                req = HookRequest(env, request, conn)
+                if not self.hooks.call("pre_request", self.worker_info, req):
+                    raise RuntimeError("the pre_request hook failed")
             run_app(self.app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
             if isinstance(exc, RequestTooLong):
@@ -354,7 +362,7 @@ class HttpProtocol:
             response.cut()  # a slow reader must not find a clean end later
             now = time.monotonic()
             if response.status_code:  # the application answered: the log says what went out
-                self.answered(env, request, response, now - start)
+                self.answered(env, request, response, now - start, conn, req)
             elif self.errors is not None:
                 self.errors.flush()  # as answered() does
             self.slot.done(response.status_code, now - start, response.bytes_sent, now=now)
@@ -385,7 +393,7 @@ class HttpProtocol:
         duration = now - start
         # before the slot says idle: a post_request hook that hangs is a hung worker, which
         # the master kills at workers.timeout (as gunicorn's, inside handle_request)
-        self.answered(env, request, response, duration)
+        self.answered(env, request, response, duration, conn, req)
         self.slot.done(
             response.status_code,
             duration,
@@ -402,11 +410,17 @@ class HttpProtocol:
         return response.keep_alive
 
     def answered(
-        self, env: dict[str, Any], request: Request, response: Response, duration: float
+        self,
+        env: dict[str, Any],
+        request: Request,
+        response: Response,
+        duration: float,
+        conn: Connection,
+        req: HookRequest | None = None,
     ) -> None:
         """The access log line and the post_request hook of a response, whole or cut short by
         the client (its bytes count what was sent); then the end of what the request wrote
-        to wsgi.errors."""
+        to wsgi.errors. `req`: what pre_request got, if it ran."""
         if self.logs.access_enabled and not (
             self.skipping
             and response.status_code < 400
@@ -414,7 +428,16 @@ class HttpProtocol:
         ):
             self._access(env, request, response, duration)
         if self.post_request is not None and self.hooks is not None:
-            self.hooks.call("post_request", self.worker_info, env, response.status_code)
+            if self.gunicorn_post_request:
+                self.hooks.call(
+                    "post_request",
+                    self.worker_info,
+                    req if req is not None else HookRequest(env, request, conn),
+                    env,
+                    HookResponse(response),
+                )
+            else:
+                self.hooks.call("post_request", self.worker_info, env, response.status_code)
         if self.errors is not None:
             # A last line without its newline is a record of its own when its request ends,
             # as mod_wsgi's wsgi.errors (one per request) is flushed then: kept, it began the

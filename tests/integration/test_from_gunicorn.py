@@ -151,12 +151,12 @@ def test_a_hook_that_cannot_take_preforkds_arguments_stops_check_and_start(
     tmp_path: Path,
 ) -> None:
     """DEFECT: a hook's arguments were not checked when it was loaded (gunicorn checks
-    their number): gunicorn's post_request(worker, req, environ, resp) passed `check` and
-    the start, then failed with a TypeError after every request (a worker_abort only on
-    the day a worker timed out). Now it stops both, saying what preforkd passes; a hook
-    taking *args still fits."""
+    their number): a post_request taking none of the forms preforkd calls it with passed
+    `check` and the start, then failed with a TypeError after every request (a
+    worker_abort only on the day a worker timed out). Now it stops both, saying the forms
+    preforkd calls it with; a hook taking *args still fits."""
     (tmp_path / "ghooks.py").write_text(
-        "def post_request(worker, req, environ, resp):\n    pass\n\n\n"
+        "def post_request(worker, req, environ, resp, extra):\n    pass\n\n\n"
         "def any_post_request(*args):\n    pass\n"
     )
     (tmp_path / "app.py").write_text(ENVIRON_APP)
@@ -167,8 +167,8 @@ def test_a_hook_that_cannot_take_preforkds_arguments_stops_check_and_start(
     checked = preforkd("check", "-c", str(misfit))
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert ("hooks.post_request: 'ghooks:post_request' cannot be called as "
-            "post_request(worker, environ, status)") in checked.stderr, checked.stderr
-    assert "gunicorn's post_request(worker, req, environ, resp)" in checked.stderr
+            "post_request(worker, environ, status) or "
+            "post_request(worker, req, environ, resp)") in checked.stderr, checked.stderr
     started = preforkd("-c", str(misfit), "--bind", "127.0.0.1:0")
     assert started.returncode == 1, started.stdout + started.stderr
     assert "listening at" not in started.stderr  # stopped before binding
@@ -179,6 +179,83 @@ def test_a_hook_that_cannot_take_preforkds_arguments_stops_check_and_start(
     checked = preforkd("check", "-c", str(fits))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "hooks OK: post_request" in checked.stdout
+
+
+# gunicorn's request hooks as its users write them: pre_request is gunicorn's
+# examples/example_config.py's (at info, to be seen in the log), post_request a typical one.
+GUNICORN_REQUEST_HOOKS = """
+import time
+
+
+def pre_request(worker, req):
+    worker.log.info("%s %s" % (req.method, req.path))
+    req.hook_started = time.monotonic()
+
+
+def post_request(worker, req, environ, resp):
+    worker.log.info(
+        "GHOOK post %s %s?%s -> %s (%s) sent=%s headers=%s remote=%s ua=%s took=%s",
+        req.method, req.path, req.query, resp.status, resp.status_code, resp.sent,
+        dict(resp.headers).get("Content-Type"), environ["REMOTE_ADDR"],
+        dict(req.headers).get("USER-AGENT"), time.monotonic() >= req.hook_started,
+    )
+"""
+
+
+def test_gunicorns_example_pre_request_alone_is_answered_200(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """DEFECT: pre_request got the WSGI environ where gunicorn passes its Request object;
+    the arity is the same, so it loaded, and gunicorn's example hook raised AttributeError
+    ('dict' object has no attribute 'method') at every request: every request was
+    answered 500."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "ghooks.py").write_text(GUNICORN_REQUEST_HOOKS)
+    server = server_factory(
+        {"app": APP, "pythonpath": [".", str(lib)], "workers": {"count": 1},
+         "hooks": {"pre_request": "ghooks:pre_request"}},
+        app_source=ENVIRON_APP,
+    )
+    response = fetch(address(server), target="/only?pre=1")
+    assert response.status == 200, (response.status, server.log_tail())
+    assert environ_of(response.body)["PATH_INFO"] == "/only"
+    server.wait_for_log("[INFO] GET /only\n")
+    assert not HOOK_FAILED.search(server.log()), server.log_tail()
+
+
+def test_gunicorns_own_request_hooks_run_unchanged(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """DEFECT: pre_request got the WSGI environ where gunicorn passes its Request object;
+    the arity is the same, so it loaded, and gunicorn's example hook
+    (`worker.log.debug("%s %s" % (req.method, req.path))`) raised AttributeError on the
+    dict at every request: every request was answered 500. gunicorn's 4-argument
+    post_request(worker, req, environ, resp) was refused at the start. Both now run as
+    they are: `req` has gunicorn's attributes, post_request gets the same `req` (what
+    pre_request set on it is there) and a `resp` with what went out."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "ghooks.py").write_text(GUNICORN_REQUEST_HOOKS)
+    server = server_factory(
+        {"app": APP, "pythonpath": [".", str(lib)], "workers": {"count": 1},
+         "hooks": {"pre_request": "ghooks:pre_request",
+                   "post_request": "ghooks:post_request"}},
+        app_source=ENVIRON_APP,
+    )
+    sent = {}
+    for target in ("/hello?x=1", "/a%20b"):
+        response = fetch(address(server), target=target, headers=[("User-Agent", "probe/1")])
+        assert response.status == 200, (response.status, server.log_tail())
+        sent[target] = len(response.body)
+    server.wait_for_log("[INFO] GET /hello\n")
+    server.wait_for_log(
+        f"GHOOK post GET /hello?x=1 -> 200 OK (200) sent={sent['/hello?x=1']} "
+        "headers=application/json remote=127.0.0.1 ua=probe/1 took=True"
+    )
+    server.wait_for_log("[INFO] GET /a%20b\n")  # the path as sent, as gunicorn's req.path
+    server.wait_for_log(f"GHOOK post GET /a%20b? -> 200 OK (200) sent={sent['/a%20b']} ")
+    assert not HOOK_FAILED.search(server.log()), server.log_tail()
 
 
 # --- DEFECT: gunicorn's environment variables ---------------------------------------------
@@ -368,8 +445,8 @@ def test_the_worked_example_of_from_gunicorn_md_checks_and_serves(
     address, made 127.0.0.1:0, and the user and group, made the test's own), pass
     `preforkd check` and serve: the hooks log, the access log has gunicorn's format."""
     (yaml_text,) = guide_blocks("yaml")
-    hooks_source = next(b for b in guide_blocks("python") if "def post_request(worker, environ"
-                        in b)
+    hooks_source = next(b for b in guide_blocks("python")
+                        if "def post_request(" in b and "wsgi_app" not in b)
     me = pwd.getpwuid(os.getuid()).pw_name
     group = grp.getgrgid(os.getgid()).gr_name
     assert "0.0.0.0:8000" in yaml_text and "user: myapp\n" in yaml_text
