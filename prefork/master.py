@@ -590,6 +590,9 @@ class Master:
         for handle in list(self.workers.values()):
             if handle.stderr is not None and handle.stderr.fd in ready:
                 self.log_stderr(handle, handle.stderr.read())
+                if handle.stderr.ended:
+                    handle.stderr.close()
+                    handle.stderr = None
 
     def log_stderr(self, handle: WorkerHandle, lines: list[str]) -> None:
         """Each line an ERROR record of the master's error log, as if the worker had

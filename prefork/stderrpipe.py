@@ -96,14 +96,22 @@ class StderrReader:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.lines = Lines()
+        # end of file while the worker lives on: it closed fd 2 or put something else there
+        # (a library's dup2 of /dev/null). The master then stops polling this end, which
+        # would otherwise be readable, and wake its loop, at every pass until the worker exits.
+        self.ended = False
 
     def read(self) -> list[str]:
-        """What one read brings (READ_SIZE at most): its complete lines."""
+        """What one read brings (READ_SIZE at most): its complete lines; at end of file the
+        last line, without its newline, and `ended`."""
         try:
             data = os.read(self.fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return []
-        return self.lines.feed(data) if data else []
+        if not data:
+            self.ended = True
+            return self.lines.finish()
+        return self.lines.feed(data)
 
     def drain(self) -> list[str]:
         """Everything left, the last line without its newline too: the worker has exited.

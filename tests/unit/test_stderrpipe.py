@@ -89,6 +89,23 @@ def test_the_reader_drains_to_end_of_file_with_the_last_partial_line() -> None:
             os.close(write_end)
 
 
+def test_end_of_file_while_reading_ends_the_reader_with_the_last_line() -> None:
+    """DEFECT (review). A worker that closed its fd 2, or put /dev/null there, left the read
+    end at end of file: read() returned nothing and the master kept the end in its poll
+    set, readable, so its loop woke at every pass until that worker exited. The reader
+    now says it has ended, with what was left of a line, and the master drops it."""
+    read_end, write_end = open_pipe()
+    reader = StderrReader(read_end)
+    try:
+        os.write(write_end, b"one\ntwo")
+        assert reader.read() == ["one"] and not reader.ended
+        os.close(write_end)
+        assert reader.read() == ["two"]
+        assert reader.ended
+    finally:
+        reader.close()
+
+
 def test_the_pipe_holds_a_mebibyte_where_the_system_allows_it() -> None:
     """What a worker may write while the master's loop is blocked before it waits."""
     read_end, write_end = open_pipe()
