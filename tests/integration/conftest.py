@@ -11,6 +11,7 @@ import pytest
 
 from detached import Daemons
 from harness import Server, ServerFactory, require_tool
+from test_syslog import Rsyslog
 
 # Servers started by the running test, so a failure report can show their logs.
 SERVERS_KEY = pytest.StashKey[list[Server]]()
@@ -58,6 +59,16 @@ def daemons() -> Iterator[Daemons]:
         yield tracker
     finally:
         tracker.stop_all()
+
+
+@pytest.fixture
+def rsyslog(require_tool: Callable[[str], str], short_tmp: Path) -> Iterator[Rsyslog]:
+    """A private rsyslogd for the test, stopped after it."""
+    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 @pytest.fixture

@@ -38,14 +38,6 @@ from test_syslog import Rsyslog
 # --- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def rsyslog(require_tool: Callable[[str], str], short_tmp: Path) -> Iterator[Rsyslog]:
-    """A private rsyslogd on short_tmp/log.sock, writing what it gets to short_tmp/messages."""
-    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture

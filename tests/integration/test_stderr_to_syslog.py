@@ -10,7 +10,6 @@ was refused as a configuration error.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +63,6 @@ def application(environ, start_response):
 """
 
 
-@pytest.fixture
-def rsyslog(require_tool: Any, short_tmp: Path) -> Iterator[Rsyslog]:
-    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def address_from(rsyslog: Rsyslog, pid: int | None = None) -> tuple[Any, ...]:

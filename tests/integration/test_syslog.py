@@ -12,7 +12,7 @@ import re
 import signal
 import socket
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -132,13 +132,6 @@ class Rsyslog:
                 self.proc.wait(5)
 
 
-@pytest.fixture
-def rsyslog(require_tool: Any, short_tmp: Path) -> Iterator[Rsyslog]:
-    daemon = Rsyslog(short_tmp, require_tool("rsyslogd"))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 def settings(address: str, **more: Any) -> dict[str, Any]:
