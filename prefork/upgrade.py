@@ -144,9 +144,9 @@ class Handover:
         return sockets
 
 
-# The inits containers run their one process under (by /proc/PID/comm): each forwards
-# signals to its child and exits with it, whatever else runs (tini is docker run --init's
-# docker-init; catatonit is podman's --init).
+# The inits containers run their one process under (by name: comm, in /proc/PID/stat): each
+# forwards signals to its child and exits with it, whatever else runs (tini is docker run
+# --init's docker-init; catatonit is podman's --init).
 INIT_SHIMS = frozenset({"tini", "tini-static", "docker-init", "dumb-init", "catatonit"})
 
 
@@ -168,18 +168,19 @@ def container_chain(proc: str = "/proc", parent: int | None = None) -> list[str]
         if pid <= 0:
             return None
         try:
-            with open(f"{proc}/{pid}/comm", encoding="utf-8", errors="replace") as f:
-                name = f.read().strip()
             with open(f"{proc}/{pid}/stat", "rb") as f:
                 stat = f.read()
         except OSError:
             return None
+        # "PID (COMM) STATE PPID ...": the name (comm) between the first "(" and the last ")"
+        end = stat.rfind(b")")
+        name = stat[stat.find(b"(") + 1 : end].decode("utf-8", "replace")
         if name not in INIT_SHIMS and name not in WAITING_SHELLS:
             return None
         chain.append(f"{name} (pid {pid})")
         if pid == 1:
             return chain
-        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])  # the ppid field
+        pid = int(stat[end + 2 :].split()[1])  # the ppid field
     return None
 
 

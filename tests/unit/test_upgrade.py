@@ -169,7 +169,6 @@ def fake_proc(root: Path, processes: dict[int, tuple[str, int]]) -> str:
     """A /proc with `pid: (comm, ppid)` for each process."""
     for pid, (name, ppid) in processes.items():
         (root / str(pid)).mkdir()
-        (root / str(pid) / "comm").write_text(name + "\n")
         (root / str(pid) / "stat").write_text(f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1\n")
     return str(root)
 
