@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -532,6 +532,30 @@ class ServerFactory:
 
 
 # --- raw sockets and HTTP --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def logging_to_datagrams(
+    server_factory: ServerFactory, directory: Path, settings: Mapping[str, Any], app_source: str
+) -> Iterator[tuple[Server, Datagrams, Path]]:
+    """A server of one worker (`settings`, `app_source`) on the unix socket
+    DIRECTORY/http.sock, its logs on syslog at DIRECTORY/log.sock, where a datagram socket
+    stands in for the daemon: yields the server, that socket's Datagrams and the HTTP
+    socket's path once the ready line came through."""
+    log_socket = directory / "log.sock"
+    http_socket = directory / "http.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(log_socket))
+        server = server_factory({
+            **settings,
+            "bind": [f"unix:{http_socket}"],
+            "workers": {"count": 1},
+            "logging": {"syslog": {"enabled": True, "address": f"unix:{log_socket}"}},
+        }, app_source=app_source, wait_ready=False)
+        inbox = Datagrams(receiver)
+        wait_until(lambda: inbox.received(r"\[INFO\] ready: 1 worker"), 15,
+                   message=f"never ready: {inbox.messages}")
+        yield server, inbox, http_socket
 
 
 def connect(address: Address | str, timeout: float = 5.0) -> socket.socket:

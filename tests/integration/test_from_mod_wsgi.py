@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import threading
 from functools import partial
 from pathlib import Path
@@ -35,13 +34,13 @@ import yaml
 from detached import preforkd
 from harness import (
     Address,
-    Datagrams,
     ServerFactory,
     connect,
     example_site,
     fetch,
     guide_block,
     http_request,
+    logging_to_datagrams,
     read_response,
     recv_within,
     wait_until,
@@ -165,17 +164,9 @@ def test_wsgi_errors_reaches_an_error_log_on_syslog(
     the terminal the server started from (here stderr.log) and, in a detached daemon,
     /dev/null, so every line was lost. Each line (a partial one at flush()) is now an
     ERROR record of the error log, in syslog."""
-    log_socket = short_tmp / "log.sock"
-    http_socket = short_tmp / "http.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
-        receiver.bind(str(log_socket))
-        server = server_factory(app_settings(
-            bind=[f"unix:{http_socket}"], workers={"count": 1},
-            logging={"syslog": {"enabled": True, "address": f"unix:{log_socket}"}},
-        ), app_source=APP, wait_ready=False)
-        inbox = Datagrams(receiver)
-        wait_until(lambda: inbox.received(r"\[INFO\] ready: 1 worker"), 15,
-                   message=f"never ready: {inbox.messages}")
+    with logging_to_datagrams(server_factory, short_tmp, app_settings(), APP) as (
+        server, inbox, http_socket
+    ):
         with connect(str(http_socket)) as sock:
             sock.sendall(http_request("GET", "/errors"))
             assert read_response(sock).status == 204

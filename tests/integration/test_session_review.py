@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -42,12 +41,12 @@ import psutil
 from detached import Daemons, preforkd_env
 from harness import (
     DEFAULT_COMMAND,
-    Datagrams,
     ServerFactory,
     connect,
     fetch,
     gone,
     http_request,
+    logging_to_datagrams,
     read_response,
     wait_until,
     write_config,
@@ -125,17 +124,9 @@ def test_a_wsgi_errors_line_without_its_newline_is_a_record_when_its_request_end
     is a log object per request, flushed when the request ends, so each partial line is
     an [wsgi:error] line of its own. Now the worker flushes wsgi.errors after each
     request."""
-    log_socket = short_tmp / "log.sock"
-    http_socket = short_tmp / "http.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
-        receiver.bind(str(log_socket))
-        server_factory(app_settings(
-            bind=[f"unix:{http_socket}"], workers={"count": 1},
-            logging={"syslog": {"enabled": True, "address": f"unix:{log_socket}"}},
-        ), app_source=APP, wait_ready=False)
-        inbox = Datagrams(receiver)
-        wait_until(lambda: inbox.received(r"\[INFO\] ready: 1 worker"), 15,
-                   message=f"never ready: {inbox.messages}")
+    with logging_to_datagrams(server_factory, short_tmp, app_settings(), APP) as (
+        _, inbox, http_socket
+    ):
         with connect(str(http_socket)) as sock:
             sock.sendall(http_request("GET", "/partial?first-partial"))
             assert read_response(sock).status == 200
