@@ -365,7 +365,7 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         + f"; {totals['requests']} requests",
         "",
         f"{'WORKER':>6} {'PID':>7} {'GEN':>3} {'STATE':<9} {'REQS':>8} {'CONNS':>6} "
-        f"{memory_kind:>9}  {'AGE':>7}  CURRENT REQUEST",
+        f"{memory_kind:>9}  {'AGE':>7}  {'CLIENT':<15}  CURRENT REQUEST",
     ]
     queues = [
         f"{entry['url']} {entry['queued']}/{entry['queue_limit']}"
@@ -378,11 +378,13 @@ def status_table(snapshot: Mapping[str, Any]) -> str:
         current = w.get("current")
         request = f"{current['method']} {current['target']}" if current else ""
         age = _duration(current["age"]) if current else ""
+        client = (current.get("client") or "") if current else ""
         memory = w.get("uss") if w.get("uss") is not None else w.get("rss")
         shown = f"{memory / 1048576:.1f}M" if memory is not None else "-"
         lines.append(
             f"{w['number']:>6} {w['pid']:>7} {w['generation']:>3} {w['activity']:<9} "
-            f"{w['requests']:>8} {w['connections']:>6} {shown:>9}  {age:>7}  {request}"
+            f"{w['requests']:>8} {w['connections']:>6} {shown:>9}  {age:>7}  {client:<15}  "
+            f"{request}"
         )
     return "\n".join(lines)
 

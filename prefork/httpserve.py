@@ -216,6 +216,9 @@ class HttpProtocol:
         # per listener (by id: a worker's listeners live as long as it does): the environ
         # keys common to its requests, and what else they need (None: nothing, plain TCP)
         self._bases: dict[int, tuple[dict[str, Any], ListenerExtras | None]] = {}
+        # the last REMOTE_ADDR written to the scoreboard, and its bytes: most requests come
+        # from the address the one before came from (a proxy's, or a client's keep-alive)
+        self._client: tuple[str, bytes] = ("", b"")
         self.heads: HeadCache = {}  # start_response arguments already checked
         self.uwsgi_warned = -math.inf  # when a uwsgi protocol packet was last logged
         # wsgi.errors: with the error log on syslog, fd 2 is not the error log (a daemon's is
@@ -341,7 +344,11 @@ class HttpProtocol:
             self.slot.stop_requested,
             self.heads,
         )
-        self.slot.busy(request.method.encode("latin-1"), request.target[:192], start)
+        client = env["REMOTE_ADDR"]
+        if client != self._client[0]:
+            self._client = (client, client.encode("latin-1", "replace"))
+        self.slot.busy(request.method.encode("latin-1"), request.target[:192], start,
+                       self._client[1])
         # the hooks' `req`, made only for a hook that takes one; post_request gets the same
         req: HookRequest | None = None
         try:

@@ -881,7 +881,7 @@ class Master:
                 view = self.scoreboard.read(handle.slot)
                 busy = _in_request_for(view, now)
                 if busy > timeout:
-                    self.hung(handle, view.method, view.target, busy, now)
+                    self.hung(handle, view, busy, now)
 
     def deadline_passed(self, handle: WorkerHandle, now: float) -> None:
         if handle.state is WorkerState.BOOTING:
@@ -897,12 +897,13 @@ class Master:
         self.kernel.kill(handle.pid, signal.SIGKILL)
         handle.to(WorkerState.KILLED, reason=handle.reason or "killed")
 
-    def hung(self, handle: WorkerHandle, method: str, target: str, elapsed: float,
-             now: float) -> None:
+    def hung(self, handle: WorkerHandle, view: SlotView, elapsed: float, now: float) -> None:
         grace = self.workers_settings(handle).timeout_grace
+        # the client, as uWSGI's harakiri line names it (a TCP handler's target is its peer)
+        client = f" from {view.client}" if view.client else ""
         log.error(
-            "%s timed out after %.1fs serving %s %s; dumping its stack and killing it",
-            handle.describe(), elapsed, method, target,
+            "%s timed out after %.1fs serving %s %s%s; dumping its stack and killing it",
+            handle.describe(), elapsed, view.method, view.target, client,
         )
         self.count_recycle("timeout")
         if grace > 0:

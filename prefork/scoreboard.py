@@ -13,6 +13,7 @@ Layout of a slot (512 bytes):
     256 counters, u64 each: responses by status class 1xx..5xx, duration histogram buckets
         (non-cumulative, bounds in DURATION_BUCKETS, the last is +Inf), duration sum in
         microseconds, body bytes sent
+    424 client 48s: the current request's REMOTE_ADDR (a trusted proxy's client, if any)
     511 stop request (written by the master)
 """
 
@@ -46,11 +47,14 @@ _SUM_AT = _BUCKETS_AT + len(DURATION_BUCKETS) + 1
 _BYTES_AT = _SUM_AT + 1
 COUNTERS = _BYTES_AT + 1
 _COUNTERS = struct.Struct(f"<{COUNTERS}Q")
+# the current request's client (REMOTE_ADDR: an IPv6 address is 45 characters at most)
+_CLIENT = struct.Struct("<48s")
+_CLIENT_OFFSET = _COUNTERS_OFFSET + _COUNTERS.size
 # The one byte the master writes: "finish this request with Connection: close and stop".
 _STOP_OFFSET = SLOT_SIZE - 1
 assert _HEAD.size <= _REQUEST_OFFSET
 assert _HELD_OFFSET + _HELD.size <= _COUNTERS_OFFSET
-assert _COUNTERS_OFFSET + _COUNTERS.size <= _STOP_OFFSET
+assert _CLIENT_OFFSET + _CLIENT.size <= _STOP_OFFSET
 
 
 class Activity(enum.IntEnum):
@@ -84,6 +88,7 @@ class SlotView(NamedTuple):
     number: int
     last: float = 0.0  # monotonic time of the worker's last report
     connections: int = 0  # connections the worker holds (parked keep-alive ones included)
+    client: str = ""  # the current request's REMOTE_ADDR ("" from a unix socket peer)
 
 
 class Counters(NamedTuple):
@@ -135,6 +140,7 @@ class Scoreboard:
         method, target = _REQUEST.unpack_from(raw, _REQUEST_OFFSET)
         pid, generation, number = _IDENT.unpack_from(raw, _IDENT_OFFSET)
         (connections,) = _HELD.unpack_from(raw, _HELD_OFFSET)
+        (client,) = _CLIENT.unpack_from(raw, _CLIENT_OFFSET)
         return SlotView(
             Activity(state),
             started,
@@ -146,6 +152,7 @@ class Scoreboard:
             number,
             last,
             connections,
+            client.rstrip(b"\0").decode("latin-1"),
         )
 
     def counters(self, index: int) -> Counters:
@@ -249,13 +256,16 @@ class Slot:
         _IDENT.pack_into(self._memory, self._offset + _IDENT_OFFSET, pid, generation, number)
         _HEAD.pack_into(self._memory, self._offset, Activity.BOOTING, 0.0, 0, time.monotonic())
 
-    def busy(self, method: bytes, target: bytes, now: float | None = None) -> None:
-        """A request began (at `now`, monotonic, if the caller has read the clock); the
-        target is written before the state so the master never pairs BUSY with a previous
-        request's target."""
+    def busy(
+        self, method: bytes, target: bytes, now: float | None = None, client: bytes = b""
+    ) -> None:
+        """A request from `client` began (at `now`, monotonic, if the caller has read the
+        clock); the target and client are written before the state so the master never
+        pairs BUSY with a previous request's."""
         memory = self._memory
         offset = self._offset
         _REQUEST.pack_into(memory, offset + _REQUEST_OFFSET, method, target)
+        _CLIENT.pack_into(memory, offset + _CLIENT_OFFSET, client)
         _STATE_STARTED.pack_into(
             memory, offset, Activity.BUSY, time.monotonic() if now is None else now
         )

@@ -55,7 +55,7 @@ def snapshot(master: Master, memory: bool = True) -> dict[str, Any]:
         if view.activity in (Activity.BUSY, Activity.READING, Activity.WAITING) and view.started:
             # the path only: query strings may carry tokens, and status is widely readable
             current = {"method": view.method, "target": view.target.split("?", 1)[0],
-                       "age": round(now - view.started, 3)}
+                       "age": round(now - view.started, 3), "client": view.client or None}
         used = master.kernel.memory(handle.pid) if memory and handle.state in LIVE else None
         uss_readable = master.kernel.uss_readable  # read after memory(), which may learn it
         workers.append({

@@ -327,7 +327,8 @@ def test_term_stops_instead_of_reloading_and_vacuums(
 def test_the_harakiri_equivalent(server_factory: ServerFactory) -> None:
     """PINNED. workers.timeout does what harakiri + harakiri-verbose do: the client's
     connection closes with no response (as under uWSGI: "Empty reply from server"), the log
-    names the request and holds the Python stack of the worker (the application's frame in
+    names the request and its client (as harakiri's line does; behind a trusted proxy, the
+    client it names) and holds the Python stack of the worker (the application's frame in
     it), the request gets no access-log line, and a new worker serves the next request."""
     server = server_factory(
         app_settings(workers={"count": 1, "timeout": 1, "timeout_grace": 1},
@@ -337,12 +338,13 @@ def test_the_harakiri_equivalent(server_factory: ServerFactory) -> None:
     address = server.addresses()[0]
     first = fetch(address).body
     with connect(address, timeout=15) as sock:
-        sock.sendall(http_request("GET", "/slow?id=7"))
+        sock.sendall(http_request("GET", "/slow?id=7", [("X-Forwarded-For", "203.0.113.9")]))
         received, closed = recv_within(sock, 15)
     assert (received, closed) == (b"", True), received
     log = server.log()
     assert re.search(r"\[ERROR\] worker 1 \(pid \d+\) timed out after [\d.]+s serving "
-                     r"GET /slow\?id=7; dumping its stack and killing it", log), log
+                     r"GET /slow\?id=7 from 203\.0\.113\.9; dumping its stack and killing it",
+                     log), log
     assert re.search(r'File ".*app\.py", line \d+ in application', log), log
     second = fetch(address).body
     assert second != first  # another worker (pid)

@@ -155,7 +155,8 @@ def test_hung_request_is_timed_out_dumped_and_replaced(server_factory: ServerFac
     with start_request(server, "/hang", "pf_testapp: hanging") as sock:
         server.wait_for_log(
             re.compile(
-                rf"worker 1 \(pid {hung}\) timed out after [\d.]+s serving GET /hang; "
+                rf"worker 1 \(pid {hung}\) timed out after [\d.]+s serving GET /hang "
+                r"from 127\.0\.0\.1; "
                 r"dumping its stack and killing it"
             ),
             timeout=5,

@@ -221,7 +221,8 @@ def test_a_hung_request_dumps_its_stack_and_the_worker_is_replaced(
 
     with start_request(server, "/hang", "pf_supervise: hanging") as sock:
         server.wait_for_log(re.compile(
-            rf"worker 1 \(pid {hung}\) timed out after [\d.]+s serving GET /hang; "
+            rf"worker 1 \(pid {hung}\) timed out after [\d.]+s serving GET /hang "
+            r"from 127\.0\.0\.1; "
             r"dumping its stack and killing it"
         ), timeout=5)
         # faulthandler's dump names the app's function, in the app's file
@@ -496,14 +497,16 @@ def test_status_command_shows_a_busy_worker_and_its_request(
     assert f"master pid {server.pid}" in lines[0]
     (header,) = [i for i, line in enumerate(lines) if line.split()[:1] == ["WORKER"]]
     assert lines[header].split() == [
-        "WORKER", "PID", "GEN", "STATE", "REQS", "CONNS", "USS", "AGE", "CURRENT", "REQUEST"
+        "WORKER", "PID", "GEN", "STATE", "REQS", "CONNS", "USS", "AGE", "CLIENT", "CURRENT",
+        "REQUEST",
     ]
     rows = {int(line.split()[1]): line.split() for line in lines[header + 1 :] if line.strip()}
     assert sorted(rows) == server.worker_pids()
     busy = rows[busy_pid]
     assert busy[3] == "busy"
     assert busy[5] == "1"  # the connection of the request under way
-    assert busy[-2:] == ["GET", "/sleep"]  # the path only: queries may hold secrets
+    # the path only (queries may hold secrets), and who asked
+    assert busy[-3:] == ["127.0.0.1", "GET", "/sleep"]
     (other,) = [row for pid, row in rows.items() if pid != busy_pid]
     assert other[3] in ("idle", "keepalive") and len(other) == 7  # no age, no request
 
@@ -511,6 +514,7 @@ def test_status_command_shows_a_busy_worker_and_its_request(
     assert by_pid[busy_pid]["activity"] == "busy"
     assert by_pid[busy_pid]["current"]["method"] == "GET"
     assert by_pid[busy_pid]["current"]["target"] == "/sleep"
+    assert by_pid[busy_pid]["current"]["client"] == "127.0.0.1"
     assert by_pid[busy_pid]["connections"] == 1
     assert document["workers_by_state"]["busy"] == 1
     assert document["master"]["pid"] == server.pid

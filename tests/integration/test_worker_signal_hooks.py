@@ -96,7 +96,8 @@ def recycles(server: Server, reason: str) -> float:
 def timed_out_line(pid: int) -> re.Pattern[str]:
     """The master's usual line for a worker it finds hung (the same with or without hooks)."""
     return re.compile(
-        rf"worker 1 \(pid {pid}\) timed out after [\d.]+s serving GET /hang; "
+        rf"worker 1 \(pid {pid}\) timed out after [\d.]+s serving GET /hang "
+        r"from 127\.0\.0\.1; "
         r"dumping its stack and killing it"
     )
 

@@ -254,10 +254,11 @@ class Rig:
         assert all(h.state is WorkerState.READY for h in self.handles())
         return self.handles()
 
-    def busy(self, handle: WorkerHandle, method: bytes = b"GET", target: bytes = b"/slow") -> float:
+    def busy(self, handle: WorkerHandle, method: bytes = b"GET", target: bytes = b"/slow",
+             client: bytes = b"") -> float:
         """The worker starts a request now (real clock, as the worker would); returns the
         stamped start time, with the fake clock moved up to it."""
-        self.scoreboard.slot(handle.slot).busy(method, target)
+        self.scoreboard.slot(handle.slot).busy(method, target, client=client)
         started = self.scoreboard.read(handle.slot).started
         self.kernel.now = max(self.kernel.now, started)
         return started

@@ -678,7 +678,7 @@ def test_a_hung_worker_is_aborted_then_killed_then_replaced(
 ) -> None:
     rig = make_rig(count=2, timeout=30, timeout_grace=2)
     rig.start()
-    started = rig.busy(rig.worker(2))
+    started = rig.busy(rig.worker(2), client=b"2001:db8::7")
 
     rig.kernel.now = started + 29.99
     rig.tick()
@@ -691,7 +691,8 @@ def test_a_hung_worker_is_aborted_then_killed_then_replaced(
     assert hung.state is WorkerState.ABORTING
     assert hung.deadline == rig.kernel.now + 2
     (line,) = matching(caplog, "timed out", logging.ERROR)
-    assert "worker 2 (pid 1001) timed out after 30.5s serving GET /slow" in line
+    # the client, as uWSGI's harakiri line names it
+    assert "worker 2 (pid 1001) timed out after 30.5s serving GET /slow from 2001:db8::7; " in line
 
     rig.kernel.now = hung.deadline - 0.01
     rig.tick()

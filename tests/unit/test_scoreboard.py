@@ -78,10 +78,27 @@ def test_a_new_request_replaces_the_previous_target(board: Scoreboard) -> None:
     assert (view.method, view.target) == ("GET", "/")
 
 
+def test_each_request_names_its_own_client(board: Scoreboard) -> None:
+    slot = board.slot(3)
+    slot.claim(5, 1, 4)
+    longest = b"ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"  # 45 characters
+    slot.busy(b"GET", b"/a", client=longest)
+    assert board.read(3).client == longest.decode()
+    slot.done()
+    slot.busy(b"GET", b"/b", client=b"10.0.0.1")  # shorter: nothing of the last one left
+    assert (board.read(3).target, board.read(3).client) == ("/b", "10.0.0.1")
+    slot.busy(b"GET", b"/c")  # a unix socket peer
+    assert board.read(3).client == ""
+    slot.busy(b"GET", b"/d", client=b"x" * 60)
+    assert board.read(3).client == "x" * 48
+    assert slot.stop_requested() is False  # the client field ends before the stop byte
+    assert board.read(4) == EMPTY
+
+
 def test_claim_wipes_what_the_previous_worker_left(board: Scoreboard) -> None:
     old = board.slot(2)
     old.claim(10, 1, 3)
-    old.busy(b"GET", b"/old")
+    old.busy(b"GET", b"/old", client=b"192.0.2.1")
     board.slot(2).claim(11, 2, 3)
     assert board.read(2)._replace(last=0.0) == SlotView(Activity.BOOTING, 0.0, 0, "", "", 11, 2, 3)
 
