@@ -359,6 +359,33 @@ class ApacheClock:
         return self._text
 
 
+class IsoClock:
+    """ISO 8601 local time with milliseconds and UTC offset, as JSON lines carry it
+    (`2026-11-21T13:05:02.123+00:00`); all but the milliseconds made once a second."""
+
+    __slots__ = ("_second", "_stamp", "_offset")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+        self._offset = ""
+
+    def __call__(self, now: float | None = None) -> str:
+        """The time `now` (time.time(); the present if None)."""
+        if now is None:
+            now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            local = time.localtime(second)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
+            offset = local.tm_gmtoff
+            sign = "-" if offset < 0 else "+"
+            hours, minutes = divmod(abs(offset) // 60, 60)
+            self._offset = f"{sign}{hours:02d}:{minutes:02d}"
+        return f"{self._stamp}.{int((now - second) * 1000):03d}{self._offset}"
+
+
 def _stamp() -> Getter:
     """The `t` atom: `[21/Nov/2026:13:05:02 +0000]`."""
     clock = ApacheClock()

@@ -1058,6 +1058,7 @@ class Startup:
             capture=cfg.capture_output,
             syslog_takes=takes,
             detached=self.detached,
+            error_format=cfg.error_log_format,
         )
 
     def error_stream(self) -> IO[str] | None:

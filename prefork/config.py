@@ -859,6 +859,21 @@ class LoggingConfig:
             path=True,
         ),
     )
+    error_log_format: str = field(
+        default="text",
+        metadata=_meta(
+            "Error log record format: `text` (`[time] [pid] [LEVEL] message`) or `json` "
+            "(one JSON object per line, for log shippers: `time` in ISO 8601 with "
+            "milliseconds and UTC offset, `level`, `pid`, `logger`, `message`, and "
+            "`exception` with the traceback when there is one). It applies to preforkd's "
+            "records, in the file, on stderr and on syslog (after the `ident[pid]:` tag); "
+            "with json, each line the application writes to wsgi.errors is a record too "
+            "(ERROR), as with syslog, and so are the workers' stderr lines the master logs "
+            "when the error log is syslog. What is written to a file's descriptor 2 "
+            "directly (faulthandler's stack dumps, print(file=sys.stderr)) stays as written.",
+            choices=("text", "json"),
+        ),
+    )
     access_log: str | None = field(
         default=None,
         metadata=_meta(

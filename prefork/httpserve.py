@@ -222,9 +222,12 @@ class HttpProtocol:
         self.heads: HeadCache = {}  # start_response arguments already checked
         self.uwsgi_warned = -math.inf  # when a uwsgi protocol packet was last logged
         # wsgi.errors: with the error log on syslog, fd 2 is not the error log (a daemon's is
-        # /dev/null), so what the application writes there goes through the logger instead
+        # /dev/null), so what the application writes there goes through the logger instead;
+        # so it does with logging.error_log_format json, whose log is all records
         self.errors: ErrorsToLog | None = (
-            ErrorsToLog(logging.getLogger("prefork.wsgi")) if logs.syslog is not None else None
+            ErrorsToLog(logging.getLogger("prefork.wsgi"))
+            if logs.syslog is not None or logs.error_format == "json"
+            else None
         )
 
     def environ(self, conn: Connection, request: Request) -> dict[str, Any]:

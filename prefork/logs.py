@@ -31,6 +31,7 @@ from prefork.accessformat import (
     AccessFormat,
     AccessRecord,
     ApacheClock,
+    IsoClock,
     compile_format,
 )
 from prefork.privileges import credentials
@@ -41,13 +42,58 @@ if TYPE_CHECKING:
 ERROR_FORMAT = "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
 
+
+class JsonFormatter(logging.Formatter):
+    """logging.error_log_format: json -- one JSON object per record, on one line: `time`
+    (ISO 8601 with milliseconds and UTC offset, as the access log's json), `level`, `pid`,
+    `logger`, `message`, and `exception` (the traceback) or `stack` when the record has
+    one. A syslog `prefix` (`ident[pid]: `) goes before the object."""
+
+    def __init__(self, prefix: str = "") -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.clock = IsoClock()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.clock(record.created),
+            "level": record.levelname,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        text = json.dumps(entry, ensure_ascii=True)
+        return self.prefix % {"process": record.process} + text if self.prefix else text
+
+
+def error_formatter(error_format: str, syslog_ident: str | None = None) -> logging.Formatter:
+    """The error log's formatter: `text` or `json` (logging.error_log_format); with `syslog_ident`,
+    each message tagged `ident[pid]:` as syslog daemons expect."""
+    if syslog_ident is None:
+        if error_format == "json":
+            return JsonFormatter()
+        return logging.Formatter(ERROR_FORMAT, DATE_FORMAT)
+    tag = syslog_ident.replace("%", "%%") + "[%(process)d]: "
+    if error_format == "json":
+        return JsonFormatter(tag)
+    return logging.Formatter(tag + "[%(levelname)s] %(message)s")
+
 log = logging.getLogger("prefork")
 access_log = logging.getLogger("prefork.access")
 
 
-def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
+def syslog_handler(
+    address: str, facility: str, ident: str, error_format: str = "text"
+) -> logging.Handler:
     """A SysLogHandler for `/path`, `unix:/path`, `udp://host:port` or `tcp://host:port`;
-    messages are tagged `ident[pid]:` as syslog daemons expect."""
+    messages are tagged `ident[pid]:` as syslog daemons expect, then text or (`error_format`
+    json) a JSON object."""
     code = logging.handlers.SysLogHandler.facility_names[facility]
     handler: logging.Handler
     try:
@@ -64,7 +110,7 @@ def syslog_handler(address: str, facility: str, ident: str) -> logging.Handler:
         if exc.filename is not None:
             raise
         raise OSError(exc.errno, exc.strerror or str(exc), f"syslog {address}") from exc
-    handler.setFormatter(logging.Formatter(f"{ident}[%(process)d]: [%(levelname)s] %(message)s"))
+    handler.setFormatter(error_formatter(error_format, ident))
     return handler
 
 
@@ -207,6 +253,7 @@ class Logs:
         detached: bool = False,
         capture: bool = False,
         capture_output: bool | None = None,
+        error_format: str = "text",
     ) -> None:
         """`syslog`: (address, facility, ident) to send the logs `syslog_takes` names there
         instead: (error log, access log), both unless told otherwise (syslog_for says which).
@@ -222,8 +269,11 @@ class Logs:
         `capture`: standard output follows the error log (logging.capture_output; the
         start's value, which a reload's setup keeps).
         `capture_output`: the setting as the start read it (None: `capture`), for the pipe
-        a worker's fd 1 shares with its fd 2 when the error log is syslog."""
+        a worker's fd 1 shares with its fd 2 when the error log is syslog.
+        `error_format`: the error log's records as `text` or `json`
+        (logging.error_log_format)."""
         self.level = level
+        self.error_format = error_format
         self.workers_as = workers_as
         self.detached = detached
         # where the error log goes to syslog (None: a file or stderr), and the access log
@@ -258,9 +308,7 @@ class Logs:
         )
         self._access_file: IO[str] | None = None
         self._timestamp = ApacheClock()
-        self._iso_second = -1
-        self._iso_stamp = ""
-        self._iso_offset = ""
+        self._iso_timestamp = IsoClock()
         try:
             self._open(install)
         except BaseException:
@@ -274,7 +322,7 @@ class Logs:
         if self.access_syslog is not None:
             self._access_handlers = [syslog_handler(*self.access_syslog)]
         if self.syslog is not None:
-            self._error_handlers = [syslog_handler(*self.syslog)]
+            self._error_handlers = [syslog_handler(*self.syslog, self.error_format)]
             if installing:
                 self.install()
             owner = self._owner() if self.access_path is not None else None
@@ -293,7 +341,7 @@ class Logs:
     def _open_error(self, installing: bool) -> tuple[int, int] | None:
         """The error log to a file or stderr (not syslog); the owner its file was given."""
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(ERROR_FORMAT, DATE_FORMAT))
+        handler.setFormatter(error_formatter(self.error_format))
         self._error_handlers = [handler]
         if installing:
             # The handler writes to whatever fd 2 is, so adding it before fd 2 is re-pointed
@@ -535,21 +583,6 @@ class Logs:
                     pass
         return reopened
 
-    def _iso_timestamp(self) -> str:
-        """ISO 8601 local time with milliseconds and UTC offset, as JSON lines carry it
-        (2026-11-21T13:05:02.123+00:00); all but the milliseconds made once a second."""
-        now = time.time()
-        second = int(now)
-        if second != self._iso_second:
-            self._iso_second = second
-            local = time.localtime(second)
-            self._iso_stamp = time.strftime("%Y-%m-%dT%H:%M:%S", local)
-            offset = local.tm_gmtoff
-            sign = "-" if offset < 0 else "+"
-            hours, minutes = divmod(abs(offset) // 60, 60)
-            self._iso_offset = f"{sign}{hours:02d}:{minutes:02d}"
-        return f"{self._iso_stamp}.{int((now - second) * 1000):03d}{self._iso_offset}"
-
     def access(
         self,
         remote: str,
@@ -721,6 +754,7 @@ def for_reload(
                 previous.capture_output if previous is not None else settings.capture_output
             ),
             syslog_takes=takes,
+            error_format=settings.error_log_format,
         )
     except OSError as exc:
         raise OSError(f"cannot open the logs: {exc}") from exc

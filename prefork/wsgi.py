@@ -178,8 +178,9 @@ def sendfile_fd(wrapper: FileWrapper) -> int | None:
 
 
 class ErrorsToLog(io.TextIOBase):
-    """wsgi.errors when the error log goes to syslog: each line written becomes a record of
-    the error log (at ERROR, as mod_wsgi's land in Apache's error log as [wsgi:error]).
+    """wsgi.errors when the error log goes to syslog, or is JSON: each line written becomes a
+    record of the error log (at ERROR, as mod_wsgi's land in Apache's error log as
+    [wsgi:error]).
 
     Otherwise wsgi.errors is sys.stderr, whose fd 2 is the error log file; with syslog, fd 2
     is the terminal the server started from, or a detached daemon's /dev/null, and what the
