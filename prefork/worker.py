@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
+import fcntl
 import io
 import logging
 import math
@@ -21,7 +22,9 @@ import select
 import signal
 import socket
 import ssl
+import struct
 import sys
+import termios
 import time
 from dataclasses import dataclass, field
 from types import FrameType
@@ -112,7 +115,9 @@ PEERS_INTERVAL = 0.1
 # keeps a few too many is better than a master (and channels) flooded under a connection storm.
 BALANCE_BURST = 32
 # How long a stopping worker waits for the master's answer about connections it passed (the
-# master sends them back when no other worker can take them).
+# master sends them back when no other worker can take them), counted from when the master
+# read the last of its messages: until then (a master blocked in a reload's import) it
+# waits for that read, up to its workers.graceful_timeout after the pass
 PASS_ANSWER_WAIT = 1.0
 # accept() errors that mean this worker (or the machine) is short of descriptors or kernel
 # memory, not that the connection failed: the worker stops accepting for ACCEPT_PAUSE, and
@@ -120,6 +125,7 @@ PASS_ANSWER_WAIT = 1.0
 _SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 ACCEPT_PAUSE = 1.0
+_INT = struct.Struct("i")  # an ioctl's int argument
 # a worker that keeps running short says so at most this often
 SHORT_LOG_INTERVAL = 60.0
 
@@ -404,10 +410,12 @@ class Worker:
         self.lightest: tuple[int, int, int] | None = None  # (pid, load, offset)
         self.peers_until = 0.0
         self.passes_left = 0
-        # passed to the master and not yet answered (MSG_TAKEN, or MSG_BACK): a
-        # stopping worker waits for the answer, until unanswered_until at most
+        # passed to the master and not yet answered (MSG_TAKEN, or sent back): a stopping
+        # worker waits for the answer (awaits_answer), PASS_ANSWER_WAIT after the master
+        # read its messages (unanswered_until), and for that read until unread_until
         self.unanswered = 0
         self.unanswered_until = 0.0
+        self.unread_until = 0.0
         # ids of the listeners the serving workers take: set when this worker is replaced
         self.passing_to: set[int] = set()
         self.protocol: HttpProtocol | None = None
@@ -1020,9 +1028,39 @@ class Worker:
             if self.conns or self.channel_fd not in dict(self.epoll.poll(0)):
                 break
             self.on_channel()
-        if self.unanswered and now < self.unanswered_until:
+        if self.awaits_answer(now):
             return False  # what it passed may yet come back to it
         return not self.conns
+
+    def passed(self, messages: int, now: float) -> None:
+        """`messages` carrying connections went to the master: each is answered (taken, or
+        sent back), and this worker, stopping, waits for the answers before it exits."""
+        self.unanswered += messages
+        self.unanswered_until = now + PASS_ANSWER_WAIT
+        self.unread_until = now + max(PASS_ANSWER_WAIT, self.spec.config.workers.graceful_timeout)
+
+    def awaits_answer(self, now: float) -> bool:
+        """Whether connections passed to the master may still come back. The master answers
+        a pass as it reads it; while it has not read it (its loop blocked in a reload's
+        import), the wait goes on for as long as the master lives, to unread_until at most
+        (the master kills a stopping worker at its graceful timeout anyway): gone before the
+        master read them, connections no other worker could take were closed unanswered."""
+        if not self.unanswered:
+            return False
+        if now < self.unread_until and self.master_unread():
+            self.unanswered_until = now + PASS_ANSWER_WAIT  # counted from the read
+            return True
+        return now < self.unanswered_until
+
+    def master_unread(self) -> bool:
+        """Whether the master has yet to read something this worker sent on its channel:
+        the bytes the kernel still holds for it (SIOCOUTQ; all of them are dropped when the
+        master's end closes, so a master gone reads as one that has read everything)."""
+        try:
+            queued = fcntl.ioctl(self.channel_fd, termios.TIOCOUTQ, _INT.pack(0))
+        except OSError:
+            return False
+        return bool(_INT.unpack(queued)[0])
 
     def drain_backlog(self) -> bool:
         """Accept what is queued on every listener now -- not what keeps arriving, or a busy
@@ -1188,8 +1226,7 @@ class Worker:
                 break
         if not messages:
             return None
-        self.unanswered += messages  # each is answered: taken, or back to us
-        self.unanswered_until = now + PASS_ANSWER_WAIT
+        self.passed(messages, now)  # each is answered: taken, or back to us
         if not self.stopping:
             self.accept_if_room()
         return (f"worker {self.spec.number}: {now - started:.1f} s into a request; passed "
@@ -1299,8 +1336,7 @@ class Worker:
         ):
             return False
         sock.close()
-        self.unanswered += 1
-        self.unanswered_until = now + PASS_ANSWER_WAIT
+        self.passed(1, now)
         self.passes_left -= 1
         if pid:
             self.loads[pid] = (load + 1, offset)

@@ -313,6 +313,64 @@ def test_taken_is_an_answer_too(rig: WorkerRig) -> None:
     assert worker.finished()
 
 
+def test_a_stopping_worker_waits_while_the_master_has_not_read_its_pass(
+    rig: WorkerRig,
+) -> None:
+    """Defect: a stopping worker waited PASS_ANSWER_WAIT (1 s) for the answer about what it
+    passed, whether or not the master had read it, and exited. A master blocked longer (a
+    preloaded application importing on a reload) then read the pass, found no other taker
+    (a stop had begun meanwhile) and sent it back to a worker that was gone: closed,
+    unanswered. It now waits while its message is still in the channel, and for
+    PASS_ANSWER_WAIT once the master has read it."""
+    worker, master_end = rig.worker(number=1, balance_connections=True)
+    client = rig.connect()
+    client.sendall(REQUEST)
+    deadline = time.monotonic() + DEADLINE
+    while rig.listener.queued() != 1:
+        assert time.monotonic() < deadline, "the connection never reached the queue"
+    worker.begin_stop()
+    worker.passing_to = set(worker.listener_ids)  # replaced: what it drains goes on
+    worker.idle_grace_until = 0.0
+    assert not worker.finished()  # drains the queue, passes the connection on
+    assert worker.unanswered == 1 and not worker.conns
+    worker.unanswered_until = time.monotonic() - 1  # PASS_ANSWER_WAIT is over
+    assert not worker.finished(), "exited while the master had not read its pass"
+
+    message = chan.receive(master_end)  # the master reads it at last...
+    assert message is not None
+    assert not worker.finished()  # ...and its answer may follow: not yet
+    _, passed = chan.parse_balance(*message)
+    assert chan.send_conns(master_end, passed, MSG_BACK)  # nobody else took it
+    for fd, _, _ in passed:
+        os.close(fd)
+    while not worker.finished():
+        assert time.monotonic() < deadline, "the connection sent back was not answered"
+        for conn in list(worker.conns.values()):
+            worker.on_readable(conn)
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_the_wait_for_an_unread_pass_has_an_end(rig: WorkerRig) -> None:
+    """A master that never reads (stopped, or blocked past the worker's graceful timeout,
+    when it kills the worker anyway) is not waited for beyond unread_until; one that read
+    the pass and never answered, PASS_ANSWER_WAIT after the read."""
+    worker, master_end = rig.worker(number=1)
+    worker.begin_stop()
+    worker.idle_grace_until = 0.0
+    now = time.monotonic()
+    worker.spec.channel.send(MSG_STOP)  # stands for a pass the master has not read
+    worker.passed(1, now)
+    assert worker.unread_until >= now + worker.spec.config.workers.graceful_timeout
+    worker.unanswered_until = now - 1
+    assert not worker.finished()
+    worker.unread_until = now - 1
+    worker.unanswered_until = now - 1
+    assert worker.finished()
+    assert chan.receive(master_end) == (MSG_STOP, [])
+    worker.unanswered_until = time.monotonic() - 1
+    assert worker.finished()  # read, and no answer within PASS_ANSWER_WAIT
+
+
 def test_a_new_connection_from_another_worker_is_not_the_answer(rig: WorkerRig) -> None:
     """Defect: any MSG_FRESH lowered the count of passed connections awaiting an answer, so
     a connection another worker passed in the same instant let a stopping worker exit while
