@@ -642,19 +642,29 @@ class Master:
     def pass_on(self, source: WorkerHandle, conns: list[tuple[int, int, float]]) -> None:
         """Idle keep-alive connections a replaced worker handed over: on to the best serving
         worker of the current generation that listens on the same socket, else the next
-        one when a send fails (that worker just died, or its channel is full). The master
-        keeps none: its copies are closed whatever happens, so a connection nobody takes (on
-        a listener no longer served, every send failed, or the server is stopping) is
-        closed and its client reconnects."""
+        one when a send fails (that worker just died, or its channel is full). The source
+        waits for the answer: MSG_TAKEN, or those nobody takes (on a listener no longer
+        served, every send failed, or the server is stopping) back (MSG_KEPT_BACK), where
+        a request sent on one while they travelled is answered (the master read them late:
+        a reload's import) and the idle ones are closed as in any stop. The master keeps
+        none: its copies are closed whatever happens."""
         try:
-            if self.stop is not Stop.NONE:
-                return
-            listening = self.listener_ids()
-            passed = [conn for conn in conns if conn[1] in listening]
-            if self.deliver(passed, self.hand_over_targets(source), MSG_CONNS) is not None:
-                self.handed_over += len(passed)
-            else:
-                log.debug("%s: no worker took %d connections", source.describe(), len(passed))
+            taken: list[tuple[int, int, float]] = []
+            if self.stop is Stop.NONE:
+                listening = self.listener_ids()
+                passed = [conn for conn in conns if conn[1] in listening]
+                targets = self.hand_over_targets(source)
+                if passed and self.deliver(passed, targets, MSG_CONNS) is not None:
+                    taken = passed
+                    self.handed_over += len(passed)
+            back = [conn for conn in conns if conn not in taken]
+            if not back:
+                self.tell(source, MSG_TAKEN)
+            elif (
+                source.state not in (WorkerState.READY, WorkerState.STOPPING)
+                or self.deliver(back, [source], MSG_KEPT_BACK) is None
+            ):
+                log.debug("%s: no worker took %d connections", source.describe(), len(back))
         finally:
             for fd, _, _ in conns:
                 os.close(fd)

@@ -1157,6 +1157,9 @@ class Worker:
         ]
         passed = self.send_away(ready, MSG_CONNS)  # those not sent are closed as in any stop
         if passed:
+            # answered as any pass: taken, or back (a stop began meanwhile, no taker), where
+            # a request a client sent on one since is answered, not lost in a close
+            self.passed(-(-passed // MAX_FDS), time.monotonic())
             log.debug("worker %d: passed %d keep-alive connections on", self.spec.number, passed)
 
     def send_away(self, conns: list[tuple[Connection, int]], head: bytes, wait: bool = True) -> int:

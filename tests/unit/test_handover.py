@@ -167,7 +167,8 @@ def test_the_master_passes_connections_to_the_successor_and_keeps_no_copy(
     assert chan.parse_conns(data, fds)[0][1:] == (lid, 1.0)
     assert len(fds) == 1
     assert same_connection(fds[0], kept_client)
-    assert stray_client.recv(1) == b""  # closed: its client reconnects
+    # back to the old worker, which answers a request sent on it meanwhile, else closes it
+    assert arrived_fresh(rig, old, stray_client, chan.MSG_KEPT_BACK)
     assert open_fds() == before - 2  # the master holds neither
 
 
@@ -382,17 +383,43 @@ def test_what_an_old_worker_drains_from_a_socket_the_reload_dropped_goes_back_to
         workers_copy.sock.close()
 
 
-def test_without_a_serving_worker_the_connections_are_closed(
-    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+@pytest.mark.parametrize("why", ["no-other-worker", "stopping"])
+def test_a_hand_over_nobody_takes_goes_back_to_its_sender_as_served(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket], why: str
 ) -> None:
-    rig, (only,) = serving(make_rig, listener, 1)
+    """Defect: the master closed what nobody could take (no other worker serves, or the
+    server is stopping: a TERM during a reload's import, which the master read the
+    hand-over after), over a request its client had sent while the master had it: reset,
+    never answered. Back to the sender, which waits for the answer, the request is
+    answered there and the idle ones are closed as in any stop."""
+    rig, workers = serving(make_rig, listener, 1 if why == "no-other-worker" else 2)
+    source = workers[0]
+    lid = chan.listener_id(listener.fd)  # before a stop closes it
+    if why == "stopping":
+        rig.signal(signal.SIGTERM)
+        assert rig.kernel.received(source.pid) == MSG_STOP
     sock, client = connection(clients)
-    lid = chan.listener_id(listener.fd)
-    chan.send_conns(rig.kernel.children[only.pid], [(sock.fileno(), lid, 1.0)])
+    before = open_fds()
+    chan.send_conns(rig.kernel.children[source.pid], [(sock.fileno(), lid, 1.0)])
     sock.close()
     rig.tick()
-    assert client.recv(1) == b""
+    assert arrived_fresh(rig, source.pid, client, chan.MSG_KEPT_BACK)
+    assert open_fds() == before - 1  # the master holds no copy
     assert rig.master.handed_over == 0
+
+
+def test_a_hand_over_taken_is_answered(
+    make_rig: Callable[..., Rig], listener: Listener, clients: list[socket.socket]
+) -> None:
+    """The worker that handed its connections over waits for the answer before it exits."""
+    rig, (source, taker) = serving(make_rig, listener, 2)
+    sock, client = connection(clients)
+    lid = chan.listener_id(listener.fd)
+    chan.send_conns(rig.kernel.children[source.pid], [(sock.fileno(), lid, 1.0)])
+    sock.close()
+    rig.tick()
+    assert arrived_fresh(rig, taker.pid, client, MSG_CONNS)
+    assert rig.kernel.received(source.pid) == MSG_TAKEN
 
 
 def test_a_graceful_stop_does_not_hand_over(make_rig: Callable[..., Rig]) -> None:

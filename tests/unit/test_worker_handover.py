@@ -371,6 +371,33 @@ def test_the_wait_for_an_unread_pass_has_an_end(rig: WorkerRig) -> None:
     assert worker.finished()  # read, and no answer within PASS_ANSWER_WAIT
 
 
+def test_a_hand_over_is_answered_before_the_worker_exits(rig: WorkerRig) -> None:
+    """Defect: a worker that handed its keep-alive connections over exited at once, and
+    the master, reading the hand-over late (a reload's import) and stopping by then,
+    closed them, over a request a client had sent meanwhile. It now waits for the answer,
+    and what comes back (MSG_KEPT_BACK) is answered."""
+    worker, master_end = rig.worker(number=1)
+    client = served_connection(rig, worker)
+    (lid,) = worker.listener_ids
+    worker.begin_stop()
+    worker.hand_over({lid})
+    assert worker.unanswered == 1
+    worker.idle_grace_until = 0.0
+    passed = receive_conns(master_end)
+    client.sendall(REQUEST)  # while the master holds the connection
+    assert not worker.finished(), "exited before the master answered its hand-over"
+    assert chan.send_conns(master_end, passed, MSG_KEPT_BACK)  # stopping: nobody takes it
+    for fd, _, _ in passed:
+        os.close(fd)
+    deadline = time.monotonic() + DEADLINE
+    while not worker.finished():
+        assert time.monotonic() < deadline, "the request on the connection was not answered"
+        for conn in list(worker.conns.values()):
+            worker.on_readable(conn)
+    assert read_response(client).startswith(b"HTTP/1.1 200 OK\r\n")
+    assert worker.unanswered == 0
+
+
 def test_a_new_connection_from_another_worker_is_not_the_answer(rig: WorkerRig) -> None:
     """Defect: any MSG_FRESH lowered the count of passed connections awaiting an answer, so
     a connection another worker passed in the same instant let a stopping worker exit while
@@ -434,7 +461,7 @@ def test_what_a_replaced_worker_drains_from_the_queue_goes_to_a_serving_peer(
     assert peer_of(fd) == queued.getsockname() and passed_lid == lid
     os.close(fd)
     assert queued.getsockname() not in [c.peer for c in old.conns.values()]
-    assert old.unanswered == 1  # it waits for the master's answer before it exits
+    assert old.unanswered == 2  # it waits for the master's answers (both passes) to exit
 
 
 def test_a_worker_replaced_by_a_reload_passes_what_it_drains_with_no_peer_named(
