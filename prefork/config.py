@@ -1099,6 +1099,63 @@ def _hook(doc: str) -> Any:
     return field(default=None, metadata=_meta(doc, check=_check_hook_ref))
 
 
+def _check_static_url(value: str, base_dir: str) -> str:
+    """A `static[].url`: an absolute path prefix of ASCII characters, matched against the
+    decoded request path, kept with one trailing "/" ("/static" and "/static/" are one)."""
+    if not value.startswith("/"):
+        raise ValueError(f"must be a path starting with '/', got {value!r}")
+    if not value.isascii() or not value.isprintable() or any(c in value for c in "?#%"):
+        raise ValueError(
+            f"must be a decoded path of printable ASCII without '?', '#' or '%', got {value!r}"
+        )
+    segments = value.strip("/").split("/")
+    if value != "/" and any(s in ("", ".", "..") for s in segments):
+        raise ValueError(f"must not contain empty, '.' or '..' segments, got {value!r}")
+    return value.rstrip("/") + "/"
+
+
+@dataclass(frozen=True, slots=True)
+class StaticConfig:
+    """One directory of static files (an item of ``static``), uWSGI's static-map."""
+
+    url: str = field(
+        metadata=_meta(
+            "Path prefix the files are served under, such as /static/ (matched whole "
+            "segments against the request path after percent-decoding and removing dot "
+            "segments, before http.script_name is stripped; a trailing / is implied). The "
+            "first item whose url matches and whose directory has the file answers.",
+            check=_check_static_url,
+        )
+    )
+    path: str = field(
+        metadata=_meta(
+            "Directory the files are read from; it must exist. /static/css/a.css is "
+            "PATH/css/a.css. Only regular files inside it are served: a symlink whose "
+            "target is outside it (by its real path) is not followed, and a directory is "
+            "never listed.",
+            path=True,
+            check=_check_directory,
+        )
+    )
+    max_age: int = field(
+        default=0,
+        metadata=_meta(
+            "Cache-Control: max-age=N on the files' responses (uWSGI's static-expires); "
+            "0 = no Cache-Control header.",
+            lo=0,
+            hi=10 * 365 * 86400,
+        ),
+    )
+    gzip: bool = field(
+        default=False,
+        metadata=_meta(
+            "Serve FILE.gz, when it exists beside FILE, to a client whose Accept-Encoding "
+            "takes gzip, with Content-Encoding: gzip (uWSGI's static-gzip); every response "
+            "of this item says Vary: Accept-Encoding."
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class HooksConfig:
     """Server hooks: `module:function` names, called at the moments below. A hook that raises,
@@ -1273,6 +1330,17 @@ class Config:
     )
     hooks: HooksConfig = field(
         default_factory=HooksConfig, metadata=_meta("Server hooks (section).")
+    )
+    static: tuple[StaticConfig, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Static files the workers serve themselves, before the application is called "
+            "(uWSGI's static-map): a list of {url, path, max_age, gzip} mappings. A GET or "
+            "HEAD under a url whose file exists is answered from it (200, 304 on "
+            "If-None-Match or If-Modified-Since, 206 or 416 on a single byte range); any "
+            "other request, or a file that is missing, goes to the application. "
+            "`protocol: http` only.",
+        ),
     )
     daemon: bool = field(
         default=False,
@@ -1737,6 +1805,8 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
             )
     if isinstance(obj, Config):
         _check_admin_apart(obj, entries)
+    if isinstance(obj, Config) and obj.static:
+        _check_static(obj, entries)
     if isinstance(obj, Config) and "bind" in entries:
         seen: dict[str, int] = {}
         items = entries["bind"].value
@@ -1749,6 +1819,22 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
                         f"duplicate address {b.address!r} (same as bind[{seen[b.address]}])",
                     )
                 seen[b.address] = i
+
+
+def _check_static(config: Config, entries: dict[str, _Raw]) -> None:
+    """`static` is HTTP's, and each url appears once."""
+    if config.protocol != "http":
+        raise entries["static"].fail("static", "static files are served with protocol http only")
+    items = entries["static"].value
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(config.static):
+        if entry.url in seen:
+            raw = items[i] if isinstance(items, list) else entries["static"]
+            raise raw.fail(
+                f"static[{i}].url",
+                f"duplicate url {entry.url!r} (same as static[{seen[entry.url]}])",
+            )
+        seen[entry.url] = i
 
 
 def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:
@@ -2040,6 +2126,8 @@ def _resolve_path(value: str, raw: _Raw, path: str) -> str:
 def _plural(hint: Any, meta: Mapping[str, Any]) -> str:
     if hint is BindConfig:
         return "addresses"
+    if dataclasses.is_dataclass(hint):
+        return "mappings"
     return "paths" if meta["path"] else "strings"
 
 
@@ -2106,6 +2194,18 @@ def _sections() -> list[tuple[str, str, type, str]]:
             "cert.pem, key: key.pem}}]`.",
             TLSConfig,
             "bind[].tls.",
+        ),
+        (
+            "`static` items",
+            "Each item of `static` maps a url prefix to a directory: `static: [{url: /static/, "
+            "path: /app/static, max_age: 3600, gzip: true}]`. A file is answered with "
+            "Content-Type (from its extension; text types with charset=utf-8), "
+            "Content-Length, Last-Modified, a weak ETag (its modification time and size) "
+            "and Accept-Ranges, and sent with os.sendfile (read in blocks on TLS). Access "
+            "log, metrics and max_requests count it as any request; a reload applies a "
+            "changed list to the new workers.",
+            StaticConfig,
+            "static[].",
         ),
         (
             "`hooks`",
