@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from prefork import __version__
+from prefork.config import StaticConfig
 from prefork.connection import ClientDisconnected, ClientTimeout, Connection, RequestTooLong
 from prefork.forwarded import TrustedProxies
 from prefork.hookargs import HookRequest, HookResponse
@@ -25,6 +26,7 @@ from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
 from prefork.scoreboard import Activity, Slot
 from prefork.sockets import Listener
+from prefork.static import StaticFiles
 from prefork.wsgi import (
     DRAIN_LIMIT,
     ENVIRON_KEYS,
@@ -179,8 +181,12 @@ class HttpProtocol:
         script_name: str = "",
         access_log_skip: tuple[str, ...] = (),
         tls_fds: Iterable[int] = (),
+        static: Iterable[StaticConfig] = (),
     ) -> None:
         self.proxies = proxies
+        # the `static` entries; None without any, so a request pays one test for them
+        static = tuple(static)
+        self.static = StaticFiles(static) if static else None
         # the listeners this generation serves with TLS (by fd: Listener.tls is the master's
         # latest configuration's, which a reload changes before it is known to succeed)
         self.tls_fds = frozenset(tls_fds)
@@ -359,7 +365,13 @@ class HttpProtocol:
                 req = HookRequest(env, request, conn)
                 if not self.hooks.call("pre_request", self.worker_info, req):
                     raise RuntimeError("the pre_request hook failed")
-            run_app(self.app, env, response)
+            app = self.app
+            if self.static is not None and request.method in ("GET", "HEAD"):
+                served = self.static.app_for(env, decode_path(request.path), conn.sendfile_ok)
+                if served is not None:
+                    app = served
+                    response.heads = None  # a file's headers are its own: not cached
+            run_app(app, env, response)
         except (ClientDisconnected, ClientTimeout) as exc:
             if isinstance(exc, RequestTooLong):
                 log.warning(

@@ -436,6 +436,7 @@ class Worker:
                 script_name=http.script_name,
                 access_log_skip=config.logging.access_log_skip,
                 tls_fds=spec.tls,
+                static=config.static,
                 proxies=self.proxies,
                 hooks=spec.hooks,
                 worker_info=info,
