@@ -209,6 +209,7 @@ def readme_example(directory: Path) -> Path:
     (package / "wsgi.py").write_text(PID_APP)
     (package / "settings.py").write_text("")
     (package / "hooks.py").write_text("def reconnect_db(server, worker):\n    pass\n")
+    (directory / "static").mkdir()  # static[0].path, which must exist
     self_signed_cert(directory)  # cert.pem and key.pem, beside the file as the example has
     path = directory / "preforkd.yaml"
     path.write_text(example)
