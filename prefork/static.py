@@ -213,7 +213,9 @@ class StaticFiles:
             )
             for e in entries
         )
-        mimetypes.init()  # once, not on the first request
+        # the system's types read now, not on the first request; not mimetypes.init(),
+        # which would drop the types a preloaded application added (Django, WhiteNoise)
+        mimetypes.guess_type("a.css")
 
     def app_for(self, env: dict[str, Any], path: str, sendfile_ok: bool) -> WSGIApp | None:
         """The WSGI application answering this GET or HEAD of decoded `path` from a file,

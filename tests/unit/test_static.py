@@ -3,6 +3,7 @@ pieces of the response (range, gzip, validators)."""
 
 from __future__ import annotations
 
+import mimetypes
 import os
 from pathlib import Path
 from typing import Any
@@ -271,3 +272,14 @@ def test_config_errors_name_the_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError) as caught:
         config.load(str(path))
     assert str(caught.value).startswith(f"{path}:4: static[0].path: no such directory")
+
+
+def test_types_the_application_added_are_kept(tree: Path) -> None:
+    (tree / "x.preforkdtest").write_text("x")
+    mimetypes.add_type("text/x-preforkd-test", ".preforkdtest")  # as a preloaded app may
+    try:
+        got = answer(static_files(tree), "/static/x.preforkdtest")
+        assert got is not None
+        assert got[1]["Content-Type"] == "text/x-preforkd-test; charset=utf-8"
+    finally:
+        mimetypes.init()  # the module's table as it was, for the other tests
