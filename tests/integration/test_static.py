@@ -218,15 +218,28 @@ def test_traversal_never_reads_outside_the_directory(
         assert SECRET not in curl(server, target)[2], target
 
 
-def test_counted_as_requests_for_max_requests(
+def test_counted_as_requests_in_metrics_and_for_max_requests(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
-    server = start(server_factory, tmp_path, workers={"count": 1, "max_requests": 4})
+    admin = str(tmp_path / "admin.sock")
+    server = start(server_factory, tmp_path, workers={"count": 1, "max_requests": 5},
+                   admin={"socket": admin})
     with connect(address(server)) as sock:
         pid = harness.ask(sock, "/pid").body
-        for _ in range(3):
+        for _ in range(2):
             sock.sendall(http_request("GET", "/static/a.css"))
             assert read_response(sock).status == 200
+        sock.sendall(http_request("GET", "/static/a.css", [("Range", "bytes=99-")]))
+        assert read_response(sock).status == 416
+
+        def counted() -> str | None:
+            text = harness.fetch(admin, target="/metrics").body.decode()
+            return text if 'preforkd_requests_total{class="2xx"} 3' in text else None
+
+        text = wait_until(counted, 5, message="the files were not counted")
+        assert 'preforkd_requests_total{class="4xx"} 1' in text
+        sock.sendall(http_request("GET", "/static/a.css"))
+        assert read_response(sock).status == 200  # the 5th request
     server.wait_for_log("max_requests")
     with connect(address(server)) as sock:
         assert wait_until(lambda: harness.ask(sock, "/pid").body != pid, 10,
