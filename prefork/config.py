@@ -1132,7 +1132,9 @@ class StaticConfig:
             "Directory the files are read from; it must exist. /static/css/a.css is "
             "PATH/css/a.css. Only regular files inside it are served: a symlink whose "
             "target is outside it (by its real path) is not followed, and a directory is "
-            "never listed.",
+            "never listed. Every file in it is public, those whose names begin with a dot "
+            "too (/.well-known/, and also .env or .git/ if they are put there), as under "
+            "uWSGI and nginx: point it at the collected static files, not a project tree.",
             path=True,
             check=_check_directory,
         )
