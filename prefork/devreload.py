@@ -52,27 +52,52 @@ def module_files(extra: Iterable[str] = ()) -> set[str]:
 
 
 class Watcher:
-    """Tells when one of `files` changed."""
+    """Tells when one of `files`, or of the modules imported later (watch_new_imports),
+    changed."""
 
     def __init__(self, files: set[str]) -> None:
-        self.files = files
+        self.files: set[str] = set()
         self.fd: int | None = None
         self._dirs: dict[int, str] = {}
-        self._mtimes = {path: _mtime(path) for path in files}
+        self._watched: set[str] = set()  # directories with an inotify watch
+        self._mtimes: dict[str, float] = {}
         self._next_poll = 0.0
+        self._libc: Any = None
+        self._module_count = len(sys.modules)
         libc_name = ctypes.util.find_library("c")
         try:
             libc = ctypes.CDLL(libc_name, use_errno=True)
             fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             if fd < 0:
                 raise OSError(ctypes.get_errno(), "inotify_init1")
-            for directory in sorted({os.path.dirname(p) for p in files}):
-                wd = libc.inotify_add_watch(fd, directory.encode(), _WATCH_MASK)
-                if wd >= 0:
-                    self._dirs[wd] = directory
-            self.fd = fd
+            self.fd, self._libc = fd, libc
         except (OSError, AttributeError):
             self.fd = None  # no inotify here: poll the mtimes instead
+        self.add(files)
+
+    def add(self, files: set[str]) -> None:
+        """Watch `files` too (their directories, with inotify)."""
+        for path in files - self.files:
+            self.files.add(path)
+            self._mtimes[path] = _mtime(path)
+        if self.fd is None:
+            return
+        for directory in sorted({os.path.dirname(p) for p in files} - self._watched):
+            self._watched.add(directory)
+            wd = self._libc.inotify_add_watch(self.fd, directory.encode(), _WATCH_MASK)
+            if wd >= 0:
+                self._dirs[wd] = directory
+
+    def watch_new_imports(self) -> None:
+        """Watch the modules imported since the last look, as gunicorn's and Django's own
+        reloaders do: a framework imports much of the application only when the first
+        request comes (Django its URL configuration, the views, the admin modules), and
+        those files went unwatched, so saving a view changed nothing until a restart. One
+        len() while no module is imported."""
+        count = len(sys.modules)
+        if count != self._module_count:
+            self._module_count = count
+            self.add(module_files() - self.files)
 
     def changed(self) -> str | None:
         """The first changed file, or None. With inotify, call when `fd` is readable."""

@@ -965,6 +965,7 @@ class Worker:
             signal.siginterrupt(signal.SIGTERM, False)
 
     def check_sources(self, watcher: Watcher) -> None:
+        watcher.watch_new_imports()  # a request may have imported more of the application
         changed = watcher.changed()
         if changed is not None:
             log.info("worker %d (pid %d): %s changed; restarting to load it",

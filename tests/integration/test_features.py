@@ -829,6 +829,40 @@ def test_reload_mode_serves_changed_code_a_traceback_page_and_the_fix(
     response_when(server, 200, b"version three, fixed")
 
 
+LAZY_APP = """\
+import importlib
+
+def app(environ, start_response):
+    # as Django imports the URL configuration and the views at the first request
+    views = importlib.import_module("views")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [views.TEXT]
+"""
+
+
+def test_reload_mode_watches_a_module_the_first_request_imported(
+    server_factory: ServerFactory,
+) -> None:
+    """Defect: the worker watched the files of the modules imported when it booted, and
+    never those imported later: editing a Django view (imported with the URL configuration
+    at the first request) changed nothing until a restart. gunicorn's --reload, like
+    Django's runserver, looks at sys.modules again every second."""
+    server = server_factory(
+        {"app": "app:app", "workers": {"count": 1}}, app_source=LAZY_APP, args=["--reload"],
+        wait_ready=False,
+    )
+    views_py = server.workdir / "views.py"
+    views_py.write_text("TEXT = b'version one'\n")
+    server.wait_ready()
+    assert get(server).body == b"version one"
+
+    since = len(server.log())
+    rewrite(views_py, "TEXT = b'version two, edited'\n")
+    change = server.wait_for_log(CHANGED, since=since)
+    assert change.group(2) == str(views_py)
+    response_when(server, 200, b"version two, edited")
+
+
 def test_reload_extra_files_trigger_a_restart(server_factory: ServerFactory) -> None:
     source = (
         "from pathlib import Path\n"
