@@ -884,6 +884,14 @@ class Startup:
         self.signals: SignalQueue | None = None  # made early, by a master that does not detach
         self.listeners: list[Listener] = []  # once bound
 
+    def release_imports(self) -> None:
+        """The modules that the hooks and a preloaded application of replaced generations
+        imported are garbage: let them go (FreshImports.release)."""
+        detached = self.hook_imports.release() + self.reimport.release()
+        if detached:
+            log.debug("reload: %d finalizers of the replaced generations' modules detached",
+                      detached)
+
     def fail(self, message: str, code: int = EXIT_RUNTIME_ERROR) -> int:
         if self.logs is not None:
             log.error("%s", message)
@@ -1094,6 +1102,7 @@ class Startup:
             ),
             reloader=reloader(self.reread, self.reimport, self.inherited_env,
                               self.hook_imports),
+            release_imports=self.release_imports,
             announce=announce,
             close_in_child=close_in_child,
             upgrader=Upgrader(

@@ -235,6 +235,9 @@ class Master:
     scoreboard: Scoreboard
     current: Generation
     reloader: Callable[[Generation, list[Listener]], Generation] | None = None
+    # once no generation can put its predecessor's imported modules back (a promotion, the
+    # last pending reload abandoned): lets those go (loader.FreshImports.release)
+    release_imports: Callable[[], None] | None = None
     upgrader: Upgrader | None = None  # USR2 (None: not offered, as in unit tests)
     announce: Announcer = field(default_factory=Announcer)
     close_in_child: list[int] = field(default_factory=list)
@@ -1547,6 +1550,8 @@ class Master:
         self.current = self.pending
         self.pending = None
         self.current.env_undo = None  # its environment is the master's for good
+        if self.release_imports is not None:
+            self.release_imports()  # what the replaced generations imported: garbage now
         # the pool size changes only now: until the canary is ready the old generation keeps
         # the workers it had, and a reload that fails changes nothing
         self.resize(pool_size(old.config, self.current.config, self.target))
@@ -1570,7 +1575,9 @@ class Master:
         pending = self.pending
         self.pending = None
         if pending is not None:
-            self.abandon(pending)
+            self.abandon(pending)  # its modules dropped, the current's put back
+            if self.release_imports is not None:
+                self.release_imports()
 
     def abandon(self, generation: Generation) -> None:
         """Stop a generation that never took over, close the sockets and the log files only

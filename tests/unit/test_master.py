@@ -1076,6 +1076,34 @@ def test_a_canary_that_cannot_boot_fails_the_reload(
     assert rig.kernel.spawned == [1000, 1001, 1002]  # no second canary
 
 
+def test_the_replaced_generations_imports_are_released_once_none_can_come_back(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """What a reload's predecessors imported (a preloaded application, the hooks) is let go
+    (Startup.release_imports) once no generation can put it back: at the promotion, and
+    when the last pending reload is abandoned; not while a canary may still fail, nor when
+    a second HUP abandons the first canary for a third generation that may fail too."""
+    rig = make_rig(count=2, reloader=reload_to(make_config(2)))
+    released: list[int] = []
+    rig.master.release_imports = lambda: released.append(rig.master.current.number)
+    rig.start()
+
+    rig.signal(signal.SIGHUP)
+    rig.signal(signal.SIGHUP)  # abandons generation 2's canary for generation 3's
+    assert released == []
+    rig.boot(rig.worker(1, generation=3).pid)
+    assert rig.master.current.number == 3
+    assert released == [3]
+
+    rig.signal(signal.SIGHUP)
+    rig.exit(rig.worker(1, generation=4).pid, exit_status(EXIT_APP_LOAD_ERROR))
+    for _ in range(3):
+        rig.kernel.advance(1)
+        rig.tick()
+    assert rig.master.current.number == 3 and rig.master.pending is None
+    assert released == [3, 3]
+
+
 def test_term_during_a_reload_stops_the_canary_too(make_rig: Callable[..., Rig]) -> None:
     rig = make_rig(count=2, reloader=reload_to(make_config(2)))
     rig.start()
