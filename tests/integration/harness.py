@@ -8,6 +8,7 @@ are read without consuming bytes past their end, so one socket can carry many re
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import re
@@ -97,6 +98,17 @@ def require_tool(name: str) -> str:
     reason = f"required tool {name!r} is not on PATH"
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (.ci/run should install it)")
+    pytest.skip(reason)
+
+
+def require_module(name: str) -> None:
+    """Skip the test without the Python package `name` (fail it under CI=true, where the
+    project's `test` extra installs it)."""
+    if importlib.util.find_spec(name) is not None:
+        return
+    reason = f"the Python package {name!r} is not installed"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (pyproject.toml's test extra should install it)")
     pytest.skip(reason)
 
 
