@@ -1810,33 +1810,36 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
     if isinstance(obj, Config) and obj.static:
         _check_static(obj, entries)
     if isinstance(obj, Config) and "bind" in entries:
-        seen: dict[str, int] = {}
-        items = entries["bind"].value
-        for i, b in enumerate(obj.bind):
-            if b.address.startswith("unix:") or not b.address.endswith(":0"):
-                if b.address in seen:
-                    raw = items[i] if isinstance(items, list) else entries["bind"]
-                    raise raw.fail(
-                        f"bind[{i}]",
-                        f"duplicate address {b.address!r} (same as bind[{seen[b.address]}])",
-                    )
-                seen[b.address] = i
+        _check_unique(entries, "bind", "", "address", [
+            # any number of ephemeral ports (":0") is fine
+            b.address if b.address.startswith("unix:") or not b.address.endswith(":0") else None
+            for b in obj.bind
+        ])
 
 
 def _check_static(config: Config, entries: dict[str, _Raw]) -> None:
     """`static` is HTTP's, and each url appears once."""
     if config.protocol != "http":
         raise entries["static"].fail("static", "static files are served with protocol http only")
-    items = entries["static"].value
+    _check_unique(entries, "static", ".url", "url", [entry.url for entry in config.static])
+
+
+def _check_unique(
+    entries: dict[str, _Raw], key: str, suffix: str, what: str, values: list[str | None]
+) -> None:
+    """Each of `values` (one per item of the list `key`; None: exempt) appears once: the
+    second of two is the error (`key[i]` + `suffix`, as `static[1].url`), naming the first."""
+    items = entries[key].value
     seen: dict[str, int] = {}
-    for i, entry in enumerate(config.static):
-        if entry.url in seen:
-            raw = items[i] if isinstance(items, list) else entries["static"]
+    for i, value in enumerate(values):
+        if value is None:
+            continue
+        if value in seen:
+            raw = items[i] if isinstance(items, list) else entries[key]
             raise raw.fail(
-                f"static[{i}].url",
-                f"duplicate url {entry.url!r} (same as static[{seen[entry.url]}])",
+                f"{key}[{i}]{suffix}", f"duplicate {what} {value!r} (same as {key}[{seen[value]}])"
             )
-        seen[entry.url] = i
+        seen[value] = i
 
 
 def _check_admin_apart(config: Config, entries: dict[str, _Raw]) -> None:

@@ -97,7 +97,7 @@ class Watcher:
         count = len(sys.modules)
         if count != self._module_count:
             self._module_count = count
-            self.add(module_files() - self.files)
+            self.add(module_files())  # add() skips what it watches already
 
     def changed(self) -> str | None:
         """The first changed file, or None. With inotify, call when `fd` is readable."""

@@ -75,13 +75,11 @@ class JsonFormatter(logging.Formatter):
 def error_formatter(error_format: str, syslog_ident: str | None = None) -> logging.Formatter:
     """The error log's formatter: `text` or `json` (logging.error_log_format); with `syslog_ident`,
     each message tagged `ident[pid]:` as syslog daemons expect."""
-    if syslog_ident is None:
-        if error_format == "json":
-            return JsonFormatter()
-        return logging.Formatter(ERROR_FORMAT, DATE_FORMAT)
-    tag = syslog_ident.replace("%", "%%") + "[%(process)d]: "
+    tag = "" if syslog_ident is None else syslog_ident.replace("%", "%%") + "[%(process)d]: "
     if error_format == "json":
         return JsonFormatter(tag)
+    if syslog_ident is None:
+        return logging.Formatter(ERROR_FORMAT, DATE_FORMAT)
     return logging.Formatter(tag + "[%(levelname)s] %(message)s")
 
 log = logging.getLogger("prefork")
