@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import psutil
 import pytest
@@ -95,20 +95,22 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    reason = f"required tool {name!r} is not on PATH"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (.ci/run should install it)")
-    pytest.skip(reason)
+    missing(f"required tool {name!r} is not on PATH")
 
 
 def require_module(name: str) -> None:
     """Skip the test without the Python package `name` (fail it under CI=true, where the
     project's `test` extra installs it)."""
-    if importlib.util.find_spec(name) is not None:
-        return
-    reason = f"the Python package {name!r} is not installed"
+    if importlib.util.find_spec(name) is None:
+        missing(f"the Python package {name!r} is not installed",
+                "pyproject.toml's test extra should install it")
+
+
+def missing(reason: str, remedy: str = ".ci/run should install it") -> NoReturn:
+    """What a test needs is not here: skip it, but fail it under CI=true, where `remedy`
+    should have provided it."""
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (pyproject.toml's test extra should install it)")
+        pytest.fail(f"{reason} ({remedy})")
     pytest.skip(reason)
 
 

@@ -35,6 +35,7 @@ from harness import (
     group_members,
     http_request,
     kill_group,
+    missing,
     read_response,
     require_tool,
     wait_until,
@@ -47,13 +48,6 @@ MODULES_DIR = Path("/usr/lib/nginx/modules")  # Debian's --modules-path
 
 def settings(**more: Any) -> dict[str, Any]:
     return harness.settings("pf_hardening_app:app", **more)
-
-
-def missing(reason: str) -> None:
-    """Skip locally, fail under CI (where .ci/run should have installed it)."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (.ci/run should install it)")
-    pytest.skip(reason)
 
 
 def nginx_binary() -> str:
