@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from prefork.http import Limits, RequestParser
+from prefork.http import Limits, Parser, RequestParser
 from prefork.http.proxy import ProxyHeader
 from prefork.sockets import recv_now
 
@@ -104,12 +104,20 @@ class Connection:
     # connection); a plain connection has none, and its requests never read this
     tls_environ: Mapping[str, str] = MappingProxyType({})
 
-    def __init__(self, sock: socket.socket, peer: object, listener: object, limits: Limits) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: object,
+        listener: object,
+        limits: Limits,
+        parser: Parser | None = None,
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
         self.listener = listener
-        self.parser = RequestParser(limits)
+        # HTTP's, unless another protocol's is given (protocol: uwsgi)
+        self.parser: Parser = RequestParser(limits) if parser is None else parser
         self.deadline = 0.0
         self.head_deadline = 0.0
         self.served = 0

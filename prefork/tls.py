@@ -21,7 +21,7 @@ from prefork.connection import ClientDisconnected, ClientTimeout, Connection, pe
 
 if TYPE_CHECKING:
     from prefork.config import TLSConfig
-    from prefork.http import Limits
+    from prefork.http import Limits, Parser
 
 _VERIFY = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -185,8 +185,8 @@ class TLSConnection(Connection):
     sendfile_ok = False
 
     def __init__(self, sock: ssl.SSLSocket, peer: object, listener: object,
-                 limits: Limits) -> None:
-        super().__init__(sock, peer, listener, limits)
+                 limits: Limits, parser: Parser | None = None) -> None:
+        super().__init__(sock, peer, listener, limits, parser)
         self.handshaken = False
         self.tls_environ = {}  # client_environ(), once handshaken
 

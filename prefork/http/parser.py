@@ -11,6 +11,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import httptools
 
@@ -154,6 +155,26 @@ class Request:
             if key.lower() == name:
                 return value
         return None
+
+
+class Parser(Protocol):
+    """What the worker and HttpProtocol use of a connection's parser: RequestParser's, for
+    HTTP, and the uwsgi protocol's (http.uwsgi.UwsgiParser)."""
+
+    requests: deque[Request]
+    upgraded: bool
+    deferred: ProtocolError | None
+
+    @property
+    def idle(self) -> bool: ...
+
+    def feed(self, data: bytes) -> None: ...
+
+    def feed_body(self, data: bytes, request: Request) -> None: ...
+
+    def drop_broken(self) -> None: ...
+
+    def head_so_far(self) -> tuple[str, bytes, str, list[tuple[bytes, bytes]]] | None: ...
 
 
 def _new_parser(callbacks: object) -> httptools.HttpRequestParser:
