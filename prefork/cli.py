@@ -176,7 +176,7 @@ def parser() -> argparse.ArgumentParser:
                         "(replaces the file's list)")
     p.add_argument("-w", "--workers", type=int, metavar="N", help="worker processes")
     p.add_argument("--app", metavar="MODULE:CALLABLE", help="the WSGI app or TCP handler")
-    p.add_argument("--protocol", choices=("http", "tcp"))
+    p.add_argument("--protocol", choices=("http", "uwsgi", "tcp"))
     # comma-separated too, as gunicorn's --pythonpath: taken whole, "a,b" named no directory
     p.add_argument("--pythonpath", action="extend", type=comma_list, metavar="DIR",
                    help="directory prepended to sys.path, repeatable; DIR,DIR... as gunicorn "
@@ -643,7 +643,7 @@ def open_listeners(config: Config, handover: Handover | None = None) -> list[Lis
                     listener.close()
     else:
         listeners = bind_all(bind_specs(config), config.backlog)
-    if config.protocol == "http":
+    if config.protocol != "tcp":  # the client speaks first: HTTP, and nginx's uwsgi packet
         for listener in listeners:
             defer_accept(listener, config.http.defer_accept)
     return listeners
@@ -730,7 +730,7 @@ def reloader(
             listeners = bind_all(
                 bind_specs(config), config.backlog, reuse=held, undo=sockets_undo
             )
-        if config.protocol == "http":
+        if config.protocol != "tcp":
             for listener in listeners:
                 defer_accept(listener, config.http.defer_accept)
         undo = apply_env(config.env, current.config.env, inherited)

@@ -526,8 +526,9 @@ class WorkersConfig:
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    """HTTP/1.1 limits and timeouts (``protocol: http`` only, but for the PROXY protocol and
-    the trusted proxies, which apply to ``protocol: tcp`` too)."""
+    """HTTP/1.1 limits and timeouts (``protocol: http``; for ``protocol: uwsgi`` too, but for
+    keep-alive and the forwarding headers; the PROXY protocol and the trusted proxies apply
+    to ``protocol: tcp`` too)."""
 
     keepalive_timeout: float = field(
         default=5.0,
@@ -646,8 +647,9 @@ class HttpConfig:
     forwarded_allow_ips: tuple[str, ...] = field(
         default=("127.0.0.1", "::1", "unix"),
         metadata=_meta(
-            "Peers trusted as proxies: addresses, networks (10.0.0.0/8), 'unix' for "
-            "unix-socket peers, '*' for all. Only from these do the headers of "
+            "Peers trusted as proxies (protocol http and tcp): addresses, networks "
+            "(10.0.0.0/8), 'unix' for unix-socket peers, '*' for all. Only from these do the "
+            "headers of "
             "forwarded_header set REMOTE_ADDR, wsgi.url_scheme, the host (HTTP_HOST, "
             "SERVER_NAME, SERVER_PORT) and the prefix (SCRIPT_NAME), and only these may send "
             "a PROXY protocol header. [] trusts nobody. When neither the file nor --set "
@@ -656,10 +658,22 @@ class HttpConfig:
             check=_check_proxy_entry,
         ),
     )
+    uwsgi_allow_ips: tuple[str, ...] = field(
+        default=("127.0.0.1", "::1", "unix"),
+        metadata=_meta(
+            "protocol uwsgi: the peers allowed to send uwsgi requests (gunicorn's "
+            "uwsgi_allow_ips): addresses, networks (10.0.0.0/8), 'unix' for unix-socket "
+            "peers, '*' for all. A packet's variables become the environ (REMOTE_ADDR, "
+            "HTTPS, SERVER_NAME...), so any other peer is answered 403, and the worker logs "
+            "a warning naming it (at most once a minute). [] allows nobody.",
+            check=_check_proxy_entry,
+        ),
+    )
     defer_accept: int = field(
         default=0,
         metadata=_meta(
-            "TCP_DEFER_ACCEPT seconds on HTTP listeners (0: off). On, the kernel hands a "
+            "TCP_DEFER_ACCEPT seconds on HTTP and uwsgi listeners (0: off). On, the kernel "
+            "hands a "
             "connection to a worker only once its request has arrived: a connection costs "
             "about 10% less CPU with Connection: close, and silent connections cost nothing. "
             "Off by default because deferred handshakes wait in the SYN queue: a burst of "
@@ -720,7 +734,8 @@ class HttpConfig:
         default="off",
         metadata=_meta(
             "PROXY protocol header in front of each connection from a trusted peer: off, "
-            "v1, v2, or auto (either version, or none). With protocol tcp too: the header "
+            "v1, v2, or auto (either version, or none); not with protocol uwsgi, whose "
+            "packet names the client. With protocol tcp too: the header "
             "is consumed before the handler (and before a `tls` listener's handshake, as "
             "behind a TLS-passthrough proxy), whose `addr` is then the client it names.",
             choices=("off", "v1", "v2", "auto"),
@@ -1241,7 +1256,8 @@ class Config:
 
     app: str = field(
         metadata=_meta(
-            "The WSGI app (protocol http) or TCP handler (protocol tcp) as 'module:callable'; "
+            "The WSGI app (protocol http or uwsgi) or TCP handler (protocol tcp) as "
+            "'module:callable'; "
             "checked for syntax only, imported by the workers.",
             check=_check_app_ref,
         )
@@ -1249,9 +1265,12 @@ class Config:
     protocol: str = field(
         default="http",
         metadata=_meta(
-            "http: HTTP/1.1 to a WSGI app; tcp: raw stream handler called as "
-            "handler(sock, addr) once per connection.",
-            choices=("http", "tcp"),
+            "http: HTTP/1.1 to a WSGI app; uwsgi: uWSGI's binary protocol to a WSGI app "
+            "(what nginx's uwsgi_pass sends, with `include uwsgi_params`: one request per "
+            "connection, its environ from the packet's variables, from the peers of "
+            "http.uwsgi_allow_ips only); tcp: raw stream handler called as handler(sock, "
+            "addr) once per connection.",
+            choices=("http", "uwsgi", "tcp"),
         ),
     )
     bind: tuple[BindConfig, ...] = field(
@@ -1341,7 +1360,8 @@ class Config:
             "HEAD under a url whose file exists is answered from it (200, 304 on "
             "If-None-Match or If-Modified-Since, 206 or 416 on a single byte range); any "
             "other request, or a file that is missing, goes to the application. "
-            "`protocol: http` only.",
+            "`protocol: http` and `uwsgi` (matched on SCRIPT_NAME and PATH_INFO as the "
+            "packet gives them).",
         ),
     )
     daemon: bool = field(
@@ -1785,6 +1805,13 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
         if obj.max_spare < obj.min_spare:
             key = "max_spare" if "max_spare" in entries else "min_spare"
             raise entries[key].fail(_join(path, key), "max_spare must be at least min_spare")
+    if isinstance(obj, Config) and obj.protocol == "uwsgi" and obj.http.proxy_protocol != "off":
+        section = entries["http"]
+        inner = section.value.get("proxy_protocol") if isinstance(section.value, dict) else None
+        raise (inner or section).fail(
+            "http.proxy_protocol",
+            "not with protocol uwsgi: a uwsgi packet names the client itself (REMOTE_ADDR)",
+        )
     if (
         isinstance(obj, Config)
         and obj.protocol == "http"
@@ -1818,9 +1845,11 @@ def _cross_check(obj: object, entries: dict[str, _Raw], path: str) -> None:
 
 
 def _check_static(config: Config, entries: dict[str, _Raw]) -> None:
-    """`static` is HTTP's, and each url appears once."""
-    if config.protocol != "http":
-        raise entries["static"].fail("static", "static files are served with protocol http only")
+    """`static` is for WSGI (HTTP or uwsgi), and each url appears once."""
+    if config.protocol == "tcp":
+        raise entries["static"].fail(
+            "static", "static files are served with protocol http or uwsgi, not tcp"
+        )
     _check_unique(entries, "static", ".url", "url", [entry.url for entry in config.static])
 
 
@@ -2230,8 +2259,10 @@ def _sections() -> list[tuple[str, str, type, str]]:
             WorkersConfig,
             "workers.",
         ),
-        ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http` only, but for "
-         "`proxy_protocol` and `forwarded_allow_ips`, which apply to `protocol: tcp` too).",
+        ("`http`", "HTTP/1.1 limits and timeouts (`protocol: http`; with `protocol: uwsgi` "
+         "too, but for keep-alive, the forwarding headers and `proxy_protocol`: the limits "
+         "apply to the packet's variables, `uwsgi_allow_ips` is its own; `proxy_protocol` and "
+         "`forwarded_allow_ips` apply to `protocol: tcp` too).",
          HttpConfig, "http."),
         (
             "`stream`",

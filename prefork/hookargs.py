@@ -93,9 +93,14 @@ class HookRequest(MutableMapping[str, Any]):
 
     @property
     def version(self) -> tuple[int, int]:
-        """(1, 1) for HTTP/1.1: the version the client sent."""
-        major, _, minor = self._request.version.partition(".")
-        return int(major), int(minor or 0)
+        """(1, 1) for HTTP/1.1: the version the client sent (SERVER_PROTOCOL: with
+        protocol uwsgi, the one the proxy says its client sent)."""
+        _, _, number = str(self._env.get("SERVER_PROTOCOL", "")).partition("/")
+        major, _, minor = number.partition(".")
+        try:
+            return int(major), int(minor or 0)
+        except ValueError:  # a SERVER_PROTOCOL the application rewrote
+            return 1, 0
 
     @property
     def headers(self) -> list[tuple[str, str]]:

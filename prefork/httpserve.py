@@ -20,7 +20,7 @@ from prefork.connection import ClientDisconnected, ClientTimeout, Connection, Re
 from prefork.forwarded import TrustedProxies
 from prefork.hookargs import HookRequest, HookResponse
 from prefork.hooks import HOOK_ARGUMENTS, Hooks
-from prefork.http import ProtocolError, Request, RequestParser
+from prefork.http import Parser, ProtocolError, Request
 from prefork.http.parser import UWSGI_PROTOCOL
 from prefork.http.response import DateCache, error_response
 from prefork.logs import Logs
@@ -144,7 +144,7 @@ def _field(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     return ", ".join(v.decode("latin-1") for k, v in headers if k.lower() == name)
 
 
-def rejected_head(parser: RequestParser) -> RejectedHead:
+def rejected_head(parser: Parser) -> RejectedHead:
     """What the access log says of a request the parser rejected (RequestParser.head_so_far):
     its method, target, version, referer and user agent as far as they were read."""
     head = parser.head_so_far()
@@ -367,7 +367,7 @@ class HttpProtocol:
                     raise RuntimeError("the pre_request hook failed")
             app = self.app
             if self.static is not None and request.method in ("GET", "HEAD"):
-                served = self.static.app_for(env, decode_path(request.path), conn.sendfile_ok)
+                served = self.static.app_for(env, self.static_path(request), conn.sendfile_ok)
                 if served is not None:
                     app = served
                     response.heads = None  # a file's headers are its own: not cached
@@ -430,6 +430,11 @@ class HttpProtocol:
         ):
             response.keep_alive = False
         return response.keep_alive
+
+    def static_path(self, request: Request) -> str:
+        """The path `static` urls are matched on: the request's, percent-decoded, without dot
+        segments, and before http.script_name is taken off."""
+        return decode_path(request.path)
 
     def answered(
         self,
@@ -513,10 +518,7 @@ class HttpProtocol:
         application reads it is respond()'s to answer and count). For the same reason it is
         not one of the slot's `requests`, on which max_requests recycles the worker."""
         start = time.monotonic()
-        if error.reason == UWSGI_PROTOCOL:
-            self.warn_uwsgi(conn, start)
-        else:
-            log.debug("rejecting request from %s: %s", conn.peer, error)
+        self.explain(conn, error, start)
         head = rejected_head(conn.parser)
         sent = self._send_error(conn, error.status, head.method == "HEAD")
         now = time.monotonic()
@@ -538,6 +540,13 @@ class HttpProtocol:
                 protocol=None if head.version else "-",
             )
 
+    def explain(self, conn: Connection, error: ProtocolError, now: float) -> None:
+        """Log why a request is refused: at debug, but for a uwsgi packet (warn_uwsgi)."""
+        if error.reason == UWSGI_PROTOCOL:
+            self.warn_uwsgi(conn, now)
+        else:
+            log.debug("rejecting request from %s: %s", conn.peer, error)
+
     def warn_uwsgi(self, conn: Connection, now: float) -> None:
         """Say why a proxy speaking uWSGI's binary protocol gets 400s: a uWSGI setup moved
         to preforkd with nginx still on uwsgi_pass (nginx passes the 400 on and logs no
@@ -549,8 +558,8 @@ class HttpProtocol:
         listener: Listener = conn.listener  # type: ignore[assignment]
         log.warning(
             "%s: a request from %s in uWSGI's binary protocol (nginx uwsgi_pass, or a "
-            "uwsgi:// client) got 400: preforkd speaks HTTP; point nginx at it with "
-            "proxy_pass instead of uwsgi_pass",
+            "uwsgi:// client) got 400: this listener speaks HTTP (protocol: http); set "
+            "`protocol: uwsgi` to serve uwsgi_pass, or point nginx at it with proxy_pass",
             listener.url("http"), remote_of(conn.peer)[0] or "a unix socket peer",
         )
 
@@ -562,13 +571,14 @@ class HttpProtocol:
             env["REMOTE_ADDR"],
             request.method,
             env["RAW_URI"],
-            request.version,
+            "",  # the protocol is SERVER_PROTOCOL's: HTTP/{version} over HTTP, not for uwsgi
             response.status_code,
             response.bytes_sent,
             env.get("HTTP_REFERER", ""),
             env.get("HTTP_USER_AGENT", ""),
             duration,
             self.worker_number,
+            env["SERVER_PROTOCOL"],
             environ=env,
             # Response.headers: the application's header lines as start_response encoded
             # them (hop-by-hop ones dropped, none of the server's), a reference, not a copy.

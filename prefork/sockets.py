@@ -109,6 +109,8 @@ class Listener:
     def url(self, protocol: str) -> str:
         if self.address.kind == "unix":
             return f"unix:{self.address.path}"
+        if protocol == "uwsgi":  # as nginx's uwsgi_pass names it
+            return f"{'suwsgi' if self.tls else 'uwsgi'}://{self.address}"
         if protocol != "http":
             return f"{'tls' if self.tls else 'tcp'}://{self.address}"
         return f"{'https' if self.tls else 'http'}://{self.address}"

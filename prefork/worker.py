@@ -57,6 +57,7 @@ from prefork.forwarded import TrustedProxies
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
 from prefork.http import Limits, ProtocolError
 from prefork.http.proxy import ProxyHeader
+from prefork.http.uwsgi import UwsgiParser
 from prefork.httpserve import ERROR_LINGER, HttpProtocol, remote_of
 from prefork.loader import load_app, prepare
 from prefork.logs import Logs
@@ -75,6 +76,7 @@ from prefork.stream import (
     wait_readable,
 )
 from prefork.tls import TLSConnection
+from prefork.uwsgiserve import UwsgiProtocol
 
 log = logging.getLogger("prefork")
 
@@ -399,7 +401,13 @@ class Worker:
         # up to one read (see RequestParser.feed)
         self.read_size = min(65536, http.max_header_size)
         self.next_sweep = 0.0
-        self.proxies = TrustedProxies(http.forwarded_allow_ips, http.forwarded_header)
+        # the peers whose word on the client counts: trusted proxies, or with protocol uwsgi
+        # the peers allowed at all (a packet's variables name the client)
+        self.uwsgi = config.protocol == "uwsgi"
+        self.proxies = TrustedProxies(
+            http.uwsgi_allow_ips if self.uwsgi else http.forwarded_allow_ips,
+            http.forwarded_header,
+        )
         self.proxy_protocol = http.proxy_protocol
         self.balance = (
             http.balance_connections and config.protocol == "http" and self.proxy_protocol == "off"
@@ -422,8 +430,8 @@ class Worker:
         if config.protocol == "tcp":
             for context in spec.tls.values():  # this process's copies, since the fork
                 use_stream_sockets(context)
-        if config.protocol == "http":
-            self.protocol = HttpProtocol(
+        if config.protocol != "tcp":
+            self.protocol = (UwsgiProtocol if self.uwsgi else HttpProtocol)(
                 app,
                 self.slot,
                 spec.logs,
@@ -558,6 +566,7 @@ class Worker:
         if len(self.conns) >= self.max_connections:
             self.evict_idle()
         context = self.spec.tls.get(listener.fd)
+        parser = UwsgiParser(self.limits) if self.uwsgi else None  # None: HTTP's
         conn: Connection
         if context is not None:
             sock.setblocking(False)
@@ -571,9 +580,9 @@ class Worker:
                 log.debug("worker %d: closing %s before TLS: %s", self.spec.number, peer, exc)
                 sock.close()
                 return True
-            conn = TLSConnection(tls_sock, peer, listener, self.limits)
+            conn = TLSConnection(tls_sock, peer, listener, self.limits, parser)
         else:
-            conn = Connection(sock, peer, listener, self.limits)
+            conn = Connection(sock, peer, listener, self.limits, parser)
         conn.deadline = time.monotonic() + self.header_timeout
         if self.proxies.enabled and self.proxies.trusts(peer):
             conn.trusted = True
@@ -1282,7 +1291,8 @@ class Worker:
             except OSError:
                 sock.close()  # the client is already gone
                 continue
-            conn = Connection(sock, peer, listener, self.limits)
+            parser = UwsgiParser(self.limits) if self.uwsgi else None
+            conn = Connection(sock, peer, listener, self.limits, parser)
             conn.adopted = True
             conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
             # the clock keeps running: moving between workers does not extend it

@@ -110,7 +110,8 @@ UWSGI_PARAMS = [  # the first of nginx's uwsgi_params, in its order
 ]
 UWSGI_WARNING = re.compile(
     r"\[WARNING\] (\S+): a request from (\S+) in uWSGI's binary protocol .*got 400: "
-    r"preforkd speaks HTTP; point nginx at it with proxy_pass instead of uwsgi_pass"
+    r"this listener speaks HTTP \(protocol: http\); set `protocol: uwsgi` to serve "
+    r"uwsgi_pass, or point nginx at it with proxy_pass"
 )
 
 
@@ -168,8 +169,8 @@ def test_a_uwsgi_protocol_request_is_answered_400_and_logged_once_a_minute(
     """DEFECT. A uWSGI site moved to preforkd with nginx still on `uwsgi_pass` gets 400 for
     every request; nginx passes the 400 on and logs no error, and preforkd logged the
     rejection at debug only: nothing in any error log says why. The worker now logs a
-    warning naming the listener and proxy_pass (at most once a minute: every request of
-    such a proxy is one)."""
+    warning naming the listener, `protocol: uwsgi` (which serves it) and proxy_pass (at
+    most once a minute: every request of such a proxy is one)."""
     server = server_factory(app_settings(workers={"count": 1}), app_source=APP)
     address = server.addresses()[0]
     for _ in range(2):

@@ -414,7 +414,7 @@ def test_custom_tag_on_collection_rejected(write: Writer) -> None:
         ("preload_app: null", "preload_app", "must be true or false, got None"),
         ("backlog: 0", "backlog", "must be from 1 to 65535, got 0"),
         ("proc_name: [a]", "proc_name", "must be a string, got ['a']"),
-        ("protocol: udp", "protocol", "must be one of http, tcp, got 'udp'"),
+        ("protocol: udp", "protocol", "must be one of http, uwsgi, tcp, got 'udp'"),
         ("logging:\n  level: verbose", "logging.level", "must be one of debug, info, warning"),
         ("logging:\n  access_log_format: xml", "logging.access_log_format", "combined, json"),
         ("pythonpath: lib", "pythonpath", "must be a list of paths, got 'lib'"),

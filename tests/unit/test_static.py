@@ -261,7 +261,7 @@ def test_config_checks(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match=r"static\[1\].url: duplicate"):
         config.from_mapping({"app": "x:y", "static": [
             {"url": "/s", "path": str(tmp_path)}, {"url": "/s/", "path": str(tmp_path)}]})
-    with pytest.raises(config.ConfigError, match="protocol http only"):
+    with pytest.raises(config.ConfigError, match="protocol http or uwsgi, not tcp"):
         config.from_mapping({"app": "x:y", "protocol": "tcp", "static": [
             {"url": "/s", "path": str(tmp_path)}]})
 
