@@ -1281,6 +1281,9 @@ class Worker:
                 or self.protocol is None
                 or listener.fd in self.spec.tls
                 or (not fresh and (self.stopping or len(self.conns) + 1 >= self.max_connections))
+                # a served connection is HTTP's: a uwsgi one ends with its response (it
+                # comes from a worker of before a reload that changed the protocol)
+                or (self.uwsgi and (served or not fresh))
             ):
                 sock.close()
                 continue

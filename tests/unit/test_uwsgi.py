@@ -5,8 +5,10 @@ the configuration that turns it on."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import time
 import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +32,12 @@ from prefork.scoreboard import Scoreboard
 from prefork.sockets import Listener
 from prefork.uwsgiserve import FORBIDDEN, UwsgiProtocol
 from tests.unit.splits import bytewise, split_at
+from tests.unit.worker_rig import (
+    WorkerRig,
+    read_until_closed,
+    receive_conns,
+    served_connection,
+)
 
 FAST = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -475,3 +483,62 @@ def test_listener_url_is_uwsgi_pass_s(tmp_path: Path) -> None:
         assert listener.url("uwsgi") == "suwsgi://127.0.0.1:3031"
     finally:
         sock.close()
+
+
+# --- the worker --------------------------------------------------------------------------
+
+
+def test_a_uwsgi_worker_answers_a_packet_and_closes(worker_rig: WorkerRig) -> None:
+    worker, _ = worker_rig.worker(protocol="uwsgi")
+    client = worker_rig.connect()
+    client.sendall(packet())
+    worker_rig.accept(worker)
+    answer = read_until_closed(client)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok")
+    assert b"Connection: close\r\n" in answer
+    assert not worker.conns and worker.slot.requests == 1
+
+
+def test_a_new_connection_passed_to_a_uwsgi_worker_is_read_as_uwsgi(
+    worker_rig: WorkerRig,
+) -> None:
+    worker, _ = worker_rig.worker(protocol="uwsgi")
+    client = worker_rig.connect()
+    client.sendall(packet())
+    sock = wait_until_accepted(worker_rig)
+    (lid,) = worker.listener_ids
+    worker.adopt([(sock.detach(), lid, time.monotonic() + 5)], fresh=True)
+    assert read_until_closed(client).endswith(b"\r\n\r\nok")
+
+
+@pytest.mark.parametrize("how", ["handed-over", "relieved"])
+def test_an_http_keepalive_connection_is_not_read_as_uwsgi(
+    worker_rig: WorkerRig, how: str
+) -> None:
+    """A reload that turns protocol http into uwsgi: the old generation's idle keep-alive
+    connections (handed over, or passed by the relief thread) are closed by the new
+    workers, as without a hand-over, not answered 400 as bad uwsgi packets."""
+    old, old_master_end = worker_rig.worker(number=1)
+    new, _ = worker_rig.worker(number=2, protocol="uwsgi")
+    client = served_connection(worker_rig, old)
+    (lid,) = old.listener_ids
+    old.begin_stop()
+    old.hand_over({lid})
+    ((fd, listener, deadline),) = receive_conns(old_master_end)
+    if how == "handed-over":
+        new.adopt([(fd, listener, deadline)])
+    else:
+        new.adopt([(fd, listener, deadline)], fresh=True, served=True)
+    assert not new.conns
+    assert read_until_closed(client) == b""
+
+
+def wait_until_accepted(rig: WorkerRig) -> socket.socket:
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock, _ = rig.listener.sock.accept()
+            return sock
+        except BlockingIOError:
+            assert time.monotonic() < deadline, "nothing to accept"
+            select.select([rig.listener.sock], [], [], 0.1)

@@ -47,12 +47,14 @@ class WorkerRig:
         number: int = 1,
         max_connections: int = 100,
         tls: ssl.SSLContext | None = None,
+        protocol: str = "http",
         **http: Any,
     ) -> tuple[Worker, socket.socket]:
         """A worker and the master's end of its channel."""
         config = from_mapping(
             {
                 "app": "m:app",
+                "protocol": protocol,
                 "workers": {"count": 2, "max_connections": max_connections},
                 "http": {"keepalive_timeout": 30, **http},
             }
