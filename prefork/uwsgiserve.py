@@ -128,8 +128,8 @@ class UwsgiProtocol(HttpProtocol):
         """Refusals an operator has to act on are warnings (one a minute per kind): nginx
         passes the status on and logs nothing of its own."""
         why = {
-            FORBIDDEN: "is not in http.uwsgi_allow_ips (its variables would set "
-                       "REMOTE_ADDR, HTTPS and the host): refused with 403",
+            FORBIDDEN: "refused with 403: that peer is not in http.uwsgi_allow_ips (a "
+                       "packet's variables set REMOTE_ADDR, HTTPS and the host)",
             HTTP_ON_UWSGI: "is HTTP (nginx proxy_pass?), and this listener speaks the uwsgi "
                            "protocol (protocol: uwsgi): refused with 400; point nginx at it "
                            "with uwsgi_pass and `include uwsgi_params`, or set "

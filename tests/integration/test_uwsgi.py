@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from harness import (
     kill_group,
     read_response,
     recv_until_close,
+    self_signed_cert,
     send_raw,
     wait_until,
 )
@@ -87,8 +89,8 @@ PARAMS = [
     ("SERVER_NAME", "shop.example"), ("HTTP_HOST", "shop.example"),
     ("HTTP_USER_AGENT", "test/1"),
 ]
-REFUSED_BY_PEER = re.compile(r"\[WARNING\] (\S+): a request from (\S+) is not in "
-                             r"http\.uwsgi_allow_ips .*refused with 403")
+REFUSED_BY_PEER = re.compile(r"\[WARNING\] (\S+): a request from (\S+) refused with 403: "
+                             r"that peer is not in http\.uwsgi_allow_ips")
 HTTP_REFUSED = re.compile(r"\[WARNING\] (\S+): a request from (\S+) is HTTP \(nginx "
                           r"proxy_pass\?\), and this listener speaks the uwsgi protocol")
 
@@ -232,6 +234,37 @@ def test_static_files_are_matched_on_the_packet_s_path(
     assert ask(address, packet(mounted, modifier1=30)).body == b"hello static\n"
     # not a file: the application's
     assert environ_of(ask(address, packet(with_vars(PATH_INFO="/static/none"))))["pid"]
+
+
+def test_a_tls_listener_serves_uwsgi_over_tls(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """nginx's `uwsgi_pass suwsgi://`: the packet over TLS. The scheme is still the one the
+    variables give (the client's), not this hop's; the file goes out read, not sendfile'd."""
+    cert, key = self_signed_cert(tmp_path)
+    server = server_factory(uwsgi_settings(
+        workers={"count": 1},
+        bind=[{"address": "127.0.0.1:0", "tls": {"certificate": str(cert), "key": str(key)}}]),
+        app_source=APP)
+    scheme, host, port = server.addresses()[0]
+    assert scheme == "suwsgi"
+    context = ssl.create_default_context(cafile=str(cert))
+
+    def over_tls(data: bytes) -> bytes:
+        """The body of the answer, which the close ends."""
+        with socket.create_connection((host, port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(data)
+            answer = b"".join(iter(lambda: sock.recv(65536), b""))
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+        return body
+
+    for pairs, expected in ((PARAMS, "http"), (with_vars(HTTPS="on"), "https")):
+        env = json.loads(over_tls(packet(pairs)))
+        assert env["wsgi.url_scheme"] == expected and "SSL_PROTOCOL" not in env
+    big = over_tls(packet(with_vars(PATH_INFO="/file")))
+    assert hashlib.sha256(big).hexdigest() == BIG
 
 
 MALFORMED = [
