@@ -7,8 +7,9 @@ environ, a uWSGI `logformat` refused with a hint that leads nowhere, a uWSGI `ws
 path in `app` refused without saying the module form. PINNED tests hold behaviour the
 guide promises a uWSGI user and no other test checked: TERM stops (die-on-term) and
 vacuums, the harakiri equivalent, the buffer-size equivalent, need-app and strict,
-chmod-socket, threads without enable-threads, a strict mount, and the guide's worked
-example (its YAML passes `check` and serves; its nginx block forwards the client).
+chmod-socket, threads without enable-threads, a strict mount, the guide's worked
+example (its YAML passes `check` and serves; its nginx block forwards the client), and its
+"Keeping uwsgi_pass" (protocol: uwsgi behind the nginx block from before the move).
 
 Servers run through server_factory, which stops them by pid (SIGTERM, then SIGKILL to the
 group) at teardown whatever the test did; short commands through detached.preforkd, bounded
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from detached import preforkd
 from harness import (
@@ -495,3 +497,47 @@ def test_the_worked_example_nginx_block_forwards_the_client(
     assert environ["REQUEST_URI"] == "/a/env?q=1"
     assert server.running()
 
+
+
+def test_keeping_uwsgi_pass_serves_the_before_block_unchanged(
+    server_factory: ServerFactory, short_tmp: Path, tmp_path: Path
+) -> None:
+    """PINNED. The guide's "Keeping uwsgi_pass": its YAML lines (protocol: uwsgi, the socket
+    nginx already uses) and the nginx block from before the move, as it was (but for the
+    socket's directory and the absolute path of uwsgi_params): the application gets the
+    client's address, the Host, REQUEST_URI and the scheme from nginx's variables."""
+    fragment = yaml.safe_load(guide_block(GUIDE, "yaml", "## Keeping uwsgi_pass"))
+    assert fragment["protocol"] == "uwsgi"
+    (entry,) = fragment["bind"]
+    sock = short_tmp / "uwsgi.sock"
+    assert entry["address"] == "unix:/run/myapp/uwsgi.sock"
+    entry["address"] = f"unix:{sock}"
+    try:
+        pwd.getpwnam(entry["owner"])
+    except KeyError:  # no www-data here: the socket stays root's
+        del entry["owner"], entry["group"]
+    server = server_factory(app_settings(**fragment), app_source=APP)
+    assert server.addresses() == [("unix", str(sock))]
+    before = guide_block(GUIDE, "nginx", "nginx, before:")
+    assert "include uwsgi_params;" in before and "/run/myapp/uwsgi.sock" in before
+    location = before.replace("include uwsgi_params;", "include /etc/nginx/uwsgi_params;")
+    nginx = Nginx(nginx_binary(), tmp_path / "nginx", http_conf=f"""
+    server {{
+        listen {NGINX_HOST}:{{port}};
+        {location.replace("/run/myapp/uwsgi.sock", str(sock))}
+    }}
+""")
+    try:
+        nginx.start()
+        with connect_from(CLIENT_HOST, nginx.port) as client:
+            client.sendall(http_request("GET", "/a/env?q=1", host="shop.example"))
+            response = read_response(client)
+        assert response.status == 200, f"{response}\n{nginx.log()}"
+        environ = json.loads(response.body)
+    finally:
+        nginx.stop()
+    assert environ["REMOTE_ADDR"] == CLIENT_HOST
+    assert environ["HTTP_HOST"] == "shop.example"
+    assert environ["REQUEST_URI"] == "/a/env?q=1"
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == ("", "/a/env")
+    assert environ["wsgi.url_scheme"] == "http"

@@ -303,6 +303,18 @@ def test_malformed_packets_get_400_and_the_worker_survives(
     assert "include uwsgi_params" in server.log()
 
 
+def test_a_packet_that_stops_arriving_gets_408(server_factory: ServerFactory) -> None:
+    """http.header_timeout bounds the header and variables as it bounds an HTTP head; the
+    worker serves others meanwhile."""
+    server = server_factory(uwsgi_settings(workers={"count": 1},
+                                           http={"header_timeout": 0.5}), app_source=APP)
+    address = server.addresses()[0]
+    with connect(address, timeout=10) as stalled:
+        stalled.sendall(packet()[:40])
+        assert environ_of(ask(address, packet()))["REQUEST_METHOD"] == "GET"
+        assert recv_until_close(stalled, 5).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
 def test_a_peer_not_allowed_gets_403_and_the_log_says_why(
     server_factory: ServerFactory, short_tmp: Path
 ) -> None:
