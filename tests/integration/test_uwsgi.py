@@ -7,7 +7,8 @@ refused (400, 403), logged where an operator needs it, and never cost the worker
 Servers run through server_factory (stopped by pid and process group at teardown); nginx
 through test_nginx's nginx_factory (stopped by pid, then its group). nginx is skipped
 without the binary, and fails the test under CI=true (harness.missing). The comparison with
-uWSGI itself runs where a `uwsgi` binary is on PATH (CI does not install one).
+uWSGI itself uses the `uwsgi` on PATH or in bench's peers' virtualenv, where .ci/run builds
+it; without one it is skipped, and fails under CI=true.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from harness import (
     fetch,
     http_request,
     kill_group,
+    missing,
     read_response,
     recv_until_close,
     self_signed_cert,
@@ -45,6 +47,9 @@ from harness import (
 from test_nginx import CLIENT_HOST, NGINX_HOST, Nginx, connect_from, nginx_factory
 
 __all__ = ["nginx_factory"]  # a fixture, used by name
+
+# bench/run installs the peers (gunicorn, uWSGI) here, and so does .ci/run for this test
+PEER_VENV = Path("/tmp/preforkd-bench-venv")
 
 BIG_SIZE = 6 * 1024 * 1024 + 123
 
@@ -473,10 +478,12 @@ def test_the_environ_matches_uwsgi_s_for_the_same_nginx_request(
     key uWSGI gives is there with the same value, but for the documented differences (a
     repeated header joined, not its last value kept; empty CONTENT_LENGTH and CONTENT_TYPE
     left out, and the client's Content-Length and Content-Type only as CONTENT_*, as CGI has
-    them; uWSGI's own keys and the objects). Runs where `uwsgi` is on PATH."""
-    uwsgi = shutil.which("uwsgi")
+    them; uWSGI's own keys and the objects). uWSGI is the one on PATH, or the one bench/run
+    installs into its peers' virtualenv (where .ci/run builds it)."""
+    uwsgi = shutil.which("uwsgi") or shutil.which("uwsgi", path=str(PEER_VENV / "bin"))
     if uwsgi is None:
-        pytest.skip("no uwsgi on PATH to compare with")
+        missing(f"no uwsgi on PATH or in {PEER_VENV} to compare with",
+                f".ci/run should build it into {PEER_VENV}")
     (short_tmp / "app.py").write_text(APP)
     socket_path = short_tmp / "uwsgi.sock"
     with open(short_tmp / "uwsgi.log", "wb") as err:
