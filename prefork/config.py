@@ -1129,6 +1129,18 @@ def _check_static_url(value: str, base_dir: str) -> str:
     return value.rstrip("/") + "/"
 
 
+def _check_index_name(value: str, base_dir: str) -> str:
+    """A `static[].index`: one file name, no directory part; '' for none."""
+    if value and (
+        not value.isascii() or not value.isprintable() or "/" in value or value in (".", "..")
+    ):
+        raise ValueError(
+            f"must be a file name of printable ASCII without '/', such as index.html, "
+            f"got {value!r}"
+        )
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class StaticConfig:
     """One directory of static files (an item of ``static``), uWSGI's static-map."""
@@ -1169,6 +1181,18 @@ class StaticConfig:
             "Serve FILE.gz, when it exists beside FILE, to a client whose Accept-Encoding "
             "takes gzip, with Content-Encoding: gzip (uWSGI's static-gzip); every response "
             "of this item says Vary: Accept-Encoding."
+        ),
+    )
+    index: str = field(
+        default="",
+        metadata=_meta(
+            "File served for a directory asked for with a trailing / (uWSGI's "
+            "static-index, nginx's index), such as index.html: /static/docs/ is "
+            "PATH/docs/index.html, served as any file is (inside the directory by its real "
+            "path, a regular file, gzip beside it). A directory asked for without the / "
+            "whose index file exists gets a 301 to the URL with it (as from nginx). '' = "
+            "none: a directory, and one without its index file, goes to the application.",
+            check=_check_index_name,
         ),
     )
 
@@ -1356,7 +1380,7 @@ class Config:
         default=(),
         metadata=_meta(
             "Static files the workers serve themselves, before the application is called "
-            "(uWSGI's static-map): a list of {url, path, max_age, gzip} mappings. A GET or "
+            "(uWSGI's static-map): a list of {url, path, max_age, gzip, index} mappings. A GET or "
             "HEAD under a url whose file exists is answered from it (200, 304 on "
             "If-None-Match or If-Modified-Since, 206 or 416 on a single byte range); any "
             "other request, or a file that is missing, goes to the application. "

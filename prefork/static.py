@@ -1,9 +1,10 @@
 """Static files served by the worker before the application is called (uWSGI's static-map).
 
 Invariants: a file is served only if its real path (symlinks resolved) lies inside its
-entry's real directory and it is a regular file; anything else (missing, a directory, a
-symlink out, unreadable) is not this module's answer and goes to the application. No I/O
-but on the files themselves; nothing here touches the connection.
+entry's real directory and it is a regular file; a directory's index file is such a file,
+and a directory is redirected to its slashed URL only when that file is there; anything
+else (missing, a directory, a symlink out, unreadable) is not this module's answer and goes
+to the application. No I/O but on the files themselves; nothing here touches the connection.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import email.utils
 import mimetypes
 import os
 import stat
+import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
@@ -80,6 +82,34 @@ def open_regular(real: bytes) -> Found | None:
         os.close(fd)
         return None
     return Found(os.fdopen(fd, "rb"), st.st_size, st.st_mtime, st.st_mtime_ns)
+
+
+def open_file(root: bytes, rest: str) -> Found | None:
+    """File `rest` of directory `root` opened, if it may be served (resolve, open_regular)."""
+    real = resolve(root, rest)
+    return None if real is None else open_regular(real)
+
+
+def slashed(url: str, rest: str) -> str:
+    """The URL of directory `rest` under entry prefix `url`, with its trailing slash: the
+    decoded path encoded again, without the empty segments the request may have had (a
+    Location of "//host/" would send the client to another host)."""
+    segments = [s for s in rest.encode("latin-1").split(b"/") if s]
+    return url + "".join(urllib.parse.quote(s, safe="!$&'()*+,;=:@") + "/" for s in segments)
+
+
+def moved(location: str, query: str) -> WSGIApp:
+    """A 301 to `location` (the request's query string kept), with an empty body."""
+    headers = [
+        ("Location", f"{location}?{query}" if query else location),
+        ("Content-Length", "0"),
+    ]
+
+    def respond(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response("301 Moved Permanently", headers)
+        return []
+
+    return respond
 
 
 def content_type(name: str) -> str:
@@ -198,6 +228,7 @@ class StaticEntry(NamedTuple):
     root: bytes  # real path of the directory
     cache_control: tuple[tuple[str, str], ...]
     gzip: bool
+    index_name: str  # "" for none
 
 
 class StaticFiles:
@@ -210,6 +241,7 @@ class StaticFiles:
                 os.fsencode(os.path.realpath(e.path)),
                 (("Cache-Control", f"max-age={e.max_age}"),) if e.max_age else (),
                 e.gzip,
+                e.index,
             )
             for e in entries
         )
@@ -224,13 +256,18 @@ class StaticFiles:
             rest = relative_part(path, entry.url)
             if rest is None:
                 continue
-            real = resolve(entry.root, rest)
-            if real is None:
-                continue
-            found = open_regular(real)
-            if found is None:
-                continue
-            return self._responder(entry, env, rest, found, sendfile_ok)
+            if path.endswith("/"):  # a directory: its index file, if it has one
+                if not entry.index_name:
+                    continue
+                rest += entry.index_name
+            found = open_file(entry.root, rest)
+            if found is not None:
+                return self._responder(entry, env, rest, found, sendfile_ok)
+            if entry.index_name and not path.endswith("/"):
+                index = open_file(entry.root, f"{rest}/{entry.index_name}")
+                if index is not None:  # a directory asked for without its slash
+                    index.file.close()
+                    return moved(slashed(entry.url, rest), env.get("QUERY_STRING", ""))
         return None
 
     def _responder(

@@ -288,3 +288,46 @@ def test_tls_reads_the_file_instead_of_sendfile(
     status, _, body = curl(server, "-k", "-r", "10-2000009", "/static/big.bin",
                            url=url + "/static/big.bin")
     assert status == 206 and body == BIG[10:2000010]
+
+
+def test_a_directory_index_and_the_redirect_to_it(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """`index` (uWSGI's static-index): docs/ is answered from docs/index.html, docs from a
+    301 to docs/; a directory without the file, or whose file lies outside, is the app's."""
+    public = tmp_path / "site" / "public"
+    (public / "docs").mkdir(parents=True)
+    (public / "docs" / "index.html").write_bytes(b"<p>docs</p>\n")
+    (tmp_path / "site" / "index.html").write_bytes(SECRET)  # what outdir/ would show
+    server = start(server_factory, tmp_path, static=[
+        {"url": "/static/", "path": str(public), "max_age": 60, "index": "index.html"}
+    ])
+
+    status, headers, body = curl(server, "/static/docs/")
+    assert (status, body) == (200, b"<p>docs</p>\n")
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert headers["cache-control"] == "max-age=60"
+    assert curl(server, "-H", f"If-None-Match: {headers['etag']}", "/static/docs/")[0] == 304
+
+    status, headers, body = curl(server, "/static/docs")
+    assert (status, headers["location"], headers["content-length"], body) == (
+        301, "/static/docs/", "0", b"")
+    assert curl(server, "/static/docs?v=2")[1]["location"] == "/static/docs/?v=2"
+    assert curl(server, "-I", "/static/docs")[0] == 301
+    status, _, body = curl(server, "-L", "/static/docs")  # a client that follows it
+    assert (status, body) == (200, b"<p>docs</p>\n")
+
+    for target in ["/static/sub/", "/static/sub", "/static/outdir/", "/static/outdir"]:
+        status, _, body = curl(server, target)
+        assert (status, body) == (404, f"app GET {target}".encode()), target
+
+    with connect(address(server)) as sock:  # keep-alive goes on after a 301
+        sock.sendall(http_request("GET", "/static/docs") + http_request("GET", "/static/docs/"))
+        moved, page = read_response(sock), read_response(sock)
+    assert (moved.status, moved.header("Location"), moved.body) == (301, "/static/docs/", b"")
+    assert (page.status, page.body) == (200, b"<p>docs</p>\n")
+    assert moved.header("Connection") is None
+
+    access = server.workdir / "access.log"
+    wait_until(lambda: '"GET /static/docs HTTP/1.1" 301 ' in access.read_text(), 5,
+               message="no access line for the 301")

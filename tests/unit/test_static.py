@@ -283,3 +283,142 @@ def test_types_the_application_added_are_kept(tree: Path) -> None:
         assert got[1]["Content-Type"] == "text/x-preforkd-test; charset=utf-8"
     finally:
         mimetypes.init()  # the module's table as it was, for the other tests
+
+
+# --- index (uWSGI's static-index) -------------------------------------------------------------
+
+
+@pytest.fixture
+def site(tree: Path, tmp_path: Path) -> Path:
+    """`tree` plus index.html at the root and in docs/, and docs/bare/ without one;
+    a symlink inside to docs/, and one leading to a directory outside that has an index."""
+    (tree / "index.html").write_text("root index\n")
+    (tree / "docs" / "bare").mkdir(parents=True)
+    (tree / "docs" / "index.html").write_text("docs index\n")
+    (tree / "manual").symlink_to("docs")
+    (tmp_path / "outside" / "index.html").write_text("outside\n")
+    return tree
+
+
+def test_a_slashed_directory_serves_its_index(site: Path) -> None:
+    files = static_files(site, index="index.html", max_age=60)
+    for target, body in [
+        ("/static/docs/", b"docs index\n"),
+        ("/static/docs//", b"docs index\n"),
+        ("/static/", b"root index\n"),
+        ("/static/manual/", b"docs index\n"),  # a symlink inside: followed
+        ("/static/sub/../docs/", b"docs index\n"),
+    ]:
+        got = answer(files, target)
+        assert got is not None, target
+        status, headers, data = got
+        assert (status, data) == ("200 OK", body), target
+        assert headers["Content-Type"] == "text/html; charset=utf-8"
+        assert headers["Cache-Control"] == "max-age=60"
+    assert answer(files, "/static/docs/", method="HEAD") == (
+        "200 OK", answer(files, "/static/docs/")[1], b"")  # type: ignore[index]
+    etag = answer(files, "/static/docs/")[1]["ETag"]  # type: ignore[index]
+    got = answer(files, "/static/docs/", HTTP_IF_NONE_MATCH=etag)
+    assert got is not None and got[0] == "304 Not Modified"
+
+
+def test_an_index_outside_the_directory_or_not_a_file_is_not_served(
+    site: Path, tmp_path: Path
+) -> None:
+    files = static_files(site, index="index.html")
+    assert answer(files, "/static/outdir/") is None  # a symlink that leaves: not followed
+    assert answer(files, "/static/outdir") is None  # nor redirected
+    assert answer(files, "/static/docs/bare/") is None  # no index: the application's
+    (site / "docs" / "bare" / "index.html").mkdir()  # a directory by that name
+    assert answer(files, "/static/docs/bare/") is None
+    assert answer(files, "/static/docs/bare") is None
+    (site / "sub" / "index.html").symlink_to(tmp_path / "secret.txt")  # a file outside
+    assert answer(files, "/static/sub/") is None
+    assert answer(files, "/static/sub") is None
+    os.mkfifo(site / "docs" / "bare" / "index.html" / "index.html")
+    assert answer(files, "/static/docs/bare/index.html/") is None  # and did not block
+    assert answer(files, "/static/a.css/") is None  # a file with a slash: not a directory
+
+
+def test_a_directory_without_its_slash_is_redirected_when_it_has_an_index(site: Path) -> None:
+    files = static_files(site, index="index.html")
+    for target, location in [
+        ("/static/docs", "/static/docs/"),
+        ("/static", "/static/"),
+        ("/static/manual", "/static/manual/"),
+        ("/static//docs", "/static/docs/"),
+        ("/static/sub/../docs", "/static/docs/"),
+    ]:
+        got = answer(files, target)
+        assert got is not None, target
+        status, headers, body = got
+        assert (status, headers["Location"], body) == ("301 Moved Permanently", location, b"")
+        assert headers["Content-Length"] == "0"
+    got = answer(files, "/static/docs", QUERY_STRING="a=1&b=%20")
+    assert got is not None and got[1]["Location"] == "/static/docs/?a=1&b=%20"
+    got = answer(files, "/static/docs", method="HEAD")
+    assert got is not None and got[0] == "301 Moved Permanently"
+    assert answer(files, "/static/docs/bare") is None  # no index there: the application's
+
+
+def test_the_redirect_location_is_the_decoded_path_encoded_again(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for name in ("a b", "caf\u00e9", "q?x", "50%", "x#y"):
+        (root / name).mkdir(parents=True)
+        (root / name / "index.html").write_text(name)
+    files = static_files(root, index="index.html")
+    for target, location in [
+        ("/static/a%20b", "/static/a%20b/"),
+        ("/static/caf%C3%A9", "/static/caf%C3%A9/"),
+        ("/static/q%3Fx", "/static/q%3Fx/"),
+        ("/static/50%25", "/static/50%25/"),
+        ("/static/x%23y", "/static/x%23y/"),
+    ]:
+        got = answer(files, target)
+        assert got is not None and got[1]["Location"] == location, target
+        slashed_got = answer(files, location)
+        assert slashed_got is not None and slashed_got[0] == "200 OK", location
+
+
+def test_the_index_is_off_by_default(site: Path) -> None:
+    files = static_files(site)
+    assert answer(files, "/static/docs/") is None
+    assert answer(files, "/static/docs") is None
+    assert answer(files, "/static/") is None
+    assert answer(files, "/static/index.html") is not None  # the file itself, as any file
+
+
+def test_the_index_has_its_gzip_beside_it(site: Path) -> None:
+    (site / "docs" / "index.html.gz").write_bytes(b"GZ")
+    files = static_files(site, index="index.html", gzip=True)
+    got = answer(files, "/static/docs/", HTTP_ACCEPT_ENCODING="gzip")
+    assert got is not None and got[2] == b"GZ" and got[1]["Content-Encoding"] == "gzip"
+    assert got[1]["Content-Type"] == "text/html; charset=utf-8"
+
+
+def test_a_later_entry_answers_when_the_first_has_no_index(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    (first / "docs").mkdir(parents=True)
+    (second / "docs").mkdir(parents=True)
+    (second / "docs" / "index.html").write_text("second")
+    made = config.from_mapping({"app": "x:y", "static": [
+        {"url": "/s/", "path": str(first), "index": "index.html"},
+        {"url": "/s/docs/", "path": str(second / "docs"), "index": "index.html"},
+    ]})
+    files = StaticFiles(made.static)
+    got = answer(files, "/s/docs/")
+    assert got is not None and got[2] == b"second"
+    got = answer(files, "/s/docs")
+    assert got is not None and got[1]["Location"] == "/s/docs/"  # the second's url
+
+
+@pytest.mark.parametrize("bad", ["a/index.html", "/index.html", "..", ".", "in\tdex", "\u00eendex"])
+def test_the_index_is_a_file_name(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"static\[0\].index: must be a file name"):
+        config.from_mapping(
+            {"app": "x:y", "static": [{"url": "/s", "path": str(tmp_path), "index": bad}]}
+        )
+    good = config.from_mapping(
+        {"app": "x:y", "static": [{"url": "/s", "path": str(tmp_path), "index": "index.htm"}]}
+    )
+    assert good.static[0].index == "index.htm"
