@@ -103,6 +103,7 @@ from prefork.sockets import (
 )
 from prefork.system import System
 from prefork.tls import server_context
+from prefork.touch import TouchWatch, touch_lists
 from prefork.upgrade import (
     OLD,
     Handover,
@@ -883,6 +884,7 @@ class Startup:
         self.inherited_env: dict[str, str] = {}
         self.signals: SignalQueue | None = None  # made early, by a master that does not detach
         self.listeners: list[Listener] = []  # once bound
+        self.touch = TouchWatch()  # touch_reload's and touch_logreopen's files
 
     def release_imports(self) -> None:
         """The modules that the hooks and a preloaded application of replaced generations
@@ -981,6 +983,9 @@ class Startup:
             log.info("upgrade: taking over the sockets of the master pid %d",
                      self.handover.from_pid)
         raise_fd_limit(config.workers.max_connections)
+        # the first look: a touch from now on, while hooks and a preloaded application
+        # import, is a change the loop acts on once it runs
+        self.touch.look(touch_lists(config))
         self.inherited_env = dict(os.environ)
         apply_env(config.env)
         prepare(config.pythonpath, None)  # hook modules (and a preloaded app) live there
@@ -1104,6 +1109,7 @@ class Startup:
                               self.hook_imports),
             release_imports=self.release_imports,
             announce=announce,
+            touch=self.touch,
             close_in_child=close_in_child,
             upgrader=Upgrader(
                 new_master_command(),

@@ -1373,6 +1373,31 @@ class Config:
         default=(),
         metadata=_meta("More files whose change replaces the workers (reload mode).", path=True),
     )
+    touch_reload: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Files whose change reloads the server as a HUP does (uWSGI's touch-reload), for "
+            "production: the master looks at each one's modification time, size and inode "
+            "(symlinks followed) once a second, and a change (`touch FILE`, a file renamed "
+            "over it, a symlink moved) starts the reload, its log line naming the file. A "
+            "file that does not exist is watched for its creation; one that disappears is "
+            "logged once and reloads nothing. The first look, at start, reloads nothing; a "
+            "touch before a reload reads the configuration is part of that reload, one after "
+            "makes one more. A HUP that changes the list applies it once its generation "
+            "serves. Relative paths are resolved against this file's directory.",
+            path=True,
+            single=True,
+        ),
+    )
+    touch_logreopen: tuple[str, ...] = field(
+        default=(),
+        metadata=_meta(
+            "Files whose change reopens the log files as a USR1 does (uWSGI's "
+            "touch-logreopen), watched as touch_reload's are.",
+            path=True,
+            single=True,
+        ),
+    )
     hooks: HooksConfig = field(
         default_factory=HooksConfig, metadata=_meta("Server hooks (section).")
     )

@@ -51,6 +51,7 @@ from prefork.statsd import StatsdSink
 from prefork.status import snapshot
 from prefork.stderrpipe import StderrReader, open_pipe
 from prefork.system import Kernel, describe_status
+from prefork.touch import TouchWatch, touch_lists
 from prefork.upgrade import Upgrader
 from prefork.worker import EXIT_APP_LOAD_ERROR, EXIT_BOOT_ERROR, WorkerSpec, worker_main
 
@@ -70,6 +71,7 @@ HEALTHY_AFTER = 10.0
 MAX_SLEEP = 1.0  # the scoreboard is read at least this often
 QUEUE_CHECK_INTERVAL = 1.0  # how often the listen queues are looked at
 QUEUE_WARN_INTERVAL = 10.0  # at most one "queue is full" line per listener this often
+TOUCH_CHECK_INTERVAL = 1.0  # how often touch_reload's and touch_logreopen's files are looked at
 CHANNEL_READS = 64  # messages read from one worker per tick, at most
 
 
@@ -269,6 +271,10 @@ class Master:
     statsd_refused: StatsdConfig | None = None  # settings whose sink could not be made
     # a reload took over: the sink is made again, its host name resolved afresh
     statsd_renew: bool = False
+    next_touch_check: float = 0.0
+    # touch_reload, touch_logreopen: the last look at their files (the first one, made at
+    # start before the hooks and a preloaded application are imported, only records them)
+    touch: TouchWatch = field(default_factory=TouchWatch)
     queue_full: dict[str, int] = field(default_factory=dict)  # listener -> checks found full
     queue_warned: dict[str, float] = field(default_factory=dict)  # listener -> last warning
     growth: int = 1  # dynamic pool: workers added per second while idle ones are short
@@ -373,6 +379,8 @@ class Master:
             if workers.max_lifetime:
                 for _, ends in self.lifetimes():
                     wake_at = min(wake_at, max(ends, now))
+            if self.current.config.touch_reload or self.current.config.touch_logreopen:
+                wake_at = min(wake_at, max(self.next_touch_check, now))
         fds = [self.signals.fileno()]
         fds.extend(h.channel.fileno() for h in self.workers.values() if h.channel is not None)
         fds.extend(h.stderr.fd for h in self.workers.values() if h.stderr is not None)
@@ -1063,6 +1071,20 @@ class Master:
             for handle, ends in self.lifetimes():
                 if now >= ends:
                     self.recycle(handle, "max_lifetime")
+        if now >= self.next_touch_check:
+            self.next_touch_check = now + TOUCH_CHECK_INTERVAL
+            self.check_touched()
+
+    def check_touched(self) -> None:
+        """touch_logreopen, touch_reload: a file changed since the last look is a USR1, a
+        HUP (one for any number of files and touches)."""
+        changes = self.touch.look(touch_lists(self.current.config))
+        reopen = [str(c) for c in changes if c.setting == "touch_logreopen"]
+        if reopen:
+            self.reopen_logs(f"touch_logreopen: {', '.join(reopen)}")
+        reload = [str(c) for c in changes if c.setting == "touch_reload"]
+        if reload:
+            self.reload(f"touch_reload: {', '.join(reload)}")
 
     def lifetimes(self) -> Iterator[tuple[WorkerHandle, float]]:
         """Serving workers of this generation not yet to be replaced, and when their
@@ -1459,7 +1481,7 @@ class Master:
         self.announce.upgrade_failed(message)
         self.resume_workers("upgrade ended")  # after a WINCH, nothing else would serve
 
-    def reopen_logs(self) -> None:
+    def reopen_logs(self, cause: str = "USR1") -> None:
         # The master (root) creates the new files first, owned by the user the current
         # generation's workers run as (a reload may have changed it); then the workers reopen
         # them by path.
@@ -1473,12 +1495,13 @@ class Master:
         for handle in self.workers.values():
             self.tell(handle, MSG_REOPEN)
         if reopened:
-            log.info("USR1: log files reopened")
+            log.info("%s: log files reopened", cause)
         else:
-            log.warning("USR1: some log files could not be reopened (see above); the workers "
-                        "were asked to reopen theirs")
+            log.warning("%s: some log files could not be reopened (see above); the workers "
+                        "were asked to reopen theirs", cause)
 
-    def reload(self) -> None:
+    def reload(self, cause: str = "HUP") -> None:
+        """HUP, or a touch_reload file that changed (`cause` says which, and names it)."""
         if self.reloader is None:
             return
         if self.stop is not Stop.NONE:
@@ -1487,8 +1510,11 @@ class Master:
             log.warning("%s", message)
             self.announce.refused(message)
             return
-        self.resume_workers("HUP")  # first, and whatever the reload's outcome
-        log.info("HUP: reloading")
+        self.resume_workers(cause)  # first, and whatever the reload's outcome
+        log.info("%s: reloading", cause)
+        # a touch until now is this reload's (it reads the file after it): only one from
+        # now on makes another, as for a HUP that arrives during this one's import
+        self.touch.changes("touch_reload", self.current.config.touch_reload)
         self.announce.reloading()
         try:
             # a preloaded application's import can take as long as the first did, with the
