@@ -534,7 +534,7 @@ class Worker:
         """Take one connection; with `serve`, answer what it already sent at once, else only
         park it (a stopping worker empties the queue first and serves afterwards)."""
         try:
-            sock, peer = listener.sock.accept()
+            sock, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
         except OSError as exc:
@@ -618,7 +618,7 @@ class Worker:
         os.close(self.reserve)
         self.reserve = None
         try:
-            return listener.sock.accept()
+            return listener.accept()
         except OSError:
             return None  # another worker took it, or the descriptor went elsewhere
 
