@@ -1260,13 +1260,17 @@ class Worker:
         read: bool = True,
     ) -> None:
         """Park keep-alive connections another worker passed on, as if served here; one that
-        cannot be kept (no such listener here, stopping, at max_connections) is closed and
-        its client reconnects, as it would have without the hand-over. `fresh` ones were
-        just accepted by a busier worker (balance_connections) and never read from: they
-        are taken as accept() takes a connection, stopping or not (read at once, after all
-        those of the message are parked); `served` ones too, from a worker inside a long request
-        (keepalive_relief): their clients are between requests, and one may have sent its
-        next request already."""
+        cannot be kept (no such listener here) is closed and its client reconnects, as it
+        would have without the hand-over. At max_connections the longest-parked idle
+        connection with nothing to read is closed for room, else this one is kept over the
+        cap (park stops accepting): a client may have sent its next request on it while it
+        travelled, and closing it unread would lose that request. A stopping worker keeps
+        it too, and answers such a request before it closes the idle ones (finished).
+        `fresh` ones were just accepted by a busier worker (balance_connections) and never
+        read from: they are taken as accept() takes a connection (read at once, after all
+        those of the message are parked); `served` ones too, from a worker inside a long
+        request (keepalive_relief): their clients are between requests, and one may have
+        sent its next request already."""
         now = time.monotonic()
         taken: list[Connection] = []
         for fd, lid, deadline in conns:
@@ -1280,14 +1284,13 @@ class Worker:
                 listener is None
                 or self.protocol is None
                 or listener.fd in self.spec.tls
-                or (not fresh and (self.stopping or len(self.conns) + 1 >= self.max_connections))
                 # a served connection is HTTP's: a uwsgi one ends with its response (it
                 # comes from a worker of before a reload that changed the protocol)
                 or (self.uwsgi and (served or not fresh))
             ):
                 sock.close()
                 continue
-            if fresh and len(self.conns) >= self.max_connections:
+            if len(self.conns) >= self.max_connections:
                 self.evict_idle()
             try:
                 peer = sock.getpeername()

@@ -19,6 +19,8 @@ from harness import (
     ask,
     connect,
     gone,
+    http_request,
+    read_response,
     settings,
     wait_until,
 )
@@ -166,3 +168,48 @@ def test_max_lifetime_replaces_every_worker_and_the_connection_moves_on(
 
 def gone_pids(pids: set[int]) -> set[int]:
     return {pid for pid in pids if gone(pid)}
+
+
+def test_a_hand_over_to_a_worker_one_short_of_max_connections_answers_its_request(
+    server_factory: ServerFactory,
+) -> None:
+    """Worker 1 holds max_connections - 1 (one of them in a slow request), worker 2 one
+    idle keep-alive connection. TTOU retires worker 2, which hands that connection over to
+    worker 1 (the only one serving: it waits in worker 1's channel for the slow request),
+    and its client sends a request on it meanwhile. Once out of the slow request, worker 1
+    takes it: the request is answered (an idle connection of its own, with no request, is
+    closed for room instead), and so is every other request sent."""
+    server = server_factory(settings(
+        workers={"count": 1, "max_connections": 4},
+        http={"keepalive_relief": 0},  # the hand-over waits for the main thread
+    ))
+    (first,) = server.worker_pids()
+    held = [connect(address(server), timeout=10) for _ in range(3)]
+    try:
+        for sock in held:  # one worker so far: every connection is worker 1's
+            assert int(ask(sock).body) == first
+        server.signal(signal.SIGTTIN)
+        match = server.wait_for_log(re.compile(r"worker 2 \(pid (\d+)\) booted"))
+        second = int(match.group(1))
+        since = len(server.log())
+        held[0].sendall(http_request("GET", "/sleep?s=3&tag=slow"))
+        server.wait_for_log("pf_testapp: sleeping slow", since=since)
+        # worker 1 is inside the slow request: only worker 2 waits for the next connection
+        moved = connect(address(server), timeout=10)
+        held.append(moved)
+        assert int(ask(moved).body) == second
+        server.signal(signal.SIGTTOU)  # retires worker 2, which hands `moved` to worker 1
+        server.wait_for_log(re.compile(
+            rf"worker 2 \(pid {second}\) exited \(fewer workers requested\): exit code 0"
+        ), since=since)
+        moved.sendall(http_request("GET", "/"))  # while it waits in worker 1's channel
+        slow = read_response(held[0])
+        assert (slow.status, int(slow.body)) == (200, first)
+        try:
+            answer = read_response(moved)
+        except (EOFError, ConnectionResetError) as exc:
+            raise AssertionError(f"the handed-over request was not answered: {exc!r}") from None
+        assert (answer.status, int(answer.body)) == (200, first)
+    finally:
+        for sock in held:
+            sock.close()

@@ -139,21 +139,15 @@ def test_adopt_shortens_a_deadline_past_its_own_keepalive_timeout(rig: WorkerRig
     assert conn.deadline <= time.monotonic() + 2
 
 
-@pytest.mark.parametrize("why", ["unknown-listener", "stopping", "full", "not-a-socket"])
+@pytest.mark.parametrize("why", ["unknown-listener", "not-a-socket"])
 def test_adopt_closes_what_it_cannot_keep(rig: WorkerRig, why: str) -> None:
     old, old_master_end = rig.worker(number=1)
-    new, _ = rig.worker(number=2, **({"max_connections": 2} if why == "full" else {}))
+    new, _ = rig.worker(number=2)
     client = served_connection(rig, old)
     (lid,) = old.listener_ids
     old.begin_stop()
     old.hand_over({lid})
     ((fd, listener, deadline),) = receive_conns(old_master_end)
-    if why == "unknown-listener":
-        listener += 1
-    elif why == "stopping":
-        new.begin_stop()
-    elif why == "full":
-        served_connection(rig, new)
     held = len(new.conns)
     if why == "not-a-socket":
         reader, writer = os.pipe()
@@ -164,9 +158,56 @@ def test_adopt_closes_what_it_cannot_keep(rig: WorkerRig, why: str) -> None:
         os.close(fd)
         assert len(new.conns) == held
         return
-    new.adopt([(fd, listener, deadline)])
+    new.adopt([(fd, listener + 1, deadline)])  # a listener this worker does not have
     assert len(new.conns) == held
     assert closed_by_server(client)
+
+
+@pytest.mark.parametrize("why", ["one-short", "none-idle", "stopping"])
+def test_a_hand_over_with_a_request_on_it_is_answered_by_a_full_or_stopping_worker(
+    rig: WorkerRig, why: str
+) -> None:
+    """A worker one short of workers.max_connections (where parking keeps a full worker:
+    at the cap it closes an idle one for room), at the cap with nothing idle, or stopping,
+    closed a connection handed over to it: its client may have sent its next request while
+    the connection travelled (a taker reads its channel only between requests), and that
+    request was reset unanswered. It is kept and answered now; for room, an idle
+    connection of the worker's own with nothing to read is closed instead."""
+    old, old_master_end = rig.worker(number=1)
+    new, _ = rig.worker(number=2, max_connections=2)
+    client = served_connection(rig, old)
+    (lid,) = old.listener_ids
+    old.begin_stop()
+    old.hand_over({lid})
+    ((fd, listener, deadline),) = receive_conns(old_master_end)
+    own = served_connection(rig, new)
+    if why == "none-idle":
+        own.sendall(b"GET / HTTP/1.1\r\n")  # a head that has begun: not idle
+        wait_readable(new, conn_of(new, own).fd)
+        new.on_readable(conn_of(new, own))
+        new.max_connections = 1  # it holds as many as it may
+    elif why == "stopping":
+        new.begin_stop()
+    client.sendall(REQUEST)  # while its connection travels
+
+    new.adopt([(fd, listener, deadline)])
+
+    conn = conn_of(new, client)
+    wait_readable(new, conn.fd)
+    new.on_readable(conn)
+    answer = read_response(client)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    if why == "one-short":
+        assert closed_by_server(own)  # idle, nothing to read: closed for room
+        assert len(new.conns) == 1
+    elif why == "none-idle":
+        # kept one over the cap for its answer, which closes it; nothing new accepted
+        assert b"\r\nConnection: close\r\n" in answer and closed_by_server(client)
+        assert list(new.conns.values()) == [conn_of(new, own)] and not new.accepting
+        own.sendall(b"Host: t\r\n\r\n")
+        wait_readable(new, conn_of(new, own).fd)
+        new.on_readable(conn_of(new, own))
+        assert read_response(own).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def test_a_worker_over_its_share_passes_a_new_connection_to_the_one_holding_fewest(rig: WorkerRig,
