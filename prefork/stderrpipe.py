@@ -13,15 +13,23 @@ The write end stays blocking: O_NONBLOCK would make sys.stderr raise BlockingIOE
 application on a full pipe (and lose the rest of the line). A worker blocks only while the
 master is not reading (its loop blocked in a preloaded reload's import, a hook), and the
 pipe holds PIPE_SIZE meanwhile; once the master is gone the read end is closed and a write
-fails (EPIPE; SIGPIPE is ignored, as Python sets it) instead of blocking.
+fails (EPIPE; SIGPIPE is ignored, as Python sets it) instead of blocking. The worker's
+sys.stderr (and sys.stdout sharing the pipe) then points its descriptor at /dev/null and
+counts the write as done (`WriteEnd`): a print in the request an orphaned worker finishes
+is not the application's BrokenPipeError.
 
-Invariants: `Lines` does no I/O; `StderrReader` is the master's only.
+Invariants: `Lines` does no I/O; `StderrReader` is the master's only, `WriteEnd` a worker's.
 """
 
 from __future__ import annotations
 
 import fcntl
+import io
 import os
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 PIPE_SIZE = 1 << 20  # /proc/sys/fs/pipe-max-size's default: what an unprivileged user may set
 READ_SIZE = 65536  # per pipe per tick: a worker that floods its stderr cannot hold the loop
@@ -133,3 +141,38 @@ class StderrReader:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def to_devnull(fd: int) -> None:
+    """Point `fd` at /dev/null: nobody reads the pipe it was any more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+class WriteEnd(io.FileIO):
+    """A worker's fd 2 (or 1) as its sys.stderr (sys.stdout) writes it: the pipe's write
+    end. A write that fails with EPIPE (the master is gone, and the read end with it; the
+    worker sees that only between requests) points the descriptor at /dev/null and counts
+    as done, as every later one does there: the application's print must not fail the
+    request the orphaned worker is finishing (a 500 for a log line)."""
+
+    def write(self, data: ReadableBuffer, /) -> int:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            to_devnull(self.fileno())
+            return memoryview(data).nbytes
+
+
+def text_stream(fd: int, like: TextIO | None) -> io.TextIOWrapper:
+    """A line-buffered text stream on the pipe `fd` (not closing it), encoding as `like`
+    (the stream it replaces) did."""
+    return io.TextIOWrapper(
+        io.BufferedWriter(WriteEnd(fd, "w", closefd=False)),
+        encoding=getattr(like, "encoding", None) or "utf-8",
+        errors=getattr(like, "errors", None) or "backslashreplace",
+        line_buffering=True,
+    )

@@ -14,7 +14,6 @@ import contextlib
 import errno
 import faulthandler
 import fcntl
-import io
 import logging
 import math
 import os
@@ -66,6 +65,7 @@ from prefork.relief import Relief
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, Stopped, set_mask, stops_raise
 from prefork.sockets import Listener
+from prefork.stderrpipe import text_stream, to_devnull
 from prefork.stream import (
     StreamRefused,
     open_stream,
@@ -233,31 +233,27 @@ def _flush_std() -> None:
 
 def to_master(fd: int, capture: bool) -> None:
     """Point fd 2 (and with `capture`, fd 1: logging.capture_output) at the pipe `fd` that
-    the master reads into the error log on syslog (prefork.stderrpipe), line-buffered."""
-    for stream, target in ((sys.stderr, 2), (sys.stdout, 1)):
-        if target == 1 and not capture:
-            continue
-        _flush_std()
-        os.dup2(fd, target)
-        if isinstance(stream, io.TextIOWrapper):
-            with contextlib.suppress(OSError, ValueError):
-                if stream.fileno() == target:
-                    stream.reconfigure(line_buffering=True)
+    the master reads into the error log on syslog (prefork.stderrpipe), and sys.stderr
+    (sys.stdout) at it through a line-buffered stream that a master gone does not make
+    raise (stderrpipe.WriteEnd)."""
+    _flush_std()
+    os.dup2(fd, 2)
+    sys.stderr = text_stream(2, sys.stderr)
+    if capture:
+        os.dup2(fd, 1)
+        sys.stdout = text_stream(1, sys.stdout)
     os.close(fd)
 
 
 def quiet_stderr() -> None:
     """The master is gone, and with it the read end of the pipe that is fd 2 (and fd 1 with
-    capture_output): /dev/null instead, so that a print to sys.stderr from now on does not
-    raise BrokenPipeError (SIGPIPE is ignored, as Python sets it, so it kills nothing)."""
+    capture_output): /dev/null instead, so that a write there from now on (the stack dump of
+    faulthandler, C code, os.write) fails no more (SIGPIPE is ignored, as Python sets it,
+    so it kills nothing)."""
     _flush_std()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        if os.path.sameopenfile(1, 2):
-            os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-    finally:
-        os.close(devnull)
+    if os.path.sameopenfile(1, 2):
+        to_devnull(1)
+    to_devnull(2)
 
 
 def worker_main(spec: WorkerSpec) -> int:

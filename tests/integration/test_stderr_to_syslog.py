@@ -10,9 +10,12 @@ was refused as a configuration error.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from detached import Daemons, read_pid
@@ -20,14 +23,17 @@ from harness import (
     ServerFactory,
     connect,
     fetch,
+    gone,
     http_request,
     parse_addresses,
+    read_response,
     wait_until,
     write_config,
 )
 from test_syslog import Line, Rsyslog
 
 APP = """
+import logging
 import os
 import sys
 import time
@@ -58,6 +64,17 @@ def application(environ, start_response):
             print(f"burst {number:04d} " + "x" * 100, file=sys.stderr)
     elif path == "/stdout":
         print("printed to stdout by", os.getpid())
+    elif path == "/orphaned":
+        print("waiting for the master's end", file=sys.stderr)
+        marker = os.path.join(os.path.dirname(__file__), "master-killed")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        environ["wsgi.errors"].write("wsgi.errors after the master's end\\n")
+        logging.getLogger("app").warning("a record after the master's end")
+        print("printed after the master's end", file=sys.stderr)
+        sys.stderr.write("written after the master's end\\n")
+        sys.stderr.flush()
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(os.getpid()).encode()]
 """
@@ -180,3 +197,43 @@ def test_capture_output_with_syslog_sends_the_workers_stdout_there(
     rsyslog.wait_for(lambda line: line.pid == worker and line.message.endswith(
         f"worker 1 stderr: printed to stdout by {worker}"), "the printed line")
     assert "printed to" not in server.log() + server.stdout()
+
+
+def test_a_worker_whose_master_was_killed_answers_its_request_and_leaves(
+    rsyslog: Rsyslog, server_factory: ServerFactory
+) -> None:
+    """The master is SIGKILLed while a worker is inside a request; the application then
+    writes to stderr (wsgi.errors, a log record, print, sys.stderr.write). Nobody reads the
+    pipe that is the worker's fd 2 any more, so each write fails with EPIPE, and the print
+    raised BrokenPipeError in the application: its client got a 500 for a log line. The
+    request is answered as usual, and the orphaned worker leaves once it is done."""
+    server = server_factory({
+        "app": "app:application",
+        "workers": {"count": 2},
+        "logging": {"syslog": {"enabled": True, "address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP, wait_ready=False)
+    address = address_from(rsyslog, server.pid)
+    rsyslog.wait_for(lambda line: "ready: 2 workers" in line.message, "ready")
+    workers = server.worker_pids()
+    assert len(workers) == 2, workers
+    # orphans once the master is gone: stopped by pid below (psutil will not signal a pid
+    # that another process has taken since)
+    processes = [psutil.Process(pid) for pid in workers]
+    try:
+        with connect(address, timeout=10) as sock:
+            sock.sendall(http_request("GET", "/orphaned"))
+            busy = rsyslog.wait_for(
+                lambda line: line.message.endswith("stderr: waiting for the master's end"),
+                "the request in the application").pid
+            server.signal(signal.SIGKILL)
+            server.wait_exit()
+            (server.config.parent / "master-killed").write_text("")
+            response = read_response(sock)
+        assert (response.status, response.body) == (200, str(busy).encode()), response
+        for pid in workers:  # the idle one at once, the busy one once it has answered
+            wait_until(lambda pid=pid: gone(pid), 5,  # type: ignore[misc]
+                       message=f"worker {pid} outlived its master")
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from prefork.stderrpipe import LINE_MAX, Lines, StderrReader, open_pipe
+from prefork.stderrpipe import LINE_MAX, Lines, StderrReader, open_pipe, text_stream
 from tests.unit.splits import bytewise, split_at
 
 DUMP = (
@@ -119,4 +119,23 @@ def test_the_pipe_holds_a_mebibyte_where_the_system_allows_it() -> None:
         assert not os.get_blocking(read_end)
     finally:
         os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_write_to_the_pipe_of_a_master_gone_goes_to_dev_null_without_an_error() -> None:
+    """The worker's sys.stderr on its pipe: once the read end is closed (the master died),
+    a print raised BrokenPipeError in the application, and its client got a 500. The
+    stream now points the descriptor at /dev/null and takes the line."""
+    read_end, write_end = open_pipe()
+    stream = text_stream(write_end, None)
+    try:
+        print("while the master reads", file=stream)
+        assert os.read(read_end, 100) == b"while the master reads\n"
+        os.close(read_end)
+        print("after the master's end", file=stream)  # must not raise
+        print("and after that", file=stream)
+        stream.flush()
+        assert os.path.samestat(os.fstat(write_end), os.stat(os.devnull))
+    finally:
+        stream.close()  # not the descriptor: closefd=False
         os.close(write_end)
