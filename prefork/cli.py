@@ -69,6 +69,7 @@ from prefork.logs import (
     for_reload,
     reach_syslog,
     syslog_for,
+    syslog_handler,
     without_console,
 )
 from prefork.master import EXIT_APP_FAILED, EXIT_RUNTIME_ERROR, Generation, Master
@@ -101,6 +102,7 @@ from prefork.sockets import (
     passed_socket_match,
     systemd_listeners,
 )
+from prefork.stderrpipe import relay_stderr
 from prefork.system import System
 from prefork.tls import server_context
 from prefork.touch import TouchWatch, touch_lists
@@ -1037,6 +1039,8 @@ class Startup:
             )
             self.logs.capture_stdout()  # detaching pointed fd 1 at /dev/null
             log.info("detached: master pid %d", os.getpid())
+        if self.detached and self.logs.syslog is not None:
+            self.relay_stderr(self.logs.syslog)
         announce = Announcer(
             sd,
             watchdog,
@@ -1073,6 +1077,24 @@ class Startup:
             detached=self.detached,
             error_format=cfg.error_log_format,
         )
+
+    def relay_stderr(self, syslog: tuple[str, str, str]) -> None:
+        """A detached daemon's error log is syslog, and its fd 2 /dev/null: what the master
+        writes there (a hook's print, a warning, C code, a fatal error) goes to syslog
+        through a process of its own (stderrpipe.relay_stderr), at the level and in the
+        format the start logs with."""
+        assert self.logs is not None
+        logs = self.logs
+
+        def handler() -> logging.Handler:
+            made = syslog_handler(*syslog, logs.error_format)
+            made.setLevel(logs.level.upper())
+            return made
+
+        try:
+            relay_stderr(handler)
+        except OSError as exc:
+            log.warning("the master's stderr stays /dev/null: %s", exc)
 
     def error_stream(self) -> IO[str] | None:
         """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""

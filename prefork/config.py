@@ -870,7 +870,8 @@ class LoggingConfig:
             "in it. When the error log is syslog, each worker's file descriptor 2 is a pipe "
             "to the master, which logs each line written there as an ERROR record with the "
             "worker's pid (`worker N stderr: LINE`); the master's own stays the terminal it "
-            "started from (a detached daemon's /dev/null).",
+            "started from, except in a detached daemon (/dev/null), where a process of its "
+            "own relays each line to syslog with the master's pid (`master stderr: LINE`).",
             path=True,
         ),
     )

@@ -18,15 +18,33 @@ sys.stderr (and sys.stdout sharing the pipe) then points its descriptor at /dev/
 counts the write as done (`WriteEnd`): a print in the request an orphaned worker finishes
 is not the application's BrokenPipeError.
 
-Invariants: `Lines` does no I/O; `StderrReader` is the master's only, `WriteEnd` a worker's.
+A detached daemon's master has no stderr of its own either (/dev/null), and it cannot read
+a pipe of its own: a full one would block it for good, and what a dying master writes last
+(a fatal error) would never be read. Its fd 2 is a pipe to a process of its own
+(`relay_stderr`), which sends each line to syslog as the master's, with a handler of its
+own (one that fails writes to the relay's /dev/null: a failing syslog handler's complaint
+cannot come back as a record), and exits at end of file: when the master, and whatever it
+started that still holds its stderr, are gone.
+
+Invariants: `Lines` does no I/O; `StderrReader` is the master's only, `WriteEnd` a worker's
+and the master's; the relay leaves through os._exit.
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import io
+import logging
 import os
+import signal
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
+
+import setproctitle
+
+from prefork.signals import ALL_SIGNALS, set_mask
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -157,7 +175,8 @@ class WriteEnd(io.FileIO):
     end. A write that fails with EPIPE (the master is gone, and the read end with it; the
     worker sees that only between requests) points the descriptor at /dev/null and counts
     as done, as every later one does there: the application's print must not fail the
-    request the orphaned worker is finishing (a 500 for a log line)."""
+    request the orphaned worker is finishing (a 500 for a log line). A daemon master's
+    sys.stderr too, on its relay's pipe (the relay killed: a hook's print goes on)."""
 
     def write(self, data: ReadableBuffer, /) -> int:
         try:
@@ -176,3 +195,76 @@ def text_stream(fd: int, like: TextIO | None) -> io.TextIOWrapper:
         errors=getattr(like, "errors", None) or "backslashreplace",
         line_buffering=True,
     )
+
+
+# Signals that reach the relay with its master's process group (kill -TERM -PGID, systemd's
+# KillMode=control-group, a terminal's HUP and WINCH): it reads on until the master is gone,
+# so that what the master writes while it stops still arrives.
+RELAY_IGNORES = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1,
+    signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
+)
+
+
+def relay_stderr(make_handler: Callable[[], logging.Handler]) -> None:
+    """Point this process's fd 2 (and sys.stderr) at a pipe that a process of its own reads
+    into `make_handler()` (made there), each line an ERROR record with this process's pid,
+    `master stderr: LINE`. The relay is a grandchild (not one of the master's children,
+    which are its workers), blocks every signal from fork until its own dispositions are
+    set (the master's handlers would write to the master's signal pipe), and keeps only
+    the pipe's read end. Raises OSError (fd 2 unchanged) if the pipe or the fork fails."""
+    master = os.getpid()
+    read_end, write_end = open_pipe()
+    try:
+        old_mask = set_mask(signal.SIG_BLOCK, ALL_SIGNALS)
+        try:
+            child = os.fork()
+            if child == 0:
+                code = 1
+                try:
+                    code = _relay(read_end, master, make_handler) if os.fork() == 0 else 0
+                finally:
+                    os._exit(code)
+        finally:
+            set_mask(signal.SIG_SETMASK, old_mask)
+        _, status = os.waitpid(child, 0)  # the intermediate process, gone at once
+        if status:
+            raise OSError(f"the relay's fork failed (status {status})")
+        sys.stderr.flush()
+        os.dup2(write_end, 2)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    sys.stderr = text_stream(2, sys.stderr)
+
+
+def _relay(read_end: int, master: int, make_handler: Callable[[], logging.Handler]) -> int:
+    """The relay's life: until end of file, each line of the master's stderr to syslog."""
+    gc.freeze()  # the master's heap is not this process's to walk (see System.spawn)
+    signal.set_wakeup_fd(-1)
+    for signum in ALL_SIGNALS:
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    for signum in RELAY_IGNORES:
+        signal.signal(signum, signal.SIG_IGN)
+    for fd in (0, 1, 2):  # a failing handler complains to /dev/null, not to its own input
+        to_devnull(fd)
+    os.closerange(3, read_end)  # listeners, the daemon's ready pipe, the master's logs...
+    os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+    set_mask(signal.SIG_SETMASK, ())
+    setproctitle.setproctitle(f"preforkd: stderr relay (master {master})")
+    os.set_blocking(read_end, True)
+    handler = make_handler()
+    lines = Lines()
+    while True:
+        data = os.read(read_end, READ_SIZE)
+        for line in lines.feed(data) if data else lines.finish():
+            record = logging.LogRecord(
+                "prefork", logging.ERROR, __file__, 0, "master stderr: %s", (line,), None
+            )
+            record.process = master
+            if record.levelno >= handler.level:  # logging.level: critical drops them
+                handler.handle(record)
+        if not data:
+            handler.close()
+            return 0

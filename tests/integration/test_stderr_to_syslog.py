@@ -11,6 +11,7 @@ was refused as a configuration error.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from detached import Daemons, read_pid
+from detached import Daemons, alive, read_pid
 from harness import (
     ServerFactory,
     connect,
@@ -237,3 +238,85 @@ def test_a_worker_whose_master_was_killed_answers_its_request_and_leaves(
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+MASTER_HOOKS = """
+import os
+import signal
+import sys
+import warnings
+
+
+def when_ready(server):
+    print("when_ready printed to stderr", file=sys.stderr)
+    warnings.warn("a warning in the master")
+    os.write(2, b"written to fd 2 by the master\\n")
+
+
+def on_reload(server):
+    # what a fatal error in the master does: a last write to fd 2, then its end
+    os.write(2, b"the master's last words\\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_daemons_master_stderr_reaches_syslog_even_its_last_words(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
+    """A detached daemon logging to syslog: what the master itself writes to fd 2 besides
+    logging (a hook's print, a warning, os.write, C code, a fatal error's dump) went to
+    /dev/null. It reaches syslog as ERROR records with the master's pid, read by a process
+    of its own: even what the master writes just before it dies (here SIGKILL from its
+    on_reload hook) arrives, and that reader leaves once the master is gone."""
+    (tmp_path / "master_hooks.py").write_text(MASTER_HOOKS)
+    pidfile = tmp_path / "preforkd.pid"
+    config = write_config(tmp_path, {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        "workers": {"count": 1},
+        "hooks": {"when_ready": "master_hooks:when_ready", "on_reload": "master_hooks:on_reload"},
+        "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    master = read_pid(pidfile)
+    assert master is not None
+    for text in ("when_ready printed to stderr", "UserWarning: a warning in the master",
+                 "written to fd 2 by the master"):
+        line = rsyslog.wait_for(
+            lambda line, text=text: line.pid == master  # type: ignore[misc]
+            and "] master stderr: " in line.message and line.message.endswith(text), repr(text))
+        assert (line.severity, line.program) == ("err", "preforkd"), line
+    # the workers, and the process reading the master's stderr: the daemon's session
+    sid = os.getsid(master)
+    session = [process for process in psutil.process_iter()
+               if process.pid != master and _session_of(process.pid) == sid]
+    assert any("stderr relay" in _title(process) for process in session), session
+    try:
+        os.kill(master, signal.SIGHUP)
+        rsyslog.wait_for(lambda line: line.pid == master and line.message.endswith(
+            "master stderr: the master's last words"), "the master's last words")
+        for process in session:
+            wait_until(lambda process=process: not alive(process), 10,  # type: ignore[misc]
+                       message=f"{process} outlived the master")
+    finally:
+        for process in session:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _title(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""

@@ -4,12 +4,23 @@ fed whole, byte by byte, and in random splits; the lines must be the same."""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import random
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from prefork.stderrpipe import LINE_MAX, Lines, StderrReader, open_pipe, text_stream
+from prefork.stderrpipe import (
+    LINE_MAX,
+    Lines,
+    StderrReader,
+    open_pipe,
+    relay_stderr,
+    text_stream,
+)
 from tests.unit.splits import bytewise, split_at
 
 DUMP = (
@@ -139,3 +150,36 @@ def test_a_write_to_the_pipe_of_a_master_gone_goes_to_dev_null_without_an_error(
     finally:
         stream.close()  # not the descriptor: closefd=False
         os.close(write_end)
+
+
+def test_the_relay_logs_each_line_of_the_stderr_it_took_over_and_ends_with_its_writer(
+    tmp_path: Path,
+) -> None:
+    """A detached daemon's master points fd 2 at a relay (its own process), which logs
+    each line with the master's pid, the last one without its newline too, once the
+    master is gone. Here a forked child is the master, and the relay's handler a file."""
+    relayed = tmp_path / "relayed"
+
+    def handler() -> logging.Handler:
+        made = logging.FileHandler(relayed)
+        made.setFormatter(logging.Formatter("%(process)d %(levelname)s %(message)s"))
+        return made
+
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            relay_stderr(handler)
+            print("printed", file=sys.stderr)
+            os.write(2, b"written\nlast words")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    expected = [f"{child} ERROR master stderr: {text}"
+                for text in ("printed", "written", "last words")]
+    deadline = time.monotonic() + 10
+    while not relayed.exists() or relayed.read_text().splitlines() != expected:
+        assert time.monotonic() < deadline, relayed.read_text() if relayed.exists() else None
+        time.sleep(0.02)
