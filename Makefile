@@ -22,7 +22,7 @@ test: lint typecheck
 	$(VENV)/bin/pytest -q -ra
 
 lint: venv
-	$(VENV)/bin/ruff check prefork tests bench/run bench/overhead bench/*.py
+	$(VENV)/bin/ruff check prefork tests bench/run bench/overhead bench/upgrade bench/proxied bench/*.py
 
 typecheck: venv
 	$(VENV)/bin/mypy
