@@ -85,7 +85,9 @@ def base_environ(
     the error log file)."""
     address = listener.address
     if address.kind == "unix":
-        server_name, server_port = "localhost", "0"
+        # a request that names no Host (HTTP/1.0) on a socket without a port: the scheme's
+        # default port, as gunicorn gives (with 0, URLs built from the environ had ":0")
+        server_name, server_port = "localhost", "443" if tls else "80"
     else:
         server_name, server_port = address.host, str(address.port)
     environ = {

@@ -1365,8 +1365,11 @@ def test_environ_unix_listener_server_name_from_host(
 
 
 def test_environ_unix_listener_without_host(logs: Logs, scoreboard: Scoreboard) -> None:
+    """No Host and no port of its own: the scheme's default port, so that a URL rebuilt
+    from the environ (PEP 3333's url reconstruction, Django's build_absolute_uri) is
+    http://localhost/..., not http://localhost:0/..."""
     env = build_environ(b"GET / HTTP/1.0\r\n\r\n", logs, scoreboard, address=UNIX, peer="")
-    assert (env["SERVER_NAME"], env["SERVER_PORT"]) == ("localhost", "0")
+    assert (env["SERVER_NAME"], env["SERVER_PORT"]) == ("localhost", "80")
 
 
 def test_environ_is_fresh_per_request(logs: Logs, scoreboard: Scoreboard) -> None:
