@@ -102,7 +102,7 @@ from prefork.sockets import (
     passed_socket_match,
     systemd_listeners,
 )
-from prefork.stderrpipe import relay_stderr
+from prefork.stderrpipe import relay_stderr, text_stream
 from prefork.system import System
 from prefork.tls import server_context
 from prefork.touch import TouchWatch, touch_lists
@@ -1095,6 +1095,13 @@ class Startup:
             relay_stderr(handler)
         except OSError as exc:
             log.warning("the master's stderr stays /dev/null: %s", exc)
+            return
+        if logs.capture_output:
+            # fd 1 follows fd 2 to the relay, as the workers' joins their pipe: detaching
+            # (capture_stdout) pointed it where fd 2 was then, /dev/null
+            sys.stdout.flush()
+            os.dup2(2, 1)
+            sys.stdout = text_stream(1, sys.stdout)
 
     def error_stream(self) -> IO[str] | None:
         """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""

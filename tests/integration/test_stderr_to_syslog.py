@@ -320,3 +320,39 @@ def _title(process: psutil.Process) -> str:
         return " ".join(process.cmdline())
     except psutil.Error:  # gone, or a zombie
         return ""
+
+
+STDOUT_HOOKS = """
+def when_ready(server):
+    print("when_ready printed to stdout")
+"""
+
+
+def test_a_daemons_master_stdout_with_capture_output_reaches_syslog(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
+    """capture_output points fd 1 where fd 2 points. A detached daemon's master did that
+    before its stderr became the relay's pipe, so its fd 1 stayed /dev/null: a hook's
+    print() was lost while the workers' reached syslog. It follows fd 2 to the relay."""
+    (tmp_path / "stdout_hooks.py").write_text(STDOUT_HOOKS)
+    pidfile = tmp_path / "preforkd.pid"
+    config = write_config(tmp_path, {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        "workers": {"count": 1},
+        "hooks": {"when_ready": "stdout_hooks:when_ready"},
+        "logging": {"capture_output": True,
+                    "syslog": {"address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    master = read_pid(pidfile)
+    assert master is not None
+    line = rsyslog.wait_for(
+        lambda line: line.pid == master
+        and line.message.endswith("master stderr: when_ready printed to stdout"),
+        "the master's print to stdout")
+    assert (line.severity, line.program) == ("err", "preforkd"), line
