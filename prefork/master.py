@@ -1083,8 +1083,16 @@ class Master:
         if reopen:
             self.reopen_logs(f"touch_logreopen: {', '.join(reopen)}")
         reload = [str(c) for c in changes if c.setting == "touch_reload"]
-        if reload:
-            self.reload(f"touch_reload: {', '.join(reload)}")
+        if not reload:
+            return
+        if self.upgrader is not None and self.upgrader.pid is not None:
+            # the master USR2 started watches the same files and reloads itself; this one
+            # would start again the workers a WINCH stopped, and load the code a rollback
+            # to this master must not bring
+            log.info("touch_reload: %s: left to the master started by USR2 (pid %d)",
+                     ", ".join(reload), self.upgrader.pid)
+            return
+        self.reload(f"touch_reload: {', '.join(reload)}")
 
     def lifetimes(self) -> Iterator[tuple[WorkerHandle, float]]:
         """Serving workers of this generation not yet to be replaced, and when their

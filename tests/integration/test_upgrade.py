@@ -534,3 +534,49 @@ def test_stop_after_a_usr2_by_hand_stops_the_old_master_too(
     new = usr2_by_hand(daemons, old, pidfile, error_log)
     stop_stops_both(config, new, old, "old", tcp)
     assert not pidfile.exists()
+
+
+def test_a_touch_during_an_upgrade_is_the_new_masters_and_leaves_the_old_one_paused(
+    daemons: Daemons, app_dir: Path, short_tmp: Path
+) -> None:
+    """Both masters of an upgrade watch the same touch_reload file. After USR2 and WINCH a
+    deploy's touch made the old master reload as a HUP does: it started its stopped workers
+    again (both generations serving) and loaded the new code, which a rollback to it must
+    not bring. The new master reloads; the old one says it left the touch to it."""
+    trigger = app_dir / "reload.txt"
+    trigger.write_text("")
+    rotated = app_dir / "logreopen.txt"
+    rotated.write_text("")
+    sock = short_tmp / "up.sock"
+    _, old, pidfile, error_log, tcp = launch(
+        daemons, app_dir, sock, touch_reload=[str(trigger)], touch_logreopen=[str(rotated)]
+    )
+    old_workers = psutil.Process(old).children()
+    new = usr2_by_hand(daemons, old, pidfile, error_log)
+    os.kill(old, signal.SIGWINCH)
+    wait_until(lambda: all(gone(w.pid) for w in old_workers), 15,
+               message="the old workers still run")
+
+    since = len(error_log.read_text())
+    (app_dir / "upapp.py").write_text(APP_V2)
+    trigger.touch()
+    rotated.touch()  # the old master's look that sees this one saw the touch before it
+    wait_until(lambda: f"[{new}] [INFO] touch_reload: {trigger} modified: reloading"
+               in error_log.read_text()[since:], 15, message="the new master did not reload")
+    wait_until(lambda: f"[{old}] [INFO] touch_logreopen: {rotated} modified: log files "
+               "reopened" in error_log.read_text()[since:], 15,
+               message="the old master did not look at its files")
+    log = error_log.read_text()[since:]
+    assert f"[{old}] [INFO] touch_reload: {trigger} modified: left to the master started " \
+           f"by USR2 (pid {new})" in log, log
+    assert f"[{old}] [INFO] touch_reload: {trigger} modified: reloading" not in log, log
+    assert [c.pid for c in psutil.Process(old).children() if c.pid != new] == [], \
+        "the old master started workers again"
+
+    # a rollback: the old master serves its own code again
+    os.kill(new, signal.SIGTERM)
+    wait_until(lambda: gone(new), 30, message="the new master did not stop")
+    wait_until(lambda: f"[{old}] [INFO] upgrade ended: starting 2 workers again"
+               in error_log.read_text(), 15, message="the old master did not start workers")
+    for where in (tcp, str(sock)):
+        assert version_and_pid(where)[0] == "v1"
