@@ -1039,6 +1039,12 @@ class Startup:
             )
             self.logs.capture_stdout()  # detaching pointed fd 1 at /dev/null
             log.info("detached: master pid %d", os.getpid())
+        elif self.detached:
+            # a daemon's new master (USR2): its console is the old master's fd 2 (the old
+            # error log, or the old stderr relay's pipe, which would outlive the old master
+            # for as long as this one and its workers held it). Closed as detaching closes
+            # it: the old master tells of a start that fails from here on
+            self.console.close()
         if self.detached and self.logs.syslog is not None:
             self.relay_stderr(self.logs.syslog)
         announce = Announcer(

@@ -356,3 +356,62 @@ def test_a_daemons_master_stdout_with_capture_output_reaches_syslog(
         and line.message.endswith("master stderr: when_ready printed to stdout"),
         "the master's print to stdout")
     assert (line.severity, line.program) == ("err", "preforkd"), line
+
+
+def _relays_of(master: int) -> list[psutil.Process]:
+    """The stderr relays made for master `master` (by their title)."""
+    found = []
+    for process in psutil.process_iter():
+        if _title(process).startswith(f"preforkd: stderr relay (master {master})"):
+            found.append(process)
+    return found
+
+
+def test_an_upgraded_daemons_old_relay_leaves_with_the_old_master(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
+    """The master USR2 starts begins with the old master's fd 2, the old relay's pipe, and
+    kept a copy of it for good (the launcher's console, which a plain daemon closes when it
+    detaches), and so did each of its workers: the old master's relay outlived it for the
+    life of the new one. Once the old master is gone, so is its relay; the new master's
+    own relay carries its stderr."""
+    (tmp_path / "master_hooks.py").write_text(MASTER_HOOKS)
+    pidfile = tmp_path / "preforkd.pid"
+    config = write_config(tmp_path, {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        "workers": {"count": 1},
+        "hooks": {"when_ready": "master_hooks:when_ready"},
+        "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
+    }, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    old = read_pid(pidfile)
+    assert old is not None
+    old_relays = wait_until(lambda: _relays_of(old), 10, message="the old master has no relay")
+    try:
+        os.kill(old, signal.SIGUSR2)
+        new = wait_until(lambda: (read_pid(pidfile) or old) != old and read_pid(pidfile), 15,
+                         message="no new pidfile")
+        assert new is not None
+        daemons.adopt(new)
+        rsyslog.wait_for(lambda line: line.pid == new and "ready: 1 workers" in line.message,
+                         "the new master ready")
+        new_relays = wait_until(lambda: _relays_of(new), 10, message="the new master has no relay")
+        os.kill(old, signal.SIGQUIT)
+        wait_until(lambda: gone(old), 20, message="the old master did not stop")
+        for process in old_relays:
+            wait_until(lambda process=process: not alive(process), 10,  # type: ignore[misc]
+                       message=f"{process} outlived the master {old}")
+        assert all(alive(process) for process in new_relays), new_relays
+        # the new master's stderr goes to its own relay
+        rsyslog.wait_for(lambda line: line.pid == new
+                         and line.message.endswith("master stderr: when_ready printed to stderr"),
+                         "the new master's stderr")
+    finally:
+        for process in old_relays:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
