@@ -887,6 +887,9 @@ class Startup:
         self.signals: SignalQueue | None = None  # made early, by a master that does not detach
         self.listeners: list[Listener] = []  # once bound
         self.touch = TouchWatch()  # touch_reload's and touch_logreopen's files
+        # what the master's stderr relay sends with (syslog settings, level, format); None
+        # while there is none
+        self.relayed: tuple[tuple[str, str, str], str, str] | None = None
 
     def release_imports(self) -> None:
         """The modules that the hooks and a preloaded application of replaced generations
@@ -1046,7 +1049,7 @@ class Startup:
             # it: the old master tells of a start that fails from here on
             self.console.close()
         if self.detached and self.logs.syslog is not None:
-            self.relay_stderr(self.logs.syslog)
+            self.relay_stderr(self.logs)
         announce = Announcer(
             sd,
             watchdog,
@@ -1084,13 +1087,13 @@ class Startup:
             error_format=cfg.error_log_format,
         )
 
-    def relay_stderr(self, syslog: tuple[str, str, str]) -> None:
+    def relay_stderr(self, logs: Logs) -> None:
         """A detached daemon's error log is syslog, and its fd 2 /dev/null: what the master
         writes there (a hook's print, a warning, C code, a fatal error) goes to syslog
         through a process of its own (stderrpipe.relay_stderr), at the level and in the
-        format the start logs with."""
-        assert self.logs is not None
-        logs = self.logs
+        format `logs` (the start's, or a reload's that took over) log with."""
+        syslog = logs.syslog
+        assert syslog is not None
 
         def handler() -> logging.Handler:
             made = syslog_handler(*syslog, logs.error_format)
@@ -1100,14 +1103,26 @@ class Startup:
         try:
             relay_stderr(handler)
         except OSError as exc:
-            log.warning("the master's stderr stays /dev/null: %s", exc)
+            log.warning("the master's stderr stays where it was: %s", exc)
             return
+        self.relayed = (syslog, logs.level, logs.error_format)
         if logs.capture_output:
             # fd 1 follows fd 2 to the relay, as the workers' joins their pipe: detaching
             # (capture_stdout) pointed it where fd 2 was then, /dev/null
             sys.stdout.flush()
             os.dup2(2, 1)
             sys.stdout = text_stream(1, sys.stdout)
+
+    def follow_logs(self, logs: Logs) -> None:
+        """A reload's logging took over in a detached daemon's master: a relay that sends
+        with other syslog settings (address, facility, tag, level, format) than the new
+        ones is replaced by a new relay (the old one ends at the end of its pipe, which
+        fd 2 no longer is); an error log in a file is fd 2 itself (Logs.install), and
+        the relay ended already."""
+        if logs.syslog is None:
+            self.relayed = None
+        elif self.relayed != (logs.syslog, logs.level, logs.error_format):
+            self.relay_stderr(logs)
 
     def error_stream(self) -> IO[str] | None:
         """The daemon's stderr: the error log file, or None (/dev/null) with syslog or '-'."""
@@ -1145,6 +1160,7 @@ class Startup:
             release_imports=self.release_imports,
             announce=announce,
             touch=self.touch,
+            logs_installed=self.follow_logs if self.detached else None,
             close_in_child=close_in_child,
             upgrader=Upgrader(
                 new_master_command(),

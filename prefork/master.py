@@ -42,7 +42,7 @@ from prefork.channel import (
 )
 from prefork.config import Config, StatsdConfig, WorkersConfig, jitter_share
 from prefork.hooks import Hooks, ServerInfo, WorkerInfo
-from prefork.logs import error_log_on_syslog, unused_fds
+from prefork.logs import Logs, error_log_on_syslog, unused_fds
 from prefork.notify import Announcer
 from prefork.scoreboard import STUCK, Activity, Counters, Scoreboard, SlotView
 from prefork.signals import STOP_SIGNALS, Stopped, blocked, stops_raise
@@ -240,6 +240,9 @@ class Master:
     # once no generation can put its predecessor's imported modules back (a promotion, the
     # last pending reload abandoned): lets those go (loader.FreshImports.release)
     release_imports: Callable[[], None] | None = None
+    # the master now logs with another setup (a reload took over): a detached daemon's
+    # stderr relay follows its syslog settings (Startup.follow_logs)
+    logs_installed: Callable[[Logs], None] | None = None
     upgrader: Upgrader | None = None  # USR2 (None: not offered, as in unit tests)
     announce: Announcer = field(default_factory=Announcer)
     close_in_child: list[int] = field(default_factory=list)
@@ -1600,6 +1603,8 @@ class Master:
                      self.current.number, logs.describe())
             logs.install()
             old.logs.close()
+            if self.logs_installed is not None:
+                self.logs_installed(logs)
         self.set_title()  # proc_name may have changed
         self.statsd_renew, self.statsd_refused = True, None  # "resolved at each reload"
         log.info("reload: generation %d is serving; replacing the workers of generation %d",

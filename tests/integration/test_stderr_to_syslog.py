@@ -415,3 +415,62 @@ def test_an_upgraded_daemons_old_relay_leaves_with_the_old_master(
         for process in old_relays:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+
+
+PRE_FORK_HOOKS = """
+import sys
+
+
+def pre_fork(server, worker):
+    print(f"pre_fork of worker {worker.number}", file=sys.stderr)
+"""
+
+
+def test_a_reload_that_changes_syslog_moves_the_masters_stderr_with_the_log(
+    rsyslog: Rsyslog, daemons: Daemons, tmp_path: Path
+) -> None:
+    """The relay was made once, with the start's syslog settings: after a reload that
+    changed them (here the tag; the address, the facility, the level or the format alike)
+    the master logged with the new ones and its stderr still went out with the old, to a
+    syslog that may be gone. Once the reload serves, a relay with the new settings carries
+    it, and the old relay ends."""
+    (tmp_path / "pre_fork_hooks.py").write_text(PRE_FORK_HOOKS)
+    pidfile = tmp_path / "preforkd.pid"
+    settings = {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        "workers": {"count": 1},
+        "hooks": {"pre_fork": "pre_fork_hooks:pre_fork"},
+        "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
+    }
+    config = write_config(tmp_path, settings, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    master = read_pid(pidfile)
+    assert master is not None
+    rsyslog.wait_for(lambda line: line.pid == master and line.program == "preforkd"
+                     and line.message.endswith("master stderr: pre_fork of worker 1"),
+                     "the first pre_fork")
+    first = wait_until(lambda: _relays_of(master), 10, message="no relay")
+    try:
+        settings["logging"] = {"syslog": {"address": f"unix:{rsyslog.socket}",
+                                          "ident": "preforkd-moved"}}
+        write_config(tmp_path, settings, app_source=APP)
+        os.kill(master, signal.SIGHUP)
+        rsyslog.wait_for(lambda line: line.pid == master and line.program == "preforkd-moved"
+                         and "reloaded: generation 2" in line.message, "the reload")
+        os.kill(master, signal.SIGTTIN)  # one more worker: pre_fork in the master
+        line = rsyslog.wait_for(
+            lambda line: line.pid == master
+            and line.message.endswith("master stderr: pre_fork of worker 2"), "the next pre_fork")
+        assert line.program == "preforkd-moved", line
+        for process in first:
+            wait_until(lambda process=process: not alive(process), 10,  # type: ignore[misc]
+                       message=f"the start's relay {process} outlived its settings")
+    finally:
+        for process in first:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
