@@ -140,10 +140,14 @@ def parse_variables(block: bytes, limits: Limits) -> dict[str, str]:
             value = text[value_at:at]
             if key[:5] == "HTTP_":
                 headers += 1
-                if headers > max_fields:
-                    raise ProtocolError(431, "too many header fields")
-                if at - name_at - 2 > max_field:
-                    raise ProtocolError(431, "header field too large")
+                if headers > max_fields or at - name_at - 2 > max_field:
+                    if at > end or "" in variables:
+                        break  # malformed before it is too large: the 400 below
+                    raise ProtocolError(
+                        431,
+                        "too many header fields" if headers > max_fields
+                        else "header field too large",
+                    )
                 if key in variables:
                     # RFC 9110 5.3, as for HTTP: repeated fields combine (cookies with "; ");
                     # uWSGI keeps only the last
@@ -154,10 +158,10 @@ def parse_variables(block: bytes, limits: Limits) -> dict[str, str]:
             variables[key] = value
     except IndexError:
         at = end + 1
-    if at != end:
-        raise ProtocolError(400, "a uwsgi variable's size overruns the packet")
     if "" in variables:
         raise ProtocolError(400, "a uwsgi variable without a name")
+    if at != end:
+        raise ProtocolError(400, "a uwsgi variable's size overruns the packet")
     return variables
 
 

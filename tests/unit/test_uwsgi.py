@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from prefork import config
@@ -25,7 +25,13 @@ from prefork.connection import Connection
 from prefork.forwarded import TrustedProxies
 from prefork.hookargs import HookRequest
 from prefork.http import Limits, ProtocolError
-from prefork.http.uwsgi import HTTP_ON_UWSGI, NO_METHOD, UwsgiParser, UwsgiRequest
+from prefork.http.uwsgi import (
+    HTTP_ON_UWSGI,
+    NO_METHOD,
+    UwsgiParser,
+    UwsgiRequest,
+    parse_variables,
+)
 from prefork.httpserve import OUTSIDE_SCRIPT_NAME
 from prefork.logs import Logs
 from prefork.scoreboard import Scoreboard
@@ -285,6 +291,97 @@ def test_any_well_formed_block_parses(pairs: list[tuple[bytes, bytes]]) -> None:
     got = parse_all_ways(data)
     # a number CONTENT_LENGTH frames a body that never came; anything else is an error or read
     assert "error" in got or got["method"] == "GET"
+
+
+def reference_variables(block: bytes, limits: Limits) -> dict[str, str]:
+    """parse_variables as the protocol reads: pair after pair, each size checked before it
+    is used, the first fault the answer (an overrun or an empty name 400, a header over
+    the limits 431), repeated headers joined, wsgi.* dropped."""
+    at = 0
+    variables: dict[str, str] = {}
+    headers = 0
+
+    def sized() -> str:
+        nonlocal at
+        if at + 2 > len(block):
+            raise ProtocolError(400, "overrun")
+        size = int.from_bytes(block[at : at + 2], "little")
+        at += 2
+        if at + size > len(block):
+            raise ProtocolError(400, "overrun")
+        at += size
+        return block[at - size : at].decode("latin-1")
+
+    while at < len(block):
+        name, value = sized(), sized()
+        if not name:
+            raise ProtocolError(400, "no name")
+        if name.startswith("HTTP_"):
+            headers += 1
+            if headers > limits.max_header_fields:
+                raise ProtocolError(431, "too many")
+            if len(name) - 5 + len(value) > limits.max_field_size:
+                raise ProtocolError(431, "too large")
+            if name in variables:
+                variables[name] += ("; " if name == "HTTP_COOKIE" else ", ") + value
+                continue
+        elif name.startswith("wsgi."):
+            continue
+        variables[name] = value
+    return variables
+
+
+def outcome(parse_block: Any, block: bytes, limits: Limits) -> Any:
+    try:
+        return parse_block(block, limits)
+    except ProtocolError as exc:
+        return exc.status
+
+
+NAMES = st.one_of(
+    st.sampled_from([b"", b"HTTP_X", b"HTTP_COOKIE", b"HTTP_", b"wsgi.input", b"PATH_INFO"]),
+    st.binary(max_size=8),
+)
+
+
+@given(
+    pairs=st.lists(st.tuples(NAMES, st.binary(max_size=30)), max_size=8),
+    cut=st.none() | st.integers(0, 300),
+    extra=st.binary(max_size=4),
+    fields=st.integers(1, 5),
+    field_size=st.integers(1, 30),
+    cuts=st.lists(st.integers(0, 400), max_size=4),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# a truncated header after a name of size 0, one whose size overruns the block: 400, not
+# the 431 its claimed size or the header count gave when checked before the overrun
+@example(pairs=[(b"", b""), (b"HTTP_COOKIE", b"")], cut=None, extra=b"", fields=1,
+         field_size=1, cuts=[])
+@example(pairs=[(b"HTTP_X", b"y" * 30)], cut=36, extra=b"", fields=5, field_size=10,
+         cuts=[7])
+def test_variables_are_read_as_the_reference_reads_them(
+    pairs: list[tuple[bytes, bytes]], cut: int | None, extra: bytes, fields: int,
+    field_size: int, cuts: list[int],
+) -> None:
+    """Random blocks, well formed or cut anywhere with bytes added: parse_variables (one
+    pass, its overruns found after the loop) gives the reference's variables or its status,
+    and so does the packet fed to UwsgiParser in random pieces."""
+    block = variables([(b"REQUEST_METHOD", b"GET"), *pairs])
+    if cut is not None:
+        block = block[:cut] + extra
+    limits = Limits(max_header_fields=fields, max_field_size=field_size)
+    expected = outcome(reference_variables, block, limits)
+    assert outcome(parse_variables, block, limits) == expected
+    data = struct.pack("<BHB", 0, len(block), 0) + block
+    got = parse(split_at(data, sorted(c for c in cuts if c < len(data))), limits)
+    if isinstance(expected, int):
+        assert got.get("error") == expected, got
+    elif "error" not in got:
+        # the parser's own checks (REQUEST_METHOD, CONTENT_LENGTH) may refuse it further
+        body_of = {k: v for k, v in expected.items()
+                   if k not in ("CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_CONTENT_LENGTH",
+                                "HTTP_CONTENT_TYPE")}
+        assert {k: v for k, v in got["variables"].items() if k in body_of} == body_of
 
 
 # --- the environ -----------------------------------------------------------------------
