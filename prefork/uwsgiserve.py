@@ -105,7 +105,12 @@ class UwsgiProtocol(HttpProtocol):
         env["RAW_URI"] = env["REQUEST_URI"]
         mount = self.script_name
         if mount:
-            if _under(path, mount):
+            if prefixed and managed and script_name.endswith(mount):
+                # the proxy mounted it there already (nginx's SCRIPT_NAME /app and modifier1
+                # 30, uWSGI's usual mount): PATH_INFO is what lies below it, and taken off
+                # again /app/x was 400 and /app/app/x was /x
+                pass
+            elif _under(path, mount):
                 path = path[len(mount) :]
                 if not script_name.endswith(mount):  # the proxy's SCRIPT_NAME names it already
                     script_name += mount            # (uWSGI's manage-script-name with mount)

@@ -213,6 +213,23 @@ def test_a_body_the_application_leaves_unread_does_not_reset_the_answer(
     assert (response.status, response.body) == (200, b"body left unread")
 
 
+def test_uwsgi_s_mount_behind_modifier1_30_with_http_script_name(
+    server_factory: ServerFactory,
+) -> None:
+    """uWSGI's usual mount moved over as FROM-UWSGI says: nginx unchanged (`uwsgi_param
+    SCRIPT_NAME /app; uwsgi_modifier1 30;`), uWSGI's `mount = /app=...` with
+    manage-script-name as `http.script_name: /app`. SCRIPT_NAME came off PATH_INFO, then
+    the mount was looked for in what was left: every request got 400."""
+    server = server_factory(uwsgi_settings(workers={"count": 1}, http={"script_name": "/app"}),
+                            app_source=APP)
+    address = server.addresses()[0]
+    mounted = with_vars(SCRIPT_NAME="/app", PATH_INFO="/app/env", REQUEST_URI="/app/env")
+    env = environ_of(ask(address, packet(mounted, modifier1=30)))
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/app", "/env")
+    outside = with_vars(SCRIPT_NAME="/app", PATH_INFO="/other", REQUEST_URI="/other")
+    assert ask(address, packet(outside, modifier1=30)).status == 400
+
+
 def test_static_files_are_matched_on_the_packet_s_path(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:

@@ -516,6 +516,12 @@ def test_dot_segments_leave_path_info(rig: Any) -> None:
         (0, "", "/app/x", "/app", ("/app", "/x"), "/app/x"),
         (0, "/app", "/app/x", "/app", ("/app", "/x"), "/app/x"),  # named already: not twice
         (30, "/p", "/p/app/x", "/app", ("/p/app", "/x"), "/p/app/x"),  # the proxy's, then ours
+        # the proxy's SCRIPT_NAME is the mount already (uWSGI's mount behind nginx's
+        # `uwsgi_modifier1 30`): not taken off twice
+        (30, "/app", "/app/x", "/app", ("/app", "/x"), "/app/x"),
+        (30, "/app", "/app/app/x", "/app", ("/app", "/app/x"), "/app/app/x"),
+        (30, "/app", "/app", "/app", ("/app", ""), "/app"),
+        (30, "/p/app", "/p/app/x", "/app", ("/p/app", "/x"), "/p/app/x"),
     ],
 )
 def test_script_name_and_path_info(
@@ -527,6 +533,26 @@ def test_script_name_and_path_info(
     assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == expected
     assert OUTSIDE_SCRIPT_NAME not in env
     assert r.protocol.static_path(r.conn.parser.requests[0]) == static
+
+
+@pytest.mark.parametrize(
+    ("modifier1", "script_name", "path_info"),
+    [
+        (30, "/app", "/other"),  # not under the proxy's SCRIPT_NAME, nor the mount
+        (0, "/app", "/app/../other"),
+        (30, "/app", "/app/../other"),
+        (0, "", "/other"),
+        (0, "/app", "x"),  # no slash: /appx is not under /app
+        (0, "/app", "/x"),  # modifier1 0: PATH_INFO is whole, and not under the mount
+    ],
+)
+def test_outside_the_mount_is_still_refused(
+    rig: Any, modifier1: int, script_name: str, path_info: str
+) -> None:
+    env = rig(script_name="/app").environ(
+        with_vars(SCRIPT_NAME=script_name, PATH_INFO=path_info), modifier1
+    )
+    assert env.get(OUTSIDE_SCRIPT_NAME), (env["SCRIPT_NAME"], env["PATH_INFO"])
 
 
 def test_the_hooks_req_of_a_uwsgi_request(rig: Any) -> None:
