@@ -785,8 +785,14 @@ class Worker:
         """Close a connection whose last answer said so. When the client was still sending
         (a body the application did not read, a body that broke a limit), a lingering
         half-close first, as after a rejected head: closing with unread bytes would send a
-        reset that can destroy the response before the client reads it."""
-        if conn.parser.idle or conn.closed or not conn.begin_linger(ERROR_LINGER):
+        reset that can destroy the response before the client reads it. So too when the
+        request was read whole but bytes after it wait unread (a uwsgi client sending more
+        than CONTENT_LENGTH, an HTTP request pipelined after a Connection: close one)."""
+        if (
+            conn.closed
+            or (conn.parser.idle and not conn.has_input())
+            or not conn.begin_linger(ERROR_LINGER)
+        ):
             self.drop(conn)
         else:
             self.park(conn)

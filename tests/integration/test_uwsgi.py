@@ -213,6 +213,40 @@ def test_a_body_the_application_leaves_unread_does_not_reset_the_answer(
     assert (response.status, response.body) == (200, b"body left unread")
 
 
+def tcp_state(sock: socket.socket) -> int:
+    """The socket's TCP state (tcpi_state, the first byte of TCP_INFO)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+TCP_CLOSE_WAIT = 8  # the peer sent its FIN: what it sent before stays readable
+TCP_CLOSE = 7  # the peer reset the connection: what it had not sent yet is gone
+
+
+def test_bytes_after_the_body_do_not_reset_the_answer(server_factory: ServerFactory) -> None:
+    """A client that sends more than CONTENT_LENGTH (another packet, junk): the worker answers
+    the request and closes with a lingering half-close, as after a refused request. Closed
+    with those bytes unread, the kernel sent a reset, and the response still in its buffers
+    never reached a client that read it a moment later."""
+    server = server_factory(uwsgi_settings(workers={"count": 1},
+                                           logging={"access_log": "-"}), app_source=APP)
+    address = server.addresses()[0]
+    pid = worker_pid(server)
+    post = with_vars(REQUEST_METHOD="POST", CONTENT_LENGTH="3", PATH_INFO="/stream")
+    expected = b"".join(b"line %d\n" % i for i in range(2000))
+    for n, extra in enumerate((b"j" * 200_000, packet(post, b"abc") * 2000)):
+        with connect(address, timeout=10) as sock:
+            sock.sendall(packet(post, b"abc") + extra)
+            # the answer is written and the worker is done with it: read only then
+            wait_until(lambda lines=n + 1: len(server.stdout().splitlines()) >= lines, 10,
+                       message="no answer")
+            state = wait_until(lambda s=sock: tcp_state(s) in (TCP_CLOSE_WAIT, TCP_CLOSE)
+                               and tcp_state(s), 10, message="the worker kept it open")
+            assert state == TCP_CLOSE_WAIT, "the worker reset the connection"
+            response = read_response(sock)
+        assert (response.status, response.body) == (200, expected)
+    assert worker_pid(server) == pid
+
+
 def test_uwsgi_s_mount_behind_modifier1_30_with_http_script_name(
     server_factory: ServerFactory,
 ) -> None:
