@@ -247,6 +247,26 @@ def test_bytes_after_the_body_do_not_reset_the_answer(server_factory: ServerFact
     assert worker_pid(server) == pid
 
 
+def test_http_requests_pipelined_after_connection_close_do_not_reset_the_answer(
+    server_factory: ServerFactory,
+) -> None:
+    """The same close over HTTP (the worker's, shared): requests pipelined after one that
+    says Connection: close are not answered, and must not cut its answer short."""
+    server = server_factory({"app": "app:application", "workers": {"count": 1},
+                             "logging": {"access_log": "-"}}, app_source=APP)
+    address = server.addresses()[0]
+    closing = http_request("POST", "/stream", [("Connection", "close")], b"abc")
+    with connect(address, timeout=10) as sock:
+        sock.sendall(closing + http_request("GET", "/stream") * 5000)
+        wait_until(lambda: server.stdout().strip(), 10, message="no answer")
+        state = wait_until(lambda: tcp_state(sock) in (TCP_CLOSE_WAIT, TCP_CLOSE)
+                           and tcp_state(sock), 10, message="the worker kept it open")
+        assert state == TCP_CLOSE_WAIT, "the worker reset the connection"
+        response = read_response(sock)
+    assert response.status == 200
+    assert response.body.count(b"line ") == 2000
+
+
 def test_uwsgi_s_mount_behind_modifier1_30_with_http_script_name(
     server_factory: ServerFactory,
 ) -> None:
