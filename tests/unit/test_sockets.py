@@ -4,7 +4,9 @@ and what a reload does to a kept unix socket."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import socket
 import stat
 import tempfile
@@ -266,3 +268,59 @@ def test_refuse_new_leaves_a_socket_someone_else_keeps(
     if owner != "unix":
         assert listener.address.port is not None
         assert _handshake_completes(listener.address.port)
+
+
+def _accepted_as(sock: socket.socket) -> tuple[Any, ...]:
+    """What an application can see of an accepted socket: its family, type and protocol
+    (as the enums socket.accept() gives), timeout, blocking mode in the kernel, and class."""
+    nonblocking = bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
+    return (repr(sock.family), repr(sock.type), sock.proto, sock.gettimeout(), nonblocking,
+            sock.get_inheritable(), type(sock))
+
+
+@pytest.mark.parametrize("kind", ["tcp4", "tcp6", "unix"])
+@pytest.mark.parametrize("adopted", [False, True], ids=["bound", "systemd"])
+@pytest.mark.parametrize("default_timeout", [None, 5.0], ids=["no-default", "default-5s"])
+def test_listener_accept_gives_what_socket_accept_gives(
+    kind: str, adopted: bool, default_timeout: float | None, tmp_path: Any
+) -> None:
+    """Listener.accept (socket.accept without the enum conversions) against socket.accept on
+    the same listener: TCP v4 and v6, unix, a socket adopted from its descriptor as systemd's
+    are (its protocol read from SO_PROTOCOL: 6, not 0), and an application that called
+    socket.setdefaulttimeout() at import (the new socket takes that timeout either way)."""
+    if kind == "unix":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(tmp_path / "s.sock"))
+    elif kind == "tcp6":
+        if not socket.has_ipv6:
+            pytest.skip("no IPv6")
+        sock = socket.socket(socket.AF_INET6)
+        sock.bind(("::1", 0))
+    else:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    sock.setblocking(False)
+    if adopted:
+        inherited = socket.socket(fileno=os.dup(sock.fileno()))
+        sock.close()
+        sock = inherited
+    listener = Listener(sock, Address("tcp", "127.0.0.1", 0))
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(default_timeout)
+    try:
+        seen = []
+        for accept in (sock.accept, listener.accept):
+            with socket.socket(sock.family) as client:
+                client.settimeout(5)
+                client.connect(sock.getsockname())
+                assert select.select([sock], [], [], 5)[0], "no connection to accept"
+                new, _peer = accept()
+                with new:
+                    seen.append(_accepted_as(new))
+    finally:
+        socket.setdefaulttimeout(previous)
+        sock.close()
+    assert seen[0] == seen[1]
+    if adopted and kind != "unix":
+        assert seen[1][2] == socket.IPPROTO_TCP
