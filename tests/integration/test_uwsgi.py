@@ -521,8 +521,11 @@ def test_nginx_uwsgi_pass_with_uwsgi_params(
     assert (env["wsgi.url_scheme"], env["HTTPS"]) == ("https", "on")
 
     assert server.worker_pids() == pids  # no worker died or was replaced
+    # nginx warns when a slow client makes it spool the 6 MiB answer to a temporary file
+    # (a loaded machine): about its buffers, not about the upstream
     errors = [line for line in (nginx.prefix / "error.log").read_text().splitlines()
-              if "[error]" in line or "upstream" in line]
+              if ("[error]" in line or "upstream" in line)
+              and "buffered to a temporary file" not in line]
     assert errors == [], errors
 
 
