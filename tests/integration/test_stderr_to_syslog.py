@@ -89,6 +89,29 @@ def address_from(rsyslog: Rsyslog, pid: int | None = None) -> tuple[Any, ...]:
     return parse_addresses(listening.message)[0]
 
 
+def start_daemon(
+    daemons: Daemons, tmp_path: Path, more: dict[str, Any]
+) -> tuple[dict[str, Any], Path, int]:
+    """Start a detached daemon serving APP with `more` settings, its pidfile
+    tmp_path/preforkd.pid (watched: stopped at teardown); its settings, its configuration
+    file and its master's pid."""
+    pidfile = tmp_path / "preforkd.pid"
+    settings = {
+        "app": "app:application",
+        "pythonpath": [str(tmp_path)],
+        "daemon": True,
+        "pidfile": str(pidfile),
+        **more,
+    }
+    config = write_config(tmp_path, settings, app_source=APP)
+    daemons.watch(pidfile)
+    launched = daemons.launch(config)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    master = read_pid(pidfile)
+    assert master is not None
+    return settings, config, master
+
+
 def stderr_lines(rsyslog: Rsyslog, pid: int) -> list[Line]:
     return [line for line in rsyslog.lines() if line.pid == pid and " stderr: " in line.message]
 
@@ -101,20 +124,10 @@ def test_a_daemons_worker_stderr_and_its_stack_dump_at_the_timeout_reach_syslog(
     workers.timeout (what an operator needs to see why it hung), were lost. Each line now
     arrives as an ERROR record with the worker's pid, the dump's lines in order; bytes that
     are not UTF-8 become U+FFFD, and a last line without its newline comes at the exit."""
-    pidfile = tmp_path / "preforkd.pid"
-    config = write_config(tmp_path, {
-        "app": "app:application",
-        "pythonpath": [str(tmp_path)],
-        "daemon": True,
-        "pidfile": str(pidfile),
+    _, _, master = start_daemon(daemons, tmp_path, {
         "workers": {"count": 1, "timeout": 1, "timeout_grace": 2},
         "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
-    }, app_source=APP)
-    daemons.watch(pidfile)
-    launched = daemons.launch(config)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    master = read_pid(pidfile)
-    assert master is not None
+    })
     address = address_from(rsyslog)
 
     worker = int(fetch(address, target="/print").body)
@@ -269,21 +282,11 @@ def test_a_daemons_master_stderr_reaches_syslog_even_its_last_words(
     of its own: even what the master writes just before it dies (here SIGKILL from its
     on_reload hook) arrives, and that reader leaves once the master is gone."""
     (tmp_path / "master_hooks.py").write_text(MASTER_HOOKS)
-    pidfile = tmp_path / "preforkd.pid"
-    config = write_config(tmp_path, {
-        "app": "app:application",
-        "pythonpath": [str(tmp_path)],
-        "daemon": True,
-        "pidfile": str(pidfile),
+    _, _, master = start_daemon(daemons, tmp_path, {
         "workers": {"count": 1},
         "hooks": {"when_ready": "master_hooks:when_ready", "on_reload": "master_hooks:on_reload"},
         "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
-    }, app_source=APP)
-    daemons.watch(pidfile)
-    launched = daemons.launch(config)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    master = read_pid(pidfile)
-    assert master is not None
+    })
     for text in ("when_ready printed to stderr", "UserWarning: a warning in the master",
                  "written to fd 2 by the master"):
         line = rsyslog.wait_for(
@@ -335,22 +338,12 @@ def test_a_daemons_master_stdout_with_capture_output_reaches_syslog(
     before its stderr became the relay's pipe, so its fd 1 stayed /dev/null: a hook's
     print() was lost while the workers' reached syslog. It follows fd 2 to the relay."""
     (tmp_path / "stdout_hooks.py").write_text(STDOUT_HOOKS)
-    pidfile = tmp_path / "preforkd.pid"
-    config = write_config(tmp_path, {
-        "app": "app:application",
-        "pythonpath": [str(tmp_path)],
-        "daemon": True,
-        "pidfile": str(pidfile),
+    _, _, master = start_daemon(daemons, tmp_path, {
         "workers": {"count": 1},
         "hooks": {"when_ready": "stdout_hooks:when_ready"},
         "logging": {"capture_output": True,
                     "syslog": {"address": f"unix:{rsyslog.socket}"}},
-    }, app_source=APP)
-    daemons.watch(pidfile)
-    launched = daemons.launch(config)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    master = read_pid(pidfile)
-    assert master is not None
+    })
     line = rsyslog.wait_for(
         lambda line: line.pid == master
         and line.message.endswith("master stderr: when_ready printed to stdout"),
@@ -377,20 +370,11 @@ def test_an_upgraded_daemons_old_relay_leaves_with_the_old_master(
     own relay carries its stderr."""
     (tmp_path / "master_hooks.py").write_text(MASTER_HOOKS)
     pidfile = tmp_path / "preforkd.pid"
-    config = write_config(tmp_path, {
-        "app": "app:application",
-        "pythonpath": [str(tmp_path)],
-        "daemon": True,
-        "pidfile": str(pidfile),
+    _, _, old = start_daemon(daemons, tmp_path, {
         "workers": {"count": 1},
         "hooks": {"when_ready": "master_hooks:when_ready"},
         "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
-    }, app_source=APP)
-    daemons.watch(pidfile)
-    launched = daemons.launch(config)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    old = read_pid(pidfile)
-    assert old is not None
+    })
     old_relays = wait_until(lambda: _relays_of(old), 10, message="the old master has no relay")
     try:
         os.kill(old, signal.SIGUSR2)
@@ -435,22 +419,11 @@ def test_a_reload_that_changes_syslog_moves_the_masters_stderr_with_the_log(
     syslog that may be gone. Once the reload serves, a relay with the new settings carries
     it, and the old relay ends."""
     (tmp_path / "pre_fork_hooks.py").write_text(PRE_FORK_HOOKS)
-    pidfile = tmp_path / "preforkd.pid"
-    settings = {
-        "app": "app:application",
-        "pythonpath": [str(tmp_path)],
-        "daemon": True,
-        "pidfile": str(pidfile),
+    settings, config, master = start_daemon(daemons, tmp_path, {
         "workers": {"count": 1},
         "hooks": {"pre_fork": "pre_fork_hooks:pre_fork"},
         "logging": {"syslog": {"address": f"unix:{rsyslog.socket}"}},
-    }
-    config = write_config(tmp_path, settings, app_source=APP)
-    daemons.watch(pidfile)
-    launched = daemons.launch(config)
-    assert launched.returncode == 0, launched.stdout + launched.stderr
-    master = read_pid(pidfile)
-    assert master is not None
+    })
     rsyslog.wait_for(lambda line: line.pid == master and line.program == "preforkd"
                      and line.message.endswith("master stderr: pre_fork of worker 1"),
                      "the first pre_fork")
