@@ -86,9 +86,30 @@ class BindSpec:
     reuse_port: bool = False  # SO_REUSEPORT (TCP)
 
 
-# One classic BPF instruction, BPF_RET | BPF_K with k = 0: keep no byte of the packet (drop).
-_DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)
+# Classic BPF (struct sock_filter: code, jt, jf, k) run on each packet a TCP listener gets,
+# from its TCP header: drop a SYN without ACK (a new connection), keep everything else (the
+# ACK that completes a handshake already answered, or its first data). A socket filter
+# returns how many bytes to keep: 0 drops.
+_REFUSE_NEW_HANDSHAKES = b"".join(
+    struct.pack("HBBI", code, jt, jf, k)
+    for code, jt, jf, k in (
+        (0x30, 0, 0, 13),  # BPF_LD | BPF_B | BPF_ABS: A = the flags byte
+        (0x45, 0, 2, 0x02),  # BPF_JMP | BPF_JSET | BPF_K: SYN? else keep
+        (0x45, 1, 0, 0x10),  # ACK too (not a listener's, but not a new connection): keep
+        (0x06, 0, 0, 0),  # BPF_RET | BPF_K: drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # keep the whole packet
+    )
+)
 _SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+
+
+def attach_filter(sock: socket.socket, program: bytes) -> None:
+    """Attach classic BPF `program` (struct sock_filter entries) to `sock`; raises OSError."""
+    import ctypes  # here, not at import: only a stopping master (and tests) need it
+
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(code))  # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
 
 
 @dataclass(slots=True)
@@ -157,10 +178,14 @@ class Listener:
         measured: 8 in 6 stops; with it none). A unix socket's file goes at the close
         instead, which stops new arrivals as well.
 
-        The means is a socket filter (classic BPF, SO_ATTACH_FILTER) that drops every
-        packet: a new client's SYN goes unanswered, its retry a second later finds the port
+        The means is a socket filter (classic BPF, SO_ATTACH_FILTER) that drops a new
+        client's SYN: it goes unanswered, and its retry a second later finds the port
         closed (refused: nothing was sent, so a proxy tries another upstream) or a restarted
-        server. Connections already queued were made before it and do not carry it. Not for
+        server. The ACK that completes a handshake answered before is kept, so that
+        connection joins the queue the workers drain (on loopback, at once); a filter that
+        dropped every packet left such a client with a connection the server never
+        completed, reset at the close. Connections already queued were made before it and
+        do not carry it. Not for
         a socket someone else keeps after this master: systemd's (the filter would stay on
         it for the next start, and its queue waits for that start anyway) or one shared with
         the other master of an upgrade."""
@@ -168,12 +193,8 @@ class Listener:
             return False
         if self.shared_with is not None and alive(self.shared_with):
             return False
-        import ctypes  # here, not at import: only a stopping master needs it
-
-        program = ctypes.create_string_buffer(_DROP_EVERY_PACKET, len(_DROP_EVERY_PACKET))
-        fprog = struct.pack("HP", 1, ctypes.addressof(program))  # struct sock_fprog
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+            attach_filter(self.sock, _REFUSE_NEW_HANDSHAKES)
         except OSError as exc:
             log.warning("stopping: new connections to %s cannot be refused before the close "
                         "(%s)", self.address, exc.strerror or exc)

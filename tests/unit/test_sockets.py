@@ -10,13 +10,14 @@ import select
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from prefork.addresses import Address, parse_address
-from prefork.sockets import BindError, BindSpec, Listener, bind_all
+from prefork.sockets import BindError, BindSpec, Listener, attach_filter, bind_all
 
 V4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))
 V6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0))
@@ -246,6 +247,46 @@ def test_refuse_new_keeps_the_queue_and_completes_no_new_handshake(
     assert listener.queued() == 0
     listener.close()
     assert not connects("127.0.0.1", port)  # and once closed, a client is refused
+
+
+_DROP_ALL = bytes([0x06, 0, 0, 0, 0, 0, 0, 0])  # BPF_RET | BPF_K with k 0: drop
+_SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
+
+
+def _half_open(port: int) -> bool:
+    """A handshake to `port` on 127.0.0.1 answered and not completed (SYN_RECV)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return any(row[1].endswith(f":{port:04X}") and row[3] == "03" for row in rows)
+
+
+def test_refuse_new_completes_a_handshake_answered_before_it(opened: list[Listener]) -> None:
+    """A client whose SYN was answered before the filter, and whose ACK comes after: the
+    connection is completed and queued, for the workers' drain, where a filter dropping
+    every packet left it half-made (the client believed it connected, and the close reset
+    it). The client's own filter loses the first SYN-ACK; once it is lifted, the server's
+    retransmission (after a second) brings the ACK under the listener's filter."""
+    [listener] = bind_all([spec("127.0.0.1:0")], 16)
+    opened.append(listener)
+    port = listener.address.port
+    assert port is not None
+    with socket.socket() as client:
+        attach_filter(client, _DROP_ALL)  # the server's SYN-ACK is lost on the way
+        client.setblocking(False)
+        assert client.connect_ex(("127.0.0.1", port)) in (0, 115)  # EINPROGRESS
+        deadline = time.monotonic() + 5
+        while not _half_open(port):
+            assert time.monotonic() < deadline, "no handshake under way"
+            time.sleep(0.01)
+        assert listener.refuse_new() is True
+        client.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        listener.sock.settimeout(5)
+        accepted, _ = listener.sock.accept()
+        with accepted:
+            client.setblocking(True)
+            client.sendall(b"request")
+            accepted.settimeout(5)
+            assert accepted.recv(16) == b"request"
 
 
 @pytest.mark.parametrize("owner", ["systemd", "another master", "unix"])
