@@ -8,9 +8,11 @@ only when a call would block do we poll, and never past the deadline given.
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
 import select
 import socket
+import termios
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -70,6 +72,9 @@ def _gone(exc: OSError, unsent: int) -> ClientDisconnected:
     gone = ClientDisconnected(str(exc))
     gone.unsent = unsent
     return gone
+
+
+_NO_BYTES = bytes(4)  # FIONREAD's int, zero
 
 
 class Connection:
@@ -145,6 +150,13 @@ class Connection:
         poller = select.poll()
         poller.register(self.fd, _POLLIN)
         return bool(poller.poll(0))
+
+    def has_unread_bytes(self) -> bool:
+        """Bytes wait unread in the kernel (SIOCINQ; an end of stream is none): what makes
+        a close send a reset, which can destroy the response still on its way. Unlike
+        has_input(), a client that closed after reading its answer (wrk, curl with
+        Connection: close) does not count, and its connection is closed at once."""
+        return fcntl.ioctl(self.fd, termios.FIONREAD, _NO_BYTES) != _NO_BYTES
 
     def recv(self, timeout: float, size: int = 65536) -> bytes:
         """Wait up to `timeout` seconds for bytes; b"" at end of stream."""

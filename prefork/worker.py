@@ -790,7 +790,7 @@ class Worker:
         than CONTENT_LENGTH, an HTTP request pipelined after a Connection: close one)."""
         if (
             conn.closed
-            or (conn.parser.idle and not conn.has_input())
+            or (conn.parser.idle and not conn.has_unread_bytes())
             or not conn.begin_linger(ERROR_LINGER)
         ):
             self.drop(conn)
