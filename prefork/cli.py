@@ -102,7 +102,7 @@ from prefork.sockets import (
     passed_socket_match,
     systemd_listeners,
 )
-from prefork.stderrpipe import relay_stderr, text_stream
+from prefork.stderrpipe import relay_stderr, text_stream, to_devnull
 from prefork.system import System
 from prefork.tls import server_context
 from prefork.touch import TouchWatch, touch_lists
@@ -401,9 +401,7 @@ def flush_stdout() -> None:
 def silence_stdout() -> None:
     """Point fd 1 at /dev/null, so that what is still buffered (flushed at exit) goes
     nowhere instead of failing again: the note on SIGPIPE in the `signal` module's docs."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    to_devnull(sys.stdout.fileno())
 
 
 def command(argv: Sequence[str] | None, early: EarlySignals | None = None) -> int:
