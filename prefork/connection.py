@@ -8,7 +8,6 @@ only when a call would block do we poll, and never past the deadline given.
 from __future__ import annotations
 
 import errno
-import fcntl
 import math
 import select
 import socket
@@ -19,7 +18,7 @@ from types import MappingProxyType
 
 from prefork.http import Limits, Parser, RequestParser
 from prefork.http.proxy import ProxyHeader
-from prefork.sockets import recv_now
+from prefork.sockets import queued_bytes, recv_now
 
 _DONTWAIT = socket.MSG_DONTWAIT
 _POLLIN = select.POLLIN | select.POLLPRI
@@ -72,9 +71,6 @@ def _gone(exc: OSError, unsent: int) -> ClientDisconnected:
     gone = ClientDisconnected(str(exc))
     gone.unsent = unsent
     return gone
-
-
-_NO_BYTES = bytes(4)  # FIONREAD's int, zero
 
 
 class Connection:
@@ -156,7 +152,7 @@ class Connection:
         a close send a reset, which can destroy the response still on its way. Unlike
         has_input(), a client that closed after reading its answer (wrk, curl with
         Connection: close) does not count, and its connection is closed at once."""
-        return fcntl.ioctl(self.fd, termios.FIONREAD, _NO_BYTES) != _NO_BYTES
+        return queued_bytes(self.fd, termios.FIONREAD) > 0
 
     def recv(self, timeout: float, size: int = 65536) -> bytes:
         """Wait up to `timeout` seconds for bytes; b"" at end of stream."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import ipaddress
 import logging
 import os
@@ -218,6 +219,17 @@ def _address_of(sock: socket.socket) -> Address:
         return Address(kind="unix", path=path)
     host, port = sock.getsockname()[:2]
     return Address(kind="tcp", host=host, port=port)
+
+
+_INT = struct.Struct("i")  # the int an ioctl fills in
+_INT_ZERO = _INT.pack(0)
+
+
+def queued_bytes(fd: int, request: int) -> int:
+    """A count of bytes the kernel reports for socket `fd` through ioctl `request`:
+    FIONREAD (SIOCINQ) those received and not yet read, TIOCOUTQ (SIOCOUTQ) those sent and
+    not yet read by the peer (on a unix socket) or acknowledged (TCP). Raises OSError."""
+    return int(_INT.unpack(fcntl.ioctl(fd, request, _INT_ZERO))[0])
 
 
 def recv_now(sock: socket.socket, size: int) -> bytes | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import faulthandler
-import fcntl
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ import select
 import signal
 import socket
 import ssl
-import struct
 import sys
 import termios
 import time
@@ -64,7 +62,7 @@ from prefork.privileges import drop_privileges
 from prefork.relief import Relief
 from prefork.scoreboard import Activity, Slot
 from prefork.signals import SignalQueue, Stopped, set_mask, stops_raise
-from prefork.sockets import Listener
+from prefork.sockets import Listener, queued_bytes
 from prefork.stderrpipe import text_stream, to_devnull
 from prefork.stream import (
     StreamRefused,
@@ -127,7 +125,6 @@ PASS_ANSWER_WAIT = 1.0
 _SHORT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 ACCEPT_PAUSE = 1.0
-_INT = struct.Struct("i")  # an ioctl's int argument
 # a worker that keeps running short says so at most this often
 SHORT_LOG_INTERVAL = 60.0
 
@@ -562,7 +559,7 @@ class Worker:
         if len(self.conns) >= self.max_connections:
             self.evict_idle()
         context = self.spec.tls.get(listener.fd)
-        parser = UwsgiParser(self.limits) if self.uwsgi else None  # None: HTTP's
+        parser = self.new_parser()
         conn: Connection
         if context is not None:
             sock.setblocking(False)
@@ -589,6 +586,11 @@ class Worker:
         else:
             self.park(conn)
         return True
+
+    def new_parser(self) -> UwsgiParser | None:
+        """The parser of a connection this worker takes: the uwsgi protocol's, or None for
+        HTTP's (Connection's default)."""
+        return UwsgiParser(self.limits) if self.uwsgi else None
 
     def short_of_resources(
         self, listener: Listener, exc: OSError
@@ -1070,10 +1072,9 @@ class Worker:
         the bytes the kernel still holds for it (SIOCOUTQ; all of them are dropped when the
         master's end closes, so a master gone reads as one that has read everything)."""
         try:
-            queued = fcntl.ioctl(self.channel_fd, termios.TIOCOUTQ, _INT.pack(0))
+            return queued_bytes(self.channel_fd, termios.TIOCOUTQ) > 0
         except OSError:
             return False
-        return bool(_INT.unpack(queued)[0])
 
     def drain_backlog(self) -> bool:
         """Accept what is queued on every listener now -- not what keeps arriving, or a busy
@@ -1299,8 +1300,7 @@ class Worker:
             except OSError:
                 sock.close()  # the client is already gone
                 continue
-            parser = UwsgiParser(self.limits) if self.uwsgi else None
-            conn = Connection(sock, peer, listener, self.limits, parser)
+            conn = Connection(sock, peer, listener, self.limits, self.new_parser())
             conn.adopted = True
             conn.trusted = self.proxies.enabled and self.proxies.trusts(peer)
             # the clock keeps running: moving between workers does not extend it
